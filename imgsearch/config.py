@@ -1,0 +1,39 @@
+"""Settings: flags override IMGSEARCH_* environment variables, which override these defaults."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IMGSEARCH_", extra="ignore")
+
+    milvus_uri: str = Field("./imgsearch.db", description="Milvus Lite path (*.db) or server URI (http://host:19530)")
+    milvus_token: str = Field("", description="Token or user:password for a secured Milvus server")
+    collection: str | None = Field(None, description="Collection name; default: one per model, imgsearch_<model>")
+    model: str = Field("efficientnet_lite0", description="Encoder name (see `imgsearch models`)")
+    weights: Path | None = Field(None, description="Local weights file for the encoder")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    batch_size: int = Field(32, ge=1, le=4096)
+    workers: int | None = Field(None, ge=0, description="Decode worker processes; default: automatic")
+    max_image_pixels: int = Field(64_000_000, ge=1, description="Refuse images larger than this (decompression bombs)")
+    upsert_chunk: int = Field(512, ge=1, description="Rows per Milvus upsert call")
+
+    @property
+    def collection_name(self) -> str:
+        return self.collection or default_collection_name(self.model)
+
+
+def default_collection_name(model: str) -> str:
+    """Milvus names allow letters, digits and underscores only."""
+    return "imgsearch_" + re.sub(r"[^0-9A-Za-z_]", "_", model).lower()
+
+
+def load_settings(**flags: Any) -> Settings:
+    """Flags that were given (not None) are init arguments, which pydantic-settings ranks above the environment."""
+    return Settings(**{key: value for key, value in flags.items() if value is not None})

@@ -1,0 +1,48 @@
+"""One exception class per kind of failure; the CLI prints `str(error)` as one line."""
+
+from __future__ import annotations
+
+
+class ImgsearchError(Exception):
+    """Base class for every error a user can cause or fix."""
+
+
+class ImageDecodeError(ImgsearchError):
+    """A file could not be turned into an RGB image."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+class UnknownModelError(ImgsearchError):
+    """The model name matches no encoder family."""
+
+
+class WeightsNotFoundError(ImgsearchError):
+    """Pretrained weights are not available locally and could not be fetched."""
+
+
+class ModelMismatchError(ImgsearchError):
+    """A collection was built with a different encoder than the one asked for."""
+
+
+class StoreLockedError(ImgsearchError):
+    """Another process holds the Milvus Lite data directory."""
+
+
+class StoreError(ImgsearchError):
+    """Milvus refused an operation or could not be reached."""
+
+
+class CatalogError(ImgsearchError):
+    """The catalog folder or manifest is unusable."""
+
+
+class InvalidWeightsError(ImgsearchError):
+    """A weights file exists but does not fit the model."""
+
+
+class TextNotSupportedError(ImgsearchError):
+    """Text queries need a CLIP encoder."""

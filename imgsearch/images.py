@@ -1,0 +1,146 @@
+"""Safe image loading: every readable file becomes an upright RGB image, everything else one typed error."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from imgsearch.errors import ImageDecodeError
+
+try:  # HEIC/HEIF/AVIF when the optional plugin is installed
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+except ImportError:  # pragma: no cover - optional dependency
+    pass
+
+# Extensions picked up when walking folders; the real format is always sniffed from the content.
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif"}
+)
+
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+def load_image(
+    source: str | os.PathLike[str] | bytes | BinaryIO,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int | None = None,
+    name: str | None = None,
+) -> Image.Image:
+    """Decode `source` into an upright RGB image.
+
+    `min_side` lets JPEGs decode at a reduced scale (draft mode) while keeping
+    the shorter side at least that long; it is the encoder's input size.
+    Raises ImageDecodeError with the reason for anything unreadable.
+    """
+    label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "<upload>")
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            if os.path.getsize(source) == 0:
+                raise ImageDecodeError(label, "empty file")
+            with open(source, "rb") as handle:
+                return _decode(handle, max_pixels, min_side, label)
+        if isinstance(source, bytes):
+            if not source:
+                raise ImageDecodeError(label, "empty file")
+            return _decode(io.BytesIO(source), max_pixels, min_side, label)
+        return _decode(source, max_pixels, min_side, label)
+    except ImageDecodeError:
+        raise
+    except FileNotFoundError:
+        raise ImageDecodeError(label, "file not found") from None
+    except IsADirectoryError:
+        raise ImageDecodeError(label, "is a directory") from None
+    except PermissionError:
+        raise ImageDecodeError(label, "permission denied") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError(label, "not a recognised image format") from None
+    except Image.DecompressionBombError as error:
+        raise ImageDecodeError(label, f"too many pixels ({error})") from None
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError, MemoryError) as error:
+        # Pillow reports truncated or corrupt data with these.
+        raise ImageDecodeError(label, f"corrupt or truncated image ({error})") from None
+
+
+def _decode(handle: BinaryIO, max_pixels: int, min_side: int | None, label: str) -> Image.Image:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(handle)
+        except Image.DecompressionBombWarning as warning:
+            raise ImageDecodeError(label, f"too many pixels ({warning})") from None
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageDecodeError(label, "image has no pixels")
+    if width * height > max_pixels:
+        raise ImageDecodeError(label, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
+    if getattr(image, "is_animated", False):
+        image.seek(0)  # animations: first frame only
+    if min_side and image.format == "JPEG" and min(width, height) > 2 * min_side:
+        # Decode at 1/2, 1/4 or 1/8 scale; Pillow keeps both sides >= the requested size.
+        scale = min(width, height) / min_side
+        image.draft(image.mode, (math.ceil(width / scale), math.ceil(height / scale)))
+    image.load()
+    image = ImageOps.exif_transpose(image) or image
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparency is flattened onto white."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return Image.fromarray(_to_uint8(np.asarray(image)), mode="L").convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    elif mode in ("PA", "LA", "La", "RGBa"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image).convert("RGB")
+    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    is_float = values.dtype.kind == "f"
+    values = values.astype(np.float64)
+    if is_float and values.size and values.max() <= 1.0:
+        scaled = values * 255.0  # float images in [0, 1]
+    elif values.size and values.max() > 255:
+        scaled = values / 257.0  # 16-bit range onto 8 bits
+    else:
+        scaled = values
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def is_image_path(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def find_images(paths: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
+    """Expand files and folders (recursively, sorted, hidden entries skipped) into image paths.
+
+    A file named explicitly is yielded whatever its extension; its content decides.
+    """
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            for folder, dirnames, filenames in os.walk(path):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                for filename in sorted(filenames):
+                    candidate = Path(folder, filename)
+                    if is_image_path(candidate):
+                        yield candidate
+        else:
+            yield path
