@@ -1,0 +1,64 @@
+"""Search by image (and by text for CLIP encoders): the one implementation behind CLI and API."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imgsearch.encoders import Encoder
+from imgsearch.errors import ImageDecodeError
+from imgsearch.images import DEFAULT_MAX_PIXELS, find_images, load_image
+from imgsearch.store import Hit, MilvusStore
+
+QUERY_BATCH = 32
+
+
+@dataclass
+class QueryResult:
+    query: str
+    results: list[Hit] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"query": self.query, "results": [hit.to_dict() for hit in self.results]}
+
+
+def search_paths(
+    encoder: Encoder,
+    store: MilvusStore,
+    paths: Iterable[str | Path],
+    *,
+    k: int = 10,
+    filter: str = "",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[list[QueryResult], list[dict[str, str]]]:
+    """Search with every image under `paths`; unreadable queries are reported, not fatal."""
+    results: list[QueryResult] = []
+    failed: list[dict[str, str]] = []
+    names: list[str] = []
+    images = []
+
+    def flush() -> None:
+        vectors = encoder.encode_images(images)
+        for name, hits in zip(names, store.search(vectors, k=k, filter=filter)):
+            results.append(QueryResult(query=name, results=hits))
+        names.clear()
+        images.clear()
+
+    for path in find_images(paths):
+        try:
+            images.append(load_image(path, max_pixels=max_pixels, min_side=encoder.input_size))
+            names.append(str(path))
+        except ImageDecodeError as error:
+            failed.append({"path": str(path), "error": error.reason})
+        if len(images) >= QUERY_BATCH:
+            flush()
+    if images:
+        flush()
+    return results, failed
+
+
+def search_text(encoder: Encoder, store: MilvusStore, texts: Sequence[str], *, k: int = 10, filter: str = "") -> list[QueryResult]:
+    vectors = encoder.encode_text(texts)
+    return [QueryResult(query=text, results=hits) for text, hits in zip(texts, store.search(vectors, k=k, filter=filter))]

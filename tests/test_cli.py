@@ -1,0 +1,135 @@
+"""The `imgsearch` command as users run it: separate processes, JSON shapes, settings precedence, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import fashion_images
+
+CLI = [sys.executable, "-m", "imgsearch.cli"]
+
+
+def run(args, env_extra=None, cwd=None, check=True):
+    env = {key: value for key, value in os.environ.items() if not key.startswith("IMGSEARCH_")}
+    env.update(env_extra or {})
+    result = subprocess.run(CLI + args, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    catalog = root / "catalog"
+    for source in fashion_images(2):
+        target = catalog / source.parent.name / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+    (catalog / "broken.jpg").write_bytes(b"\x00" * 50)
+    uri = str(root / "cli.db")
+    result = run(["ingest", str(catalog), "--uri", uri, "--json"])
+    return root, catalog, uri, json.loads(result.stdout)
+
+
+def test_ingest_json_shape(ingested):
+    _, catalog, _, report = ingested
+    assert report["indexed"] == 20 and report["skipped"] == 0
+    assert report["failed"] == [{"path": str((catalog / "broken.jpg").resolve()), "error": "not a recognised image format"}]
+
+
+def test_ingest_summary_line_and_rerun_skips(ingested):
+    _, catalog, uri, _ = ingested
+    result = run(["ingest", str(catalog), "--uri", uri])
+    assert "indexed 0, skipped 20 unchanged, failed 1" in result.stdout
+    assert "broken.jpg" in result.stderr
+
+
+def test_search_json_shape(ingested):
+    _, catalog, uri, _ = ingested
+    query = sorted((catalog / "bag").glob("*.png"))[0]
+    result = run(["search", str(query), str(catalog / "sneaker"), "-k", "3", "--uri", uri, "--json"])
+    items = json.loads(result.stdout)
+    assert [item["query"] for item in items][0] == str(query) and len(items) == 3
+    first = items[0]["results"]
+    assert len(first) == 3 and set(first[0]) == {"id", "score", "path", "label", "metadata"}
+    assert first[0]["path"] == str(query.resolve()) and first[0]["label"] == "bag"
+    assert first[0]["score"] >= first[1]["score"] >= first[2]["score"]
+
+
+def test_search_filter_and_table(ingested):
+    _, catalog, uri, _ = ingested
+    query = sorted((catalog / "bag").glob("*.png"))[0]
+    filtered = json.loads(run(["search", str(query), "--uri", uri, "--json", "--filter", 'label == "coat"']).stdout)
+    assert {hit["label"] for hit in filtered[0]["results"]} == {"coat"}
+    table = run(["search", str(query), "--uri", uri, "-k", "2"]).stdout
+    assert "score" in table and "bag" in table
+
+
+def test_info_and_settings_precedence(ingested, tmp_path):
+    _, _, uri, _ = ingested
+    from_env = json.loads(run(["info", "--json"], env_extra={"IMGSEARCH_MILVUS_URI": uri}).stdout)
+    assert from_env == {
+        "collection": "imgsearch_efficientnet_lite0",
+        "uri": uri,
+        "exists": True,
+        "count": 20,
+        "model": "efficientnet_lite0",
+        "dim": 1280,
+        "preprocess": from_env["preprocess"],
+    }
+    other = str(tmp_path / "other.db")
+    flag_wins = json.loads(run(["info", "--json", "--uri", other], env_extra={"IMGSEARCH_MILVUS_URI": uri}).stdout)
+    assert flag_wins["uri"] == other and flag_wins["count"] == 0 and flag_wins["exists"] is False
+    default = json.loads(run(["info", "--json"], cwd=tmp_path).stdout)
+    assert default["uri"] == "./imgsearch.db" and default["collection"] == "imgsearch_efficientnet_lite0"
+    env_collection = json.loads(run(["info", "--json"], env_extra={"IMGSEARCH_COLLECTION": "shelf"}, cwd=tmp_path).stdout)
+    assert env_collection["collection"] == "shelf"
+
+
+def test_model_guard_is_one_clear_line(ingested, tmp_path):
+    root, catalog, uri, _ = ingested
+    import timm
+    import torch
+
+    weights = tmp_path / "resnet10t.pth"
+    torch.save(timm.create_model("resnet10t").state_dict(), weights)
+    result = run(
+        ["search", str(catalog / "bag"), "--uri", uri, "--collection", "imgsearch_efficientnet_lite0",
+         "--model", "timm:resnet10t", "--weights", str(weights)],
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "efficientnet_lite0" in result.stderr and "timm:resnet10t" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_locked_database_is_one_clear_line(ingested):
+    _, catalog, uri, _ = ingested
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from pymilvus import MilvusClient; import sys, time; c = MilvusClient({uri!r}); print('ok', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ok"
+        result = run(["info", "--uri", uri], check=False)
+        assert result.returncode == 2
+        assert "in use by another process" in result.stderr and "Traceback" not in result.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_missing_catalog_and_unknown_model_are_clear(tmp_path):
+    result = run(["ingest", str(tmp_path / "nowhere"), "--uri", str(tmp_path / "x.db")], check=False)
+    assert result.returncode == 2 and "catalog path not found" in result.stderr
+    result = run(["search", str(tmp_path), "--model", "no_such_model", "--uri", str(tmp_path / "x.db")], check=False)
+    assert result.returncode == 2 and "unknown model" in result.stderr

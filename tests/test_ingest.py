@@ -1,0 +1,187 @@
+"""The catalog pipeline on real Milvus Lite with the real Lite0 encoder."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ingest.catalog import file_sha256
+from ingest.pipeline import ingest_catalog
+from tests.conftest import cosine, fashion_images
+
+
+def _catalog(root: Path, per_class: int = 1) -> list[Path]:
+    copied = []
+    for source in fashion_images(per_class):
+        target = root / source.parent.name / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+        copied.append(target)
+    return copied
+
+
+class EncodeSpy:
+    """Counts images that really went through the encoder (the real encode still runs)."""
+
+    def __init__(self, encoder, monkeypatch):
+        self.images = 0
+        original = encoder.encode
+
+        def counting(batch):
+            self.images += len(batch)
+            return original(batch)
+
+        monkeypatch.setattr(encoder, "encode", counting)
+
+
+def _rows(store) -> dict[str, dict]:
+    return {row["id"]: row for row in store.iter_rows(("id", "path", "label", "metadata", "vector"))}
+
+
+def test_labels_come_from_folders_and_root_images_get_none(tmp_path, encoder, make_store, photos):
+    files = _catalog(tmp_path / "catalog")
+    photos["coffee"].save(tmp_path / "catalog" / "coffee.jpg")
+    store = make_store()
+    report = ingest_catalog(tmp_path / "catalog", encoder, store, workers=0)
+    assert report.indexed == len(files) + 1 and not report.failed
+    by_path = {row["path"]: row for row in _rows(store).values()}
+    assert by_path[str((tmp_path / "catalog" / "coffee.jpg").resolve())]["label"] == ""
+    for path in files:
+        row = by_path[str(path.resolve())]
+        assert row["label"] == path.parent.name
+        assert row["id"] == file_sha256(path)
+
+
+def test_no_labels(tmp_path, encoder, make_store):
+    _catalog(tmp_path / "catalog")
+    store = make_store()
+    ingest_catalog(tmp_path / "catalog", encoder, store, use_labels=False, workers=0)
+    assert {row["label"] for row in _rows(store).values()} == {""}
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_manifest_gives_labels_and_metadata(tmp_path, encoder, make_store, kind):
+    files = _catalog(tmp_path / "catalog")[:3]
+    manifest = tmp_path / f"manifest.{kind}"
+    relative = [path.relative_to(tmp_path / "catalog").as_posix() for path in files]
+    if kind == "csv":
+        manifest.write_text("path,label,sku\n" + "".join(f"{p},item{i},{100 + i}\n" for i, p in enumerate(relative)))
+    else:
+        manifest.write_text("".join(json.dumps({"path": p, "label": f"item{i}", "sku": str(100 + i)}) + "\n" for i, p in enumerate(relative)))
+    store = make_store()
+    report = ingest_catalog(tmp_path / "catalog", encoder, store, manifest=manifest, workers=0)
+    assert report.indexed == 3
+    rows = sorted(_rows(store).values(), key=lambda row: row["label"])
+    assert [(row["label"], row["metadata"]) for row in rows] == [(f"item{i}", {"sku": str(100 + i)}) for i in range(3)]
+
+
+def test_reingest_is_idempotent_and_encodes_nothing(tmp_path, encoder, make_store, monkeypatch):
+    _catalog(tmp_path / "catalog", per_class=2)
+    store = make_store()
+    first = ingest_catalog(tmp_path / "catalog", encoder, store, workers=0)
+    before = _rows(store)
+    spy = EncodeSpy(encoder, monkeypatch)
+    second = ingest_catalog(tmp_path / "catalog", encoder, store, workers=0)
+    assert first.indexed == 20
+    assert (second.indexed, second.skipped, second.failed) == (0, 20, [])
+    assert spy.images == 0
+    assert store.count() == 20 and _rows(store).keys() == before.keys()
+
+
+def test_rename_updates_path_without_reencoding_and_prune_deletes_gone_files(tmp_path, encoder, make_store, monkeypatch):
+    files = _catalog(tmp_path / "catalog")
+    store = make_store()
+    ingest_catalog(tmp_path / "catalog", encoder, store, workers=0)
+    renamed_from, deleted = files[0], files[1]
+    renamed_to = tmp_path / "catalog" / "renamed" / "moved.png"
+    renamed_to.parent.mkdir()
+    renamed_from.rename(renamed_to)
+    deleted.unlink()
+    spy = EncodeSpy(encoder, monkeypatch)
+    report = ingest_catalog(tmp_path / "catalog", encoder, store, workers=0)
+    assert spy.images == 0 and report.updated == 1
+    row = store.get([file_sha256(renamed_to)])[file_sha256(renamed_to)]
+    assert row["path"] == str(renamed_to.resolve()) and row["label"] == "renamed"
+    assert store.count() == 10  # the deleted file's row stays until --prune
+    report = ingest_catalog(tmp_path / "catalog", encoder, store, prune=True, workers=0)
+    assert report.pruned == 1 and store.count() == 9
+    assert not any(row["path"] == str(deleted.resolve()) for row in _rows(store).values())
+
+
+def test_duplicate_content_is_stored_once(tmp_path, encoder, make_store):
+    files = _catalog(tmp_path / "catalog")
+    shutil.copy(files[0], tmp_path / "catalog" / "copy.png")
+    store = make_store()
+    report = ingest_catalog(tmp_path / "catalog", encoder, store, workers=0)
+    assert report.indexed == 10 and report.skipped == 1 and store.count() == 10
+
+
+def _bad_catalog(root: Path, photos) -> dict[str, str]:
+    """Every awkward kind of file; value: 'stored' or 'failed'."""
+    root.mkdir()
+    cat = photos["chelsea"]
+    expected = {}
+
+    def put(name: str, outcome: str, writer) -> None:
+        writer(root / name)
+        expected[name] = outcome
+
+    put("empty.jpg", "failed", lambda p: p.write_bytes(b""))
+    put("notes.png", "failed", lambda p: p.write_text("this is not an image\n" * 20))
+    buffer = io.BytesIO()
+    cat.save(buffer, format="JPEG")
+    put("truncated.jpg", "failed", lambda p: p.write_bytes(buffer.getvalue()[:4000]))
+    put("bomb.png", "failed", lambda p: Image.new("L", (9000, 9000)).save(p))
+    put("cmyk.jpg", "stored", lambda p: cat.convert("CMYK").save(p, quality=95))
+    palette = cat.convert("P", palette=Image.Palette.ADAPTIVE)
+    put("palette_alpha.png", "stored", lambda p: palette.save(p, transparency=0))
+    put("deep16.png", "stored", lambda p: Image.fromarray((np.asarray(cat.convert("L"), dtype=np.uint16) * 257)).save(p))
+    frames = [cat, photos["coffee"].resize(cat.size)]
+    put("animated.gif", "stored", lambda p: frames[0].save(p, save_all=True, append_images=frames[1:], duration=80))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    put("exif_rotated.jpg", "stored", lambda p: cat.transpose(Image.Transpose.ROTATE_90).save(p, exif=exif, quality=95))
+    put("png_named.jpg", "stored", lambda p: photos["coffee"].save(p, format="PNG"))
+    return expected
+
+
+def test_bad_inputs_are_stored_correctly_or_reported_and_the_run_goes_on(tmp_path, encoder, make_store, photos):
+    expected = _bad_catalog(tmp_path / "catalog", photos)
+    store = make_store()
+    report = ingest_catalog(tmp_path / "catalog", encoder, store, workers=0, max_pixels=50_000_000)
+    failed = {Path(item["path"]).name: item["error"] for item in report.failed}
+    assert set(failed) == {name for name, outcome in expected.items() if outcome == "failed"}
+    assert "empty" in failed["empty.jpg"] and "exceeds" in failed["bomb.png"]
+    assert "truncated" in failed["truncated.jpg"] and "not a recognised" in failed["notes.png"]
+    stored = {Path(row["path"]).name: np.asarray(row["vector"]) for row in _rows(store).values()}
+    assert set(stored) == {name for name, outcome in expected.items() if outcome == "stored"}
+    # Stored ones were decoded right: their vectors match the clean image's vector.
+    reference_cat, reference_coffee = encoder.encode_images([photos["chelsea"], photos["coffee"]])
+    assert cosine(stored["exif_rotated.jpg"], reference_cat) > 0.97  # upright, not sideways
+    assert cosine(stored["cmyk.jpg"], reference_cat) > 0.95
+    assert cosine(stored["animated.gif"], reference_cat) > 0.9  # first frame, not the coffee
+    assert cosine(stored["png_named.jpg"], reference_coffee) > 0.999
+    assert cosine(stored["deep16.png"], encoder.encode_images([photos["chelsea"].convert("L").convert("RGB")])[0]) > 0.99
+    assert cosine(stored["palette_alpha.png"], reference_cat) > 0.85
+
+
+def test_worker_processes_store_exactly_the_rows_of_a_single_process_run(tmp_path, encoder, make_store, photos):
+    _catalog(tmp_path / "catalog", per_class=3)
+    (tmp_path / "catalog" / "broken.png").write_bytes(b"nope")
+    single = make_store(collection="single")
+    parallel = make_store(collection="parallel")
+    report_single = ingest_catalog(tmp_path / "catalog", encoder, single, workers=0, batch_size=4)
+    report_parallel = ingest_catalog(tmp_path / "catalog", encoder, parallel, workers=2, batch_size=4)
+    assert report_single.indexed == report_parallel.indexed == 30
+    assert report_single.failed == report_parallel.failed
+    rows_single, rows_parallel = _rows(single), _rows(parallel)
+    assert rows_single.keys() == rows_parallel.keys()
+    for key, row in rows_single.items():
+        assert row["path"] == rows_parallel[key]["path"] and row["label"] == rows_parallel[key]["label"]
+        assert np.allclose(row["vector"], rows_parallel[key]["vector"], atol=1e-5)
