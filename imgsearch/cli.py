@@ -29,6 +29,7 @@ WeightsOption = Annotated[Optional[Path], typer.Option("--weights", help="Local 
 DeviceOption = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda [env IMGSEARCH_DEVICE]", show_default=False)]
 BatchOption = Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images per forward pass [env IMGSEARCH_BATCH_SIZE; default 32]", show_default=False)]
 WorkersOption = Annotated[Optional[int], typer.Option("--workers", min=0, help="Decode worker processes [env IMGSEARCH_WORKERS; default automatic]", show_default=False)]
+RuntimeOption = Annotated[Optional[str], typer.Option("--runtime", help="auto, torch or onnx [env IMGSEARCH_RUNTIME; default auto: onnx on CPU, torch on CUDA]", show_default=False)]
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout")]
 
 
@@ -57,7 +58,10 @@ def _open(settings: Settings, create: bool = True):
     from imgsearch.encoders import load_encoder
     from imgsearch.store import open_store
 
-    encoder = load_encoder(settings.model, weights=settings.weights, device=settings.device)
+    encoder = load_encoder(
+        settings.model, weights=settings.weights, device=settings.device, runtime=settings.runtime,
+        onnx_cache=settings.onnx_cache,
+    )
     return encoder, open_store(settings, encoder, create=create)
 
 
@@ -73,6 +77,7 @@ def ingest(
     model: ModelOption = None,
     weights: WeightsOption = None,
     device: DeviceOption = None,
+    runtime: RuntimeOption = None,
     batch_size: BatchOption = None,
     workers: WorkersOption = None,
 ) -> None:
@@ -81,7 +86,7 @@ def ingest(
 
     with user_errors():
         settings = load_settings(
-            milvus_uri=uri, collection=collection, model=model, weights=weights, device=device,
+            milvus_uri=uri, collection=collection, model=model, weights=weights, device=device, runtime=runtime,
             batch_size=batch_size, workers=workers,
         )
         encoder, store = _open(settings)
@@ -128,12 +133,15 @@ def search(
     model: ModelOption = None,
     weights: WeightsOption = None,
     device: DeviceOption = None,
+    runtime: RuntimeOption = None,
 ) -> None:
     """Find the stored images most similar to each query image."""
     from imgsearch.search import search_paths
 
     with user_errors():
-        settings = load_settings(milvus_uri=uri, collection=collection, model=model, weights=weights, device=device)
+        settings = load_settings(
+            milvus_uri=uri, collection=collection, model=model, weights=weights, device=device, runtime=runtime
+        )
         encoder, store = _open(settings, create=False)
         with store:
             results, failed = search_paths(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -19,6 +19,10 @@ class Settings(BaseSettings):
     model: str = Field("efficientnet_lite0", description="Encoder name (see `imgsearch models`)")
     weights: Path | None = Field(None, description="Local weights file for the encoder")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    runtime: Literal["auto", "torch", "onnx"] = Field(
+        "auto", description="auto: onnxruntime on a CPU (measured faster there), torch on CUDA"
+    )
+    onnx_cache: Path | None = Field(None, description="Where ONNX exports are cached; default next to the weights")
     batch_size: int = Field(32, ge=1, le=4096)
     workers: int | None = Field(None, ge=0, description="Decode worker processes; default: automatic")
     max_image_pixels: int = Field(64_000_000, ge=1, description="Refuse images larger than this (decompression bombs)")

@@ -13,7 +13,32 @@ TORCHVISION_PREFIX = "torchvision:"
 TIMM_PREFIX = "timm:"
 
 
-def load_encoder(name: str, *, weights: Path | str | None = None, device: str = "auto") -> Encoder:
+RUNTIMES = ("auto", "torch", "onnx")
+
+
+def load_encoder(
+    name: str,
+    *,
+    weights: Path | str | None = None,
+    device: str = "auto",
+    runtime: str = "torch",
+    onnx_cache: Path | None = None,
+) -> Encoder:
+    """The encoder `name`, run by `runtime`: torch, onnx (onnxruntime on the CPU), or auto (onnx on a CPU, torch on CUDA,
+    the faster of the two as measured by benchmarks/ingest.py)."""
+    if runtime not in RUNTIMES:
+        raise UnknownModelError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    encoder = load_torch_encoder(name, weights=weights, device=device)
+    if runtime == "onnx" and encoder.device.type != "cpu":
+        raise UnknownModelError("--runtime onnx runs on the CPU; use --device cpu, or --runtime torch on CUDA")
+    if runtime == "onnx" or (runtime == "auto" and encoder.device.type == "cpu"):
+        from imgsearch.encoders.onnx_runtime import to_onnx
+
+        return to_onnx(encoder, onnx_cache)
+    return encoder
+
+
+def load_torch_encoder(name: str, *, weights: Path | str | None = None, device: str = "auto") -> TorchEncoder:
     """Build the encoder called `name` with real weights, or raise a clear error; never random weights.
 
     The encoder's `name` is canonical (`torchvision:resnet50`, `timm:convnext_tiny`) and is what
