@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pymilvus import DataType, MilvusClient
-from pymilvus.exceptions import MilvusException
 
-from imgsearch.errors import ModelMismatchError, StoreError, StoreLockedError
+# gRPC core logs to stderr on its own (e.g. when decode workers fork); keep the CLI's output to its one-line errors.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+from pymilvus import DataType, MilvusClient  # noqa: E402
+from pymilvus.exceptions import MilvusException  # noqa: E402
+
+from imgsearch.errors import ModelMismatchError, StoreError, StoreLockedError  # noqa: E402
 
 log = logging.getLogger(__name__)
 

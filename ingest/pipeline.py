@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,13 +24,18 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from imgsearch.encoders import Encoder
-from imgsearch.errors import ImageDecodeError
+from imgsearch.errors import ImageDecodeError, StoreError
 from imgsearch.images import load_image
 from imgsearch.store import ImageRecord, MilvusStore
 from ingest.catalog import CatalogEntry, bytes_sha256, file_sha256, scan_catalog
 
 log = logging.getLogger(__name__)
 
+PREFETCH_BATCHES = 4  # per worker
+WRITE_QUEUE_CHUNKS = 2
+# Forked workers start at once and share the parent's imported modules; they only read files and run
+# PIL/torchvision, never the parent's gRPC or Milvus client. IMGSEARCH_WORKER_START=spawn is the cautious fallback.
+WORKER_START_METHOD = os.environ.get("IMGSEARCH_WORKER_START", "fork")
 PLAN_CHUNK = 512  # catalog entries hashed and diffed against the store at a time
 HASH_THREADS = 4
 MAX_AUTO_WORKERS = 8
@@ -45,7 +52,15 @@ class IngestReport:
     pruned: int = 0
     failed: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    # Stage split. decode_seconds is summed over worker processes (read + hash + decode + preprocess);
+    # wait_seconds is how long the encoder sat idle waiting for decoded batches.
+    decode_seconds: float = 0.0
+    wait_seconds: float = 0.0
     encode_seconds: float = 0.0
+    insert_seconds: float = 0.0
+    workers: int = 0
+    max_in_flight: int = 0
+    in_flight_bound: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -70,6 +85,14 @@ class IngestReport:
             "failed": self.failed,
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 2),
+            "stages": {
+                "decode_seconds": round(self.decode_seconds, 3),
+                "wait_seconds": round(self.wait_seconds, 3),
+                "encode_seconds": round(self.encode_seconds, 3),
+                "insert_seconds": round(self.insert_seconds, 3),
+            },
+            "workers": self.workers,
+            "max_in_flight": self.max_in_flight,
         }
 
 
@@ -95,6 +118,7 @@ class PlannedImages(IterableDataset):
         with open(self.plan_path, encoding="utf-8") as plan:
             for line in islice(plan, worker_id, None, num_workers):
                 item = json.loads(line)
+                started = time.perf_counter()
                 try:
                     data = Path(item["path"]).read_bytes()
                     item["id"] = bytes_sha256(data)  # the bytes we encode decide the id, even if the file just changed
@@ -104,6 +128,7 @@ class PlannedImages(IterableDataset):
                     item["error"] = error.reason
                 except OSError as error:
                     item["error"] = f"cannot read file ({error.strerror or error})"
+                item["decode_seconds"] = time.perf_counter() - started
                 yield item
 
 
@@ -113,6 +138,7 @@ def collate_planned(items: list[dict[str, Any]]) -> dict[str, Any]:
         "items": good,
         "batch": torch.stack([item.pop("tensor") for item in good]) if good else None,
         "failed": [{"path": item["path"], "error": item["error"]} for item in items if "error" in item],
+        "decode_seconds": sum(item.pop("decode_seconds", 0.0) for item in items),
     }
 
 
@@ -215,6 +241,69 @@ def _update_moved(store: MilvusStore, moved: list[tuple[CatalogEntry, str]]) -> 
     return len(moved)
 
 
+class _Writer:
+    """Upserts chunks on a background thread behind a bounded queue, so Milvus writes overlap encoding
+    and a slow store applies back-pressure instead of letting rows pile up in memory."""
+
+    def __init__(self, store: MilvusStore, in_flight: "_InFlight", max_queued_chunks: int = WRITE_QUEUE_CHUNKS) -> None:
+        self.store = store
+        self.in_flight = in_flight
+        self.queue: queue.Queue[list[ImageRecord] | None] = queue.Queue(maxsize=max_queued_chunks)
+        self.seconds = 0.0
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="imgsearch-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (records := self.queue.get()) is not None:
+            if self.error is None:
+                started = time.perf_counter()
+                try:
+                    self.store.upsert(records)
+                except BaseException as error:  # handed to the main thread in put()/close()
+                    self.error = error
+                self.seconds += time.perf_counter() - started
+            self.in_flight.remove(len(records))
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise StoreError(f"writing to Milvus failed: {self.error}") from self.error
+
+    def put(self, records: list[ImageRecord]) -> None:
+        self._raise_if_failed()
+        if records:
+            self.queue.put(records)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self._raise_if_failed()
+
+
+class _InFlight:
+    """Counts images decoded but not yet written; its maximum shows memory is bounded."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.current = 0
+        self.peak = 0
+
+    def add(self, count: int) -> None:
+        with self.lock:
+            self.current += count
+            self.peak = max(self.peak, self.current)
+
+    def remove(self, count: int) -> None:
+        with self.lock:
+            self.current -= count
+
+
+def in_flight_bound(batch_size: int, workers: int, upsert_chunk: int) -> int:
+    """Most images alive at once: prefetched batches, the batch being encoded, the buffer, queued and writing chunks."""
+    prefetched = workers * PREFETCH_BATCHES * batch_size
+    return prefetched + batch_size + (upsert_chunk + batch_size) * (WRITE_QUEUE_CHUNKS + 2)
+
+
 def _encode_and_store(
     dataset: PlannedImages,
     pending: int,
@@ -227,36 +316,49 @@ def _encode_and_store(
     progress: ProgressCallback | None,
 ) -> None:
     num_workers = auto_workers(pending, batch_size) if workers is None else workers
+    report.workers = num_workers
+    report.in_flight_bound = in_flight_bound(batch_size, num_workers, upsert_chunk)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=collate_planned,
         pin_memory=getattr(encoder, "pin_memory", False),
-        prefetch_factor=4 if num_workers else None,
-        # Workers are spawned, not forked: the parent runs gRPC threads (Milvus Lite) that fork would copy mid-state.
-        multiprocessing_context="spawn" if num_workers else None,
+        prefetch_factor=PREFETCH_BATCHES if num_workers else None,
+        multiprocessing_context=WORKER_START_METHOD if num_workers else None,
     )
+    in_flight = _InFlight()
+    writer = _Writer(store, in_flight)
     buffer: list[ImageRecord] = []
     done = 0
-    for batch in loader:
-        report.failed.extend(batch["failed"])
-        if batch["batch"] is not None:
-            encode_started = time.perf_counter()
-            vectors = encoder.encode(batch["batch"])
-            report.encode_seconds += time.perf_counter() - encode_started
-            for item, vector in zip(batch["items"], vectors):
-                buffer.append(
-                    ImageRecord(id=item["id"], vector=vector, path=item["path"], label=item["label"], metadata=item["metadata"])
-                )
-            report.indexed += len(batch["items"])
-        if len(buffer) >= upsert_chunk:
-            store.upsert(buffer)
-            buffer = []
-        done += len(batch["items"]) + len(batch["failed"])
-        if progress:
-            progress("encode", done, pending)
-    store.upsert(buffer)
+    try:
+        waited = time.perf_counter()
+        for batch in loader:
+            report.wait_seconds += time.perf_counter() - waited
+            report.failed.extend(batch["failed"])
+            report.decode_seconds += batch["decode_seconds"]
+            if batch["batch"] is not None:
+                in_flight.add(len(batch["items"]))
+                encode_started = time.perf_counter()
+                vectors = encoder.encode(batch["batch"])
+                report.encode_seconds += time.perf_counter() - encode_started
+                for item, vector in zip(batch["items"], vectors):
+                    buffer.append(
+                        ImageRecord(id=item["id"], vector=vector, path=item["path"], label=item["label"], metadata=item["metadata"])
+                    )
+                report.indexed += len(batch["items"])
+            if len(buffer) >= upsert_chunk:
+                writer.put(buffer)
+                buffer = []
+            done += len(batch["items"]) + len(batch["failed"])
+            if progress:
+                progress("encode", done, pending)
+            waited = time.perf_counter()
+        writer.put(buffer)
+    finally:
+        writer.close()
+        report.insert_seconds = writer.seconds
+        report.max_in_flight = in_flight.peak
 
 
 def prune_missing(store: MilvusStore) -> int:
