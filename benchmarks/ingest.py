@@ -1,0 +1,204 @@
+"""Ingestion speed in one run: the encoder floor, the real `imgsearch ingest`, and the naive per-image peer.
+
+    python benchmarks/ingest.py [--images 500] [--also 5000] [--batch-size 32] [--runtime auto] [--peer-images 100]
+
+(a) floor: the encoder alone on pre-decoded, pre-resized tensors, at the same batch size.
+(b) real: `imgsearch ingest` as a separate process into a fresh Milvus Lite file (wall clock, model load included).
+(c) naive peer, the Milvus bootcamp quickstart's way: per image PIL open, transform, torch forward at batch 1,
+    insert one row. Same Lite0 weights. Timed on the first --peer-images images.
+Prints (b)/(a), (b)/(c), the peak RSS of (b)'s process tree, and (b)'s stage split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from imgsearch.encoders import load_encoder  # noqa: E402
+from imgsearch.images import load_image  # noqa: E402
+
+PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "camera", "coins", "immunohistochemistry", "hubble_deep_field")
+
+
+def make_catalog(folder: Path, count: int, seed: int = 0) -> Path:
+    """Camera-size JPEGs (800x600 .. 2000x1500) cut and scaled from scikit-image's real photos; cached."""
+    from skimage import data
+
+    done = folder / f".complete-{count}"
+    if done.exists():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    sources = [Image.fromarray(getattr(data, name)()).convert("RGB") for name in PHOTOS]
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+        source = sources[index % len(sources)]
+        width = int(rng.integers(800, 2001))
+        height = width * 3 // 4
+        # a random crop of 60-100% of the photo, scaled up to camera size: every file is distinct content
+        fraction = rng.uniform(0.6, 1.0)
+        crop_w, crop_h = int(source.width * fraction), int(source.height * fraction)
+        left = int(rng.integers(0, source.width - crop_w + 1))
+        top = int(rng.integers(0, source.height - crop_h + 1))
+        image = source.crop((left, top, left + crop_w, top + crop_h)).resize((width, height), Image.Resampling.BILINEAR)
+        label = PHOTOS[index % len(PHOTOS)]
+        (folder / label).mkdir(exist_ok=True)
+        image.save(folder / label / f"{index:05d}.jpg", quality=90)
+    done.touch()
+    return folder
+
+
+def floor_images_per_second(encoder, catalog: Path, batch_size: int, count: int) -> float:
+    paths = sorted(catalog.rglob("*.jpg"))[:count]
+    tensors = torch.stack([encoder.preprocess(load_image(path, min_side=encoder.input_size)) for path in paths])
+    encoder.encode(tensors[:batch_size])  # warm-up
+    started = time.perf_counter()
+    for start in range(0, len(tensors), batch_size):
+        encoder.encode(tensors[start : start + batch_size])
+    return len(tensors) / (time.perf_counter() - started)
+
+
+def _tree_pss_bytes(root_pid: int) -> int:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    total, stack = 0, [root_pid]
+    while stack:
+        pid = stack.pop()
+        stack.extend(children.get(pid, []))
+        try:  # PSS: pages shared with forked workers count once, not once per process
+            with open(f"/proc/{pid}/smaps_rollup") as handle:
+                for line in handle:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
+def run_ingest(catalog: Path, db: Path, batch_size: int, runtime: str) -> tuple[float, dict, int]:
+    """Whole-process `imgsearch ingest`; returns wall seconds, its JSON report and the peak RSS of its process tree."""
+    command = [sys.executable, "-m", "imgsearch.cli", "ingest", str(catalog), "--uri", str(db), "--json",
+               "--batch-size", str(batch_size), "--runtime", runtime]
+    peak = 0
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, _tree_pss_bytes(process.pid))
+            stop.wait(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, stderr = process.communicate()
+    seconds = time.perf_counter() - started
+    stop.set()
+    sampler.join()
+    if process.returncode != 0:
+        raise SystemExit(f"imgsearch ingest failed:\n{stderr}")
+    return seconds, json.loads(stdout), peak
+
+
+def naive_peer_images_per_second(catalog: Path, db: Path, count: int) -> float:
+    """The bootcamp quickstart loop: one image at a time, end to end, one insert per image."""
+    from pymilvus import MilvusClient
+    from torchvision.transforms import v2 as T
+
+    from imgsearch.encoders.lite0 import load_lite0_classifier
+
+    model = load_lite0_classifier()
+    model.reset_classifier(0)
+    model.eval()
+    transform = T.Compose([
+        T.ToImage(), T.Resize(224, antialias=True), T.CenterCrop(224),
+        T.ToDtype(torch.float32, scale=True), T.Normalize([0.5] * 3, [0.5] * 3),
+    ])
+    client = MilvusClient(str(db))
+    client.create_collection("naive", dimension=1280, metric_type="COSINE", auto_id=True)
+    paths = sorted(catalog.rglob("*.jpg"))[:count]
+    started = time.perf_counter()
+    for path in paths:
+        image = Image.open(path).convert("RGB")
+        with torch.no_grad():
+            vector = model(transform(image).unsqueeze(0))[0]
+        vector = (vector / vector.norm()).tolist()
+        client.insert("naive", [{"vector": vector, "path": str(path)}])
+    seconds = time.perf_counter() - started
+    client.close()
+    return len(paths) / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=500)
+    parser.add_argument("--also", type=int, default=0, help="a second, larger catalog size for the RSS comparison")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"])
+    parser.add_argument("--peer-images", type=int, default=100)
+    parser.add_argument("--floor-images", type=int, default=256)
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "imgsearch-bench")
+    args = parser.parse_args()
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"cuda={'yes' if torch.cuda.is_available() else 'no'}; runtime={args.runtime}, batch {args.batch_size}")
+    catalog = make_catalog(args.work / f"catalog-{args.images}", args.images)
+
+    encoder = load_encoder("efficientnet_lite0", runtime=args.runtime)
+    floor = floor_images_per_second(encoder, catalog, args.batch_size, min(args.floor_images, args.images))
+    del encoder
+
+    db = args.work / "real.db"
+    shutil.rmtree(db, ignore_errors=True)
+    seconds, report, peak = run_ingest(catalog, db, args.batch_size, args.runtime)
+    real = report["indexed"] / seconds
+    assert report["indexed"] == args.images and not report["failed"], report
+
+    peer_db = args.work / "naive.db"
+    shutil.rmtree(peer_db, ignore_errors=True)
+    peer = naive_peer_images_per_second(catalog, peer_db, min(args.peer_images, args.images))
+
+    stages = report["stages"]
+    print(f"(a) floor, encoder alone on ready tensors : {floor:8.1f} images/s")
+    print(f"(b) imgsearch ingest, whole process       : {real:8.1f} images/s  ({report['indexed']} images in {seconds:.1f} s, "
+          f"{report['workers']} decode workers)")
+    print(f"(c) naive per-image peer                   : {peer:8.1f} images/s  (first {min(args.peer_images, args.images)} images)")
+    print(f"(b)/(a) = {real / floor:.2f}   (b)/(c) = {real / peer:.1f}")
+    print(f"peak memory (PSS) of (b), process tree: {peak / 2**20:.0f} MiB at {args.images} images")
+    print(f"(b) stage split: read+decode {stages['decode_seconds']:.1f} s (summed over workers), "
+          f"encoder waiting for decode {stages['wait_seconds']:.1f} s, encode {stages['encode_seconds']:.1f} s, "
+          f"insert {stages['insert_seconds']:.1f} s (background thread), rest of {seconds:.1f} s wall is start-up and planning")
+    if args.also:
+        big = make_catalog(args.work / f"catalog-{args.also}", args.also)
+        shutil.rmtree(db, ignore_errors=True)
+        big_seconds, big_report, big_peak = run_ingest(big, db, args.batch_size, args.runtime)
+        print(f"peak memory (PSS) of (b), process tree: {big_peak / 2**20:.0f} MiB at {args.also} images "
+              f"({big_report['indexed'] / big_seconds:.1f} images/s); ratio {big_peak / peak:.2f}")
+
+
+if __name__ == "__main__":
+    main()
