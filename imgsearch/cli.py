@@ -187,5 +187,62 @@ def info(
     stdout.print(table)
 
 
+@app.command("export")
+def export_vectors(
+    out: Annotated[Path, typer.Option("--out", help="Parquet file to write")],
+    json_output: JsonOption = False,
+    uri: UriOption = None,
+    collection: CollectionOption = None,
+    model: ModelOption = None,
+) -> None:
+    """Write every row (id, vector, label, path, metadata) and the model identity to a Parquet file."""
+    from imgsearch.store import MilvusStore, describe_collection
+    from imgsearch.transfer import export_parquet
+
+    with user_errors():
+        settings = load_settings(milvus_uri=uri, collection=collection, model=model)
+        described = describe_collection(settings.milvus_uri, settings.collection_name, settings.milvus_token)
+        if not described["exists"]:
+            raise ImgsearchError(f"collection {settings.collection_name} does not exist at {settings.milvus_uri}")
+        with MilvusStore(
+            settings.milvus_uri, settings.collection_name, model=described["model"], dim=described["dim"],
+            preprocess_version=described.get("preprocess") or "", token=settings.milvus_token, create=False,
+        ) as store:
+            written = export_parquet(store, out)
+    summary = {"exported": written, "out": str(out), "model": described["model"], "collection": settings.collection_name}
+    if json_output:
+        print_json(summary)
+    else:
+        stdout.print(f"exported {written} rows to {out}", highlight=False)
+
+
+@app.command("import")
+def import_vectors(
+    source: Annotated[Path, typer.Argument(help="Parquet file written by `imgsearch export`")],
+    json_output: JsonOption = False,
+    uri: UriOption = None,
+    collection: CollectionOption = None,
+) -> None:
+    """Upsert an export into the collection of its model (created when missing; a different model is refused)."""
+    from imgsearch.config import default_collection_name
+    from imgsearch.store import MilvusStore
+    from imgsearch.transfer import import_parquet, read_export_identity
+
+    with user_errors():
+        identity = read_export_identity(source)
+        settings = load_settings(milvus_uri=uri, collection=collection)
+        name = settings.collection or default_collection_name(identity["imgsearch.model"])
+        with MilvusStore(
+            settings.milvus_uri, name, model=identity["imgsearch.model"], dim=int(identity["imgsearch.dim"]),
+            preprocess_version=identity.get("imgsearch.preprocess", ""), token=settings.milvus_token,
+        ) as store:
+            imported = import_parquet(store, source, chunk=settings.upsert_chunk)
+    summary = {"imported": imported, "collection": name, "model": identity["imgsearch.model"]}
+    if json_output:
+        print_json(summary)
+    else:
+        stdout.print(f"imported {imported} rows into {name}", highlight=False)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -133,3 +133,50 @@ def test_missing_catalog_and_unknown_model_are_clear(tmp_path):
     assert result.returncode == 2 and "catalog path not found" in result.stderr
     result = run(["search", str(tmp_path), "--model", "no_such_model", "--uri", str(tmp_path / "x.db")], check=False)
     assert result.returncode == 2 and "unknown model" in result.stderr
+
+
+def test_export_import_round_trip_is_exact(ingested, tmp_path):
+    import numpy as np
+
+    _, _, uri, _ = ingested
+    out = tmp_path / "vectors.parquet"
+    exported = json.loads(run(["export", "--out", str(out), "--uri", uri, "--json"]).stdout)
+    assert exported["exported"] == 20 and out.is_file()
+    target = str(tmp_path / "copy.db")
+    imported = json.loads(run(["import", str(out), "--uri", target, "--json"]).stdout)
+    assert imported == {"imported": 20, "collection": "imgsearch_efficientnet_lite0", "model": "efficientnet_lite0"}
+    info = json.loads(run(["info", "--json", "--uri", target]).stdout)
+    assert info["count"] == 20 and info["preprocess"] == json.loads(run(["info", "--json", "--uri", uri]).stdout)["preprocess"]
+    # Read in a child process: a .db opened by this process would stay locked against the other tests' CLI runs.
+    dump = (
+        "import json, sys\nfrom pymilvus import MilvusClient\nc = MilvusClient(sys.argv[1])\n"
+        "c.load_collection('imgsearch_efficientnet_lite0')\n"
+        "rows = c.query('imgsearch_efficientnet_lite0', filter='', limit=1000,"
+        " output_fields=['id', 'vector', 'label', 'path', 'metadata'])\n"
+        "print(json.dumps([dict(r) for r in rows]))\n"
+    )
+
+    def rows(db):
+        result = subprocess.run([sys.executable, "-c", dump, db], capture_output=True, text=True, check=True, timeout=120)
+        return {row["id"]: row for row in json.loads(result.stdout)}
+
+    original, copy = rows(uri), rows(target)
+    assert original.keys() == copy.keys() and len(copy) == 20
+    for key, row in original.items():
+        assert np.array_equal(np.asarray(row["vector"], dtype=np.float32), np.asarray(copy[key]["vector"], dtype=np.float32))
+        assert (row["label"], row["path"], row["metadata"]) == (copy[key]["label"], copy[key]["path"], copy[key]["metadata"])
+
+
+def test_import_refuses_a_collection_of_another_model(ingested, tmp_path):
+    _, _, uri, _ = ingested
+    out = tmp_path / "vectors.parquet"
+    run(["export", "--out", str(out), "--uri", uri])
+    other = str(tmp_path / "other.db")
+    create = f"from imgsearch.store import MilvusStore; MilvusStore({other!r}, 'imgsearch_efficientnet_lite0', model='timm:resnet10t', dim=512)"
+    subprocess.run([sys.executable, "-c", create], check=True, timeout=120)
+    result = run(["import", str(out), "--uri", other], check=False)
+    assert result.returncode == 2 and "timm:resnet10t" in result.stderr and "Traceback" not in result.stderr
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_text("not parquet")
+    result = run(["import", str(garbage), "--uri", other], check=False)
+    assert result.returncode == 2 and "not a Parquet file" in result.stderr
