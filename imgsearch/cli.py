@@ -47,9 +47,16 @@ def print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, ensure_ascii=False) + "\n")
 
 
+def print_skipped(failed: list[dict[str, str]], what: str) -> None:
+    """Unreadable files go to stderr, one line each, so stdout stays the result."""
+    for failure in failed:
+        stderr.print(f"[yellow]{what}[/yellow] {failure['path']}: {failure['error']}", highlight=False, soft_wrap=True)
+
+
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details")] = False) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import pymilvus  # noqa: F401  - it configures its loggers on import, so quiet them after that
     for noisy in ("pymilvus", "milvus_lite", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.ERROR)
 
@@ -82,9 +89,11 @@ def ingest(
     workers: WorkersOption = None,
 ) -> None:
     """Index a folder of images; unchanged content is skipped, bad files are reported."""
+    from ingest.catalog import check_catalog
     from ingest.pipeline import ingest_catalog
 
     with user_errors():
+        check_catalog(path, manifest)  # before loading a model or creating a collection
         settings = load_settings(
             milvus_uri=uri, collection=collection, model=model, weights=weights, device=device, runtime=runtime,
             batch_size=batch_size, workers=workers,
@@ -100,8 +109,7 @@ def ingest(
     if json_output:
         print_json(report.to_dict())
         return
-    for failure in report.failed:
-        stderr.print(f"[yellow]skipped[/yellow] {failure['path']}: {failure['error']}", highlight=False, soft_wrap=True)
+    print_skipped(report.failed, "skipped")
     stdout.print(report.summary_line(), highlight=False)
 
 
@@ -147,8 +155,7 @@ def search(
             results, failed = search_paths(
                 encoder, store, queries, k=k, filter=filter, max_pixels=settings.max_image_pixels
             )
-    for failure in failed:
-        stderr.print(f"[yellow]skipped query[/yellow] {failure['path']}: {failure['error']}", highlight=False, soft_wrap=True)
+    print_skipped(failed, "skipped query")
     if json_output:
         print_json([result.to_dict() for result in results])
     else:
@@ -196,20 +203,14 @@ def export_vectors(
     model: ModelOption = None,
 ) -> None:
     """Write every row (id, vector, label, path, metadata) and the model identity to a Parquet file."""
-    from imgsearch.store import MilvusStore, describe_collection
+    from imgsearch.store import MilvusStore
     from imgsearch.transfer import export_parquet
 
     with user_errors():
         settings = load_settings(milvus_uri=uri, collection=collection, model=model)
-        described = describe_collection(settings.milvus_uri, settings.collection_name, settings.milvus_token)
-        if not described["exists"]:
-            raise ImgsearchError(f"collection {settings.collection_name} does not exist at {settings.milvus_uri}")
-        with MilvusStore(
-            settings.milvus_uri, settings.collection_name, model=described["model"], dim=described["dim"],
-            preprocess_version=described.get("preprocess") or "", token=settings.milvus_token, create=False,
-        ) as store:
+        with MilvusStore.open_existing(settings.milvus_uri, settings.collection_name, settings.milvus_token) as store:
             written = export_parquet(store, out)
-    summary = {"exported": written, "out": str(out), "model": described["model"], "collection": settings.collection_name}
+    summary = {"exported": written, "out": str(out), "model": store.model, "collection": settings.collection_name}
     if json_output:
         print_json(summary)
     else:

@@ -16,7 +16,7 @@ class Settings(BaseSettings):
     milvus_uri: str = Field("./imgsearch.db", description="Milvus Lite path (*.db) or server URI (http://host:19530)")
     milvus_token: str = Field("", description="Token or user:password for a secured Milvus server")
     collection: str | None = Field(None, description="Collection name; default: one per model, imgsearch_<model>")
-    model: str = Field("efficientnet_lite0", description="Encoder name (see `imgsearch models`)")
+    model: str = Field("efficientnet_lite0", description="Encoder name: efficientnet_lite0, torchvision/timm names, open_clip ARCH/TAG")
     weights: Path | None = Field(None, description="Local weights file for the encoder")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     runtime: Literal["auto", "torch", "onnx"] = Field(

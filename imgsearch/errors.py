@@ -40,6 +40,14 @@ class CatalogError(ImgsearchError):
     """The catalog folder or manifest is unusable."""
 
 
+class UnsupportedRuntimeError(ImgsearchError):
+    """The runtime asked for cannot run this encoder on this device."""
+
+
+class CollectionNotFoundError(ImgsearchError):
+    """The collection asked for does not exist yet."""
+
+
 class InvalidWeightsError(ImgsearchError):
     """A weights file exists but does not fit the model."""
 

@@ -44,12 +44,16 @@ def load_image(
     Raises ImageDecodeError with the reason for anything unreadable.
     """
     label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "<upload>")
-    try:
-        if isinstance(source, (str, os.PathLike)):
-            if os.path.getsize(source) == 0:
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            handle = open(source, "rb")
+        except OSError as error:
+            raise ImageDecodeError(label, describe_os_error(error)) from None
+        with handle:
+            if os.fstat(handle.fileno()).st_size == 0:
                 raise ImageDecodeError(label, "empty file")
-            with open(source, "rb") as handle:
-                return _decode(handle, max_pixels, min_side, label)
+            return load_image(handle, max_pixels=max_pixels, min_side=min_side, name=label)
+    try:
         if isinstance(source, bytes):
             if not source:
                 raise ImageDecodeError(label, "empty file")
@@ -57,12 +61,6 @@ def load_image(
         return _decode(source, max_pixels, min_side, label)
     except ImageDecodeError:
         raise
-    except FileNotFoundError:
-        raise ImageDecodeError(label, "file not found") from None
-    except IsADirectoryError:
-        raise ImageDecodeError(label, "is a directory") from None
-    except PermissionError:
-        raise ImageDecodeError(label, "permission denied") from None
     except UnidentifiedImageError:
         raise ImageDecodeError(label, "not a recognised image format") from None
     except Image.DecompressionBombError as error:
@@ -70,6 +68,17 @@ def load_image(
     except (OSError, SyntaxError, ValueError, TypeError, EOFError, MemoryError) as error:
         # Pillow reports truncated or corrupt data with these.
         raise ImageDecodeError(label, f"corrupt or truncated image ({error})") from None
+
+
+def describe_os_error(error: OSError) -> str:
+    """The one wording of file-system failures, for decoding, hashing and worker reads alike."""
+    if isinstance(error, FileNotFoundError):
+        return "file not found"
+    if isinstance(error, IsADirectoryError):
+        return "is a directory"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    return f"cannot read file ({error.strerror or error})"
 
 
 def _decode(handle: BinaryIO, max_pixels: int, min_side: int | None, label: str) -> Image.Image:

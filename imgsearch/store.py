@@ -23,7 +23,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 from pymilvus import DataType, MilvusClient  # noqa: E402
 from pymilvus.exceptions import MilvusException  # noqa: E402
 
-from imgsearch.errors import ModelMismatchError, StoreError, StoreLockedError  # noqa: E402
+from imgsearch.errors import CollectionNotFoundError, ModelMismatchError, StoreError, StoreLockedError  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,28 @@ class MilvusStore:
         elif create:
             self._create()
         else:
-            raise StoreError(f"collection {collection} does not exist at {uri}; run `imgsearch ingest` first")
+            raise _collection_not_found(collection, uri)
+
+    @classmethod
+    def open_existing(cls, uri: str, collection: str, token: str = "") -> "MilvusStore":
+        """Open a collection as the model it records, without loading an encoder (info, export)."""
+        client = cls._connect(uri, token)
+        try:
+            if not client.has_collection(collection):
+                raise _collection_not_found(collection, uri)
+            properties = client.describe_collection(collection).get("properties") or {}
+        finally:
+            client.close()
+        # A collection imgsearch did not create records no model; the constructor's guard says so.
+        return cls(
+            uri,
+            collection,
+            model=properties.get(MODEL_PROPERTY, ""),
+            dim=int(properties.get(DIM_PROPERTY, 0)),
+            preprocess_version=properties.get(PREPROCESS_PROPERTY, ""),
+            token=token,
+            create=False,
+        )
 
     @staticmethod
     def _connect(uri: str, token: str) -> MilvusClient:
@@ -152,7 +173,7 @@ class MilvusStore:
         properties = description.get("properties") or {}
         stored_model = properties.get(MODEL_PROPERTY)
         stored_dim = properties.get(DIM_PROPERTY)
-        if stored_model is None:
+        if not stored_model:
             raise ModelMismatchError(
                 f"collection {self.collection} at {self.uri} was not created by imgsearch (no model recorded); "
                 "choose another --collection"
@@ -262,23 +283,23 @@ def open_store(settings, encoder, *, create: bool = True) -> MilvusStore:
     )
 
 
+def _collection_not_found(collection: str, uri: str) -> CollectionNotFoundError:
+    return CollectionNotFoundError(f"collection {collection} does not exist at {uri}; run `imgsearch ingest` first")
+
+
 def describe_collection(uri: str, collection: str, token: str = "") -> dict[str, Any]:
     """What is stored, without loading an encoder (for `imgsearch info`)."""
-    client = MilvusStore._connect(uri, token)
     try:
-        if not client.has_collection(collection):
-            return {"collection": collection, "uri": uri, "exists": False, "count": 0, "model": None, "dim": None}
-        properties = client.describe_collection(collection).get("properties") or {}
-        client.load_collection(collection)
-        count = client.query(collection, filter="", output_fields=["count(*)"])[0]["count(*)"]
+        store = MilvusStore.open_existing(uri, collection, token)
+    except CollectionNotFoundError:
+        return {"collection": collection, "uri": uri, "exists": False, "count": 0, "model": None, "dim": None}
+    with store:
         return {
             "collection": collection,
             "uri": uri,
             "exists": True,
-            "count": int(count),
-            "model": properties.get(MODEL_PROPERTY),
-            "dim": int(properties[DIM_PROPERTY]) if DIM_PROPERTY in properties else None,
-            "preprocess": properties.get(PREPROCESS_PROPERTY),
+            "count": store.count(),
+            "model": store.model,
+            "dim": store.dim,
+            "preprocess": store.preprocess_version,
         }
-    finally:
-        client.close()

@@ -41,10 +41,16 @@ def folder_label(path: Path, root: Path) -> str:
     return "" if parent == Path(".") else parent.as_posix()
 
 
+def check_catalog(root: Path, manifest: Path | None = None) -> None:
+    if not Path(root).exists():
+        raise CatalogError(f"catalog path not found: {Path(root).resolve()}")
+    if manifest is not None and not Path(manifest).is_file():
+        raise CatalogError(f"manifest not found: {manifest}")
+
+
 def scan_catalog(root: Path, *, use_labels: bool = True, manifest: Path | None = None) -> Iterator[CatalogEntry]:
+    check_catalog(root, manifest)
     root = Path(root).resolve()
-    if not root.exists():
-        raise CatalogError(f"catalog path not found: {root}")
     if manifest is not None:
         yield from read_manifest(Path(manifest), root if root.is_dir() else root.parent)
         return
@@ -57,8 +63,6 @@ def scan_catalog(root: Path, *, use_labels: bool = True, manifest: Path | None =
 
 def read_manifest(manifest: Path, root: Path) -> Iterator[CatalogEntry]:
     """CSV with a header, or JSON lines: `path` (relative to the catalog root or absolute), `label`, extra fields -> metadata."""
-    if not manifest.is_file():
-        raise CatalogError(f"manifest not found: {manifest}")
     suffix = manifest.suffix.lower()
     if suffix == ".csv":
         rows = _csv_rows(manifest)

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from imgsearch.encoders import Encoder
 from imgsearch.errors import ImageDecodeError, StoreError
-from imgsearch.images import load_image
+from imgsearch.images import describe_os_error, load_image
 from imgsearch.store import ImageRecord, MilvusStore
 from ingest.catalog import CatalogEntry, bytes_sha256, file_sha256, scan_catalog
 
@@ -127,7 +127,7 @@ class PlannedImages(IterableDataset):
                 except ImageDecodeError as error:
                     item["error"] = error.reason
                 except OSError as error:
-                    item["error"] = f"cannot read file ({error.strerror or error})"
+                    item["error"] = describe_os_error(error)
                 item["decode_seconds"] = time.perf_counter() - started
                 yield item
 
@@ -219,12 +219,8 @@ def _plan(
 def _hash_or_error(path: Path) -> tuple[str | None, str | None]:
     try:
         return file_sha256(path), None
-    except FileNotFoundError:
-        return None, "file not found"
-    except IsADirectoryError:
-        return None, "is a directory"
     except OSError as error:
-        return None, f"cannot read file ({error.strerror or error})"
+        return None, describe_os_error(error)
 
 
 def _update_moved(store: MilvusStore, moved: list[tuple[CatalogEntry, str]]) -> int:
@@ -323,7 +319,7 @@ def _encode_and_store(
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=collate_planned,
-        pin_memory=getattr(encoder, "pin_memory", False),
+        pin_memory=encoder.pin_memory,
         prefetch_factor=PREFETCH_BATCHES if num_workers else None,
         multiprocessing_context=WORKER_START_METHOD if num_workers else None,
     )

@@ -133,6 +133,8 @@ def test_missing_catalog_and_unknown_model_are_clear(tmp_path):
     assert result.returncode == 2 and "catalog path not found" in result.stderr
     result = run(["search", str(tmp_path), "--model", "no_such_model", "--uri", str(tmp_path / "x.db")], check=False)
     assert result.returncode == 2 and "unknown model" in result.stderr
+    result = run(["export", "--out", str(tmp_path / "v.parquet"), "--uri", str(tmp_path / "x.db")], check=False)
+    assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_export_import_round_trip_is_exact(ingested, tmp_path):

@@ -74,6 +74,11 @@ def test_timm_without_weights_is_a_clear_error_not_random_weights():
 
 def test_torchvision_without_weights_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    # The real download path runs, but against a closed loopback port: tests never leave the machine.
+    for variable in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(variable, "http://127.0.0.1:9")
+    for variable in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(variable, raising=False)
     with pytest.raises(WeightsNotFoundError) as caught:
         load_encoder("resnet18")
     message = str(caught.value)

@@ -5,14 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from imgsearch.encoders.base import Encoder, TorchEncoder, resolve_device
-from imgsearch.errors import UnknownModelError
+from imgsearch.errors import UnknownModelError, UnsupportedRuntimeError
 
 __all__ = ["Encoder", "TorchEncoder", "load_encoder", "describe_families", "resolve_device"]
 
 TORCHVISION_PREFIX = "torchvision:"
 TIMM_PREFIX = "timm:"
-
-
 RUNTIMES = ("auto", "torch", "onnx")
 
 
@@ -27,10 +25,10 @@ def load_encoder(
     """The encoder `name`, run by `runtime`: torch, onnx (onnxruntime on the CPU), or auto (onnx on a CPU, torch on CUDA,
     the faster of the two as measured by benchmarks/ingest.py)."""
     if runtime not in RUNTIMES:
-        raise UnknownModelError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+        raise UnsupportedRuntimeError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     encoder = load_torch_encoder(name, weights=weights, device=device)
     if runtime == "onnx" and encoder.device.type != "cpu":
-        raise UnknownModelError("--runtime onnx runs on the CPU; use --device cpu, or --runtime torch on CUDA")
+        raise UnsupportedRuntimeError("--runtime onnx runs on the CPU; use --device cpu, or --runtime torch on CUDA")
     if runtime == "onnx" or (runtime == "auto" and encoder.device.type == "cpu"):
         from imgsearch.encoders.onnx_runtime import to_onnx
 

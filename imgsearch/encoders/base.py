@@ -33,6 +33,7 @@ class Encoder(ABC):
     preprocess: Preprocess  # picklable: it runs in DataLoader worker processes
     device: torch.device
     supports_text: bool = False
+    pin_memory: bool = False  # DataLoader pins batches for fast host-to-GPU copies
 
     @abstractmethod
     def encode(self, batch: torch.Tensor) -> np.ndarray:
@@ -82,13 +83,16 @@ class TorchEncoder(Encoder):
     def forward_features(self, batch: torch.Tensor) -> torch.Tensor:
         return self.module(batch)
 
+    def embed(self, batch: torch.Tensor) -> torch.Tensor:
+        """Features flattened and L2-normalised: what encode() returns and what the ONNX export computes."""
+        return F.normalize(self.forward_features(batch).float().flatten(1), dim=-1)
+
     def encode(self, batch: torch.Tensor) -> np.ndarray:
         with torch.inference_mode(), self._autocast():
             batch = batch.to(self.device, non_blocking=True)
             if self.channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
-            features = self.forward_features(batch)
-            features = F.normalize(features.float().flatten(1), dim=-1)
+            features = self.embed(batch)
         return features.cpu().numpy()
 
 

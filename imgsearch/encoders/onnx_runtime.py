@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from imgsearch.encoders.base import Encoder, TorchEncoder
 from imgsearch.errors import ImgsearchError
@@ -32,16 +31,16 @@ class OnnxExportError(ImgsearchError):
     """The model could not be exported to ONNX; use --runtime torch."""
 
 
-class _Features(torch.nn.Module):
-    """What gets exported: features, flattened and L2-normalised, as the torch path computes them."""
+class _Embed(torch.nn.Module):
+    """What gets exported: the torch encoder's own embed()."""
 
     def __init__(self, encoder: TorchEncoder) -> None:
         super().__init__()
         self.encoder = encoder
-        self.module = encoder.module
+        self.module = encoder.module  # registered, so the exporter sees the weights
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.encoder.forward_features(images).float().flatten(1), dim=-1)
+        return self.encoder.embed(images)
 
 
 def default_cache_dir(weights_path: Path | None) -> Path:
@@ -80,7 +79,7 @@ def export_onnx(encoder: TorchEncoder, cache_dir: Path | None = None) -> Path:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter warns about its own deprecation
             torch.onnx.export(
-                _Features(encoder).eval().cpu(),
+                _Embed(encoder).eval().cpu(),
                 (example,),
                 str(temporary),
                 input_names=["images"],
@@ -97,7 +96,7 @@ def export_onnx(encoder: TorchEncoder, cache_dir: Path | None = None) -> Path:
 
 
 class OnnxEncoder(Encoder):
-    def __init__(self, torch_encoder: TorchEncoder, model_path: Path, threads: int | None = None) -> None:
+    def __init__(self, torch_encoder: TorchEncoder, model_path: Path) -> None:
         import onnxruntime
 
         self.torch_encoder = torch_encoder
@@ -108,12 +107,9 @@ class OnnxEncoder(Encoder):
         self.preprocess = torch_encoder.preprocess
         self.device = torch.device("cpu")
         self.supports_text = torch_encoder.supports_text
-        self.pin_memory = False
         self.model_path = model_path
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
         self.session = onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
 
     def encode(self, batch: torch.Tensor) -> np.ndarray:
