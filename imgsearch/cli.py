@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from imgsearch.config import Settings, load_settings
-from imgsearch.errors import ImgsearchError
+from imgsearch.errors import ImgsearchError, UsageError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Image similarity search and recognition on Milvus.")
 stderr = Console(stderr=True)
@@ -61,14 +61,19 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log prog
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.ERROR)
 
 
-def _open(settings: Settings, create: bool = True):
+def _load_encoder(settings: Settings):
     from imgsearch.encoders import load_encoder
-    from imgsearch.store import open_store
 
-    encoder = load_encoder(
+    return load_encoder(
         settings.model, weights=settings.weights, device=settings.device, runtime=settings.runtime,
         onnx_cache=settings.onnx_cache,
     )
+
+
+def _open(settings: Settings, create: bool = True):
+    from imgsearch.store import open_store
+
+    encoder = _load_encoder(settings)
     return encoder, open_store(settings, encoder, create=create)
 
 
@@ -243,6 +248,222 @@ def import_vectors(
         print_json(summary)
     else:
         stdout.print(f"imported {imported} rows into {name}", highlight=False)
+
+
+@app.command()
+def enroll(
+    label: Annotated[str, typer.Argument(help="The class these images show")],
+    images: Annotated[list[Path], typer.Argument(help="Reference images or folders of them")],
+    json_output: JsonOption = False,
+    uri: UriOption = None,
+    collection: CollectionOption = None,
+    model: ModelOption = None,
+    weights: WeightsOption = None,
+    device: DeviceOption = None,
+    runtime: RuntimeOption = None,
+) -> None:
+    """Add labeled reference images; the class is recognised as soon as this returns (nothing is retrained)."""
+    from imgsearch.recognize import enroll_paths
+
+    with user_errors():
+        settings = load_settings(
+            milvus_uri=uri, collection=collection, model=model, weights=weights, device=device, runtime=runtime
+        )
+        encoder, store = _open(settings)
+        with store:
+            report = enroll_paths(encoder, store, label, images, settings)
+    if json_output:
+        print_json({"label": label, **report.to_dict()})
+        return
+    print_skipped(report.failed, "skipped")
+    stdout.print(f"enrolled {report.indexed + report.updated} images as {label!r}; {report.summary_line()}", highlight=False)
+    if report.failed and not (report.indexed or report.updated or report.skipped):
+        raise typer.Exit(2)
+
+
+@app.command()
+def recognize(
+    images: Annotated[list[Path], typer.Argument(help="Images or folders of them")],
+    k: Annotated[int, typer.Option("-k", "--top-k", min=1, max=1024, help="Labeled neighbours to score")] = 100,
+    method: Annotated[str, typer.Option("--method", help="knn: labeled neighbours in Milvus; head: a trained classifier head")] = "knn",
+    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Abstain below this confidence [env IMGSEARCH_THRESHOLD; default: calibrated by eval]", show_default=False)] = None,
+    head: Annotated[Optional[Path], typer.Option("--head", help="Head file from train-head [default: heads/<collection>-<mode>]", show_default=False)] = None,
+    json_output: JsonOption = False,
+    uri: UriOption = None,
+    collection: CollectionOption = None,
+    model: ModelOption = None,
+    weights: WeightsOption = None,
+    device: DeviceOption = None,
+    runtime: RuntimeOption = None,
+) -> None:
+    """Name what each image shows, or answer unknown when the evidence is weak."""
+    from imgsearch.recognize import recognize_paths, recognize_paths_with_head, resolve_threshold
+
+    with user_errors():
+        if method not in ("knn", "head"):
+            raise UsageError(f"--method must be knn or head, not {method!r}")
+        settings = load_settings(
+            milvus_uri=uri, collection=collection, model=model, weights=weights, device=device, runtime=runtime,
+            threshold=threshold,
+        )
+        encoder, store = _open(settings, create=False)
+        with store:
+            if method == "head":
+                head_path = head or default_head_path(settings.collection_name, "linear")
+                recognitions, failed = recognize_paths_with_head(
+                    encoder, store, head_path, images, threshold=settings.threshold, weights=settings.weights,
+                    device=settings.device, max_pixels=settings.max_image_pixels,
+                )
+            else:
+                used, source = resolve_threshold(store, settings.threshold)
+                if used is None and not json_output:
+                    stderr.print(
+                        "[yellow]note:[/yellow] no abstention threshold: run `imgsearch eval` on labeled data, "
+                        "or pass --threshold", highlight=False, soft_wrap=True,
+                    )
+                recognitions, failed = recognize_paths(
+                    encoder, store, images, k=k, threshold=used, max_pixels=settings.max_image_pixels
+                )
+    print_skipped(failed, "skipped")
+    if json_output:
+        print_json([recognition.to_dict() for recognition in recognitions])
+    else:
+        table = Table(title=f"recognition ({method})", title_justify="left")
+        for column, justify in (("image", "left"), ("label", "left"), ("confidence", "right"), ("nearest", "left")):
+            table.add_column(column, justify=justify, overflow="fold")
+        for recognition in recognitions:
+            nearest = recognition.neighbours[0] if recognition.neighbours else None
+            table.add_row(
+                recognition.path, recognition.label if recognition.label is not None else "unknown",
+                f"{recognition.confidence:.4f}", f"{nearest.label} {nearest.score:.3f}" if nearest else "-",
+            )
+        stdout.print(table)
+    if failed and not recognitions:
+        raise typer.Exit(2)
+
+
+def default_head_path(collection: str, mode: str) -> Path:
+    return Path("heads") / f"{collection}-{mode}"
+
+
+@app.command("train-head")
+def train_head(
+    mode: Annotated[str, typer.Option("--mode", help="linear: on the stored vectors (seconds); finetune: the backbone's last stages, from the image files")] = "linear",
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Training epochs [default: 300 linear, 10 finetune]", show_default=False)] = None,
+    stages: Annotated[int, typer.Option("--stages", min=0, help="finetune: how many last backbone stages to unfreeze")] = 3,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Head file stem [default: heads/<collection>-<mode>]", show_default=False)] = None,
+    json_output: JsonOption = False,
+    uri: UriOption = None,
+    collection: CollectionOption = None,
+    model: ModelOption = None,
+    weights: WeightsOption = None,
+    device: DeviceOption = None,
+    workers: WorkersOption = None,
+) -> None:
+    """Train a classifier head on the collection's labeled images, for `recognize --method head`."""
+    from imgsearch.head import MODES
+    from imgsearch.recognize import train_head_on_store
+
+    with user_errors():
+        if mode not in MODES:
+            raise UsageError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
+        settings = load_settings(milvus_uri=uri, collection=collection, model=model, weights=weights, device=device, workers=workers)
+        from imgsearch.store import MilvusStore
+
+        with MilvusStore.open_existing(settings.milvus_uri, settings.collection_name, settings.milvus_token) as store:
+            if store.model != settings.model and model is not None:
+                raise UsageError(f"collection {settings.collection_name} holds model {store.model}, not {settings.model}")
+            head = train_head_on_store(
+                store, mode, epochs=epochs, stages=stages, weights=settings.weights, device=settings.device,
+                workers=settings.workers or 0, progress=None if json_output else lambda line: stderr.print(line, highlight=False),
+            )
+        weights_path, info_path = head.save(out or default_head_path(settings.collection_name, mode))
+    summary = {"head": str(weights_path), "info": str(info_path), "labels": len(head.info.labels), **head.info.metrics}
+    if json_output:
+        print_json(summary)
+    else:
+        stdout.print(
+            f"trained {mode} head on {len(head.info.labels)} labels: validation accuracy "
+            f"{head.info.metrics.get('validation_accuracy')} -> {weights_path}", highlight=False,
+        )
+
+
+@app.command("eval")
+def evaluate_command(
+    dataset: Annotated[str, typer.Argument(help="Folder of class sub-folders, or fashion-mnist[:PATH] (Debian dataset-fashion-mnist)")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for report.json and report.png")] = Path("eval-report"),
+    references_per_class: Annotated[int, typer.Option("--references-per-class", min=1)] = 600,
+    queries_per_class: Annotated[Optional[int], typer.Option("--queries-per-class", min=1, help="[default: all test images]", show_default=False)] = None,
+    shots: Annotated[str, typer.Option("--shots", help="n-shot curve points")] = "1,2,5,10,20",
+    episodes: Annotated[int, typer.Option("--episodes", min=1, help="Episodes per n-shot point")] = 50,
+    unknown_classes: Annotated[int, typer.Option("--unknown-classes", min=1, help="Classes held out for open-set AUROC")] = 2,
+    false_accept_rate: Annotated[float, typer.Option("--false-accept-rate", help="Calibrate the threshold to accept this share of unknowns")] = 0.05,
+    finetune: Annotated[bool, typer.Option("--finetune", help="Also fine-tune a head (slow on CPU)")] = False,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Fine-tuning epochs")] = 10,
+    calibrate: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="Store the threshold with the collection")] = True,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    json_output: JsonOption = False,
+    uri: UriOption = None,
+    collection: CollectionOption = None,
+    model: ModelOption = None,
+    weights: WeightsOption = None,
+    device: DeviceOption = None,
+    runtime: RuntimeOption = None,
+    workers: WorkersOption = None,
+) -> None:
+    """Measure recognition on a labeled set: k-NN, n-shot, heads, open-set AUROC; calibrate the threshold."""
+    from imgsearch.evaluate import EvalOptions, check_options, evaluate, parse_int_list, write_report
+    from imgsearch.recognize import Calibration, save_calibration
+
+    with user_errors():
+        options = EvalOptions(
+            references_per_class=references_per_class, queries_per_class=queries_per_class, shots=parse_int_list(shots),
+            episodes=episodes, unknown_classes=unknown_classes, false_accept_rate=false_accept_rate,
+            finetune=finetune, finetune_epochs=epochs, workers=workers or 0, seed=seed,
+        )
+        check_options(options)
+        settings = load_settings(
+            milvus_uri=uri, collection=collection, model=model, weights=weights, device=device, runtime=runtime
+        )
+        encoder, store = _open(settings) if calibrate else (_load_encoder(settings), None)
+        report = evaluate(
+            encoder, dataset, options, weights=settings.weights,
+            progress=None if json_output else lambda line: stderr.print(line, highlight=False),
+        )
+        threshold = report["open_set"].get("threshold")
+        if store is not None:
+            with store:
+                if threshold is not None:
+                    save_calibration(store, Calibration(threshold, false_accept_rate, dataset, options.k))
+                    report["calibration"] = {"collection": settings.collection_name, "threshold": threshold}
+        json_path, figure_path = write_report(report, out)
+    if json_output:
+        print_json(report)
+        return
+    table = Table(title=f"eval {dataset} ({report['encoder']})", show_header=False, title_justify="left")
+    for key, value in summary_rows(report):
+        table.add_row(key, value)
+    stdout.print(table)
+    stdout.print(f"wrote {json_path} and {figure_path}", highlight=False)
+
+
+def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = [("references / queries", f"{report['references']} / {report['queries']}")]
+    rows += [(f"k-NN accuracy k={k}", f"{v:.4f}") for k, v in report["knn_accuracy"].items()]
+    rows += [(f"{n}-shot accuracy", f"{v['mean']:.4f} ± {v['std']:.4f} ({v['episodes']} episodes)") for n, v in report["n_shot"].items()]
+    for mode, values in report["head"].items():
+        rows.append((f"{mode} head accuracy", f"{values['accuracy']:.4f}"))
+    open_set = report["open_set"]
+    if "auroc" in open_set:
+        rows.append((f"open-set AUROC ({', '.join(open_set['unknown_classes'])} unknown)", f"{open_set['auroc']:.4f}"))
+        rows.append(
+            (f"threshold at false-accept {open_set['target_false_accept_rate']}",
+             f"{open_set['threshold']:.4f} (accepts {open_set['known_accept_rate']:.3f} of known queries)")
+        )
+    late = report["late_enrolment"]
+    if "new_class_accuracy" in late:
+        rows.append((f"class enrolled later, {late['shots']} shots", f"{late['new_class_accuracy']:.4f} (earlier classes drop {late['earlier_classes_drop']:+.4f})"))
+    return rows
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     workers: int | None = Field(None, ge=0, description="Decode worker processes; default: automatic")
     max_image_pixels: int = Field(64_000_000, ge=1, description="Refuse images larger than this (decompression bombs)")
     upsert_chunk: int = Field(512, ge=1, description="Rows per Milvus upsert call")
+    threshold: float | None = Field(
+        None, description="Recognition abstains below this confidence; default: the one `imgsearch eval` stored"
+    )
 
     @property
     def collection_name(self) -> str:

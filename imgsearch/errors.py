@@ -54,3 +54,7 @@ class InvalidWeightsError(ImgsearchError):
 
 class TextNotSupportedError(ImgsearchError):
     """Text queries need a CLIP encoder."""
+
+
+class UsageError(ImgsearchError):
+    """An option value the command cannot use."""

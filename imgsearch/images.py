@@ -153,3 +153,27 @@ def find_images(paths: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
                         yield candidate
         else:
             yield path
+
+
+def decode_in_batches(
+    paths: Iterable[str | os.PathLike[str]],
+    *,
+    min_side: int,
+    max_pixels: int,
+    failed: list[dict[str, str]],
+    batch_size: int = 32,
+) -> Iterator[tuple[list[str], list[Image.Image]]]:
+    """Query images under `paths` in batches of (names, images); unreadable ones are appended to `failed`."""
+    names: list[str] = []
+    images: list[Image.Image] = []
+    for path in find_images(paths):
+        try:
+            images.append(load_image(path, max_pixels=max_pixels, min_side=min_side))
+            names.append(str(path))
+        except ImageDecodeError as error:
+            failed.append({"path": str(path), "error": error.reason})
+        if len(images) >= batch_size:
+            yield names, images
+            names, images = [], []
+    if images:
+        yield names, images

@@ -8,11 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from imgsearch.encoders import Encoder
-from imgsearch.errors import ImageDecodeError
-from imgsearch.images import DEFAULT_MAX_PIXELS, find_images, load_image
+from imgsearch.images import DEFAULT_MAX_PIXELS, decode_in_batches
 from imgsearch.store import Hit, MilvusStore
-
-QUERY_BATCH = 32
 
 
 @dataclass
@@ -36,26 +33,10 @@ def search_paths(
     """Search with every image under `paths`; unreadable queries are reported, not fatal."""
     results: list[QueryResult] = []
     failed: list[dict[str, str]] = []
-    names: list[str] = []
-    images = []
-
-    def flush() -> None:
+    for names, images in decode_in_batches(paths, min_side=encoder.input_size, max_pixels=max_pixels, failed=failed):
         vectors = encoder.encode_images(images)
         for name, hits in zip(names, store.search(vectors, k=k, filter=filter)):
             results.append(QueryResult(query=name, results=hits))
-        names.clear()
-        images.clear()
-
-    for path in find_images(paths):
-        try:
-            images.append(load_image(path, max_pixels=max_pixels, min_side=encoder.input_size))
-            names.append(str(path))
-        except ImageDecodeError as error:
-            failed.append({"path": str(path), "error": error.reason})
-        if len(images) >= QUERY_BATCH:
-            flush()
-    if images:
-        flush()
     return results, failed
 
 

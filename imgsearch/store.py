@@ -8,17 +8,15 @@ another model is an error rather than a silent mix of incomparable vectors.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-# gRPC core logs to stderr on its own (e.g. when decode workers fork); keep the CLI's output to its one-line errors.
-os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from pymilvus import DataType, MilvusClient  # noqa: E402
 from pymilvus.exceptions import MilvusException  # noqa: E402
@@ -32,6 +30,7 @@ MODEL_PROPERTY = "imgsearch.model"
 DIM_PROPERTY = "imgsearch.dim"
 PREPROCESS_PROPERTY = "imgsearch.preprocess"
 SCHEMA_PROPERTY = "imgsearch.schema"
+RECOGNITION_PROPERTY = "imgsearch.recognition"  # the abstention threshold `imgsearch eval` calibrated
 ID_LENGTH = 64  # hex SHA-256
 LABEL_LENGTH = 512
 PATH_LENGTH = 4096
@@ -58,6 +57,7 @@ class Hit:
     path: str
     label: str
     metadata: dict[str, Any]
+    vector: np.ndarray | None = None  # only when asked for (recognition re-scores neighbours)
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "score": self.score, "path": self.path, "label": self.label, "metadata": self.metadata}
@@ -224,8 +224,18 @@ class MilvusStore:
         result = self.client.query(self.collection, filter="", output_fields=["count(*)"])
         return int(result[0]["count(*)"])
 
-    def iter_rows(self, fields: Sequence[str] = ("id", "path"), batch_size: int = 1000) -> Iterator[dict]:
-        iterator = self.client.query_iterator(self.collection, batch_size=batch_size, output_fields=list(fields))
+    def label_counts(self, labels: Iterable[str]) -> dict[str, int]:
+        """How many rows carry each of `labels`."""
+        counts = {}
+        for label in labels:
+            result = self.client.query(self.collection, filter=f"label == {json.dumps(label)}", output_fields=["count(*)"])
+            counts[label] = int(result[0]["count(*)"])
+        return counts
+
+    def iter_rows(self, fields: Sequence[str] = ("id", "path"), batch_size: int = 1000, filter: str = "") -> Iterator[dict]:
+        iterator = self.client.query_iterator(
+            self.collection, batch_size=batch_size, filter=filter, output_fields=list(fields)
+        )
         try:
             while batch := iterator.next():
                 yield from batch
@@ -233,15 +243,21 @@ class MilvusStore:
             iterator.close()
 
     def search(
-        self, vectors: np.ndarray, k: int = 10, filter: str = "", search_params: dict | None = None
+        self,
+        vectors: np.ndarray,
+        k: int = 10,
+        filter: str = "",
+        search_params: dict | None = None,
+        with_vectors: bool = False,
     ) -> list[list[Hit]]:
+        fields = ["path", "label", "metadata"] + (["vector"] if with_vectors else [])
         try:
             results = self.client.search(
                 self.collection,
                 data=[np.asarray(vector, dtype=np.float32).tolist() for vector in vectors],
                 limit=k,
                 filter=filter,
-                output_fields=["path", "label", "metadata"],
+                output_fields=fields,
                 search_params=search_params or {},
             )
         except MilvusException as error:
@@ -254,11 +270,21 @@ class MilvusStore:
                     path=hit["entity"].get("path", ""),
                     label=hit["entity"].get("label", ""),
                     metadata=hit["entity"].get("metadata") or {},
+                    vector=np.asarray(hit["entity"]["vector"], dtype=np.float32) if with_vectors else None,
                 )
                 for hit in hits
             ]
             for hits in results
         ]
+
+    def properties(self) -> dict[str, str]:
+        return dict(self.client.describe_collection(self.collection).get("properties") or {})
+
+    def set_properties(self, properties: dict[str, str]) -> None:
+        try:
+            self.client.alter_collection_properties(self.collection, properties=properties)
+        except MilvusException as error:
+            raise StoreError(f"cannot update collection {self.collection} properties: {error.message}") from None
 
     def close(self) -> None:
         self.client.close()
@@ -302,4 +328,5 @@ def describe_collection(uri: str, collection: str, token: str = "") -> dict[str,
             "model": store.model,
             "dim": store.dim,
             "preprocess": store.preprocess_version,
+            "recognition": json.loads(store.properties().get(RECOGNITION_PROPERTY, "null") or "null"),
         }

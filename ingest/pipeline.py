@@ -13,7 +13,7 @@ import queue
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
@@ -149,18 +149,31 @@ def ingest_catalog(
     *,
     use_labels: bool = True,
     manifest: Path | None = None,
+    **options: Any,
+) -> IngestReport:
+    """Index a catalog folder (labels from sub-folders) or a manifest."""
+    return ingest_entries(scan_catalog(root, use_labels=use_labels, manifest=manifest), encoder, store, **options)
+
+
+def ingest_entries(
+    entries: Iterable[CatalogEntry],
+    encoder: Encoder,
+    store: MilvusStore,
+    *,
     prune: bool = False,
+    relabel_duplicates: bool = False,
     batch_size: int = 32,
     workers: int | None = None,
     max_pixels: int = 64_000_000,
     upsert_chunk: int = 512,
     progress: ProgressCallback | None = None,
 ) -> IngestReport:
+    """Hash, skip what is stored, decode in workers, encode in batches and upsert; enrolment uses it too."""
     started = time.perf_counter()
     report = IngestReport()
     with tempfile.TemporaryDirectory(prefix="imgsearch-plan-") as tmp:
         plan_path = Path(tmp) / "plan.jsonl"
-        pending = _plan(scan_catalog(root, use_labels=use_labels, manifest=manifest), store, plan_path, report, progress)
+        pending = _plan(iter(entries), store, plan_path, report, progress, relabel_duplicates)
         if pending:
             dataset = PlannedImages(plan_path, encoder.preprocess, max_pixels, encoder.input_size)
             _encode_and_store(dataset, pending, encoder, store, report, batch_size, workers, upsert_chunk, progress)
@@ -177,8 +190,10 @@ def _plan(
     plan_path: Path,
     report: IngestReport,
     progress: ProgressCallback | None,
+    relabel_duplicates: bool = False,
 ) -> int:
-    """Hash every entry, settle what is already stored, and write the rest to the plan file."""
+    """Hash every entry, settle what is already stored, and write the rest to the plan file.
+    `relabel_duplicates` (enrolment): stored content under another label takes the new label."""
     pending = 0
     planned_ids: set[str] = set()
     scanned = 0
@@ -196,7 +211,8 @@ def _plan(
                         row.get("metadata") or {}
                     ) == entry.metadata
                     # A second copy of stored content is not a move while the stored file still exists.
-                    if same or (row["path"] != str(entry.path) and Path(row["path"]).exists()):
+                    relabel = relabel_duplicates and row["label"] != entry.label
+                    if same or (not relabel and row["path"] != str(entry.path) and Path(row["path"]).exists()):
                         report.skipped += 1
                     else:
                         moved.append((entry, digest))

@@ -9,9 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from tests.conftest import fashion_images
+from tests.conftest import FASHION_DIR, fashion_images
 
 CLI = [sys.executable, "-m", "imgsearch.cli"]
 
@@ -84,6 +85,7 @@ def test_info_and_settings_precedence(ingested, tmp_path):
         "model": "efficientnet_lite0",
         "dim": 1280,
         "preprocess": from_env["preprocess"],
+        "recognition": None,  # not calibrated yet
     }
     other = str(tmp_path / "other.db")
     flag_wins = json.loads(run(["info", "--json", "--uri", other], env_extra={"IMGSEARCH_MILVUS_URI": uri}).stdout)
@@ -182,3 +184,85 @@ def test_import_refuses_a_collection_of_another_model(ingested, tmp_path):
     garbage.write_text("not parquet")
     result = run(["import", str(garbage), "--uri", other], check=False)
     assert result.returncode == 2 and "not a Parquet file" in result.stderr
+
+
+def test_enroll_then_recognize_json_shape(ingested, tmp_path):
+    root, catalog, uri, _ = ingested
+    new_class = tmp_path / "handbags"
+    new_class.mkdir()
+    bags = sorted((FASHION_DIR / "bag").glob("*.png"))
+    for source in bags[10:15]:
+        shutil.copy(source, new_class / source.name)
+    enrolled = json.loads(run(["enroll", "handbag", str(new_class), "--uri", uri, "--json"]).stdout)
+    assert enrolled["label"] == "handbag" and enrolled["indexed"] == 5
+
+    queries = [str(bags[20]), str(bags[21])]
+    items = json.loads(run(["recognize", *queries, "--uri", uri, "--json", "-k", "10"]).stdout)
+    assert [item["path"] for item in items] == queries
+    for item in items:
+        assert set(item) == {"path", "label", "confidence", "neighbours"}
+        assert item["label"] in ("handbag", "bag") and isinstance(item["confidence"], float)
+        assert len(item["neighbours"]) == 10
+        assert all(set(n) == {"id", "label", "score", "path"} and n["label"] for n in item["neighbours"])
+    assert "handbag" in {n["label"] for item in items for n in item["neighbours"]}
+
+
+def test_recognize_abstains_as_null_and_unknown(ingested):
+    _, catalog, uri, _ = ingested
+    query = str(sorted((catalog / "coat").glob("*.png"))[0])
+    items = json.loads(run(["recognize", query, "--uri", uri, "--json", "--threshold", "1.5"]).stdout)
+    assert items[0]["label"] is None and items[0]["confidence"] < 1.5
+    table = run(["recognize", query, "--uri", uri, "--threshold", "1.5"]).stdout
+    assert "unknown" in table
+
+
+def test_head_cli_trains_recognizes_and_refuses_another_collection(ingested, tmp_path):
+    _, catalog, uri, _ = ingested
+    head = tmp_path / "shop-head"
+    trained = json.loads(run(["train-head", "--mode", "linear", "--uri", uri, "--out", str(head), "--json"]).stdout)
+    assert trained["labels"] >= 10 and (tmp_path / "shop-head.safetensors").is_file()
+    query = str(sorted((catalog / "trouser").glob("*.png"))[0])
+    items = json.loads(run(["recognize", query, "--method", "head", "--head", str(head), "--uri", uri, "--json"]).stdout)
+    assert items[0]["label"] == "trouser" and 0 < items[0]["confidence"] <= 1 and items[0]["neighbours"] == []
+
+    run(["ingest", str(catalog / "bag"), "--uri", uri, "--collection", "other"])
+    refused = run(["recognize", query, "--method", "head", "--head", str(head), "--uri", uri, "--collection", "other"], check=False)
+    assert refused.returncode == 2 and "trained on collection imgsearch_efficientnet_lite0, not other" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_eval_on_a_folder_writes_report_and_stores_the_threshold(ingested, tmp_path):
+    _, _, uri, _ = ingested
+    out = tmp_path / "report"
+    result = run([
+        "eval", str(FASHION_DIR), "--out", str(out), "--references-per-class", "12", "--shots", "1,2",
+        "--episodes", "3", "--uri", uri,
+    ])
+    assert "wrote" in result.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["references"] == 120 and report["queries"] == 60
+    assert set(report["knn_accuracy"]) == {"1", "5", "20", "100"} and 0.3 < report["accuracy"] <= 1
+    assert set(report["n_shot"]) == {"1", "2"} and report["n_shot"]["2"]["episodes"] == 3
+    assert 0.5 < report["open_set"]["auroc"] <= 1 and report["open_set"]["unknown_classes"] == ["trouser", "tshirt"]
+    assert np.array(report["confusion"]).sum() == 60
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    info = json.loads(run(["info", "--json", "--uri", uri]).stdout)
+    assert info["recognition"]["threshold"] == pytest.approx(report["open_set"]["threshold"])
+
+
+def test_eval_reads_debian_fashion_mnist(tmp_path):
+    out = tmp_path / "fm"
+    result = run([
+        "eval", "fashion-mnist", "--out", str(out), "--references-per-class", "10", "--queries-per-class", "5",
+        "--shots", "1,5", "--episodes", "2", "--no-calibrate", "--json",
+    ], cwd=tmp_path)
+    report = json.loads(result.stdout)
+    assert report["classes"][0] == "tshirt" and report["references"] == 100 and report["queries"] == 50
+    assert report["late_enrolment"]["shots"] == 5 and "linear" in report["head"]
+    assert (out / "report.json").is_file() and (out / "report.png").is_file()
+    assert not (tmp_path / "imgsearch.db").exists()  # --no-calibrate opens no collection
+
+
+def test_eval_bad_dataset_is_one_line(tmp_path):
+    result = run(["eval", "fashion-mnist:" + str(tmp_path), "--no-calibrate"], check=False, cwd=tmp_path)
+    assert result.returncode == 2 and "dataset-fashion-mnist" in result.stderr and "Traceback" not in result.stderr

@@ -14,11 +14,6 @@ from ingest.pipeline import ingest_catalog
 from tests.conftest import fashion_images
 
 
-@pytest.fixture(scope="module")
-def onnx_encoder(tmp_path_factory, encoder):
-    return to_onnx(encoder, tmp_path_factory.mktemp("onnx"))
-
-
 def test_onnx_matches_torch_per_image(encoder, onnx_encoder, photos):
     from PIL import Image
 

@@ -74,7 +74,8 @@ class TorchEncoder(Encoder):
         self.module = module.eval().to(self.device, memory_format=memory_format)
         self.pin_memory = self.device.type == "cuda"
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 (or fp16) autocast on CUDA; a no-op on the CPU."""
         if self.device.type != "cuda":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -88,7 +89,7 @@ class TorchEncoder(Encoder):
         return F.normalize(self.forward_features(batch).float().flatten(1), dim=-1)
 
     def encode(self, batch: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self.autocast():
             batch = batch.to(self.device, non_blocking=True)
             if self.channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)

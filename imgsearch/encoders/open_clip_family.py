@@ -39,7 +39,7 @@ class OpenClipEncoder(TorchEncoder):
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         tokens = self.tokenizer(list(texts)).to(self.device)
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self.autocast():
             features = F.normalize(self.module.encode_text(tokens).float(), dim=-1)
         return features.cpu().numpy()
 

@@ -1,0 +1,344 @@
+"""Classifier heads for a closed label set: a linear probe on stored vectors, or a fine-tuned backbone.
+
+A head is saved as PATH.safetensors (weights) plus PATH.json (labels, encoder, dim, mode, collection,
+metrics), and refuses to run for another encoder or collection.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2 as T
+
+from imgsearch.encoders import Encoder, TorchEncoder, load_torch_encoder
+from imgsearch.errors import ImgsearchError
+
+log = logging.getLogger(__name__)
+
+MODES = ("linear", "finetune")
+HEAD_FORMAT = "1"
+
+
+class HeadError(ImgsearchError):
+    """A head file is missing, unreadable, or made for another encoder or collection."""
+
+
+@dataclass
+class HeadInfo:
+    labels: list[str]
+    encoder: str
+    dim: int
+    mode: str
+    collection: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    format: str = HEAD_FORMAT
+
+
+@dataclass
+class TrainedHead:
+    info: HeadInfo
+    state: dict[str, torch.Tensor]  # linear: weight/bias; finetune: the whole backbone and classifier
+
+    def save(self, path: Path) -> tuple[Path, Path]:
+        from safetensors.torch import save_file
+
+        weights_path, info_path = head_paths(path)
+        weights_path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({name: tensor.detach().cpu().contiguous() for name, tensor in self.state.items()}, str(weights_path))
+        info_path.write_text(json.dumps(asdict(self.info), indent=2) + "\n", encoding="utf-8")
+        return weights_path, info_path
+
+
+def head_paths(path: Path) -> tuple[Path, Path]:
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+
+
+def load_head(path: Path, *, encoder_name: str, collection: str) -> TrainedHead:
+    from safetensors.torch import load_file
+
+    weights_path, info_path = head_paths(path)
+    if not weights_path.is_file() or not info_path.is_file():
+        raise HeadError(f"no head at {path}: expected {weights_path.name} and {info_path.name}; run `imgsearch train-head`")
+    try:
+        info = HeadInfo(**json.loads(info_path.read_text(encoding="utf-8")))
+        state = load_file(str(weights_path))
+    except (ValueError, TypeError, OSError) as error:
+        raise HeadError(f"cannot read head {path}: {error}") from None
+    if info.encoder != encoder_name:
+        raise HeadError(
+            f"head {info_path} was trained for encoder {info.encoder}, not {encoder_name}; use --model {info.encoder} "
+            "or train a head for this model"
+        )
+    if info.collection != collection:
+        raise HeadError(
+            f"head {info_path} was trained on collection {info.collection}, not {collection}; "
+            f"use --collection {info.collection} or train a head on this collection"
+        )
+    return TrainedHead(info=info, state=state)
+
+
+# --- linear probe on stored vectors --------------------------------------------------------------
+def train_linear(
+    vectors: np.ndarray,
+    labels: Sequence[str],
+    *,
+    epochs: int = 300,
+    validation_fraction: float = 0.1,
+    seed: int = 0,
+) -> tuple[dict[str, torch.Tensor], list[str], dict[str, Any]]:
+    """Softmax regression, full batch with AdamW; keeps the weights with the best validation accuracy."""
+    classes = sorted(set(labels))
+    if len(classes) < 2:
+        raise HeadError(f"a head needs at least 2 labels, found {len(classes)}")
+    targets = torch.tensor([classes.index(label) for label in labels])
+    features = torch.as_tensor(np.asarray(vectors, dtype=np.float32))
+    train_index, validation_index = stratified_split(targets.numpy(), validation_fraction, seed)
+    torch.manual_seed(seed)
+    layer = torch.nn.Linear(features.shape[1], len(classes))
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.01, weight_decay=1e-4)
+    # Unit vectors give tiny logits; a fixed scale lets the softmax get sharp without huge weights.
+    scale = 16.0
+    best = (-1.0, copy.deepcopy(layer.state_dict()))
+    started = time.perf_counter()
+    for _ in range(epochs):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(layer(features[train_index] * scale), targets[train_index])
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            check = validation_index if len(validation_index) else train_index
+            accuracy = (layer(features[check] * scale).argmax(1) == targets[check]).float().mean().item()
+        if accuracy > best[0]:
+            best = (accuracy, copy.deepcopy(layer.state_dict()))
+    state = {"weight": best[1]["weight"] * scale, "bias": best[1]["bias"]}
+    metrics = {
+        "validation_accuracy": round(best[0], 4),
+        "train_images": len(train_index),
+        "validation_images": len(validation_index),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    return state, classes, metrics
+
+
+def linear_probabilities(state: dict[str, torch.Tensor], vectors: np.ndarray) -> np.ndarray:
+    logits = torch.as_tensor(np.asarray(vectors, dtype=np.float32)) @ state["weight"].T + state["bias"]
+    return logits.softmax(dim=1).numpy()
+
+
+def stratified_split(targets: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out `fraction` of each class (at least one image when a class has two or more)."""
+    rng = np.random.default_rng(seed)
+    train, held = [], []
+    for target in np.unique(targets):
+        members = rng.permutation(np.flatnonzero(targets == target))
+        count = int(round(len(members) * fraction)) if fraction > 0 else 0
+        if fraction > 0 and len(members) >= 2:
+            count = max(1, count)
+        held.extend(members[:count])
+        train.extend(members[count:])
+    return np.array(sorted(train), dtype=np.int64), np.array(sorted(held), dtype=np.int64)
+
+
+# --- fine-tuning the backbone ------------------------------------------------------------------
+class FinetuneModel(torch.nn.Module):
+    def __init__(self, backbone: torch.nn.Module, dim: int, classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = torch.nn.Linear(dim, classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.backbone(images).float().flatten(1))
+
+
+def backbone_stages(backbone: torch.nn.Module) -> list[torch.nn.Module]:
+    """The backbone's stages in order. timm CNNs: the stem, each of `blocks`, then the layers after them
+    (conv_head, bn2) as one stage; other models: their children."""
+    children = list(backbone.children())
+    blocks = getattr(backbone, "blocks", None)
+    if isinstance(blocks, torch.nn.Sequential) and blocks in children:
+        index = children.index(blocks)
+        return [torch.nn.ModuleList(children[:index]), *blocks, torch.nn.ModuleList(children[index + 1 :])]
+    return children
+
+
+def unfreeze_last_stages(backbone: torch.nn.Module, stages: int) -> int:
+    """Freeze everything, then unfreeze the last `stages` stages that have parameters; returns trainable count."""
+    for parameter in backbone.parameters():
+        parameter.requires_grad = False
+    with_parameters = [stage for stage in backbone_stages(backbone) if any(True for _ in stage.parameters())]
+    for stage in with_parameters[len(with_parameters) - stages :] if stages > 0 else []:
+        for parameter in stage.parameters():
+            parameter.requires_grad = True
+    return sum(parameter.numel() for parameter in backbone.parameters() if parameter.requires_grad)
+
+
+def augmentation(encoder: Encoder) -> T.Compose:
+    """Random resized crop, flip, small rotation and colour jitter, then the encoder's own normalisation."""
+    normalize = next(t for t in getattr(encoder.preprocess, "transforms", []) if isinstance(t, T.Normalize))
+    size = encoder.input_size
+    return T.Compose(
+        [
+            T.ToImage(),
+            T.RandomResizedCrop(size, scale=(0.6, 1.0), interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+            T.RandomHorizontalFlip(),
+            T.RandomRotation(10, interpolation=T.InterpolationMode.BILINEAR),
+            T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
+            T.ToDtype(torch.float32, scale=True),
+            normalize,
+        ]
+    )
+
+
+ImageSource = Callable[[], Image.Image]  # loads one image when called (a file, or an array in memory)
+
+
+class LabeledImages(Dataset):
+    def __init__(self, sources: Sequence[ImageSource], targets: Sequence[int], transform: Callable) -> None:
+        self.sources = sources
+        self.targets = targets
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.sources[index]()), int(self.targets[index])
+
+
+def train_finetune(
+    encoder_name: str,
+    sources: Sequence[ImageSource],
+    labels: Sequence[str],
+    *,
+    weights: Path | None = None,
+    device: str = "auto",
+    epochs: int = 10,
+    stages: int = 3,
+    batch_size: int | None = None,
+    learning_rate: float = 1e-3,
+    validation_fraction: float = 0.1,
+    patience: int = 2,
+    workers: int = 0,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], list[str], dict[str, Any]]:
+    """Fine-tune the last `stages` backbone stages and a new final layer from labeled images, with augmentation,
+    early stopping on a held-out split, and CUDA autocast when a GPU is present."""
+    encoder = load_torch_encoder(encoder_name, weights=weights, device=device)
+    classes = sorted(set(labels))
+    if len(classes) < 2:
+        raise HeadError(f"a head needs at least 2 labels, found {len(classes)}")
+    targets = np.array([classes.index(label) for label in labels])
+    train_index, validation_index = stratified_split(targets, validation_fraction, seed)
+    torch.manual_seed(seed)
+    model = FinetuneModel(encoder.module, encoder.dim, len(classes)).to(encoder.device)
+    trainable = unfreeze_last_stages(model.backbone, stages)
+    on_cuda = encoder.device.type == "cuda"
+    batch_size = batch_size or (256 if on_cuda else 32)
+    loader_options = {"num_workers": workers, "pin_memory": on_cuda, "persistent_workers": workers > 0}
+    train_loader = DataLoader(
+        LabeledImages([sources[i] for i in train_index], targets[train_index], augmentation(encoder)),
+        batch_size=batch_size, shuffle=True, drop_last=len(train_index) > batch_size, **loader_options,
+    )
+    validation_loader = DataLoader(
+        LabeledImages([sources[i] for i in validation_index], targets[validation_index], encoder.preprocess),
+        batch_size=batch_size, **loader_options,
+    )
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.05)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=learning_rate, total_steps=max(1, epochs * len(train_loader)), pct_start=0.15
+    )
+    best_accuracy, best_state, stale, history = -1.0, None, 0, []
+    started = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        model.train()
+        _freeze_batchnorm_of_frozen(model.backbone)
+        seen, loss_sum = 0, 0.0
+        for images, batch_targets in train_loader:
+            images = images.to(encoder.device, non_blocking=True)
+            batch_targets = batch_targets.to(encoder.device, non_blocking=True)
+            with encoder.autocast():
+                loss = F.cross_entropy(model(images), batch_targets, label_smoothing=0.1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.detach() * len(images)  # a tensor: no device sync per step
+            seen += len(images)
+        accuracy = _accuracy(model, validation_loader, encoder) if len(validation_index) else float("nan")
+        history.append({"epoch": epoch, "loss": round(float(loss_sum) / max(seen, 1), 4), "validation_accuracy": round(accuracy, 4)})
+        if progress:
+            progress(f"epoch {epoch}/{epochs}: loss {history[-1]['loss']}, validation accuracy {accuracy:.4f}")
+        if not len(validation_index) or accuracy > best_accuracy:
+            best_accuracy, best_state, stale = accuracy, copy.deepcopy(model.state_dict()), 0
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    metrics = {
+        "validation_accuracy": round(best_accuracy, 4),
+        "epochs_run": len(history),
+        "history": history,
+        "trainable_parameters": trainable,
+        "stages": stages,
+        "device": str(encoder.device),
+        "train_images": len(train_index),
+        "validation_images": len(validation_index),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    return best_state or model.state_dict(), classes, metrics
+
+
+def _freeze_batchnorm_of_frozen(backbone: torch.nn.Module) -> None:
+    """Frozen stages keep their ImageNet batch statistics."""
+    for module in backbone.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not any(
+            parameter.requires_grad for parameter in module.parameters()
+        ):
+            module.eval()
+
+
+@torch.inference_mode()
+def _accuracy(model: torch.nn.Module, loader: DataLoader, encoder: TorchEncoder) -> float:
+    model.eval()
+    correct, total = torch.zeros((), device=encoder.device), 0
+    for images, targets in loader:
+        with encoder.autocast():
+            logits = model(images.to(encoder.device, non_blocking=True))
+        correct += (logits.argmax(1) == targets.to(encoder.device)).sum()
+        total += len(targets)
+    return float(correct) / max(total, 1)
+
+
+class FinetunedClassifier:
+    """A fine-tuned head ready to classify images (it has its own backbone)."""
+
+    def __init__(self, head: TrainedHead, *, weights: Path | None = None, device: str = "auto") -> None:
+        encoder = load_torch_encoder(head.info.encoder, weights=weights, device=device)
+        self.encoder = encoder
+        self.model = FinetuneModel(encoder.module, encoder.dim, len(head.info.labels))
+        self.model.load_state_dict(head.state)
+        self.model.to(encoder.device).eval()
+        self.labels = head.info.labels
+
+    @torch.inference_mode()
+    def probabilities(self, images: Sequence[Image.Image]) -> np.ndarray:
+        batch = torch.stack([self.encoder.preprocess(image) for image in images]).to(self.encoder.device)
+        with self.encoder.autocast():
+            logits = self.model(batch)
+        return logits.float().softmax(dim=1).cpu().numpy()

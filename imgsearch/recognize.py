@@ -1,0 +1,297 @@
+"""Recognition by the nearest labeled references: the one implementation behind CLI, API and `eval`.
+
+For each query the k nearest labeled vectors are fetched. Each label among them gets a local prototype:
+the mean of its (up to `per_class`) nearest references, after a power transform of the vectors. Its score
+is the query's cosine with that prototype, less `density * log(references of that label)`: a label with
+600 references always has some close to the query, one enrolled with 5 does not, and without this prior
+a newly enrolled class is rarely chosen. The best label wins and its score is the confidence; below the
+threshold the answer is "unknown" (label None).
+
+Why not plain softmax(sim/T) voting: on Fashion-MNIST with Lite0 (benchmarks/recognition.py) the local
+prototypes were more accurate with 600 references per class and with 5, and their score separates
+never-enrolled classes better (AUROC) than a vote share does. Enrolling is an upsert of labeled vectors,
+so a new class counts from the next query on, with nothing retrained.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgsearch.encoders import Encoder
+from imgsearch.errors import ImgsearchError
+from imgsearch.images import DEFAULT_MAX_PIXELS, decode_in_batches, find_images
+from imgsearch.store import RECOGNITION_PROPERTY, MilvusStore
+
+LABELED = 'label != ""'
+
+# Chosen on Fashion-MNIST (benchmarks/recognition.py): k 100 lets a class enrolled with 5 shots among classes
+# of 600 reach the candidates; 10 per class and the 0.025 log-count prior kept the 600-reference accuracy.
+DEFAULT_K = 100
+DEFAULT_PER_CLASS = 10
+DEFAULT_POWER = 0.5  # sign(x)|x|^0.5 then unit length: evens out a few dominant feature channels
+DEFAULT_DENSITY = 0.025
+
+
+class NoReferencesError(ImgsearchError):
+    """The collection holds no labeled vectors to recognise against."""
+
+
+@dataclass
+class Neighbour:
+    id: str
+    label: str
+    score: float
+    path: str
+
+
+@dataclass
+class Recognition:
+    path: str
+    label: str | None  # None: abstained ("unknown")
+    confidence: float
+    neighbours: list[Neighbour] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "label": self.label,
+            "confidence": round(self.confidence, 6),
+            "neighbours": [asdict(neighbour) for neighbour in self.neighbours],
+        }
+
+
+@dataclass
+class Calibration:
+    """The abstention threshold `eval` measured, stored in the collection's properties."""
+
+    threshold: float
+    false_accept_rate: float
+    dataset: str
+    k: int = DEFAULT_K
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def power_normalize(vectors: np.ndarray, power: float = DEFAULT_POWER) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if power != 1.0:
+        vectors = np.sign(vectors) * np.abs(vectors) ** power
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
+
+
+def score_labels(
+    query: np.ndarray,
+    neighbour_vectors: np.ndarray,
+    neighbour_labels: Sequence,
+    label_counts: dict | None = None,
+    *,
+    per_class: int = DEFAULT_PER_CLASS,
+    power: float = DEFAULT_POWER,
+    density: float = DEFAULT_DENSITY,
+) -> dict:
+    """Each label's score: cosine of the query with its local prototype, less density * log(its reference count).
+    Neighbours come nearest first; `label_counts` holds every label's total references (None: the counts seen)."""
+    query = power_normalize(query[None], power)[0]
+    vectors = power_normalize(neighbour_vectors, power)
+    labels = np.asarray(neighbour_labels)
+    scores = {}
+    for label in dict.fromkeys(neighbour_labels):  # first-seen order: nearest label first on ties
+        members = vectors[labels == label][:per_class]
+        prototype = members.mean(axis=0)
+        count = label_counts.get(label, len(members)) if label_counts else int((labels == label).sum())
+        cosine = float(query @ prototype / max(float(np.linalg.norm(prototype)), 1e-12))
+        scores[label] = cosine - density * math.log(max(count, 1))
+    return scores
+
+
+def decide(scores: dict[str, float], threshold: float | None) -> tuple[str | None, float]:
+    """The best label and its confidence; None when nothing clears the threshold."""
+    if not scores:
+        return None, 0.0
+    label = max(scores, key=scores.__getitem__)
+    confidence = scores[label]
+    if threshold is not None and confidence < threshold:
+        return None, confidence
+    return label, confidence
+
+
+def search_params(k: int) -> dict[str, Any]:
+    # Filtered HNSW search loses recall at a low ef (DESIGN.md); references are searched with a generous one.
+    return {"params": {"ef": max(256, 4 * k)}}
+
+
+def recognize_vectors(
+    store: MilvusStore,
+    vectors: np.ndarray,
+    *,
+    k: int = DEFAULT_K,
+    threshold: float | None = None,
+    per_class: int = DEFAULT_PER_CLASS,
+    power: float = DEFAULT_POWER,
+    density: float = DEFAULT_DENSITY,
+) -> list[tuple[str | None, float, list[Neighbour]]]:
+    results = store.search(vectors, k=k, filter=LABELED, search_params=search_params(k), with_vectors=True)
+    if results and not any(results):
+        raise NoReferencesError(
+            f"collection {store.collection} has no labeled images to recognise against; "
+            "`imgsearch enroll LABEL IMAGES...` or ingest a folder of class sub-folders"
+        )
+    counts = store.label_counts({hit.label for hits in results for hit in hits})
+    decided = []
+    for query, hits in zip(vectors, results):
+        neighbours = [Neighbour(id=hit.id, label=hit.label, score=hit.score, path=hit.path) for hit in hits]
+        if hits:
+            scores = score_labels(
+                query, np.stack([hit.vector for hit in hits]), [hit.label for hit in hits], counts,
+                per_class=per_class, power=power, density=density,
+            )
+        else:
+            scores = {}
+        label, confidence = decide(scores, threshold)
+        decided.append((label, confidence, neighbours))
+    return decided
+
+
+def recognize_paths(
+    encoder: Encoder,
+    store: MilvusStore,
+    paths: Iterable[str | Path],
+    *,
+    k: int = DEFAULT_K,
+    threshold: float | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[list[Recognition], list[dict[str, str]]]:
+    """Recognise every image under `paths`; unreadable ones are reported, not fatal."""
+    recognitions: list[Recognition] = []
+    failed: list[dict[str, str]] = []
+    for names, images in decode_in_batches(paths, min_side=encoder.input_size, max_pixels=max_pixels, failed=failed):
+        vectors = encoder.encode_images(images)
+        for name, (label, confidence, neighbours) in zip(
+            names, recognize_vectors(store, vectors, k=k, threshold=threshold)
+        ):
+            recognitions.append(Recognition(path=name, label=label, confidence=confidence, neighbours=neighbours))
+    return recognitions, failed
+
+
+def load_calibration(store: MilvusStore) -> Calibration | None:
+    raw = store.properties().get(RECOGNITION_PROPERTY)
+    if not raw:
+        return None
+    try:
+        values = json.loads(raw)
+        return Calibration(**values)
+    except (ValueError, TypeError):
+        return None  # written by another version; recalibrate with `imgsearch eval`
+
+
+def save_calibration(store: MilvusStore, calibration: Calibration) -> None:
+    if not math.isfinite(calibration.threshold):
+        raise ValueError(f"threshold must be finite, got {calibration.threshold}")
+    store.set_properties({RECOGNITION_PROPERTY: calibration.to_json()})
+
+
+def resolve_threshold(store: MilvusStore, threshold: float | None) -> tuple[float | None, str]:
+    """An explicit threshold, else the collection's calibrated one, else none; and where it came from."""
+    if threshold is not None:
+        return threshold, "given"
+    calibration = load_calibration(store)
+    if calibration is not None:
+        return calibration.threshold, f"calibrated on {calibration.dataset} at false-accept rate {calibration.false_accept_rate}"
+    return None, "none"
+
+
+def enroll_paths(encoder: Encoder, store: MilvusStore, label: str, paths: Iterable[str | Path], settings):
+    """Upsert labeled references through the ingest pipeline. Ids are content hashes, so re-enrolling is a
+    no-op, and content already stored (under any path or label) takes this label without re-encoding."""
+    from ingest.catalog import CatalogEntry
+    from ingest.pipeline import ingest_entries
+
+    if not label.strip():
+        raise ImgsearchError("the label must not be empty")
+    missing = [str(path) for path in paths if not Path(path).exists()]
+    if missing:
+        raise ImgsearchError(f"not found: {', '.join(missing)}")
+    entries = (CatalogEntry(path=path.resolve(), label=label) for path in find_images(paths))
+    return ingest_entries(
+        entries, encoder, store, relabel_duplicates=True, batch_size=settings.batch_size, workers=settings.workers,
+        max_pixels=settings.max_image_pixels, upsert_chunk=settings.upsert_chunk,
+    )
+
+
+def labeled_rows(store: MilvusStore, fields: Sequence[str]) -> list[dict]:
+    rows = list(store.iter_rows(fields=fields, filter=LABELED))
+    if not rows:
+        raise NoReferencesError(f"collection {store.collection} has no labeled images to train on")
+    return rows
+
+
+def train_head_on_store(
+    store: MilvusStore,
+    mode: str,
+    *,
+    epochs: int | None = None,
+    stages: int = 3,
+    weights: Path | None = None,
+    device: str = "auto",
+    workers: int = 0,
+    progress=None,
+):
+    """linear: the stored labeled vectors, nothing re-encoded; finetune: the labeled image files."""
+    from imgsearch.datasets import FileImage
+    from imgsearch.head import HeadInfo, TrainedHead, train_finetune, train_linear
+
+    if mode == "linear":
+        rows = labeled_rows(store, ("vector", "label"))
+        vectors = np.array([row["vector"] for row in rows], dtype=np.float32)
+        state, labels, metrics = train_linear(vectors, [row["label"] for row in rows], epochs=epochs or 300)
+    else:
+        rows = [row for row in labeled_rows(store, ("path", "label")) if Path(row["path"]).is_file()]
+        if not rows:
+            raise NoReferencesError(f"none of the labeled images of {store.collection} exist on disk any more")
+        sources = [FileImage(Path(row["path"])) for row in rows]
+        state, labels, metrics = train_finetune(
+            store.model, sources, [row["label"] for row in rows], weights=weights, device=device,
+            epochs=epochs or 10, stages=stages, workers=workers, progress=progress,
+        )
+    return TrainedHead(HeadInfo(labels, store.model, store.dim, mode, store.collection, metrics), state)
+
+
+def recognize_paths_with_head(
+    encoder: Encoder,
+    store: MilvusStore,
+    head_path: Path,
+    paths: Iterable[str | Path],
+    *,
+    threshold: float | None = None,
+    weights: Path | None = None,
+    device: str = "auto",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[list[Recognition], list[dict[str, str]]]:
+    """Classify with a trained head; confidence is the softmax probability. Refuses a head made for another
+    encoder or collection."""
+    from imgsearch.head import FinetunedClassifier, linear_probabilities, load_head
+
+    head = load_head(head_path, encoder_name=encoder.name, collection=store.collection)
+    classifier = FinetunedClassifier(head, weights=weights, device=device) if head.info.mode == "finetune" else None
+    recognitions: list[Recognition] = []
+    failed: list[dict[str, str]] = []
+    for names, images in decode_in_batches(paths, min_side=encoder.input_size, max_pixels=max_pixels, failed=failed):
+        if classifier is not None:
+            probabilities = classifier.probabilities(images)
+        else:
+            probabilities = linear_probabilities(head.state, encoder.encode_images(images))
+        for name, row in zip(names, probabilities):
+            best = int(row.argmax())
+            confidence = float(row[best])
+            label = head.info.labels[best] if threshold is None or confidence >= threshold else None
+            recognitions.append(Recognition(path=name, label=label, confidence=confidence))
+    return recognitions, failed

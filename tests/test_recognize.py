@@ -1,0 +1,179 @@
+"""Recognition with real Lite0 vectors in real Milvus Lite: enrolment is live at once, unknowns abstain,
+heads round-trip and refuse the wrong collection, and the scoring pieces behave as documented."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imgsearch.config import load_settings
+from imgsearch.evaluate import auroc, threshold_at_false_accept_rate
+from imgsearch.head import HeadError, head_paths, linear_probabilities, load_head, train_finetune
+from imgsearch.recognize import (
+    enroll_paths,
+    load_calibration,
+    recognize_paths,
+    recognize_vectors,
+    save_calibration,
+    Calibration,
+    score_labels,
+    train_head_on_store,
+)
+from imgsearch.store import ImageRecord
+from ingest.catalog import file_sha256
+from tests.conftest import FASHION_DIR
+
+KNOWN = ["tshirt", "trouser", "pullover", "dress", "sandal"]
+
+
+def class_files(name: str) -> list:
+    return sorted((FASHION_DIR / name).glob("*.png"))
+
+
+@pytest.fixture(scope="module")
+def vectors_by_class(onnx_encoder):
+    """Lite0 vectors of the sample catalog's Fashion-MNIST images, per class (30 each)."""
+    encoded = {}
+    for folder in sorted(p for p in FASHION_DIR.iterdir() if p.is_dir()):
+        files = class_files(folder.name)
+        encoded[folder.name] = (files, onnx_encoder.encode_images([Image.open(f).convert("RGB") for f in files]))
+    return encoded
+
+
+def store_references(store, vectors_by_class, classes, per_class):
+    records = []
+    for name in classes:
+        files, vectors = vectors_by_class[name]
+        records += [
+            ImageRecord(id=file_sha256(f), vector=v, path=str(f), label=name) for f, v in zip(files[:per_class], vectors[:per_class])
+        ]
+    store.upsert(records)
+    return len(records)
+
+
+def test_a_class_enrolled_later_is_recognised_at_once(make_store, onnx_encoder, vectors_by_class):
+    store = make_store()
+    stored = store_references(store, vectors_by_class, KNOWN, 20)
+    bag_files, bag_vectors = vectors_by_class["bag"]
+    queries = bag_vectors[20:]
+    before = [label for label, _, _ in recognize_vectors(store, queries)]
+    assert "bag" not in before
+    ids_before = {row["id"] for row in store.iter_rows(("id",))}
+
+    report = enroll_paths(onnx_encoder, store, "bag", bag_files[:5], load_settings(workers=0))
+
+    assert report.indexed == 5 and not report.failed
+    assert store.count() == stored + 5  # only the new references were added ...
+    assert ids_before <= {row["id"] for row in store.iter_rows(("id",))}  # ... and nothing else was touched
+    after = [label for label, _, _ in recognize_vectors(store, queries)]
+    assert after.count("bag") >= 8, after  # of 10 held-out bags, with no retraining
+
+
+def test_enrolling_stored_content_relabels_it_without_reencoding(make_store, onnx_encoder, vectors_by_class, tmp_path):
+    store = make_store()
+    store_references(store, vectors_by_class, ["sneaker"], 3)
+    copy = tmp_path / "copy.png"
+    copy.write_bytes(class_files("sneaker")[0].read_bytes())
+    report = enroll_paths(onnx_encoder, store, "trainer", [copy], load_settings(workers=0))
+    assert (report.indexed, report.updated) == (0, 1)
+    assert store.get([file_sha256(copy)])[file_sha256(copy)]["label"] == "trainer"
+
+
+def test_unseen_classes_abstain_more_often_than_known_ones(make_store, vectors_by_class):
+    store = make_store()
+    store_references(store, vectors_by_class, KNOWN, 20)
+    # Calibrate on one never-enrolled class, then test on two others.
+    calibration = vectors_by_class["coat"][1]
+    confidences = np.array([c for _, c, _ in recognize_vectors(store, calibration)])
+    threshold = threshold_at_false_accept_rate(confidences, 0.1)
+    known = np.concatenate([vectors_by_class[name][1][20:] for name in KNOWN])
+    unseen = np.concatenate([vectors_by_class[name][1] for name in ("bag", "ankle_boot")])
+    known_null = np.mean([label is None for label, _, _ in recognize_vectors(store, known, threshold=threshold)])
+    unseen_null = np.mean([label is None for label, _, _ in recognize_vectors(store, unseen, threshold=threshold)])
+    assert unseen_null > known_null + 0.2, (known_null, unseen_null)
+
+
+def test_recognize_paths_reports_neighbours_and_bad_files(make_store, onnx_encoder, vectors_by_class, tmp_path):
+    store = make_store()
+    store_references(store, vectors_by_class, KNOWN, 10)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    query = class_files("trouser")[25]
+    results, failed = recognize_paths(onnx_encoder, store, [query, broken], k=7)
+    assert failed == [{"path": str(broken), "error": "not a recognised image format"}]
+    [result] = results
+    assert result.label == "trouser" and result.path == str(query)
+    scores = [n.score for n in result.neighbours]
+    assert len(scores) == 7 and scores == sorted(scores, reverse=True)
+    assert {n.label for n in result.neighbours} <= set(KNOWN)
+
+
+def test_calibration_is_stored_with_the_collection(make_store):
+    store = make_store()
+    assert load_calibration(store) is None
+    save_calibration(store, Calibration(threshold=0.73, false_accept_rate=0.05, dataset="fashion-mnist"))
+    assert load_calibration(store) == Calibration(threshold=0.73, false_accept_rate=0.05, dataset="fashion-mnist")
+
+
+def test_linear_head_round_trip_and_refusals(make_store, vectors_by_class, tmp_path):
+    store = make_store(collection="shop")
+    store_references(store, vectors_by_class, KNOWN, 20)
+    head = train_head_on_store(store, "linear", epochs=100)
+    assert head.info.labels == sorted(KNOWN) and head.info.encoder == store.model and head.info.dim == store.dim
+    weights_path, info_path = head.save(tmp_path / "heads" / "shop-linear")
+    assert (weights_path, info_path) == head_paths(tmp_path / "heads" / "shop-linear")
+
+    loaded = load_head(tmp_path / "heads" / "shop-linear", encoder_name=store.model, collection="shop")
+    queries = np.concatenate([vectors_by_class[name][1][20:] for name in KNOWN])
+    assert np.allclose(linear_probabilities(loaded.state, queries), linear_probabilities(head.state, queries))
+    predicted = [loaded.info.labels[i] for i in linear_probabilities(loaded.state, queries).argmax(1)]
+    truth = [name for name in KNOWN for _ in range(10)]
+    assert np.mean([p == t for p, t in zip(predicted, truth)]) >= 0.8
+
+    with pytest.raises(HeadError, match="trained for encoder efficientnet_lite0, not timm:resnet18"):
+        load_head(tmp_path / "heads" / "shop-linear", encoder_name="timm:resnet18", collection="shop")
+    with pytest.raises(HeadError, match="trained on collection shop, not other"):
+        load_head(tmp_path / "heads" / "shop-linear", encoder_name=store.model, collection="other")
+    with pytest.raises(HeadError, match="no head at"):
+        load_head(tmp_path / "missing", encoder_name=store.model, collection="shop")
+
+
+def test_finetune_trains_only_the_last_stages(tmp_path):
+    from imgsearch.datasets import FileImage
+    from imgsearch.encoders import load_torch_encoder
+
+    files = class_files("bag")[:4] + class_files("trouser")[:4]
+    labels = ["bag"] * 4 + ["trouser"] * 4
+    state, classes, metrics = train_finetune(
+        "efficientnet_lite0", [FileImage(f) for f in files], labels, device="cpu", epochs=1, stages=1, batch_size=4,
+        validation_fraction=0.25,
+    )
+    original = load_torch_encoder("efficientnet_lite0", device="cpu").module.state_dict()
+    assert classes == ["bag", "trouser"] and metrics["epochs_run"] == 1 and metrics["validation_images"] == 2
+    assert state["classifier.weight"].shape == (2, 1280)
+    stem = state["backbone.conv_stem.weight"]
+    assert torch.equal(stem, original["conv_stem.weight"])  # frozen
+    assert not torch.equal(state["backbone.conv_head.weight"], original["conv_head.weight"])  # the last stage trained
+
+
+def test_score_labels_prefers_the_closer_prototype_and_corrects_for_density():
+    query = np.array([1.0, 0.0])
+    near, far = np.array([[0.9, 0.1]]), np.array([[0.6, 0.4]])
+    scores = score_labels(query, np.concatenate([near, far]), ["a", "b"], power=1.0, density=0.0)
+    assert scores["a"] > scores["b"]
+    # equal geometry, but "a" has 1000 references and "b" 5: the prior favours the sparse class
+    same = np.array([[0.8, 0.2], [0.8, 0.2]])
+    prior = score_labels(query, same, ["a", "b"], {"a": 1000, "b": 5}, power=1.0, density=0.025)
+    assert prior["b"] > prior["a"]
+    assert prior["b"] - prior["a"] == pytest.approx(0.025 * (np.log(1000) - np.log(5)))
+
+
+def test_auroc_and_threshold():
+    assert auroc(np.array([0.9, 0.8]), np.array([0.1, 0.2])) == 1.0
+    assert auroc(np.array([0.1, 0.2]), np.array([0.9, 0.8])) == 0.0
+    assert auroc(np.array([0.5, 0.5]), np.array([0.5, 0.5])) == 0.5
+    unknown = np.linspace(0, 1, 101)
+    threshold = threshold_at_false_accept_rate(unknown, 0.05)
+    assert np.mean(unknown >= threshold) <= 0.05 and np.mean(unknown >= threshold - 0.011) > 0.05
