@@ -339,7 +339,7 @@ def finetune_accuracy(
         truth = query_set.targets[start : start + 256]
         correct += int(sum(head_classes[p] == query_set.classes[t] for p, t in zip(predicted, truth)))
     metrics.pop("history", None)
-    return {"accuracy": round(correct / max(len(query_set.sources), 1), 4), **metrics}
+    return {"accuracy": round(correct / max(len(query_set.sources), 1), 4), "test_images": len(query_set.sources), **metrics}
 
 
 # --- outputs --------------------------------------------------------------------------------------
