@@ -50,13 +50,15 @@ def encoder_only(encoder, tensors: torch.Tensor, batch_size: int) -> float:
     return len(tensors) / (time.perf_counter() - started)
 
 
-def ingest(catalog: Path, db: Path, model: str, weights: Path | None, batch_size: int, workers: int, device: str) -> tuple[float, dict]:
+def ingest(
+    catalog: Path, db: Path, model: str, weights: Path | None, batch_size: int, workers: int, device: str, code: Path = ROOT
+) -> tuple[float, dict]:
     command = [sys.executable, "-m", "imgsearch.cli", "ingest", str(catalog), "--uri", str(db), "--json", "--model", model,
                "--device", device, "--runtime", "torch", "--batch-size", str(batch_size), "--workers", str(workers)]
     if weights:
         command += ["--weights", str(weights)]
     started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=code)  # `python -m` imports from cwd first
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"ingest {model} failed:\n{result.stderr[-3000:]}")
@@ -76,7 +78,9 @@ def main() -> None:
     parser.add_argument("--lite0-weights", type=Path, default=None)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "imgsearch-gpu")
     parser.add_argument("--device", default="cuda", help="cpu only to rehearse this script on a small catalog")
+    parser.add_argument("--baseline-code", type=Path, default=None, help="an older checkout's root: its Lite0 ingest is timed too")
     args = parser.parse_args()
+    args.lite0_weights = args.lite0_weights.resolve() if args.lite0_weights else None
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this benchmark checks and times the GPU path")
     name = torch.cuda.get_device_name() if args.device == "cuda" else "none (rehearsal on the CPU)"
@@ -119,20 +123,21 @@ def main() -> None:
 
     # 3. end to end
     rows = []
-    for label, model, weights, floor in (
-        ("Lite0", "efficientnet_lite0", args.lite0_weights, lite0_floor),
-        ("ViT-B/32 (random init)", "open_clip:ViT-B-32", vit_weights, vit_floor),
-    ):
+    runs = [("Lite0", "efficientnet_lite0", args.lite0_weights, lite0_floor, ROOT)]
+    if args.baseline_code:
+        runs.append(("Lite0, baseline code", "efficientnet_lite0", args.lite0_weights, lite0_floor, args.baseline_code.resolve()))
+    runs.append(("ViT-B/32 (random init)", "open_clip:ViT-B-32", vit_weights, vit_floor, ROOT))
+    for label, model, weights, floor, code in runs:
         db = args.work / f"{model.replace(':', '_').replace('-', '_')}.db"
         subprocess.run(["rm", "-rf", str(db)], check=True)
-        seconds, report = ingest(catalog, db, model, weights, args.batch_size, args.workers, args.device)
+        seconds, report = ingest(catalog, db, model, weights, args.batch_size, args.workers, args.device, code)
         stages = report["stages"]
         rows.append((label, report["indexed"], seconds, report["indexed"] / seconds, report["images_per_second"], floor))
         print(f"{label}: indexed {report['indexed']} (failed {len(report['failed'])}) in {seconds:.1f} s whole process = "
               f"{report['indexed'] / seconds:.0f} images/s; pipeline {report['images_per_second']:.0f} images/s; "
               f"stages decode {stages['decode_seconds']:.1f} s (in {report['workers']} workers), encoder waited "
               f"{stages['wait_seconds']:.1f} s, encode {stages['encode_seconds']:.1f} s, insert {stages['insert_seconds']:.1f} s", flush=True)
-        if model == "efficientnet_lite0":
+        if label == "Lite0":
             from imgsearch.store import MilvusStore
 
             with MilvusStore.open_existing(str(db), "imgsearch_efficientnet_lite0") as store:

@@ -173,15 +173,32 @@ def ingest_entries(
     report = IngestReport()
     with tempfile.TemporaryDirectory(prefix="imgsearch-plan-") as tmp:
         plan_path = Path(tmp) / "plan.jsonl"
+        warm_up = _warm_up_in_background(encoder, batch_size)
         pending = _plan(iter(entries), store, plan_path, report, progress, relabel_duplicates)
+        if warm_up is not None:
+            warm_up.join()
         if pending:
-            dataset = PlannedImages(plan_path, encoder.preprocess, max_pixels, encoder.input_size)
+            preprocess = encoder.transfer_preprocess or encoder.preprocess
+            dataset = PlannedImages(plan_path, preprocess, max_pixels, encoder.input_size)
             _encode_and_store(dataset, pending, encoder, store, report, batch_size, workers, upsert_chunk, progress)
     if prune:
         report.pruned = prune_missing(store)
     store.flush()
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _warm_up_in_background(encoder: Encoder, batch_size: int) -> threading.Thread | None:
+    """On CUDA the first forward pass loads kernels and picks algorithms (seconds); do it while hashing."""
+    if encoder.device.type != "cuda":
+        return None
+    size = encoder.input_size
+    dtype = torch.uint8 if encoder.transfer_preprocess is not None else torch.float32
+    thread = threading.Thread(
+        target=encoder.encode, args=(torch.zeros(batch_size, 3, size, size, dtype=dtype),), name="imgsearch-warm-up", daemon=True
+    )
+    thread.start()
+    return thread
 
 
 def _plan(

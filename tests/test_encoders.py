@@ -111,3 +111,29 @@ def test_text_needs_clip(encoder):
 
     with pytest.raises(TextNotSupportedError):
         encoder.encode_text(["a red bag"])
+
+
+def test_uint8_transfer_matches_float_preprocessing(encoder, photos):
+    """On CUDA, workers send uint8 images and encode() scales and normalises them; the vectors are the same."""
+    from imgsearch.encoders.base import split_normalization
+
+    uint8_preprocess, mean, std = split_normalization(encoder.preprocess)
+    images = [photos["chelsea"], photos["coins"], photos["camera"]]
+    raw = torch.stack([uint8_preprocess(image) for image in images])
+    assert raw.dtype == torch.uint8 and mean == (0.5, 0.5, 0.5)
+    normalised = (raw.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert torch.allclose(normalised, torch.stack([encoder.preprocess(image) for image in images]), atol=1e-6)
+    assert np.allclose(encoder.encode(raw), encoder.encode_images(images), atol=1e-5)
+
+
+def test_open_clip_preprocessing_splits_the_same_way(photos):
+    import open_clip
+
+    from imgsearch.encoders.base import split_normalization
+
+    _, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
+    uint8_preprocess, mean, std = split_normalization(preprocess)
+    raw = uint8_preprocess(photos["astronaut"])
+    assert raw.dtype == torch.uint8 and raw.shape == (3, 224, 224)
+    normalised = (raw.float() / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    assert torch.allclose(normalised, preprocess(photos["astronaut"]), atol=1e-6)
