@@ -51,14 +51,16 @@ def encoder_only(encoder, tensors: torch.Tensor, batch_size: int) -> float:
 
 
 def ingest(
-    catalog: Path, db: Path, model: str, weights: Path | None, batch_size: int, workers: int, device: str, code: Path = ROOT
+    catalog: Path, db: Path, model: str, weights: Path | None, batch_size: int, workers: int, device: str,
+    code: Path = ROOT, env: dict | None = None,
 ) -> tuple[float, dict]:
     command = [sys.executable, "-m", "imgsearch.cli", "ingest", str(catalog), "--uri", str(db), "--json", "--model", model,
                "--device", device, "--runtime", "torch", "--batch-size", str(batch_size), "--workers", str(workers)]
     if weights:
         command += ["--weights", str(weights)]
     started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, cwd=code)  # `python -m` imports from cwd first
+    environment = {**os.environ, **(env or {})}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=code, env=environment)  # `-m` imports from cwd first
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"ingest {model} failed:\n{result.stderr[-3000:]}")
@@ -96,9 +98,15 @@ def main() -> None:
     gpu = load_torch_encoder("efficientnet_lite0", weights=args.lite0_weights, device=args.device)
     cpu = load_torch_encoder("efficientnet_lite0", weights=args.lite0_weights, device="cpu")
     sample = torch.stack([gpu.preprocess(load_image(path, min_side=224)) for path in paths[:64]])
-    agreement = cosines(gpu.encode(sample), cpu.encode(sample))
-    print(f"Lite0 GPU (bf16 autocast) vs CPU float32, 64 images: min cosine {agreement.min():.5f}, "
+    on_gpu = gpu.encode(sample)  # 64 images: the CUDA-graph path on CUDA
+    agreement = cosines(on_gpu, cpu.encode(sample))
+    print(f"Lite0 GPU (bf16 autocast, CUDA graph) vs CPU float32, 64 images: min cosine {agreement.min():.5f}, "
           f"mean {agreement.mean():.5f} -> {'PASS' if agreement.min() >= 0.99 else 'FAIL'}", flush=True)
+    gpu.cuda_graphs = False
+    graph_vs_eager = cosines(on_gpu, gpu.encode(sample))
+    gpu.cuda_graphs = True
+    print(f"CUDA graph vs eager on the GPU: min cosine {graph_vs_eager.min():.6f} -> "
+          f"{'PASS' if graph_vs_eager.min() >= 0.9999 else 'FAIL'}", flush=True)
 
     # 2. encoder only
     floor_paths = (paths * (args.floor_images // len(paths) + 1))[: args.floor_images]
@@ -106,6 +114,8 @@ def main() -> None:
     tensors = tensors.repeat(max(1, args.floor_images // 512), 1, 1, 1)
     tensors = tensors.pin_memory() if args.device == "cuda" else tensors
     lite0_floor = encoder_only(gpu, tensors, args.batch_size)
+    gpu.cuda_graphs = False
+    lite0_eager_floor = encoder_only(gpu, tensors, args.batch_size)
     import open_clip
 
     vit_weights = args.work / "vit_b32_random_init.pt"
@@ -116,21 +126,25 @@ def main() -> None:
     vit_tensors = vit_tensors.repeat(max(1, args.floor_images // 512), 1, 1, 1)
     vit_tensors = vit_tensors.pin_memory() if args.device == "cuda" else vit_tensors
     vit_floor = encoder_only(vit, vit_tensors, args.batch_size)
-    print(f"encoder only, batch {args.batch_size}: Lite0 {lite0_floor:.0f} images/s, ViT-B/32 (random init) {vit_floor:.0f} images/s", flush=True)
+    print(f"encoder only, batch {args.batch_size}: Lite0 {lite0_floor:.0f} images/s (eager {lite0_eager_floor:.0f}), "
+          f"ViT-B/32 (random init) {vit_floor:.0f} images/s", flush=True)
     del gpu, vit, tensors, vit_tensors
     if args.device == "cuda":
         torch.cuda.empty_cache()
 
     # 3. end to end
     rows = []
-    runs = [("Lite0", "efficientnet_lite0", args.lite0_weights, lite0_floor, ROOT)]
+    eager = {"IMGSEARCH_CUDA_GRAPHS": "false"}
+    runs = [("Lite0", "efficientnet_lite0", args.lite0_weights, lite0_floor, ROOT, {}),
+            ("Lite0, eager (no CUDA graphs)", "efficientnet_lite0", args.lite0_weights, lite0_floor, ROOT, eager)]
     if args.baseline_code:
-        runs.append(("Lite0, baseline code", "efficientnet_lite0", args.lite0_weights, lite0_floor, args.baseline_code.resolve()))
-    runs.append(("ViT-B/32 (random init)", "open_clip:ViT-B-32", vit_weights, vit_floor, ROOT))
-    for label, model, weights, floor, code in runs:
+        runs.append(("Lite0, baseline code", "efficientnet_lite0", args.lite0_weights, lite0_floor, args.baseline_code.resolve(), {}))
+    runs.append(("ViT-B/32 (random init)", "open_clip:ViT-B-32", vit_weights, vit_floor, ROOT, {}))
+    runs.append(("ViT-B/32 (random init), eager", "open_clip:ViT-B-32", vit_weights, vit_floor, ROOT, eager))
+    for label, model, weights, floor, code, env in runs:
         db = args.work / f"{model.replace(':', '_').replace('-', '_')}.db"
         subprocess.run(["rm", "-rf", str(db)], check=True)
-        seconds, report = ingest(catalog, db, model, weights, args.batch_size, args.workers, args.device, code)
+        seconds, report = ingest(catalog, db, model, weights, args.batch_size, args.workers, args.device, code, env)
         stages = report["stages"]
         rows.append((label, report["indexed"], seconds, report["indexed"] / seconds, report["images_per_second"], floor))
         print(f"{label}: indexed {report['indexed']} (failed {len(report['failed'])}) in {seconds:.1f} s whole process = "

@@ -66,7 +66,7 @@ def _load_encoder(settings: Settings):
 
     return load_encoder(
         settings.model, weights=settings.weights, device=settings.device, runtime=settings.runtime,
-        onnx_cache=settings.onnx_cache,
+        onnx_cache=settings.onnx_cache, cuda_graphs=settings.cuda_graphs,
     )
 
 

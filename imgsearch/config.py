@@ -22,6 +22,7 @@ class Settings(BaseSettings):
     runtime: Literal["auto", "torch", "onnx"] = Field(
         "auto", description="auto: onnxruntime on a CPU (measured faster there), torch on CUDA"
     )
+    cuda_graphs: bool = Field(True, description="On CUDA, run each full batch as one captured CUDA graph")
     onnx_cache: Path | None = Field(None, description="Where ONNX exports are cached; default next to the weights")
     batch_size: int = Field(32, ge=1, le=4096)
     workers: int | None = Field(None, ge=0, description="Decode worker processes; default: automatic")

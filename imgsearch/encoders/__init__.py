@@ -21,12 +21,14 @@ def load_encoder(
     device: str = "auto",
     runtime: str = "torch",
     onnx_cache: Path | None = None,
+    cuda_graphs: bool = True,
 ) -> Encoder:
     """The encoder `name`, run by `runtime`: torch, onnx (onnxruntime on the CPU), or auto (onnx on a CPU, torch on CUDA,
     the faster of the two as measured by benchmarks/ingest.py)."""
     if runtime not in RUNTIMES:
         raise UnsupportedRuntimeError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     encoder = load_torch_encoder(name, weights=weights, device=device)
+    encoder.cuda_graphs = cuda_graphs
     if runtime == "onnx" and encoder.device.type != "cpu":
         raise UnsupportedRuntimeError("--runtime onnx runs on the CPU; use --device cpu, or --runtime torch on CUDA")
     if runtime == "onnx" or (runtime == "auto" and encoder.device.type == "cpu"):

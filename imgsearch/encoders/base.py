@@ -87,12 +87,17 @@ class TorchEncoder(Encoder):
             if self.device.type == "cuda":
                 self.transfer_preprocess = uint8_preprocess
 
+    cuda_graphs: bool = True  # on CUDA, replay full batches as one captured graph
+    GRAPH_MIN_BATCH = 64  # smaller batches (queries, a catalog's last batch) run eagerly
+    MAX_GRAPHS = 4
+
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 (or fp16) autocast on CUDA; a no-op on the CPU."""
         if self.device.type != "cuda":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
+        # no autocast weight cache: a CUDA graph must not capture casts cached outside it
+        return torch.autocast("cuda", dtype=dtype, cache_enabled=False)
 
     def forward_features(self, batch: torch.Tensor) -> torch.Tensor:
         return self.module(batch)
@@ -101,18 +106,53 @@ class TorchEncoder(Encoder):
         """Features flattened and L2-normalised: what encode() returns and what the ONNX export computes."""
         return F.normalize(self.forward_features(batch).float().flatten(1), dim=-1)
 
-    def encode(self, batch: torch.Tensor) -> np.ndarray:
-        """`batch` is preprocessed float, or uint8 from `transfer_preprocess` (scaled and normalised here)."""
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Device-resident batch (float, or uint8 from `transfer_preprocess`) -> unit vectors on the device."""
         with torch.inference_mode(), self.autocast():
-            batch = batch.to(self.device, non_blocking=True)
             if batch.dtype == torch.uint8:
                 if self.mean is None:
                     raise TypeError(f"{self.name} takes preprocessed float batches, not uint8")
                 batch = (batch.float().div_(255.0) - self.mean) / self.std
             if self.channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
-            features = self.embed(batch)
-        return features.cpu().numpy()
+            return self.embed(batch)
+
+    def encode(self, batch: torch.Tensor) -> np.ndarray:
+        """`batch` is preprocessed float, or uint8 from `transfer_preprocess` (scaled and normalised here)."""
+        if self._use_graph(batch):
+            return self._replay(batch)
+        return self._forward(batch.to(self.device, non_blocking=True)).cpu().numpy()
+
+    # --- CUDA graphs: a Lite0 forward is hundreds of kernel launches, each needing the GIL, which Milvus Lite's
+    # in-process writes hold for milliseconds at a time; a captured graph is one launch per batch.
+    def _use_graph(self, batch: torch.Tensor) -> bool:
+        return self.cuda_graphs and self.device.type == "cuda" and len(batch) >= self.GRAPH_MIN_BATCH
+
+    def _replay(self, batch: torch.Tensor) -> np.ndarray:
+        graphs = self.__dict__.setdefault("_graphs", {})
+        key = (tuple(batch.shape), batch.dtype)
+        if key not in graphs:
+            if len(graphs) >= self.MAX_GRAPHS:
+                return self._forward(batch.to(self.device, non_blocking=True)).cpu().numpy()
+            graphs[key] = self._capture(batch)
+        graph, static_input, static_output = graphs[key]
+        static_input.copy_(batch, non_blocking=True)
+        graph.replay()
+        return static_output.cpu().numpy()
+
+    def _capture(self, batch: torch.Tensor):
+        static_input = torch.empty(batch.shape, dtype=batch.dtype, device=self.device)
+        static_input.copy_(batch)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up runs pick kernels and allocate outside the capture
+                self._forward(static_input)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            static_output = self._forward(static_input)
+        return graph, static_input, static_output
 
 
 def split_normalization(preprocess: Preprocess) -> tuple[Preprocess, tuple, tuple] | None:
