@@ -24,7 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from imgsearch.encoders import load_encoder  # noqa: E402
-from imgsearch.evaluate import EvalOptions, encode_set, evaluate_encoded, finetune_accuracy, load_splits, predict  # noqa: E402
+from imgsearch.evaluate import (  # noqa: E402
+    EvalOptions,
+    encode_set,
+    evaluate_encoded,
+    finetune_accuracy,
+    late_enrolment,
+    load_splits,
+    predict,
+)
 from imgsearch.recognize import DEFAULT_K  # noqa: E402
 
 TARGETS = {
@@ -205,6 +213,13 @@ def main() -> None:
     print(f"\nwhat helped (same vectors, scoring rules):\n| rule | {args.references_per_class} per class | 5-shot (20 episodes) |\n|---|---|---|")
     for name, full, five in ablation(references, queries, options, np.random.default_rng(1)):
         print(f"| {name} | {full:.4f} | {five:.4f} |")
+    without_prior = late_enrolment(
+        references, queries, options, np.random.default_rng(options.seed),
+        {"per_class": options.per_class, "power": options.power, "density": 0.0},
+    )
+    print(f"class enrolled later with 5 shots, without the log-count prior: {without_prior['new_class_accuracy']:.4f} "
+          f"(earlier classes drop {100 * without_prior['earlier_classes_drop']:.2f} points); with it: "
+          f"{late['new_class_accuracy']:.4f} ({100 * late['earlier_classes_drop']:.2f} points)")
     if args.milvus:
         accuracy, agreement = through_milvus(encoder, references, queries)
         print(f"\nthrough Milvus Lite (1,000 queries, filtered search, ef {max(256, 4 * DEFAULT_K)}): accuracy {accuracy:.4f}, "
