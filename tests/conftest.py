@@ -6,6 +6,11 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast instead of retrying an unreachable hub
 
+import signal
+import socket
+import subprocess
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +20,9 @@ from PIL import Image
 from imgsearch.encoders import load_encoder
 from imgsearch.store import MilvusStore
 
-FASHION_DIR = Path(__file__).resolve().parent.parent / "examples" / "catalog"
+ROOT = Path(__file__).resolve().parent.parent
+FASHION_DIR = ROOT / "examples" / "catalog"
+SERVER_BINARY = ROOT / ".mv" / "bin" / "milvus-server"
 PHOTO_NAMES = ("chelsea", "coffee", "astronaut", "rocket", "camera", "coins", "hubble_deep_field", "immunohistochemistry")
 
 
@@ -39,11 +46,76 @@ def photos() -> dict[str, Image.Image]:
     return {name: Image.fromarray(getattr(data, name)()).convert("RGB") for name in PHOTO_NAMES}
 
 
+@pytest.fixture(scope="session")
+def milvus_server_uri(tmp_path_factory):
+    """A real Milvus server (the PyPI `milvus` 2.3.5 standalone, no Docker) on loopback for the whole session.
+    IMGSEARCH_TEST_MILVUS_URI points at one already running instead."""
+    if os.environ.get("IMGSEARCH_TEST_MILVUS_URI"):
+        yield os.environ["IMGSEARCH_TEST_MILVUS_URI"]
+        return
+    if not SERVER_BINARY.exists():
+        pytest.fail(
+            f"{SERVER_BINARY} not found: `python3 -m venv .mv && .mv/bin/pip install milvus==2.3.5 pymilvus==3.0.2` "
+            "(the README's test command does this)"
+        )
+    data = tmp_path_factory.mktemp("milvus-server")
+    port = _free_port()
+    log = open(data / "server.log", "wb")
+    process = subprocess.Popen(
+        [str(SERVER_BINARY), "--data", str(data), "--proxy-port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_serving(uri, process, data / "server.log")
+        yield uri
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_until_serving(uri: str, process: subprocess.Popen, log_path: Path, timeout: float = 120) -> None:
+    from pymilvus import MilvusClient
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"milvus-server exited with {process.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            client = MilvusClient(uri=uri, timeout=2)
+            client.list_collections()
+            client.close()
+            return
+        except Exception:
+            time.sleep(0.5)
+    pytest.fail(f"milvus-server did not answer at {uri} within {timeout:.0f} s: {log_path.read_text()[-2000:]}")
+
+
+@pytest.fixture(params=["lite", "server"])
+def backend(request) -> str:
+    return request.param
+
+
 @pytest.fixture
-def make_store(tmp_path, encoder):
+def make_store(tmp_path, encoder, backend, request):
+    """Fresh stores on the test's backend: a Milvus Lite file, or uniquely named collections on the server."""
     stores: list[MilvusStore] = []
+    server_uri = request.getfixturevalue("milvus_server_uri") if backend == "server" else None
 
     def make(uri: str | None = None, collection: str = "test_images") -> MilvusStore:
+        if server_uri and uri is None:
+            uri, collection = server_uri, f"{collection}_{uuid.uuid4().hex[:10]}"
         store = MilvusStore(
             uri or str(tmp_path / "milvus.db"),
             collection,
@@ -56,6 +128,8 @@ def make_store(tmp_path, encoder):
 
     yield make
     for store in stores:
+        if store.uri == server_uri:
+            store.client.drop_collection(store.collection)
         store.close()
 
 

@@ -125,7 +125,7 @@ def test_linear_head_round_trip_and_refusals(make_store, vectors_by_class, tmp_p
     weights_path, info_path = head.save(tmp_path / "heads" / "shop-linear")
     assert (weights_path, info_path) == head_paths(tmp_path / "heads" / "shop-linear")
 
-    loaded = load_head(tmp_path / "heads" / "shop-linear", encoder_name=store.model, collection="shop")
+    loaded = load_head(tmp_path / "heads" / "shop-linear", encoder_name=store.model, collection=store.collection)
     queries = np.concatenate([vectors_by_class[name][1][20:] for name in KNOWN])
     assert np.allclose(linear_probabilities(loaded.state, queries), linear_probabilities(head.state, queries))
     predicted = [loaded.info.labels[i] for i in linear_probabilities(loaded.state, queries).argmax(1)]
@@ -133,11 +133,11 @@ def test_linear_head_round_trip_and_refusals(make_store, vectors_by_class, tmp_p
     assert np.mean([p == t for p, t in zip(predicted, truth)]) >= 0.8
 
     with pytest.raises(HeadError, match="trained for encoder efficientnet_lite0, not timm:resnet18"):
-        load_head(tmp_path / "heads" / "shop-linear", encoder_name="timm:resnet18", collection="shop")
-    with pytest.raises(HeadError, match="trained on collection shop, not other"):
+        load_head(tmp_path / "heads" / "shop-linear", encoder_name="timm:resnet18", collection=store.collection)
+    with pytest.raises(HeadError, match=f"trained on collection {store.collection}, not other"):
         load_head(tmp_path / "heads" / "shop-linear", encoder_name=store.model, collection="other")
     with pytest.raises(HeadError, match="no head at"):
-        load_head(tmp_path / "missing", encoder_name=store.model, collection="shop")
+        load_head(tmp_path / "missing", encoder_name=store.model, collection=store.collection)
 
 
 def test_finetune_trains_only_the_last_stages(tmp_path):

@@ -35,20 +35,21 @@ def test_schema_and_round_trip(make_store):
     assert store.get(["a" * 64])["a" * 64]["path"] == "/y/a.png"
 
 
-def test_opening_with_another_model_names_both(tmp_path, make_store):
-    make_store(collection="guarded")
+def test_opening_with_another_model_names_both(make_store):
+    guarded = make_store(collection="guarded")
     with pytest.raises(ModelMismatchError) as caught:
-        MilvusStore(str(tmp_path / "milvus.db"), "guarded", model="resnet50", dim=2048)
+        MilvusStore(guarded.uri, guarded.collection, model="resnet50", dim=2048)
     message = str(caught.value)
     assert "efficientnet_lite0" in message and "1280" in message and "resnet50" in message and "2048" in message
 
 
-def test_second_process_gets_a_clear_lock_error(tmp_path, make_store):
-    store = make_store()
+def test_second_process_gets_a_clear_lock_error(tmp_path):
+    store = MilvusStore(str(tmp_path / "locked.db"), "test_images", model="efficientnet_lite0", dim=1280)
     code = (
         "from imgsearch.store import MilvusStore\n"
         f"MilvusStore({str(store.uri)!r}, 'test_images', model='efficientnet_lite0', dim=1280)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
+    store.close()
     assert "StoreLockedError" in result.stderr and "milvus-lite server" in result.stderr

@@ -60,8 +60,9 @@ def load_lite0_classifier(weights: Path | None = None) -> torch.nn.Module:
 
 
 class ResizeShorterSide(torch.nn.Module):
-    """Bicubic when shrinking; bilinear when enlarging small images, where bicubic's overshoot rings
-    (on 28 px Fashion-MNIST, bilinear raised 1-NN accuracy from 0.844 to 0.859: benchmarks/recognition.py)."""
+    """Bicubic when shrinking; bilinear when enlarging small images, where bicubic's overshoot rings.
+    (On 28 px Fashion-MNIST, 600 references per class and 2,000 test queries, bilinear gave 1-NN accuracy 0.859
+    against 0.844 for bicubic: a one-off comparison made while choosing it, not a benchmark script.)"""
 
     def __init__(self, size: int) -> None:
         super().__init__()
