@@ -83,6 +83,7 @@ def ingest(
     no_labels: Annotated[bool, typer.Option("--no-labels", help="Do not take labels from folder names")] = False,
     manifest: Annotated[Optional[Path], typer.Option("--manifest", help="CSV or JSONL with path,label and extra metadata columns")] = None,
     prune: Annotated[bool, typer.Option("--prune", help="Delete stored rows whose files are gone")] = False,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="I/N: only images whose content hash is in shard I of N (0-based), so N processes share a catalog", show_default=False)] = None,
     json_output: JsonOption = False,
     uri: UriOption = None,
     collection: CollectionOption = None,
@@ -94,11 +95,12 @@ def ingest(
     workers: WorkersOption = None,
 ) -> None:
     """Index a folder of images; unchanged content is skipped, bad files are reported."""
-    from ingest.catalog import check_catalog
+    from ingest.catalog import Shard, check_catalog
     from ingest.pipeline import ingest_catalog
 
     with user_errors():
         check_catalog(path, manifest)  # before loading a model or creating a collection
+        selected_shard = Shard.parse(shard) if shard else None
         settings = load_settings(
             milvus_uri=uri, collection=collection, model=model, weights=weights, device=device, runtime=runtime,
             batch_size=batch_size, workers=workers,
@@ -107,7 +109,7 @@ def ingest(
         show_progress = sys.stderr.isatty() and not json_output
         with store, _progress_bar(show_progress) as progress:
             report = ingest_catalog(
-                path, encoder, store, use_labels=not no_labels, manifest=manifest, prune=prune,
+                path, encoder, store, use_labels=not no_labels, manifest=manifest, prune=prune, shard=selected_shard,
                 batch_size=settings.batch_size, workers=settings.workers, max_pixels=settings.max_image_pixels,
                 upsert_chunk=settings.upsert_chunk, progress=progress,
             )

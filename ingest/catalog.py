@@ -23,6 +23,30 @@ class CatalogEntry:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Shard `index` of `count`: the images whose content hash, read as a number, is `index` modulo `count`.
+    Every image falls in exactly one shard, and copies of the same content in the same one, so n processes
+    or machines, each ingesting the whole catalog with its own shard, fill one collection with no overlap."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Shard":
+        index, slash, count = text.partition("/")
+        try:
+            shard = cls(int(index), int(count))
+        except ValueError:
+            shard = None
+        if not slash or shard is None or shard.count < 1 or not 0 <= shard.index < shard.count:
+            raise CatalogError(f"--shard must be I/N with 0 <= I < N (e.g. 0/3, 1/3, 2/3), not {text!r}")
+        return shard
+
+    def contains(self, digest: str) -> bool:
+        return int(digest[:16], 16) % self.count == self.index
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

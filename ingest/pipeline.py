@@ -27,7 +27,7 @@ from imgsearch.encoders import Encoder
 from imgsearch.errors import ImageDecodeError, StoreError
 from imgsearch.images import describe_os_error, load_image
 from imgsearch.store import ImageRecord, MilvusStore
-from ingest.catalog import CatalogEntry, bytes_sha256, file_sha256, scan_catalog
+from ingest.catalog import CatalogEntry, Shard, bytes_sha256, file_sha256, scan_catalog
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class IngestReport:
     skipped: int = 0  # already stored with the same path, label and metadata
     updated: int = 0  # already stored; path, label or metadata changed (renames): not re-encoded
     pruned: int = 0
+    other_shards: int = 0  # with --shard: images left to the other shards
     failed: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     # Stage split. decode_seconds is summed over worker processes (read + hash + decode + preprocess);
@@ -73,6 +74,8 @@ class IngestReport:
             extras.append(f"updated {self.updated} moved/relabelled")
         if self.pruned:
             extras.append(f"pruned {self.pruned}")
+        if self.other_shards:
+            extras.append(f"{self.other_shards} left to other shards")
         extras.append(f"{self.seconds:.1f} s, {self.images_per_second:.1f} images/s")
         return f"{line} ({'; '.join(extras)})"
 
@@ -82,6 +85,7 @@ class IngestReport:
             "skipped": self.skipped,
             "updated": self.updated,
             "pruned": self.pruned,
+            "other_shards": self.other_shards,
             "failed": self.failed,
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 2),
@@ -162,6 +166,7 @@ def ingest_entries(
     *,
     prune: bool = False,
     relabel_duplicates: bool = False,
+    shard: Shard | None = None,
     batch_size: int = 32,
     workers: int | None = None,
     max_pixels: int = 64_000_000,
@@ -174,7 +179,7 @@ def ingest_entries(
     with tempfile.TemporaryDirectory(prefix="imgsearch-plan-") as tmp:
         plan_path = Path(tmp) / "plan.jsonl"
         warm_up = _warm_up_in_background(encoder, batch_size)
-        pending = _plan(iter(entries), store, plan_path, report, progress, relabel_duplicates)
+        pending = _plan(iter(entries), store, plan_path, report, progress, relabel_duplicates, shard)
         if warm_up is not None:
             warm_up.join()
         if pending:
@@ -182,7 +187,7 @@ def ingest_entries(
             dataset = PlannedImages(plan_path, preprocess, max_pixels, encoder.input_size)
             _encode_and_store(dataset, pending, encoder, store, report, batch_size, workers, upsert_chunk, progress)
     if prune:
-        report.pruned = prune_missing(store)
+        report.pruned = prune_missing(store, shard)
     store.flush()
     report.seconds = time.perf_counter() - started
     return report
@@ -208,6 +213,7 @@ def _plan(
     report: IngestReport,
     progress: ProgressCallback | None,
     relabel_duplicates: bool = False,
+    shard: Shard | None = None,
 ) -> int:
     """Hash every entry, settle what is already stored, and write the rest to the plan file.
     `relabel_duplicates` (enrolment): stored content under another label takes the new label."""
@@ -217,6 +223,11 @@ def _plan(
     with open(plan_path, "w", encoding="utf-8") as plan, ThreadPoolExecutor(HASH_THREADS) as pool:
         while chunk := list(islice(entries, PLAN_CHUNK)):
             hashes = list(pool.map(_hash_or_error, [entry.path for entry in chunk]))
+            if shard is not None:
+                mine = [digest is None or shard.contains(digest) for digest, _ in hashes]
+                report.other_shards += mine.count(False)
+                chunk = [entry for entry, keep in zip(chunk, mine) if keep]
+                hashes = [pair for pair, keep in zip(hashes, mine) if keep]
             known = store.get([digest for digest, _ in hashes if digest], fields=("id", "path", "label", "metadata"))
             moved: list[tuple[CatalogEntry, str]] = []
             for entry, (digest, error) in zip(chunk, hashes):
@@ -390,7 +401,11 @@ def _encode_and_store(
         report.max_in_flight = in_flight.peak
 
 
-def prune_missing(store: MilvusStore) -> int:
-    """Delete rows whose file no longer exists."""
-    gone = [row["id"] for row in store.iter_rows(("id", "path")) if not Path(row["path"]).exists()]
+def prune_missing(store: MilvusStore, shard: Shard | None = None) -> int:
+    """Delete rows whose file no longer exists (only this shard's rows, when sharded)."""
+    gone = [
+        row["id"]
+        for row in store.iter_rows(("id", "path"))
+        if (shard is None or shard.contains(row["id"])) and not Path(row["path"]).exists()
+    ]
     return store.delete(gone) if gone else 0

@@ -266,3 +266,32 @@ def test_eval_reads_debian_fashion_mnist(tmp_path):
 def test_eval_bad_dataset_is_one_line(tmp_path):
     result = run(["eval", "fashion-mnist:" + str(tmp_path), "--no-calibrate"], check=False, cwd=tmp_path)
     assert result.returncode == 2 and "dataset-fashion-mnist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_three_shards_in_parallel_fill_one_server_collection_without_overlap(milvus_server_uri, tmp_path):
+    catalog = tmp_path / "catalog"
+    for source in fashion_images(4):
+        target = catalog / source.parent.name / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+    collection = f"sharded_{os.getpid()}"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("IMGSEARCH_")}
+    processes = [
+        subprocess.Popen(
+            CLI + ["ingest", str(catalog), "--uri", milvus_server_uri, "--collection", collection, "--shard", f"{i}/3", "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        for i in range(3)
+    ]
+    reports = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr
+        reports.append(json.loads(stdout))
+    assert sum(report["indexed"] for report in reports) == 40  # every image exactly once
+    assert all(report["indexed"] + report["other_shards"] == 40 for report in reports)
+    assert all(report["indexed"] > 0 for report in reports)
+    info = json.loads(run(["info", "--json", "--uri", milvus_server_uri, "--collection", collection]).stdout)
+    assert info["count"] == 40
+    rerun = json.loads(run(["ingest", str(catalog), "--uri", milvus_server_uri, "--collection", collection, "--json"]).stdout)
+    assert (rerun["indexed"], rerun["skipped"]) == (0, 40)  # no shard missed or duplicated anything
