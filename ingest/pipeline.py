@@ -290,6 +290,7 @@ class _Writer:
         self.in_flight = in_flight
         self.queue: queue.Queue[list[ImageRecord] | None] = queue.Queue(maxsize=max_queued_chunks)
         self.seconds = 0.0
+        self.written = 0
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="imgsearch-writer", daemon=True)
         self.thread.start()
@@ -300,6 +301,8 @@ class _Writer:
                 started = time.perf_counter()
                 try:
                     self.store.upsert(records)
+                    self.written += len(records)
+                    log.info("upserted %d rows (%d in this run)", len(records), self.written)
                 except BaseException as error:  # handed to the main thread in put()/close()
                     self.error = error
                 self.seconds += time.perf_counter() - started

@@ -1,0 +1,107 @@
+"""Crash safety: `imgsearch ingest` killed with SIGKILL at different moments, then rerun, stores every good image
+exactly once and re-encodes nothing that was already stored. On Milvus Lite and on a real server.
+
+Why it holds: a row's id is the SHA-256 of the file's bytes, so an image always maps to the same row and an
+upsert of it is idempotent; a rerun hashes the catalog, skips ids already stored and encodes the rest. A row
+acknowledged by an upsert is durable on a server (its write-ahead log) without a flush; the flush at the end of
+a run only seals segments. Rows a killed run had not yet upserted are simply encoded by the rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+
+from tests.conftest import FASHION_DIR
+
+CLI = [sys.executable, "-m", "imgsearch.cli"]
+UPSERT_CHUNK = 32  # small chunks, so a killed run leaves some rows written and some not
+# Kill moments: during start-up (no row written), after the 2nd chunk of a run, after the 3rd chunk of the next.
+KILL_AFTER_CHUNKS = (0, 2, 3)
+START_UP_KILL_SECONDS = 2.0
+
+
+def environment() -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("IMGSEARCH_")}
+    return {**env, "IMGSEARCH_UPSERT_CHUNK": str(UPSERT_CHUNK)}
+
+
+def stored_count(uri: str, collection: str) -> int:
+    result = subprocess.run(
+        CLI + ["info", "--json", "--uri", uri, "--collection", collection], capture_output=True, text=True, env=environment(), timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["count"]
+
+
+def run_and_kill(command: list[str], chunks: int) -> bool:
+    """Start an ingest and SIGKILL it once it has logged `chunks` upserts (or after START_UP_KILL_SECONDS for 0).
+    Returns whether it was killed (rather than finishing first)."""
+    verbose = CLI + ["--verbose"] + command[len(CLI) :]  # the upsert log lines mark the moments
+    process = subprocess.Popen(verbose, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=environment())
+    reached = threading.Event()
+
+    def watch() -> None:
+        seen = 0
+        for line in process.stderr:
+            if "upserted" in line:
+                seen += 1
+                if seen >= chunks:
+                    reached.set()
+        reached.set()  # stderr closed: the process ended
+
+    threading.Thread(target=watch, daemon=True).start()
+    if chunks == 0:
+        time.sleep(START_UP_KILL_SECONDS)
+    else:
+        reached.wait(timeout=300)
+    finished = process.poll() is not None
+    if not finished:
+        process.send_signal(signal.SIGKILL)
+    process.wait()
+    return not finished
+
+
+@pytest.mark.parametrize("backend", ["lite", "server"])
+def test_ingest_killed_at_several_moments_then_rerun_stores_each_image_once(backend, tmp_path, request):
+    catalog = tmp_path / "catalog"
+    shutil.copytree(FASHION_DIR, catalog)
+    (catalog / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    good = sum(1 for path in catalog.rglob("*") if path.is_file()) - 1
+    if backend == "server":
+        uri, collection = request.getfixturevalue("milvus_server_uri"), f"crash_{uuid.uuid4().hex[:10]}"
+    else:
+        uri, collection = str(tmp_path / "crash.db"), "crash"
+    command = CLI + [
+        "ingest", str(catalog), "--uri", uri, "--collection", collection, "--json", "--batch-size", "8", "--workers", "0",
+    ]
+
+    stored_after_kill = []
+    for chunks in KILL_AFTER_CHUNKS:
+        assert run_and_kill(command, chunks), f"ingest finished before the kill after {chunks} chunks"
+        stored_after_kill.append(stored_count(uri, collection))
+    # Every upsert a killed run made is kept: at least the chunks it logged, and never more than the catalog.
+    assert stored_after_kill[0] == 0
+    assert 2 * UPSERT_CHUNK <= stored_after_kill[1] < good
+    assert stored_after_kill[1] + 3 * UPSERT_CHUNK <= stored_after_kill[2] < good
+
+    before = stored_after_kill[-1]
+    finished = subprocess.run(command, capture_output=True, text=True, env=environment(), timeout=600)
+    assert finished.returncode == 0, finished.stderr
+    report = json.loads(finished.stdout)
+    # What the killed runs stored is skipped, not re-encoded; the rest is encoded now.
+    assert report["skipped"] == before and report["indexed"] == good - before
+    assert [failure["path"].endswith("broken.jpg") for failure in report["failed"]] == [True]
+    assert stored_count(uri, collection) == good  # exact: no duplicates, nothing lost
+
+    again = json.loads(subprocess.run(command, capture_output=True, text=True, env=environment(), timeout=600).stdout)
+    assert (again["indexed"], again["skipped"]) == (0, good)
