@@ -468,5 +468,58 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+@app.command()
+def reindex(
+    model: ModelOption = None,
+    alias: Annotated[Optional[str], typer.Option("--alias", help="The name searches use; moved to the new collection at the end [default: --collection]", show_default=False)] = None,
+    source: Annotated[Optional[str], typer.Option("--from", help="Collection (or alias) to read paths from [default: --alias]", show_default=False)] = None,
+    target: Annotated[Optional[str], typer.Option("--target", help="New collection [default: imgsearch_<model>]", show_default=False)] = None,
+    json_output: JsonOption = False,
+    uri: UriOption = None,
+    collection: CollectionOption = None,
+    weights: WeightsOption = None,
+    device: DeviceOption = None,
+    runtime: RuntimeOption = None,
+    batch_size: BatchOption = None,
+    workers: WorkersOption = None,
+) -> None:
+    """Re-encode the stored images with another model into a new collection, then switch the alias to it
+    (searches through the alias keep answering throughout). Needs a Milvus server."""
+    from imgsearch.config import default_collection_name
+    from imgsearch.store import MilvusStore, open_store
+    from ingest.reindex import reindex as reindex_collection
+
+    with user_errors():
+        if model is None:
+            raise UsageError("reindex needs --model: the model to switch to")
+        settings = load_settings(
+            milvus_uri=uri, collection=collection, model=model, weights=weights, device=device, runtime=runtime,
+            batch_size=batch_size, workers=workers,
+        )
+        alias = alias or settings.collection
+        if not alias:
+            raise UsageError("reindex needs --alias (or --collection / IMGSEARCH_COLLECTION): the name searches use")
+        target_name = target or default_collection_name(settings.model)
+        with MilvusStore.open_existing(settings.milvus_uri, source or alias, settings.milvus_token) as old:
+            if old.resolved_name() == target_name:
+                raise UsageError(f"{source or alias} already is collection {target_name}; choose another --target")
+            encoder = _load_encoder(settings)
+            settings = settings.model_copy(update={"collection": target_name})
+            with open_store(settings, encoder) as new:
+                report = reindex_collection(
+                    old, new, encoder, alias, batch_size=settings.batch_size, workers=settings.workers,
+                    max_pixels=settings.max_image_pixels, upsert_chunk=settings.upsert_chunk,
+                )
+    if json_output:
+        print_json(report.to_dict())
+        return
+    print_skipped(report.ingest.failed, "skipped")
+    stdout.print(
+        f"{report.alias} now points to {report.target} ({report.model}; was {report.source}); "
+        f"{report.ingest.summary_line()}. Search it with --collection {report.alias} --model {report.model}",
+        highlight=False, soft_wrap=True,
+    )
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -277,6 +277,22 @@ class MilvusStore:
             for hits in results
         ]
 
+    def resolved_name(self) -> str:
+        """The collection behind this store's name (an alias resolves to its collection)."""
+        return self.client.describe_collection(self.collection).get("collection_name", self.collection)
+
+    def point_alias(self, alias: str) -> None:
+        """Make `alias` name this collection, atomically moving it if it named another."""
+        try:
+            existing = alias in self.client.list_aliases().get("aliases", [])
+            if existing:
+                self.client.alter_alias(self.collection, alias)
+            else:
+                self.client.create_alias(self.collection, alias)
+        except MilvusException as error:
+            hint = " (Milvus Lite has no aliases: use a Milvus server)" if is_lite_uri(self.uri) else ""
+            raise StoreError(f"cannot point alias {alias} at {self.collection}: {error.message}{hint}") from None
+
     def properties(self) -> dict[str, str]:
         return dict(self.client.describe_collection(self.collection).get("properties") or {})
 

@@ -7,6 +7,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -295,3 +297,72 @@ def test_three_shards_in_parallel_fill_one_server_collection_without_overlap(mil
     assert info["count"] == 40
     rerun = json.loads(run(["ingest", str(catalog), "--uri", milvus_server_uri, "--collection", collection, "--json"]).stdout)
     assert (rerun["indexed"], rerun["skipped"]) == (0, 40)  # no shard missed or duplicated anything
+
+
+@pytest.fixture(scope="module")
+def second_model_weights(tmp_path_factory):
+    """A second real model for switching to: the Lite0 ImageNet weights in timm's own layout, loaded as
+    `timm:tf_efficientnet_lite0` (another encoder identity and preprocessing; no download)."""
+    from safetensors.torch import save_file
+
+    from imgsearch.encoders.lite0 import load_lite0_classifier
+
+    path = tmp_path_factory.mktemp("weights") / "tf_efficientnet_lite0.safetensors"
+    save_file({key: value.contiguous() for key, value in load_lite0_classifier().state_dict().items()}, str(path))
+    return path
+
+
+def test_reindex_switches_the_alias_while_searches_keep_answering(milvus_server_uri, tmp_path, second_model_weights):
+    from pymilvus import MilvusClient
+
+    catalog = tmp_path / "catalog"
+    for source in fashion_images(2):
+        target = catalog / source.parent.name / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+    suffix = f"{os.getpid()}_{tmp_path.name[-6:]}".replace("-", "_")
+    old, alias = f"shop_v1_{suffix}", f"shop_{suffix}"
+    run(["ingest", str(catalog), "--uri", milvus_server_uri, "--collection", old])
+    client = MilvusClient(uri=milvus_server_uri)
+    client.create_alias(old, alias)
+    probe = client.query(old, filter="", output_fields=["vector"], limit=1)[0]["vector"]
+
+    answered, errors, stop = [], [], threading.Event()
+
+    def search_through_the_alias() -> None:
+        searcher = MilvusClient(uri=milvus_server_uri)
+        while not stop.is_set():
+            try:
+                answered.append(len(searcher.search(alias, data=[probe], limit=3)[0]))
+            except Exception as error:  # counted: the test needs none
+                errors.append(repr(error))
+            time.sleep(0.05)
+        searcher.close()
+
+    searcher = threading.Thread(target=search_through_the_alias)
+    searcher.start()
+    try:
+        new = f"shop_v2_{suffix}"
+        result = run([
+            "reindex", "--model", "timm:tf_efficientnet_lite0", "--weights", str(second_model_weights), "--alias", alias,
+            "--target", new, "--uri", milvus_server_uri, "--json",
+        ])
+        time.sleep(0.5)  # a few searches after the switch too
+    finally:
+        stop.set()
+        searcher.join()
+    report = json.loads(result.stdout)
+    assert (report["source"], report["target"], report["indexed"], report["failed"]) == (old, new, 20, [])
+    assert errors == [] and len(answered) > 10 and set(answered) == {3}
+    assert client.describe_alias(alias)["collection_name"] == new
+    labels = lambda name: sorted(row["label"] for row in client.query(name, filter="", output_fields=["label"], limit=100))  # noqa: E731
+    assert labels(new) == labels(old) and len(labels(new)) == 20
+    query = str(sorted((catalog / "sneaker").glob("*.png"))[0])
+    hits = json.loads(run([
+        "search", query, "--collection", alias, "--model", "timm:tf_efficientnet_lite0", "--weights", str(second_model_weights),
+        "--uri", milvus_server_uri, "--json", "-k", "1",
+    ]).stdout)
+    assert hits[0]["results"][0]["path"] == str(Path(query).resolve())
+    refused = run(["search", query, "--collection", alias, "--uri", milvus_server_uri], check=False)
+    assert refused.returncode == 2 and "holds vectors of model timm:tf_efficientnet_lite0" in refused.stderr
+    client.close()

@@ -1,0 +1,43 @@
+"""Switch a collection to another model without downtime: build the new model's collection from the stored
+paths, labels and metadata, then point the serving alias at it in one step.
+
+Searches address the alias; until the switch they are answered by the old collection, after it by the new one.
+Milvus Lite has no aliases, so this needs a Milvus server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imgsearch.encoders import Encoder
+from imgsearch.store import MilvusStore
+from ingest.catalog import CatalogEntry
+from ingest.pipeline import IngestReport, ingest_entries
+
+
+@dataclass
+class ReindexReport:
+    alias: str
+    source: str  # the collection the alias pointed to before
+    target: str
+    model: str
+    ingest: IngestReport
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"alias": self.alias, "source": self.source, "target": self.target, "model": self.model, **self.ingest.to_dict()}
+
+
+def reindex(source: MilvusStore, target: MilvusStore, encoder: Encoder, alias: str, **ingest_options: Any) -> ReindexReport:
+    """Encode every stored image again with `encoder` into `target`, then point `alias` at `target`.
+    Files that are gone are reported as failed; the alias moves only when the ingest finished."""
+    source_name = source.resolved_name()
+    rows = list(source.iter_rows(("path", "label", "metadata")))  # read first: the alias may move under a reader
+    entries = (
+        CatalogEntry(path=Path(row["path"]), label=row.get("label") or "", metadata=row.get("metadata") or {})
+        for row in rows
+    )
+    report = ingest_entries(entries, encoder, target, **ingest_options)
+    target.point_alias(alias)
+    return ReindexReport(alias, source_name, target.collection, encoder.name, report)
