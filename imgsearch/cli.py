@@ -62,12 +62,9 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log prog
 
 
 def _load_encoder(settings: Settings):
-    from imgsearch.encoders import load_encoder
+    from imgsearch.encoders import encoder_from_settings
 
-    return load_encoder(
-        settings.model, weights=settings.weights, device=settings.device, runtime=settings.runtime,
-        onnx_cache=settings.onnx_cache, cuda_graphs=settings.cuda_graphs,
-    )
+    return encoder_from_settings(settings)
 
 
 def _open(settings: Settings, create: bool = True):
@@ -519,6 +516,31 @@ def reindex(
         f"{report.ingest.summary_line()}. Search it with --collection {report.alias} --model {report.model}",
         highlight=False, soft_wrap=True,
     )
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
+    uri: UriOption = None,
+    collection: CollectionOption = None,
+    model: ModelOption = None,
+    weights: WeightsOption = None,
+    device: DeviceOption = None,
+    runtime: RuntimeOption = None,
+) -> None:
+    """Run the REST service (one worker: the model and the store are loaded once)."""
+    import uvicorn
+
+    from api.app import Service, create_app
+
+    with user_errors():
+        settings = load_settings(
+            milvus_uri=uri, collection=collection, model=model, weights=weights, device=device, runtime=runtime
+        )
+        service = Service(settings)  # a locked Milvus Lite file or missing weights fail here, as one line
+    stderr.print(f"serving {settings.collection_name} ({service.encoder.name}) on http://{host}:{port}", highlight=False)
+    uvicorn.run(create_app(service=service), host=host, port=port, log_level="warning")
 
 
 if __name__ == "__main__":  # pragma: no cover

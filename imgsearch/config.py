@@ -28,6 +28,12 @@ class Settings(BaseSettings):
     workers: int | None = Field(None, ge=0, description="Decode worker processes; default: automatic")
     max_image_pixels: int = Field(64_000_000, ge=1, description="Refuse images larger than this (decompression bombs)")
     upsert_chunk: int = Field(512, ge=1, description="Rows per Milvus upsert call")
+    # The REST service (imgsearch serve)
+    api_key: str | None = Field(None, description="When set, requests must send it in the X-API-Key header")
+    cors_origins: list[str] = Field(default_factory=list, description='Origins allowed by CORS, e.g. ["https://shop.example"]')
+    max_upload_bytes: int = Field(20_000_000, ge=1, description="Larger uploads are refused with 413")
+    upload_dir: Path = Field(Path("./uploads"), description="Where POST /images and /enroll store uploaded files")
+    batch_wait_ms: float = Field(5.0, ge=0, description="How long the service waits to fill a batch from concurrent requests")
     threshold: float | None = Field(
         None, description="Recognition abstains below this confidence; default: the one `imgsearch eval` stored"
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 from imgsearch.encoders.base import Encoder, TorchEncoder, resolve_device
 from imgsearch.errors import UnknownModelError, UnsupportedRuntimeError
 
-__all__ = ["Encoder", "TorchEncoder", "load_encoder", "describe_families", "resolve_device"]
+__all__ = ["Encoder", "TorchEncoder", "load_encoder", "encoder_from_settings", "describe_families", "resolve_device"]
 
 TORCHVISION_PREFIX = "torchvision:"
 TIMM_PREFIX = "timm:"
@@ -36,6 +36,14 @@ def load_encoder(
 
         return to_onnx(encoder, onnx_cache)
     return encoder
+
+
+def encoder_from_settings(settings) -> Encoder:
+    """The encoder the settings name: the one way the CLI and the API load it."""
+    return load_encoder(
+        settings.model, weights=settings.weights, device=settings.device, runtime=settings.runtime,
+        onnx_cache=settings.onnx_cache, cuda_graphs=settings.cuda_graphs,
+    )
 
 
 def load_torch_encoder(name: str, *, weights: Path | str | None = None, device: str = "auto") -> TorchEncoder:

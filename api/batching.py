@@ -1,0 +1,84 @@
+"""Micro-batching: concurrent requests' images share one forward pass, off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from imgsearch.encoders import Encoder
+
+
+@dataclass
+class _Request:
+    images: list[Image.Image]
+    future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class MicroBatcher:
+    """Collects images from concurrent callers for at most `max_wait` seconds or `max_batch` images, encodes them
+    in one `encode_images` call on a worker thread, and hands each caller its rows. `observe(batch_size, seconds)`
+    is told about every forward pass (the metrics)."""
+
+    def __init__(self, encoder: Encoder, *, max_batch: int = 32, max_wait: float = 0.005, observe=None) -> None:
+        self.encoder = encoder
+        self.max_batch = max_batch
+        self.max_wait = max_wait
+        self.observe = observe
+        self.queue: asyncio.Queue[_Request] = asyncio.Queue()
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run(), name="imgsearch-micro-batcher")
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+
+    async def encode(self, images: list[Image.Image]) -> np.ndarray:
+        request = _Request(images)
+        await self.queue.put(request)
+        return await request.future
+
+    async def _run(self) -> None:
+        while True:
+            pending = [await self.queue.get()]
+            size = len(pending[0].images)
+            deadline = time.monotonic() + self.max_wait
+            while size < self.max_batch:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    request = await asyncio.wait_for(self.queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    break
+                pending.append(request)
+                size += len(request.images)
+            await self._encode(pending, size)
+
+    async def _encode(self, pending: list[_Request], size: int) -> None:
+        images = [image for request in pending for image in request.images]
+        started = time.perf_counter()
+        try:
+            vectors = await asyncio.to_thread(self.encoder.encode_images, images)
+        except Exception as error:  # every waiting caller gets the failure, the batcher keeps running
+            for request in pending:
+                if not request.future.done():
+                    request.future.set_exception(error)
+            return
+        if self.observe:
+            self.observe(size, time.perf_counter() - started)
+        offset = 0
+        for request in pending:
+            count = len(request.images)
+            if not request.future.done():
+                request.future.set_result(vectors[offset : offset + count])
+            offset += count

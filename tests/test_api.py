@@ -1,0 +1,195 @@
+"""The REST service over real HTTP: a uvicorn server on loopback, real Milvus Lite, the real Lite0 model."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import uvicorn
+from PIL import Image
+
+from api.app import create_app
+from imgsearch.config import load_settings
+from ingest.catalog import file_sha256
+from tests.conftest import FASHION_DIR, fashion_images
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, settings) -> None:
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> httpx.Client:
+        self.thread.start()
+        client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=120)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if client.get("/health").status_code == 200:
+                    return client
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("the service did not become healthy")
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    folder = root / "catalog"
+    for source in fashion_images(3):
+        target = folder / source.parent.name / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+    return root, folder
+
+
+@pytest.fixture(scope="module")
+def service(catalog, onnx_encoder):
+    root, folder = catalog
+    settings = load_settings(
+        milvus_uri=str(root / "api.db"), upload_dir=root / "uploads", batch_wait_ms=50.0, device="cpu",
+        max_upload_bytes=2_000_000,
+    )
+    from imgsearch.store import open_store
+    from ingest.pipeline import ingest_catalog
+
+    encoder = onnx_encoder
+    with open_store(settings, encoder) as store:
+        ingest_catalog(folder, encoder, store, workers=0)
+    with LiveServer(settings) as client:
+        yield client
+
+
+def png_bytes(path) -> bytes:
+    return path.read_bytes()
+
+
+def test_health_info_and_openapi(service):
+    assert service.get("/health").json() == {"status": "ok"}
+    info = service.get("/info").json()
+    assert info["count"] == 30 and info["model"] == "efficientnet_lite0" and info["supports_text"] is False
+    paths = service.get("/openapi.json").json()["paths"]
+    for endpoint in ("/health", "/info", "/search", "/search/text", "/recognize", "/enroll", "/images", "/images/{image_id}", "/metrics"):
+        assert endpoint in paths
+
+
+def test_search_by_image_finds_the_same_image_first(service, catalog):
+    _, folder = catalog
+    query = sorted((folder / "bag").glob("*.png"))[0]
+    response = service.post("/search", files={"image": ("q.png", query.read_bytes(), "image/png")}, data={"k": "3"})
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert len(results) == 3 and results[0]["id"] == file_sha256(query) and results[0]["score"] == pytest.approx(1, abs=1e-3)
+    assert set(results[0]) == {"id", "score", "path", "label", "metadata"}
+    filtered = service.post(
+        "/search", files={"image": ("q.png", query.read_bytes(), "image/png")}, data={"k": "5", "filter": 'label == "coat"'}
+    ).json()["results"]
+    assert {hit["label"] for hit in filtered} == {"coat"}
+
+
+def test_text_search_needs_a_clip_model(service):
+    response = service.post("/search/text", json={"text": "a red shoe", "k": 3})
+    assert response.status_code == 400 and "text" in response.json()["detail"]
+
+
+def test_enroll_then_recognize(service, tmp_path):
+    bags = sorted((FASHION_DIR / "bag").glob("*.png"))[10:15]
+    enrolled = service.post("/enroll", data={"label": "handbag"}, files=[("image", (p.name, p.read_bytes(), "image/png")) for p in bags])
+    assert enrolled.status_code == 200, enrolled.text
+    body = enrolled.json()
+    assert body["indexed"] == 5 and body["ids"] == [file_sha256(p) for p in bags]
+    queries = sorted((FASHION_DIR / "bag").glob("*.png"))[20:22]
+    response = service.post("/recognize", files=[("image", (p.name, p.read_bytes(), "image/png")) for p in queries], data={"k": "10"})
+    assert response.status_code == 200, response.text
+    items = response.json()
+    assert [item["path"] for item in items] == [p.name for p in queries]
+    assert all(set(item) == {"path", "label", "confidence", "neighbours"} and len(item["neighbours"]) == 10 for item in items)
+    assert "handbag" in {n["label"] for item in items for n in item["neighbours"]}
+
+
+def test_upload_get_thumbnail_and_delete(service):
+    image = Image.new("RGB", (320, 200), (200, 30, 30))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    uploaded = service.post("/images", files={"image": ("red.png", buffer.getvalue(), "image/png")}, data={"label": "red"})
+    assert uploaded.status_code == 200, uploaded.text
+    [image_id] = uploaded.json()["ids"]
+    original = service.get(f"/images/{image_id}")
+    assert original.status_code == 200 and original.content == buffer.getvalue()
+    thumb = service.get(f"/images/{image_id}", params={"size": 64})
+    assert thumb.headers["content-type"] == "image/jpeg" and max(Image.open(io.BytesIO(thumb.content)).size) == 64
+    assert service.delete(f"/images/{image_id}").json() == {"deleted": image_id}
+    assert service.get(f"/images/{image_id}").status_code == 404
+    assert service.delete(f"/images/{image_id}").status_code == 404
+    assert service.get("/images/..%2F..%2Fetc%2Fpasswd").status_code == 404  # ids only, never paths
+
+
+@pytest.mark.parametrize(
+    "name, payload, status",
+    [
+        ("empty.png", b"", 422),
+        ("notes.png", b"just some text, not an image", 422),
+        ("garbage.jpg", b"\xff\xd8\xff\xe0" + b"\x00\x13" * 500, 422),
+        ("huge.png", b"\x89PNG" + b"\x00" * 2_100_000, 413),
+    ],
+)
+def test_hostile_uploads_get_4xx_with_detail(service, name, payload, status):
+    response = service.post("/search", files={"image": (name, payload, "image/png")})
+    assert response.status_code == status and response.json()["detail"]
+
+
+def test_decompression_bomb_is_422(service):
+    bomb = Image.new("L", (12000, 12000))  # 144 MP > the 64 MP limit, a few hundred KB as PNG
+    buffer = io.BytesIO()
+    bomb.save(buffer, "PNG")
+    response = service.post("/search", files={"image": ("bomb.png", buffer.getvalue(), "image/png")})
+    assert response.status_code == 422 and "pixels" in response.json()["detail"]
+
+
+def test_concurrent_requests_share_batches(service, catalog):
+    _, folder = catalog
+    queries = sorted(folder.rglob("*.png"))[:16]
+
+    def search(path):
+        return service.post("/search", files={"image": (path.name, path.read_bytes(), "image/png")}, data={"k": "1"}).status_code
+
+    before = batch_histogram(service)
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(search, queries)) == [200] * 16
+    after = batch_histogram(service)
+    passes, images = after[0] - before[0], after[1] - before[1]
+    assert images == 16 and passes < 16, (passes, images)  # fewer forward passes than requests
+
+
+def batch_histogram(client) -> tuple[float, float]:
+    text = client.get("/metrics").text
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("imgsearch_batch_size_")}
+    return values["imgsearch_batch_size_count"], values["imgsearch_batch_size_sum"]
+
+
+def test_api_key(catalog, onnx_encoder):
+    root, _ = catalog
+    settings = load_settings(milvus_uri=str(root / "keyed.db"), api_key="s3cret", device="cpu")
+    with LiveServer(settings) as client:
+        assert client.get("/info").status_code == 401
+        assert client.get("/info", headers={"X-API-Key": "wrong"}).status_code == 401
+        assert client.get("/info", headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert client.get("/health").status_code == 200  # readiness stays open for orchestrators
