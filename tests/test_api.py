@@ -193,3 +193,58 @@ def test_api_key(catalog, onnx_encoder):
         assert client.get("/info", headers={"X-API-Key": "wrong"}).status_code == 401
         assert client.get("/info", headers={"X-API-Key": "s3cret"}).status_code == 200
         assert client.get("/health").status_code == 200  # readiness stays open for orchestrators
+
+
+def test_web_page_in_a_real_browser(service, catalog):
+    """Debian's Chromium, driven by Playwright: upload an image, see the grid with it first; then recognise."""
+    from playwright.sync_api import sync_playwright
+
+    _, folder = catalog
+    query = sorted((folder / "trouser").glob("*.png"))[0]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(str(service.base_url))
+            page.wait_for_function("document.querySelector('[data-testid=info]').textContent.includes('images')")
+            assert page.is_hidden("#text-form")  # Lite0 has no text tower
+            page.set_input_files("#file", str(query))
+            page.wait_for_selector("[data-testid=result]")
+            cards = page.locator("[data-testid=result]")
+            assert cards.count() >= 5
+            assert cards.first.get_attribute("data-id") == file_sha256(query)
+            assert cards.first.locator(".label").inner_text() == "trouser"
+            page.wait_for_function("document.querySelector('[data-testid=result] img').naturalWidth > 0")  # thumbnail shown
+
+            page.check("input[value=recognize]")
+            page.set_input_files("#file", str(sorted((FASHION_DIR / "trouser").glob("*.png"))[25]))
+            page.wait_for_selector("[data-testid=label]")
+            assert page.inner_text("[data-testid=label]") in ("trouser", "unknown")
+            assert "recognised" in page.inner_text("[data-testid=status]")
+        finally:
+            browser.close()
+
+
+def test_fuzzed_requests_never_get_a_5xx(service):
+    """A bounded property-based fuzz of every operation in /openapi.json (schemathesis strategies, 10 examples
+    each): user errors are 4xx with a detail, never 5xx."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    schema = schemathesis.openapi.from_url(f"{str(service.base_url).rstrip('/')}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 10
+    failures, statuses = [], set()
+    for operation in operations:
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def call(case) -> None:
+            response = case.call(timeout=120)
+            statuses.add(response.status_code)
+            if response.status_code >= 500:
+                failures.append(f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text[:200]}")
+
+        call()
+    assert failures == []
+    assert any(200 <= status < 300 for status in statuses) and any(400 <= status < 500 for status in statuses), statuses
