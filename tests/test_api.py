@@ -248,3 +248,36 @@ def test_fuzzed_requests_never_get_a_5xx(service):
         call()
     assert failures == []
     assert any(200 <= status < 300 for status in statuses) and any(400 <= status < 500 for status in statuses), statuses
+
+
+def test_load_on_the_server_backend(milvus_server_uri, catalog, onnx_encoder):
+    """8 clients x 200 searches against `imgsearch serve` on a real Milvus server: no errors (p50/p99 printed)."""
+    import numpy as np
+
+    from imgsearch.store import open_store
+    from ingest.pipeline import ingest_catalog
+
+    root, folder = catalog
+    settings = load_settings(
+        milvus_uri=milvus_server_uri, collection=f"load_{root.name[-6:]}".replace("-", "_"), device="cpu",
+        upload_dir=root / "uploads-load",
+    )
+    with open_store(settings, onnx_encoder) as store:
+        ingest_catalog(folder, onnx_encoder, store, workers=0)
+    queries = [path.read_bytes() for path in sorted(folder.rglob("*.png"))[:10]]
+    with LiveServer(settings) as client:
+
+        def search(i: int) -> tuple[int, float]:
+            began = time.perf_counter()
+            response = client.post("/search", files={"image": ("q.png", queries[i % 10], "image/png")}, data={"k": "5"})
+            return response.status_code, time.perf_counter() - began
+
+        began = time.perf_counter()
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(search, range(8 * 200)))
+        seconds = time.perf_counter() - began
+    statuses = [status for status, _ in results]
+    latencies = np.array([latency for _, latency in results]) * 1000
+    print(f"load: {len(results)} requests in {seconds:.1f} s ({len(results) / seconds:.0f}/s), "
+          f"p50 {np.percentile(latencies, 50):.0f} ms, p99 {np.percentile(latencies, 99):.0f} ms")
+    assert statuses.count(200) == 1600, {status: statuses.count(status) for status in set(statuses)}
