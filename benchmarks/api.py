@@ -55,6 +55,13 @@ def fill(uri: str, collection: str, size: int, dim: int = 1280) -> None:
         store.upsert([ImageRecord(id=f"{start + i:064x}", vector=v, path=f"/bench/{start + i}.jpg", label=f"c{(start + i) % 50}")
                       for i, v in enumerate(vectors)])
     store.flush()
+    # Measure the steady state: wait until the index covers every row (Milvus builds it in the background).
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        index = store.client.describe_index(collection, "vector")
+        if index.get("pending_index_rows", 0) == 0 and index.get("indexed_rows", size) >= size:
+            break
+        time.sleep(1)
     store.close()
 
 

@@ -35,6 +35,10 @@ ID_LENGTH = 64  # hex SHA-256
 LABEL_LENGTH = 512
 PATH_LENGTH = 4096
 QUERY_CHUNK = 1000  # ids per `id in [...]` filter
+# Searches read with Session consistency: a client sees its own writes (the API enrols and recognises through one
+# client), and a server answers in ~2 ms instead of waiting ~200 ms for the next time tick as Strong does
+# (measured on the 2.3.5 server). Counts and gets keep the collection's Strong level.
+SEARCH_CONSISTENCY = "Session"
 
 
 @dataclass
@@ -259,6 +263,7 @@ class MilvusStore:
                 filter=filter,
                 output_fields=fields,
                 search_params=search_params or {},
+                consistency_level=SEARCH_CONSISTENCY,
             )
         except MilvusException as error:
             raise StoreError(f"search failed: {error.message}") from None

@@ -281,3 +281,13 @@ def test_load_on_the_server_backend(milvus_server_uri, catalog, onnx_encoder):
     print(f"load: {len(results)} requests in {seconds:.1f} s ({len(results) / seconds:.0f}/s), "
           f"p50 {np.percentile(latencies, 50):.0f} ms, p99 {np.percentile(latencies, 99):.0f} ms")
     assert statuses.count(200) == 1600, {status: statuses.count(status) for status in set(statuses)}
+
+
+def test_cors_is_configurable(catalog, onnx_encoder):
+    root, _ = catalog
+    settings = load_settings(milvus_uri=str(root / "cors.db"), cors_origins=["https://shop.example"], device="cpu")
+    with LiveServer(settings) as client:
+        allowed = client.options("/info", headers={"Origin": "https://shop.example", "Access-Control-Request-Method": "GET"})
+        assert allowed.headers.get("access-control-allow-origin") == "https://shop.example"
+        other = client.get("/health", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers

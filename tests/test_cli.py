@@ -366,3 +366,17 @@ def test_reindex_switches_the_alias_while_searches_keep_answering(milvus_server_
     refused = run(["search", query, "--collection", alias, "--uri", milvus_server_uri], check=False)
     assert refused.returncode == 2 and "holds vectors of model timm:tf_efficientnet_lite0" in refused.stderr
     client.close()
+
+
+def test_serve_on_a_locked_lite_file_fails_with_one_line(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from imgsearch.store import MilvusStore; import time; MilvusStore({str(tmp_path / 'held.db')!r}, 'x', model='m', dim=4); print('ready', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        result = run(["serve", "--uri", str(tmp_path / "held.db"), "--port", "8765"], check=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 2 and "in use by another process" in result.stderr and "Traceback" not in result.stderr
