@@ -250,22 +250,40 @@ def test_fuzzed_requests_never_get_a_5xx(service):
     assert any(200 <= status < 300 for status in statuses) and any(400 <= status < 500 for status in statuses), statuses
 
 
-def test_load_on_the_server_backend(milvus_server_uri, catalog, onnx_encoder):
-    """8 clients x 200 searches against `imgsearch serve` on a real Milvus server: no errors (p50/p99 printed)."""
+def test_load_on_the_server_backend(milvus_server_uri, catalog, onnx_encoder, tmp_path):
+    """8 clients x 200 searches against an `imgsearch serve` process on a real Milvus server: no errors."""
+    import os
+    import subprocess
+    import sys
+
     import numpy as np
 
     from imgsearch.store import open_store
     from ingest.pipeline import ingest_catalog
 
     root, folder = catalog
-    settings = load_settings(
-        milvus_uri=milvus_server_uri, collection=f"load_{root.name[-6:]}".replace("-", "_"), device="cpu",
-        upload_dir=root / "uploads-load",
-    )
+    collection = f"load_{os.getpid()}"
+    settings = load_settings(milvus_uri=milvus_server_uri, collection=collection, device="cpu")
     with open_store(settings, onnx_encoder) as store:
         ingest_catalog(folder, onnx_encoder, store, workers=0)
     queries = [path.read_bytes() for path in sorted(folder.rglob("*.png"))[:10]]
-    with LiveServer(settings) as client:
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("IMGSEARCH_")}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "imgsearch.cli", "serve", "--port", str(port), "--uri", milvus_server_uri,
+         "--collection", collection, "--device", "cpu"],
+        env={**env, "IMGSEARCH_UPLOAD_DIR": str(tmp_path / "uploads")}, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert server.poll() is None, server.stderr.read()
+            try:
+                if client.get("/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
 
         def search(i: int) -> tuple[int, float]:
             began = time.perf_counter()
@@ -276,6 +294,9 @@ def test_load_on_the_server_backend(milvus_server_uri, catalog, onnx_encoder):
         with ThreadPoolExecutor(8) as pool:
             results = list(pool.map(search, range(8 * 200)))
         seconds = time.perf_counter() - began
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
     statuses = [status for status, _ in results]
     latencies = np.array([latency for _, latency in results]) * 1000
     print(f"load: {len(results)} requests in {seconds:.1f} s ({len(results) / seconds:.0f}/s), "
