@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 from api.batching import MicroBatcher
 from imgsearch.config import Settings, load_settings
 from imgsearch.errors import CollectionNotFoundError, ImageDecodeError, ImgsearchError, TextNotSupportedError
-from imgsearch.images import load_image
+from imgsearch.images import IMAGE_EXTENSIONS, load_image
 
 STATIC = Path(__file__).parent / "static"
 
@@ -261,7 +261,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         entries, ids = [], []
         for name, _, data in decoded:
             digest = bytes_sha256(data)
-            suffix = Path(name).suffix.lower() if Path(name).suffix.lower() in {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"} else ".img"
+            suffix = Path(name).suffix.lower() if Path(name).suffix.lower() in IMAGE_EXTENSIONS else ".img"
             path = (folder / f"{digest[:16]}{suffix}").resolve()  # content-named: the client never picks a path
             path.parent.mkdir(parents=True, exist_ok=True)
             if not path.exists():

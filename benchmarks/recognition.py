@@ -33,7 +33,7 @@ from imgsearch.evaluate import (  # noqa: E402
     load_splits,
     predict,
 )
-from imgsearch.recognize import DEFAULT_K  # noqa: E402
+from imgsearch.recognize import DEFAULT_DENSITY, DEFAULT_K, DEFAULT_PER_CLASS, DEFAULT_POWER  # noqa: E402
 
 TARGETS = {
     "knn": 0.88,
@@ -88,7 +88,6 @@ def through_milvus(encoder, references, queries, count: int = 1000) -> tuple[flo
     (accuracy, agreement with the exact in-memory neighbours)."""
     from imgsearch.recognize import recognize_vectors
     from imgsearch.store import ImageRecord, MilvusStore
-    from imgsearch.evaluate import predict as exact
 
     classes = references.data.classes
     with tempfile.TemporaryDirectory() as folder:
@@ -105,7 +104,10 @@ def through_milvus(encoder, references, queries, count: int = 1000) -> tuple[flo
         for start in range(0, len(sample), 64):
             found += [label for label, _, _ in recognize_vectors(store, queries.vectors[sample[start : start + 64]])]
         store.close()
-    predicted_exact, _ = exact(references.vectors, references.targets, queries.vectors[sample], k=DEFAULT_K, per_class=10, power=0.5, density=0.025)
+    predicted_exact, _ = predict(
+        references.vectors, references.targets, queries.vectors[sample],
+        k=DEFAULT_K, per_class=DEFAULT_PER_CLASS, power=DEFAULT_POWER, density=DEFAULT_DENSITY,
+    )
     truth = [classes[t] for t in queries.targets[sample]]
     accuracy = float(np.mean([a == b for a, b in zip(found, truth)]))
     agreement = float(np.mean([a == classes[b] for a, b in zip(found, predicted_exact)]))
@@ -190,7 +192,7 @@ def main() -> None:
     rows.append((f"class enrolled later with {late['shots']} shots ({late['runs']} runs)", late["new_class_accuracy"], TARGETS["late"]))
     rows.append(("  earlier classes' accuracy drop (points)", 100 * late["earlier_classes_drop"], 2.0))
 
-    print(f"| measure | measured | target |\n|---|---|---|")
+    print("| measure | measured | target |\n|---|---|---|")
     for name, value, target in rows:
         if target is None:
             print(f"| {name} | {value:.4f} | - |")

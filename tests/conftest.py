@@ -6,6 +6,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast instead of retrying an unreachable hub
 
+import shutil
 import signal
 import socket
 import subprocess
@@ -59,7 +60,7 @@ def milvus_server_uri(tmp_path_factory):
             "(the README's test command does this)"
         )
     data = tmp_path_factory.mktemp("milvus-server")
-    port = _free_port()
+    port = free_port()
     log = open(data / "server.log", "wb")
     process = subprocess.Popen(
         [str(SERVER_BINARY), "--data", str(data), "--proxy-port", str(port)], stdout=log, stderr=subprocess.STDOUT,
@@ -79,7 +80,7 @@ def milvus_server_uri(tmp_path_factory):
         log.close()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -131,6 +132,17 @@ def make_store(tmp_path, encoder, backend, request):
         if store.uri == server_uri:
             store.client.drop_collection(store.collection)
         store.close()
+
+
+def copy_fashion_catalog(folder: Path, per_class: int = 2) -> list[Path]:
+    """A catalog of class folders at `folder`, copied from the bundled sample catalog; returns the copies."""
+    copied = []
+    for source in fashion_images(per_class):
+        target = folder / source.parent.name / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+        copied.append(target)
+    return copied
 
 
 def fashion_images(per_class: int = 2) -> list[Path]:

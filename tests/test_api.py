@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import io
-import shutil
-import socket
+import os
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import pytest
 import uvicorn
 from PIL import Image
@@ -17,13 +19,23 @@ from PIL import Image
 from api.app import create_app
 from imgsearch.config import load_settings
 from ingest.catalog import file_sha256
-from tests.conftest import FASHION_DIR, fashion_images
+from tests.conftest import FASHION_DIR, copy_fashion_catalog, free_port
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def healthy_client(port: int, process: subprocess.Popen | None = None, timeout: float = 180) -> httpx.Client:
+    """A client for the service on `port`, once /health answers 200 (failing early if `process` exits)."""
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the service exited: {process.stderr.read() if process.stderr else ''}")
+        try:
+            if client.get("/health").status_code == 200:
+                return client
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the service did not become healthy")
 
 
 class LiveServer:
@@ -34,16 +46,7 @@ class LiveServer:
 
     def __enter__(self) -> httpx.Client:
         self.thread.start()
-        client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=120)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if client.get("/health").status_code == 200:
-                    return client
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError("the service did not become healthy")
+        return healthy_client(self.port)
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
@@ -54,10 +57,7 @@ class LiveServer:
 def catalog(tmp_path_factory):
     root = tmp_path_factory.mktemp("api")
     folder = root / "catalog"
-    for source in fashion_images(3):
-        target = folder / source.parent.name / source.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(source, target)
+    copy_fashion_catalog(folder, 3)
     return root, folder
 
 
@@ -76,10 +76,6 @@ def service(catalog, onnx_encoder):
         ingest_catalog(folder, encoder, store, workers=0)
     with LiveServer(settings) as client:
         yield client
-
-
-def png_bytes(path) -> bytes:
-    return path.read_bytes()
 
 
 def test_health_info_and_openapi(service):
@@ -252,12 +248,6 @@ def test_fuzzed_requests_never_get_a_5xx(service):
 
 def test_load_on_the_server_backend(milvus_server_uri, catalog, onnx_encoder, tmp_path):
     """8 clients x 200 searches against an `imgsearch serve` process on a real Milvus server: no errors."""
-    import os
-    import subprocess
-    import sys
-
-    import numpy as np
-
     from imgsearch.store import open_store
     from ingest.pipeline import ingest_catalog
 
@@ -275,15 +265,7 @@ def test_load_on_the_server_backend(milvus_server_uri, catalog, onnx_encoder, tm
         env={**env, "IMGSEARCH_UPLOAD_DIR": str(tmp_path / "uploads")}, stderr=subprocess.PIPE, text=True,
     )
     try:
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert server.poll() is None, server.stderr.read()
-            try:
-                if client.get("/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
+        client = healthy_client(port, server)
 
         def search(i: int) -> tuple[int, float]:
             began = time.perf_counter()

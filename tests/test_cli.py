@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import FASHION_DIR, fashion_images
+from tests.conftest import FASHION_DIR, copy_fashion_catalog
 
 CLI = [sys.executable, "-m", "imgsearch.cli"]
 
@@ -32,10 +32,7 @@ def run(args, env_extra=None, cwd=None, check=True):
 def ingested(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     catalog = root / "catalog"
-    for source in fashion_images(2):
-        target = catalog / source.parent.name / source.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(source, target)
+    copy_fashion_catalog(catalog, 2)
     (catalog / "broken.jpg").write_bytes(b"\x00" * 50)
     uri = str(root / "cli.db")
     result = run(["ingest", str(catalog), "--uri", uri, "--json"])
@@ -272,10 +269,7 @@ def test_eval_bad_dataset_is_one_line(tmp_path):
 
 def test_three_shards_in_parallel_fill_one_server_collection_without_overlap(milvus_server_uri, tmp_path):
     catalog = tmp_path / "catalog"
-    for source in fashion_images(4):
-        target = catalog / source.parent.name / source.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(source, target)
+    copy_fashion_catalog(catalog, 4)
     collection = f"sharded_{os.getpid()}"
     env = {key: value for key, value in os.environ.items() if not key.startswith("IMGSEARCH_")}
     processes = [
@@ -316,10 +310,7 @@ def test_reindex_switches_the_alias_while_searches_keep_answering(milvus_server_
     from pymilvus import MilvusClient
 
     catalog = tmp_path / "catalog"
-    for source in fashion_images(2):
-        target = catalog / source.parent.name / source.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(source, target)
+    copy_fashion_catalog(catalog, 2)
     suffix = f"{os.getpid()}_{tmp_path.name[-6:]}".replace("-", "_")
     old, alias = f"shop_v1_{suffix}", f"shop_{suffix}"
     run(["ingest", str(catalog), "--uri", milvus_server_uri, "--collection", old])

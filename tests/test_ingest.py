@@ -15,17 +15,11 @@ from PIL import Image
 from imgsearch.errors import CatalogError
 from ingest.catalog import file_sha256
 from ingest.pipeline import ingest_catalog
-from tests.conftest import cosine, fashion_images
+from tests.conftest import copy_fashion_catalog, cosine
 
 
 def _catalog(root: Path, per_class: int = 1) -> list[Path]:
-    copied = []
-    for source in fashion_images(per_class):
-        target = root / source.parent.name / source.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(source, target)
-        copied.append(target)
-    return copied
+    return copy_fashion_catalog(root, per_class)
 
 
 class EncodeSpy:

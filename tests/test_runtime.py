@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import shutil
 
 import numpy as np
-import pytest
 import torch
 
 from imgsearch.encoders import load_encoder
-from imgsearch.encoders.onnx_runtime import OnnxEncoder, export_onnx, to_onnx
+from imgsearch.encoders.onnx_runtime import OnnxEncoder, export_onnx
 from ingest.pipeline import ingest_catalog
-from tests.conftest import fashion_images
+from tests.conftest import copy_fashion_catalog, fashion_images
 
 
 def test_onnx_matches_torch_per_image(encoder, onnx_encoder, photos):
@@ -43,10 +41,7 @@ def test_runtime_auto_picks_onnx_on_cpu(tmp_path):
 
 
 def test_onnx_and_torch_ingest_store_the_same_vectors(tmp_path, encoder, onnx_encoder, make_store):
-    for source in fashion_images(1):
-        target = tmp_path / "catalog" / source.parent.name / source.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(source, target)
+    copy_fashion_catalog(tmp_path / "catalog", 1)
     torch_store, onnx_store = make_store(collection="by_torch"), make_store(collection="by_onnx")
     ingest_catalog(tmp_path / "catalog", encoder, torch_store, workers=0)
     ingest_catalog(tmp_path / "catalog", onnx_encoder, onnx_store, workers=0)
@@ -61,10 +56,7 @@ def test_images_in_flight_stay_bounded_as_the_catalog_grows(tmp_path, onnx_encod
     peaks = {}
     for per_class in (1, 6):
         catalog = tmp_path / f"catalog{per_class}"
-        for source in fashion_images(per_class):
-            target = catalog / source.parent.name / source.name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(source, target)
+        copy_fashion_catalog(catalog, per_class)
         report = ingest_catalog(
             catalog, onnx_encoder, make_store(collection=f"size{per_class}"), workers=0, batch_size=2, upsert_chunk=4
         )

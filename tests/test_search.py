@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ from PIL import Image, ImageOps
 
 from imgsearch.search import search_paths
 from ingest.pipeline import ingest_catalog
-from tests.conftest import fashion_images
+from tests.conftest import copy_fashion_catalog
 
 ORIGINALS = ("chelsea", "coffee", "astronaut", "rocket", "camera", "coins")
 
@@ -22,10 +21,7 @@ def catalog_store(tmp_path, encoder, make_store, photos):
     (catalog / "photos").mkdir(parents=True)
     for name in ORIGINALS + ("hubble_deep_field", "immunohistochemistry"):
         photos[name].save(catalog / "photos" / f"{name}.jpg", quality=92)
-    for source in fashion_images(2):  # 20 product-photo distractors
-        target = catalog / source.parent.name / source.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(source, target)
+    copy_fashion_catalog(catalog, 2)  # 20 product-photo distractors
     store = make_store()
     report = ingest_catalog(catalog, encoder, store, workers=0)
     assert report.indexed == 28

@@ -78,6 +78,7 @@ class TorchEncoder(Encoder):
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.module = module.eval().to(self.device, memory_format=memory_format)
         self.pin_memory = self.device.type == "cuda"
+        self._graphs: dict = {}  # (shape, dtype) -> (CUDAGraph, static input, static output)
         split = split_normalization(preprocess)
         self.mean = self.std = None
         if split is not None:
@@ -129,13 +130,12 @@ class TorchEncoder(Encoder):
         return self.cuda_graphs and self.device.type == "cuda" and len(batch) >= self.GRAPH_MIN_BATCH
 
     def _replay(self, batch: torch.Tensor) -> np.ndarray:
-        graphs = self.__dict__.setdefault("_graphs", {})
         key = (tuple(batch.shape), batch.dtype)
-        if key not in graphs:
-            if len(graphs) >= self.MAX_GRAPHS:
+        if key not in self._graphs:
+            if len(self._graphs) >= self.MAX_GRAPHS:
                 return self._forward(batch.to(self.device, non_blocking=True)).cpu().numpy()
-            graphs[key] = self._capture(batch)
-        graph, static_input, static_output = graphs[key]
+            self._graphs[key] = self._capture(batch)
+        graph, static_input, static_output = self._graphs[key]
         static_input.copy_(batch, non_blocking=True)
         graph.replay()
         return static_output.cpu().numpy()
