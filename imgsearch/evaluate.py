@@ -65,20 +65,31 @@ class EncodedSplit:
 
 def load_splits(spec: str, options: EvalOptions, min_side: int = 224) -> tuple[LabeledSet, LabeledSet]:
     """(references, queries): Fashion-MNIST's train and test splits, or a per-class split of a folder."""
-    kind, path = parse_dataset(spec)
     rng = np.random.default_rng(options.seed)
+    pool, chosen, test = _reference_pool(spec, options, min_side, rng)
+    queries = test.subset(_per_class(test.targets, options.queries_per_class, rng))
+    return pool.subset(chosen), queries
+
+
+def load_validation(spec: str, options: EvalOptions, per_class: int, min_side: int = 224) -> LabeledSet:
+    """Up to `per_class` images per class from the reference side that `load_splits` did not pick as references:
+    queries for choosing scoring parameters without looking at the test queries."""
+    pool, chosen, _ = _reference_pool(spec, options, min_side, np.random.default_rng(options.seed))
+    rest = np.setdiff1d(np.arange(len(pool.targets)), chosen)
+    picked = _per_class(pool.targets[rest], per_class, np.random.default_rng(options.seed + 1))
+    return pool.subset(rest[picked])
+
+
+def _reference_pool(spec: str, options: EvalOptions, min_side: int, rng) -> tuple[LabeledSet, np.ndarray, LabeledSet]:
+    """(the set references come from, the indices chosen as references, the set queries come from)."""
+    kind, path = parse_dataset(spec)
     if kind == FASHION_MNIST_PREFIX:
-        train, test = fashion_mnist("train", path), fashion_mnist("test", path)
-        references = train.subset(_per_class(train.targets, options.references_per_class, rng))
-        queries = test.subset(_per_class(test.targets, options.queries_per_class, rng))
-        return references, queries
+        train = fashion_mnist("train", path)
+        return train, _per_class(train.targets, options.references_per_class, rng), fashion_mnist("test", path)
     data = class_folders(path, min_side=min_side)
     reference_index, query_index = stratified_split(data.targets, 0.2, options.seed)
-    references = data.subset(reference_index)
-    references = references.subset(_per_class(references.targets, options.references_per_class, rng))
-    queries = data.subset(query_index)
-    queries = queries.subset(_per_class(queries.targets, options.queries_per_class, rng))
-    return references, queries
+    pool = data.subset(reference_index)
+    return pool, _per_class(pool.targets, options.references_per_class, rng), data.subset(query_index)
 
 
 def _per_class(targets: np.ndarray, limit: int | None, rng: np.random.Generator) -> np.ndarray:

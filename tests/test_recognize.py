@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from imgsearch.config import load_settings
-from imgsearch.evaluate import auroc, threshold_at_false_accept_rate
+from imgsearch.evaluate import EvalOptions, auroc, load_splits, load_validation, threshold_at_false_accept_rate
 from imgsearch.head import HeadError, head_paths, linear_probabilities, load_head, train_finetune
 from imgsearch.recognize import (
     enroll_paths,
@@ -177,3 +177,14 @@ def test_auroc_and_threshold():
     unknown = np.linspace(0, 1, 101)
     threshold = threshold_at_false_accept_rate(unknown, 0.05)
     assert np.mean(unknown >= threshold) <= 0.05 and np.mean(unknown >= threshold - 0.011) > 0.05
+
+
+def test_validation_queries_are_neither_references_nor_test_queries():
+    options = EvalOptions(references_per_class=10, queries_per_class=3)
+    references, queries = load_splits(str(FASHION_DIR), options)
+    validation = load_validation(str(FASHION_DIR), options, per_class=5)
+    assert not set(validation.names) & set(references.names)
+    assert not set(validation.names) & set(queries.names)
+    assert np.bincount(validation.targets).tolist() == [5] * len(validation.classes)
+    # the same draw every time, so a tuning run can be repeated
+    assert load_validation(str(FASHION_DIR), options, per_class=5).names == validation.names
