@@ -87,6 +87,7 @@ class Info(BaseModel):
 
 class Deleted(BaseModel):
     deleted: str
+    file_removed: bool = Field(description="whether the file the service stored at upload was removed too (catalog files never are)")
 
 
 # --- the service -----------------------------------------------------------------------------------
@@ -307,10 +308,14 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
 
     @app.delete("/images/{image_id}", response_model=Deleted)
     async def delete_image(_: Guarded, service: ServiceDep, image_id: str):
-        await asyncio.to_thread(stored_row, service, image_id)
+        row = await asyncio.to_thread(stored_row, service, image_id)
         async with service.write_lock:
             await asyncio.to_thread(service.store.delete, [image_id])
-        return Deleted(deleted=image_id)
+        path = Path(row["path"]).resolve()
+        uploaded = path.is_relative_to(settings.upload_dir.resolve()) and path.is_file()
+        if uploaded:
+            path.unlink()  # the service wrote it; files of an ingested catalog belong to the user
+        return Deleted(deleted=image_id, file_removed=uploaded)
 
     @app.get("/images/{image_id}", response_class=Response)
     async def get_image(_: Guarded, service: ServiceDep, image_id: str, size: Annotated[int | None, Query(ge=16, le=1024)] = None):

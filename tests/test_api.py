@@ -121,7 +121,8 @@ def test_enroll_then_recognize(service, tmp_path):
     assert "handbag" in {n["label"] for item in items for n in item["neighbours"]}
 
 
-def test_upload_get_thumbnail_and_delete(service):
+def test_upload_get_thumbnail_and_delete(service, catalog):
+    uploads_dir = catalog[0] / "uploads"
     image = Image.new("RGB", (320, 200), (200, 30, 30))
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
@@ -132,10 +133,18 @@ def test_upload_get_thumbnail_and_delete(service):
     assert original.status_code == 200 and original.content == buffer.getvalue()
     thumb = service.get(f"/images/{image_id}", params={"size": 64})
     assert thumb.headers["content-type"] == "image/jpeg" and max(Image.open(io.BytesIO(thumb.content)).size) == 64
-    assert service.delete(f"/images/{image_id}").json() == {"deleted": image_id}
+    assert service.delete(f"/images/{image_id}").json() == {"deleted": image_id, "file_removed": True}
+    assert not list((uploads_dir / "red").iterdir())  # the uploaded file went with its row
     assert service.get(f"/images/{image_id}").status_code == 404
     assert service.delete(f"/images/{image_id}").status_code == 404
     assert service.get("/images/..%2F..%2Fetc%2Fpasswd").status_code == 404  # ids only, never paths
+
+
+def test_deleting_a_catalog_image_keeps_the_users_file(service, catalog):
+    catalog_file = sorted((catalog[1] / "trouser").glob("*.png"))[-1]
+    image_id = file_sha256(catalog_file)
+    assert service.delete(f"/images/{image_id}").json() == {"deleted": image_id, "file_removed": False}
+    assert catalog_file.is_file() and service.get(f"/images/{image_id}").status_code == 404
 
 
 @pytest.mark.parametrize(
