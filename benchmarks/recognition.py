@@ -3,7 +3,7 @@
     python benchmarks/recognition.py                 # 600 references per class, all 10,000 test images
     python benchmarks/recognition.py --finetune      # adds a fine-tuned head (use a GPU: --device cuda)
     python benchmarks/recognition.py --milvus        # also recognise 1,000 queries through Milvus Lite
-    python benchmarks/recognition.py --tune          # how k and the prior's weight were chosen (validation split)
+    python benchmarks/recognition.py --tune          # how the prior's weight was chosen (validation split)
 
 Needs Debian's dataset-fashion-mnist. Every figure comes from imgsearch.evaluate, the code behind
 `imgsearch eval`; the ablation rows re-score the same vectors with simpler rules to show what helped.
@@ -86,14 +86,14 @@ def ablation(references, queries, options: EvalOptions, rng) -> list[tuple[str, 
     return rows
 
 
-# (k, density) pairs `--tune` measures; the chosen one became DEFAULT_K and DEFAULT_DENSITY.
+# (k, density) pairs `--tune` measures; the chosen density became DEFAULT_DENSITY (k 100 was chosen earlier).
 # (A larger k favoured the late class too, at a larger drop, and costs more: every neighbour's vector is fetched.)
 TUNING_GRID = [(100, density) for density in (0.02, 0.025, 0.0275, 0.03)]
 DROP_BUDGET = 2.0  # points the earlier classes may lose (the issue's limit)
 
 
 def tune(args, encoder, options: EvalOptions, references, progress) -> None:
-    """Score each (k, density) on validation queries: training images that are not references, never the test set.
+    """Score each (k, prior weight) on validation queries: training images that are not references, never the test set.
     The rule: the best late-enrolment accuracy whose earlier-class drop stays within the budget."""
     validation_set = load_validation(args.dataset, options, 300, encoder.input_size)
     validation = encode_set(encoder, validation_set, progress, "validation queries")
@@ -181,7 +181,7 @@ def main() -> None:
     parser.add_argument("--milvus", action="store_true")
     parser.add_argument("--finetune-only", action="store_true", help="only the fine-tuned head (the GPU run)")
     parser.add_argument("--stages", type=int, default=3, help="backbone stages the fine-tune unfreezes")
-    parser.add_argument("--tune", action="store_true", help="only the validation sweep that chose k and the prior's weight")
+    parser.add_argument("--tune", action="store_true", help="only the validation sweep that chose the prior's weight")
     parser.add_argument("--weights", type=Path, default=None, help="Lite0 weights file [default: the installed package]")
     args = parser.parse_args()
 
