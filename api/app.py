@@ -309,13 +309,14 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     @app.delete("/images/{image_id}", response_model=Deleted)
     async def delete_image(_: Guarded, service: ServiceDep, image_id: str):
         row = await asyncio.to_thread(stored_row, service, image_id)
-        async with service.write_lock:
-            await asyncio.to_thread(service.store.delete, [image_id])
         path = Path(row["path"]).resolve()
-        uploaded = path.is_relative_to(settings.upload_dir.resolve()) and path.is_file()
-        if uploaded:
-            path.unlink()  # the service wrote it; files of an ingested catalog belong to the user
-        return Deleted(deleted=image_id, file_removed=uploaded)
+        uploaded = path.is_relative_to(settings.upload_dir.resolve())  # the service wrote it; catalog files are the user's
+        async with service.write_lock:  # row and file go together, never while an upload is being ingested
+            await asyncio.to_thread(service.store.delete, [image_id])
+            removed = uploaded and path.is_file()
+            if removed:
+                path.unlink()
+        return Deleted(deleted=image_id, file_removed=removed)
 
     @app.get("/images/{image_id}", response_class=Response)
     async def get_image(_: Guarded, service: ServiceDep, image_id: str, size: Annotated[int | None, Query(ge=16, le=1024)] = None):
