@@ -7,20 +7,20 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
+import torch
 
 from imgsearch.encoders import Encoder
 
 
 @dataclass
 class _Request:
-    images: list[Image.Image]
+    images: list[torch.Tensor]  # preprocessed: the encoder's input, not decoded images
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 class MicroBatcher:
-    """Collects images from concurrent callers for at most `max_wait` seconds or `max_batch` images, encodes them
-    in one `encode_images` call on a worker thread, and hands each caller its rows. `observe(batch_size, seconds)`
+    """Collects preprocessed images from concurrent callers for at most `max_wait` seconds or `max_batch` images,
+    encodes them in one `encode` call on a worker thread, and hands each caller its rows. `observe(batch_size, seconds)`
     is told about every forward pass (the metrics)."""
 
     def __init__(self, encoder: Encoder, *, max_batch: int = 32, max_wait: float = 0.005, observe=None) -> None:
@@ -42,7 +42,7 @@ class MicroBatcher:
             except asyncio.CancelledError:
                 pass
 
-    async def encode(self, images: list[Image.Image]) -> np.ndarray:
+    async def encode(self, images: list[torch.Tensor]) -> np.ndarray:
         request = _Request(images)
         await self.queue.put(request)
         return await request.future
@@ -68,7 +68,7 @@ class MicroBatcher:
         images = [image for request in pending for image in request.images]
         started = time.perf_counter()
         try:
-            vectors = await asyncio.to_thread(self.encoder.encode_images, images)
+            vectors = await asyncio.to_thread(self.encoder.encode, torch.stack(images))
         except Exception as error:  # every waiting caller gets the failure, the batcher keeps running
             for request in pending:
                 if not request.future.done():

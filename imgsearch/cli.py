@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import sys
 from collections.abc import Iterator
@@ -16,11 +15,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from imgsearch.config import Settings, load_settings
-from imgsearch.errors import ImgsearchError, UsageError
+from imgsearch.errors import EXIT_FAILED, EXIT_PARTIAL, ImgsearchError, UsageError
+from imgsearch.terminal import json_line, markup_safe, plain, visible
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Image similarity search and recognition on Milvus.")
-stderr = Console(stderr=True)
-stdout = Console()
+# emoji off: a label like "bag :fire:" is printed as typed. Everything users supply is escaped (imgsearch.terminal).
+stderr = Console(stderr=True, emoji=False)
+stdout = Console(emoji=False)
 
 UriOption = Annotated[Optional[str], typer.Option("--uri", help="Milvus Lite path (*.db) or server URI [env IMGSEARCH_MILVUS_URI]", show_default=False)]
 CollectionOption = Annotated[Optional[str], typer.Option("--collection", help="Collection [env IMGSEARCH_COLLECTION; default imgsearch_<model>]", show_default=False)]
@@ -35,30 +36,46 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable JSON 
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Known failures become one line on stderr and exit status 2."""
+    """Known failures become one line on stderr and exit status 2 (EXIT_FAILED)."""
     try:
         yield
     except ImgsearchError as error:
-        stderr.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        stderr.print(f"[red]error:[/red] {markup_safe(error)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_FAILED) from None
 
 
 def print_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, ensure_ascii=False) + "\n")
+    sys.stdout.write(json_line(value) + "\n")
 
 
 def print_skipped(failed: list[dict[str, str]], what: str) -> None:
     """Unreadable files go to stderr, one line each, so stdout stays the result."""
     for failure in failed:
-        stderr.print(f"[yellow]{what}[/yellow] {failure['path']}: {failure['error']}", highlight=False, soft_wrap=True)
+        stderr.print(
+            f"[yellow]{what}[/yellow] {markup_safe(failure['path'])}: {markup_safe(failure['error'])}",
+            highlight=False, soft_wrap=True,
+        )
+
+
+def exit_for(failed: list) -> None:
+    """EXIT_PARTIAL when some inputs failed (they were reported), with or without --json."""
+    if failed:
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+class _VisibleFormatter(logging.Formatter):
+    """Log lines carry paths and labels too: their control characters are shown, not obeyed."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return visible(super().format(record)).replace("\\x0a", "\n")
 
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details")] = False) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    import pymilvus  # noqa: F401  - it configures its loggers on import, so quiet them after that
-    for noisy in ("pymilvus", "milvus_lite", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.ERROR)
+    handler = logging.StreamHandler()
+    handler.setFormatter(_VisibleFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
+    logging.getLogger("huggingface_hub").setLevel(logging.INFO if verbose else logging.ERROR)
 
 
 def _load_encoder(settings: Settings):
@@ -68,8 +85,12 @@ def _load_encoder(settings: Settings):
 
 
 def _open(settings: Settings, create: bool = True):
-    from imgsearch.store import open_store
+    """Encoder and store. A read-only command (create=False) checks that the collection exists first: a typo in
+    --uri or --collection is one line at once, before a model is loaded, and nothing is created."""
+    from imgsearch.store import check_collection_exists, open_store
 
+    if not create:
+        check_collection_exists(settings.milvus_uri, settings.collection_name, settings.milvus_token)
     encoder = _load_encoder(settings)
     return encoder, open_store(settings, encoder, create=create)
 
@@ -93,11 +114,12 @@ def ingest(
 ) -> None:
     """Index a folder of images; unchanged content is skipped, bad files are reported."""
     from ingest.catalog import Shard, check_catalog
-    from ingest.pipeline import ingest_catalog
 
     with user_errors():
         check_catalog(path, manifest)  # before loading a model or creating a collection
         selected_shard = Shard.parse(shard) if shard else None
+        from ingest.pipeline import ingest_catalog  # torch: only once the arguments are known to be usable
+
         settings = load_settings(
             milvus_uri=uri, collection=collection, model=model, weights=weights, device=device, runtime=runtime,
             batch_size=batch_size, workers=workers,
@@ -112,9 +134,10 @@ def ingest(
             )
     if json_output:
         print_json(report.to_dict())
-        return
-    print_skipped(report.failed, "skipped")
-    stdout.print(report.summary_line(), highlight=False)
+    else:
+        print_skipped(report.failed, "skipped")
+        stdout.print(report.summary_line(), highlight=False)
+    exit_for(report.failed)
 
 
 @contextlib.contextmanager
@@ -148,9 +171,11 @@ def search(
     runtime: RuntimeOption = None,
 ) -> None:
     """Find the stored images most similar to each query image."""
+    from imgsearch.images import check_paths_exist
     from imgsearch.search import search_paths
 
     with user_errors():
+        check_paths_exist(queries)
         settings = load_settings(
             milvus_uri=uri, collection=collection, model=model, weights=weights, device=device, runtime=runtime
         )
@@ -164,14 +189,18 @@ def search(
         print_json([result.to_dict() for result in results])
     else:
         for result in results:
-            table = Table(title=f"query: {result.query}", title_justify="left")
+            table = Table(title=plain(f"query: {result.query}"), title_justify="left")
             for column, justify in (("#", "right"), ("score", "right"), ("label", "left"), ("path", "left"), ("id", "left")):
                 table.add_column(column, justify=justify, overflow="fold")
             for rank, hit in enumerate(result.results, start=1):
-                table.add_row(str(rank), f"{hit.score:.4f}", hit.label or "-", hit.path, hit.id[:12])
+                table.add_row(str(rank), f"{hit.score:.4f}", plain(hit.label or "-"), plain(hit.path), plain(hit.id[:12]))
             stdout.print(table)
-    if failed and not results:
-        raise typer.Exit(2)
+            if len(result.results) < k:
+                stderr.print(
+                    f"note: {len(result.results)} of {k} results: the collection holds no more"
+                    + (" that match the filter" if filter else ""), highlight=False,
+                )
+    exit_for(failed)
 
 
 @app.command()
@@ -187,14 +216,16 @@ def info(
     with user_errors():
         settings = load_settings(milvus_uri=uri, collection=collection, model=model)
         described = describe_collection(settings.milvus_uri, settings.collection_name, settings.milvus_token)
-    if described["model"] is None:
-        described["model"] = settings.model
+        if not described["exists"]:
+            from imgsearch.store import check_collection_exists
+
+            check_collection_exists(settings.milvus_uri, settings.collection_name, settings.milvus_token)
     if json_output:
         print_json(described)
         return
     table = Table(show_header=False)
     for key in ("model", "dim", "collection", "uri", "count", "exists", "preprocess"):
-        table.add_row(key, str(described.get(key)))
+        table.add_row(key, plain(described.get(key)))
     stdout.print(table)
 
 
@@ -218,7 +249,7 @@ def export_vectors(
     if json_output:
         print_json(summary)
     else:
-        stdout.print(f"exported {written} rows to {out}", highlight=False)
+        stdout.print(f"exported {written} rows to {markup_safe(out)}", highlight=False)
 
 
 @app.command("import")
@@ -241,12 +272,14 @@ def import_vectors(
             settings.milvus_uri, name, model=identity["imgsearch.model"], dim=int(identity["imgsearch.dim"]),
             preprocess_version=identity.get("imgsearch.preprocess", ""), token=settings.milvus_token,
         ) as store:
-            imported = import_parquet(store, source, chunk=settings.upsert_chunk)
-    summary = {"imported": imported, "collection": name, "model": identity["imgsearch.model"]}
+            imported, failed = import_parquet(store, source, chunk=settings.upsert_chunk)
+    summary = {"imported": imported, "failed": failed, "collection": name, "model": identity["imgsearch.model"]}
     if json_output:
         print_json(summary)
     else:
-        stdout.print(f"imported {imported} rows into {name}", highlight=False)
+        print_skipped(failed, "skipped row")
+        stdout.print(f"imported {imported} rows into {markup_safe(name)}, failed {len(failed)}", highlight=False)
+    exit_for(failed)
 
 
 @app.command()
@@ -262,9 +295,14 @@ def enroll(
     runtime: RuntimeOption = None,
 ) -> None:
     """Add labeled reference images; the class is recognised as soon as this returns (nothing is retrained)."""
-    from imgsearch.recognize import enroll_paths
+    from imgsearch.images import check_paths_exist
+    from imgsearch.validation import validate_label
 
     with user_errors():
+        label = validate_label(label, required=True)  # before anything is loaded or created
+        check_paths_exist(images)
+        from imgsearch.recognize import enroll_paths
+
         settings = load_settings(
             milvus_uri=uri, collection=collection, model=model, weights=weights, device=device, runtime=runtime
         )
@@ -273,11 +311,13 @@ def enroll(
             report = enroll_paths(encoder, store, label, images, settings)
     if json_output:
         print_json({"label": label, **report.to_dict()})
-        return
-    print_skipped(report.failed, "skipped")
-    stdout.print(f"enrolled {report.indexed + report.updated} images as {label!r}; {report.summary_line()}", highlight=False)
-    if report.failed and not (report.indexed or report.updated or report.skipped):
-        raise typer.Exit(2)
+    else:
+        print_skipped(report.failed, "skipped")
+        stdout.print(
+            f"enrolled {report.indexed + report.updated} images as {markup_safe(repr(label))}; {report.summary_line()}",
+            highlight=False,
+        )
+    exit_for(report.failed)
 
 
 @app.command()
@@ -296,11 +336,14 @@ def recognize(
     runtime: RuntimeOption = None,
 ) -> None:
     """Name what each image shows, or answer unknown when the evidence is weak."""
-    from imgsearch.recognize import recognize_paths, recognize_paths_with_head, resolve_threshold
+    from imgsearch.images import check_paths_exist
 
     with user_errors():
         if method not in ("knn", "head"):
             raise UsageError(f"--method must be knn or head, not {method!r}")
+        check_paths_exist(images)
+        from imgsearch.recognize import recognize_paths, recognize_paths_with_head, resolve_threshold
+
         settings = load_settings(
             milvus_uri=uri, collection=collection, model=model, weights=weights, device=device, runtime=runtime,
             threshold=threshold,
@@ -333,12 +376,11 @@ def recognize(
         for recognition in recognitions:
             nearest = recognition.neighbours[0] if recognition.neighbours else None
             table.add_row(
-                recognition.path, recognition.label if recognition.label is not None else "unknown",
-                f"{recognition.confidence:.4f}", f"{nearest.label} {nearest.score:.3f}" if nearest else "-",
+                plain(recognition.path), plain(recognition.label if recognition.label is not None else "unknown"),
+                f"{recognition.confidence:.4f}", plain(f"{nearest.label} {nearest.score:.3f}") if nearest else "-",
             )
         stdout.print(table)
-    if failed and not recognitions:
-        raise typer.Exit(2)
+    exit_for(failed)
 
 
 def default_head_path(collection: str, mode: str) -> Path:
@@ -374,7 +416,7 @@ def train_head(
                 raise UsageError(f"collection {settings.collection_name} holds model {store.model}, not {settings.model}")
             head = train_head_on_store(
                 store, mode, epochs=epochs, stages=stages, weights=settings.weights, device=settings.device,
-                workers=settings.workers or 0, progress=None if json_output else lambda line: stderr.print(line, highlight=False),
+                workers=settings.workers or 0, progress=None if json_output else lambda line: stderr.print(markup_safe(line), highlight=False),
             )
         weights_path, info_path = head.save(out or default_head_path(settings.collection_name, mode))
     summary = {"head": str(weights_path), "info": str(info_path), "labels": len(head.info.labels), **head.info.metrics}
@@ -383,7 +425,7 @@ def train_head(
     else:
         stdout.print(
             f"trained {mode} head on {len(head.info.labels)} labels: validation accuracy "
-            f"{head.info.metrics.get('validation_accuracy')} -> {weights_path}", highlight=False,
+            f"{head.info.metrics.get('validation_accuracy')} -> {markup_safe(weights_path)}", highlight=False,
         )
 
 
@@ -427,7 +469,7 @@ def evaluate_command(
         encoder, store = _open(settings) if calibrate else (_load_encoder(settings), None)
         report = evaluate(
             encoder, dataset, options, weights=settings.weights,
-            progress=None if json_output else lambda line: stderr.print(line, highlight=False),
+            progress=None if json_output else lambda line: stderr.print(markup_safe(line), highlight=False),
         )
         threshold = report["open_set"].get("threshold")
         if store is not None:
@@ -439,11 +481,11 @@ def evaluate_command(
     if json_output:
         print_json(report)
         return
-    table = Table(title=f"eval {dataset} ({report['encoder']})", show_header=False, title_justify="left")
+    table = Table(title=plain(f"eval {dataset} ({report['encoder']})"), show_header=False, title_justify="left")
     for key, value in summary_rows(report):
-        table.add_row(key, value)
+        table.add_row(plain(key), plain(value))
     stdout.print(table)
-    stdout.print(f"wrote {json_path} and {figure_path}", highlight=False)
+    stdout.print(f"wrote {markup_safe(json_path)} and {markup_safe(figure_path)}", highlight=False)
 
 
 def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
@@ -509,13 +551,16 @@ def reindex(
                 )
     if json_output:
         print_json(report.to_dict())
-        return
-    print_skipped(report.ingest.failed, "skipped")
-    stdout.print(
-        f"{report.alias} now points to {report.target} ({report.model}; was {report.source}); "
-        f"{report.ingest.summary_line()}. Search it with --collection {report.alias} --model {report.model}",
-        highlight=False, soft_wrap=True,
-    )
+    else:
+        print_skipped(report.ingest.failed, "skipped")
+        stdout.print(
+            markup_safe(
+                f"{report.alias} now points to {report.target} ({report.model}; was {report.source}); "
+                f"{report.ingest.summary_line()}. Search it with --collection {report.alias} --model {report.model}"
+            ),
+            highlight=False, soft_wrap=True,
+        )
+    exit_for(report.ingest.failed)
 
 
 @app.command()
@@ -539,7 +584,9 @@ def serve(
             milvus_uri=uri, collection=collection, model=model, weights=weights, device=device, runtime=runtime
         )
         service = Service(settings)  # a locked Milvus Lite file or missing weights fail here, as one line
-    stderr.print(f"serving {settings.collection_name} ({service.encoder.name}) on http://{host}:{port}", highlight=False)
+    stderr.print(
+        markup_safe(f"serving {settings.collection_name} ({service.encoder.name}) on http://{host}:{port}"), highlight=False
+    )
     uvicorn.run(create_app(service=service), host=host, port=port, log_level="warning")
 
 

@@ -32,6 +32,18 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, description="When set, requests must send it in the X-API-Key header")
     cors_origins: list[str] = Field(default_factory=list, description='Origins allowed by CORS, e.g. ["https://shop.example"]')
     max_upload_bytes: int = Field(20_000_000, ge=1, description="Larger uploads are refused with 413")
+    max_images_per_request: int = Field(16, ge=1, le=1000, description="More image fields in one request get 413")
+    decode_pixel_budget: int = Field(
+        64_000_000, ge=1,
+        description="Pixels the service decodes at once across all requests; others wait (memory stays bounded)",
+    )
+    decode_wait_seconds: float = Field(30.0, ge=0, description="How long a request waits for decode budget before 503")
+    answer_paths: Literal["relative", "absolute"] = Field(
+        "relative", description="REST answers show paths relative to their catalog folder, or absolute server paths"
+    )
+    public: list[Literal["docs", "metrics", "page"]] = Field(
+        default_factory=list, description='With an API key set, parts served without it, e.g. ["page", "metrics"]'
+    )
     upload_dir: Path = Field(Path("./uploads"), description="Where POST /images and /enroll store uploaded files")
     batch_wait_ms: float = Field(5.0, ge=0, description="How long the service waits to fill a batch from concurrent requests")
     threshold: float | None = Field(

@@ -58,3 +58,13 @@ class TextNotSupportedError(ImgsearchError):
 
 class UsageError(ImgsearchError):
     """An option value the command cannot use."""
+
+
+class InvalidInputError(ImgsearchError):
+    """A label, path, metadata value or row that cannot be stored as given."""
+
+
+# Exit statuses of the `imgsearch` command, the same with and without --json.
+EXIT_OK = 0
+EXIT_FAILED = 2  # the command could not run (usage, missing path or collection, store refused)
+EXIT_PARTIAL = 3  # the command ran, but some files or rows failed; they are listed in the report

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -13,7 +12,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from imgsearch.errors import ImageDecodeError
+from imgsearch.errors import ImageDecodeError, UsageError
 
 try:  # HEIC/HEIF/AVIF when the optional plugin is installed
     import pillow_heif
@@ -28,6 +27,15 @@ IMAGE_EXTENSIONS = frozenset(
 )
 
 DEFAULT_MAX_PIXELS = 64_000_000
+# The pixel limit is imgsearch's setting (IMGSEARCH_MAX_IMAGE_PIXELS), checked from the header before any pixel
+# is decoded; Pillow's own global limit (89 MP) would otherwise refuse images the setting allows, or let
+# through images the setting refuses, with its own wording.
+Image.MAX_IMAGE_PIXELS = None
+# Where an upload's sniffed format decides the suffix of the file the service stores.
+FORMAT_SUFFIXES = {
+    "JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif",
+    "HEIF": ".heic", "AVIF": ".avif", "MPO": ".jpg",
+}
 
 
 def load_image(
@@ -63,11 +71,33 @@ def load_image(
         raise
     except UnidentifiedImageError:
         raise ImageDecodeError(label, "not a recognised image format") from None
-    except Image.DecompressionBombError as error:
-        raise ImageDecodeError(label, f"too many pixels ({error})") from None
     except (OSError, SyntaxError, ValueError, TypeError, EOFError, MemoryError) as error:
         # Pillow reports truncated or corrupt data with these.
         raise ImageDecodeError(label, f"corrupt or truncated image ({error})") from None
+
+
+def read_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "<upload>") -> tuple[int, str]:
+    """(pixels, format) from the header alone, with load_image's checks: lets a caller budget memory before
+    decoding. Raises ImageDecodeError for what load_image would refuse up front."""
+    if not data:
+        raise ImageDecodeError(name, "empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            image_format = image.format or ""
+    except UnidentifiedImageError:
+        raise ImageDecodeError(name, "not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError) as error:
+        raise ImageDecodeError(name, f"corrupt or truncated image ({error})") from None
+    _check_size(width, height, max_pixels, name)
+    return width * height, image_format
+
+
+def _check_size(width: int, height: int, max_pixels: int, name: str) -> None:
+    if width < 1 or height < 1:
+        raise ImageDecodeError(name, "image has no pixels")
+    if width * height > max_pixels:
+        raise ImageDecodeError(name, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
 
 
 def describe_os_error(error: OSError) -> str:
@@ -82,17 +112,9 @@ def describe_os_error(error: OSError) -> str:
 
 
 def _decode(handle: BinaryIO, max_pixels: int, min_side: int | None, label: str) -> Image.Image:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(handle)
-        except Image.DecompressionBombWarning as warning:
-            raise ImageDecodeError(label, f"too many pixels ({warning})") from None
+    image = Image.open(handle)
     width, height = image.size
-    if width < 1 or height < 1:
-        raise ImageDecodeError(label, "image has no pixels")
-    if width * height > max_pixels:
-        raise ImageDecodeError(label, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
+    _check_size(width, height, max_pixels, label)
     if getattr(image, "is_animated", False):
         image.seek(0)  # animations: first frame only
     if min_side and image.format == "JPEG" and min(width, height) > 2 * min_side:
@@ -131,6 +153,15 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
     else:
         scaled = values
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def check_paths_exist(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """The paths, or one UsageError naming those that do not exist (checked before any model is loaded)."""
+    paths = [Path(path) for path in paths]
+    missing = [str(path) for path in paths if not os.path.lexists(path)]
+    if missing:
+        raise UsageError(f"not found: {', '.join(missing)}")
+    return paths
 
 
 def is_image_path(path: Path) -> bool:

@@ -20,14 +20,17 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from imgsearch.encoders import Encoder
 from imgsearch.errors import ImgsearchError
-from imgsearch.images import DEFAULT_MAX_PIXELS, decode_in_batches, find_images
+from imgsearch.images import DEFAULT_MAX_PIXELS, check_paths_exist, decode_in_batches, find_images
 from imgsearch.store import RECOGNITION_PROPERTY, MilvusStore
+from imgsearch.validation import validate_label
+
+if TYPE_CHECKING:  # torch is imported only when a model is loaded
+    from imgsearch.encoders import Encoder
 
 LABELED = 'label != ""'
 
@@ -214,15 +217,13 @@ def resolve_threshold(store: MilvusStore, threshold: float | None) -> tuple[floa
 def enroll_paths(encoder: Encoder, store: MilvusStore, label: str, paths: Iterable[str | Path], settings):
     """Upsert labeled references through the ingest pipeline. Ids are content hashes, so re-enrolling is a
     no-op, and content already stored (under any path or label) takes this label without re-encoding."""
-    from ingest.catalog import CatalogEntry
+    from ingest.catalog import CatalogEntry, absolute, catalog_folder
     from ingest.pipeline import ingest_entries
 
-    if not label.strip():
-        raise ImgsearchError("the label must not be empty")
-    missing = [str(path) for path in paths if not Path(path).exists()]
-    if missing:
-        raise ImgsearchError(f"not found: {', '.join(missing)}")
-    entries = (CatalogEntry(path=path.resolve(), label=label) for path in find_images(paths))
+    label = validate_label(label, required=True)
+    paths = check_paths_exist(paths)
+    store.add_roots(catalog_folder(path) for path in paths)
+    entries = (CatalogEntry(path=absolute(path), label=label) for path in find_images(paths))
     return ingest_entries(
         entries, encoder, store, relabel_duplicates=True, batch_size=settings.batch_size, workers=settings.workers,
         max_pixels=settings.max_image_pixels, upsert_chunk=settings.upsert_chunk,

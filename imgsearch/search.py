@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from imgsearch.encoders import Encoder
 from imgsearch.images import DEFAULT_MAX_PIXELS, decode_in_batches
 from imgsearch.store import Hit, MilvusStore
+
+if TYPE_CHECKING:  # torch is imported only when a model is loaded
+    from imgsearch.encoders import Encoder
 
 
 @dataclass

@@ -7,9 +7,11 @@ another model is an error rather than a silent mix of incomparable vectors.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ from pymilvus import DataType, MilvusClient  # noqa: E402
 from pymilvus.exceptions import MilvusException  # noqa: E402
 
 from imgsearch.errors import CollectionNotFoundError, ModelMismatchError, StoreError, StoreLockedError  # noqa: E402
+from imgsearch.validation import ID_LENGTH, LABEL_BYTES, PATH_BYTES  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +33,24 @@ DIM_PROPERTY = "imgsearch.dim"
 PREPROCESS_PROPERTY = "imgsearch.preprocess"
 SCHEMA_PROPERTY = "imgsearch.schema"
 RECOGNITION_PROPERTY = "imgsearch.recognition"  # the abstention threshold `imgsearch eval` calibrated
-ID_LENGTH = 64  # hex SHA-256
-LABEL_LENGTH = 512
-PATH_LENGTH = 4096
+ROOTS_PROPERTY = "imgsearch.roots"  # the folders ingested or enrolled from: the only files the API serves
 QUERY_CHUNK = 1000  # ids per `id in [...]` filter
 # Searches read with Session consistency: a client sees its own writes (the API enrols and recognises through one
 # client), and a server answers in ~2 ms instead of waiting ~200 ms for the next time tick as Strong does
 # (measured on the 2.3.5 server). Counts and gets keep the collection's Strong level.
 SEARCH_CONSISTENCY = "Session"
+# HNSW (what AUTOINDEX builds on Lite and on a server) returns at most `ef` hits; Lite's default ef is 64, so a
+# search for k = 300 gave 227 rows. Every search asks for ef >= k.
+DEFAULT_EF = 64
+
+
+@contextlib.contextmanager
+def milvus_errors(action: str) -> Iterator[None]:
+    """Milvus's refusals (a bad filter, an oversized value, a lost server) become one StoreError line."""
+    try:
+        yield
+    except MilvusException as error:
+        raise StoreError(f"{action} failed: {error.message}") from None
 
 
 @dataclass
@@ -104,7 +117,7 @@ class MilvusStore:
         self.model = model
         self.dim = dim
         self.preprocess_version = preprocess_version
-        self.client = self._connect(uri, token)
+        self.client = self._connect(uri, token, create)
         if self.client.has_collection(collection):
             self._check_model(self.client.describe_collection(collection))
             self.client.load_collection(collection)
@@ -116,7 +129,7 @@ class MilvusStore:
     @classmethod
     def open_existing(cls, uri: str, collection: str, token: str = "") -> "MilvusStore":
         """Open a collection as the model it records, without loading an encoder (info, export)."""
-        client = cls._connect(uri, token)
+        client = cls._connect(uri, token, create=False)
         try:
             if not client.has_collection(collection):
                 raise _collection_not_found(collection, uri)
@@ -135,12 +148,14 @@ class MilvusStore:
         )
 
     @staticmethod
-    def _connect(uri: str, token: str) -> MilvusClient:
+    def _connect(uri: str, token: str, create: bool = True) -> MilvusClient:
+        quiet_milvus_logs()
         if is_lite_uri(uri):
+            if not create and not Path(uri).exists():  # opening would create an empty database
+                raise CollectionNotFoundError(
+                    f"no Milvus Lite database at {uri}; check --uri, or run `imgsearch ingest` first"
+                )
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
-            # The embedded server logs handled errors as tracebacks; imgsearch reports them itself.
-            logging.getLogger("milvus_lite").setLevel(logging.CRITICAL)
-            logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
         try:
             return MilvusClient(uri=uri, token=token)
         except MilvusException as error:
@@ -152,8 +167,8 @@ class MilvusStore:
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=ID_LENGTH)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
-        schema.add_field("label", DataType.VARCHAR, max_length=LABEL_LENGTH)
-        schema.add_field("path", DataType.VARCHAR, max_length=PATH_LENGTH)
+        schema.add_field("label", DataType.VARCHAR, max_length=LABEL_BYTES)
+        schema.add_field("path", DataType.VARCHAR, max_length=PATH_BYTES)
         schema.add_field("metadata", DataType.JSON)
         index_params = self.client.prepare_index_params()
         # Built as data arrives (Lite ignores build parameters; a server needs them for HNSW).
@@ -199,19 +214,22 @@ class MilvusStore:
     # --- writes -------------------------------------------------------------------------------
     def upsert(self, records: Sequence[ImageRecord]) -> None:
         if records:
-            self.client.upsert(self.collection, [record.to_row() for record in records])
+            with milvus_errors("writing to Milvus"):
+                self.client.upsert(self.collection, [record.to_row() for record in records])
 
     def delete(self, ids: Sequence[str]) -> int:
         deleted = 0
         for start in range(0, len(ids), QUERY_CHUNK):
             chunk = list(ids[start : start + QUERY_CHUNK])
-            result = self.client.delete(self.collection, ids=chunk)
+            with milvus_errors("delete"):
+                result = self.client.delete(self.collection, ids=chunk)
             deleted += result.get("delete_count", len(chunk)) if isinstance(result, dict) else len(chunk)
         return deleted
 
     def flush(self) -> None:
         """Seal what was written so a crash after this returns loses nothing on a server."""
-        self.client.flush(self.collection)
+        with milvus_errors("flush"):
+            self.client.flush(self.collection)
 
     # --- reads --------------------------------------------------------------------------------
     def get(self, ids: Sequence[str], fields: Sequence[str] = ("id", "path", "label", "metadata")) -> dict[str, dict]:
@@ -219,28 +237,39 @@ class MilvusStore:
         found: dict[str, dict] = {}
         for start in range(0, len(ids), QUERY_CHUNK):
             chunk = list(ids[start : start + QUERY_CHUNK])
-            for row in self.client.get(self.collection, ids=chunk, output_fields=list(fields)):
+            with milvus_errors("reading rows"):
+                rows = self.client.get(self.collection, ids=chunk, output_fields=list(fields))
+            for row in rows:
                 found[row["id"]] = dict(row)
         return found
 
     def count(self) -> int:
-        result = self.client.query(self.collection, filter="", output_fields=["count(*)"])
+        with milvus_errors("count"):
+            result = self.client.query(self.collection, filter="", output_fields=["count(*)"])
         return int(result[0]["count(*)"])
 
     def label_counts(self, labels: Iterable[str]) -> dict[str, int]:
         """How many rows carry each of `labels`."""
         counts = {}
         for label in labels:
-            result = self.client.query(self.collection, filter=f"label == {json.dumps(label)}", output_fields=["count(*)"])
+            with milvus_errors("count"):
+                result = self.client.query(
+                    self.collection, filter=f"label == {string_literal(label)}", output_fields=["count(*)"]
+                )
             counts[label] = int(result[0]["count(*)"])
         return counts
 
     def iter_rows(self, fields: Sequence[str] = ("id", "path"), batch_size: int = 1000, filter: str = "") -> Iterator[dict]:
-        iterator = self.client.query_iterator(
-            self.collection, batch_size=batch_size, filter=filter, output_fields=list(fields)
-        )
+        with milvus_errors("reading rows"):
+            iterator = self.client.query_iterator(
+                self.collection, batch_size=batch_size, filter=filter, output_fields=list(fields)
+            )
         try:
-            while batch := iterator.next():
+            while True:
+                with milvus_errors("reading rows"):
+                    batch = iterator.next()
+                if not batch:
+                    break
                 yield from batch
         finally:
             iterator.close()
@@ -254,6 +283,9 @@ class MilvusStore:
         with_vectors: bool = False,
     ) -> list[list[Hit]]:
         fields = ["path", "label", "metadata"] + (["vector"] if with_vectors else [])
+        params = dict(search_params or {})
+        params["params"] = {**params.get("params", {})}
+        params["params"]["ef"] = max(k, int(params["params"].get("ef", DEFAULT_EF)))
         try:
             results = self.client.search(
                 self.collection,
@@ -261,7 +293,7 @@ class MilvusStore:
                 limit=k,
                 filter=filter,
                 output_fields=fields,
-                search_params=search_params or {},
+                search_params=params,
                 consistency_level=SEARCH_CONSISTENCY,
             )
         except MilvusException as error:
@@ -298,7 +330,29 @@ class MilvusStore:
             raise StoreError(f"cannot point alias {alias} at {self.collection}: {error.message}{hint}") from None
 
     def properties(self) -> dict[str, str]:
-        return dict(self.client.describe_collection(self.collection).get("properties") or {})
+        with milvus_errors("describe collection"):
+            return dict(self.client.describe_collection(self.collection).get("properties") or {})
+
+    def roots(self) -> list[str]:
+        """The folders images were ingested or enrolled from (absolute, as walked)."""
+        try:
+            roots = json.loads(self.properties().get(ROOTS_PROPERTY) or "[]")
+        except ValueError:
+            return []
+        return [root for root in roots if isinstance(root, str)]
+
+    def add_roots(self, folders: Iterable[str | os.PathLike[str]]) -> None:
+        """Record catalog folders; a folder inside one already recorded adds nothing."""
+        roots = self.roots()
+        changed = False
+        for folder in folders:
+            folder = os.path.abspath(folder)
+            if any(_is_within(folder, root) for root in roots):
+                continue
+            roots = [root for root in roots if not _is_within(root, folder)] + [folder]
+            changed = True
+        if changed:
+            self.set_properties({ROOTS_PROPERTY: json.dumps(sorted(roots))})
 
     def set_properties(self, properties: dict[str, str]) -> None:
         try:
@@ -329,8 +383,38 @@ def open_store(settings, encoder, *, create: bool = True) -> MilvusStore:
     )
 
 
+def string_literal(text: str) -> str:
+    """`text` as a string in a Milvus filter expression. Milvus reads \\ and \" but not JSON's \\uXXXX, so
+    json.dumps broke every label outside ASCII ("café"); labels hold no control characters (validation)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _is_within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def quiet_milvus_logs() -> None:
+    """pymilvus logs every refused call with a traceback before raising; imgsearch reports the error itself
+    in one line. `imgsearch -v` turns them back on."""
+    verbose = logging.getLogger().level <= logging.INFO
+    for noisy in ("pymilvus", "milvus_lite", "grpc._server"):
+        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.CRITICAL)
+
+
 def _collection_not_found(collection: str, uri: str) -> CollectionNotFoundError:
     return CollectionNotFoundError(f"collection {collection} does not exist at {uri}; run `imgsearch ingest` first")
+
+
+def check_collection_exists(uri: str, collection: str, token: str = "") -> None:
+    """CollectionNotFoundError unless `collection` exists at `uri`; creates nothing (no Lite file either)."""
+    client = MilvusStore._connect(uri, token, create=False)
+    try:
+        with milvus_errors("listing collections"):
+            exists = client.has_collection(collection)
+    finally:
+        client.close()
+    if not exists:
+        raise _collection_not_found(collection, uri)
 
 
 def describe_collection(uri: str, collection: str, token: str = "") -> dict[str, Any]:

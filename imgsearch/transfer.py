@@ -10,11 +10,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from imgsearch.errors import CatalogError
+from imgsearch.errors import CatalogError, InvalidInputError
 from imgsearch.store import ImageRecord, MilvusStore
+from imgsearch.validation import validate_id, validate_label, validate_metadata, validate_path_text, validate_vector
 
 FORMAT_VERSION = "1"
 ROWS_PER_BATCH = 2048
+COLUMNS = ("id", "vector", "label", "path", "metadata")
+MAX_DIM = 32_768  # Milvus's largest FLOAT_VECTOR
 
 
 def _schema(store: MilvusStore) -> pa.Schema:
@@ -77,34 +80,64 @@ def read_export_identity(path: Path) -> dict[str, str]:
         raise CatalogError(f"export file not found: {path}")
     try:
         metadata = pq.read_schema(path).metadata or {}
-    except (pa.ArrowInvalid, OSError) as error:
+    except (pa.ArrowException, OSError) as error:
         raise CatalogError(f"{path} is not a Parquet file: {error}") from None
-    identity = {key.decode(): value.decode() for key, value in metadata.items() if key.startswith(b"imgsearch.")}
-    if "imgsearch.model" not in identity or "imgsearch.dim" not in identity:
+    identity = {
+        key.decode(errors="replace"): value.decode(errors="replace")
+        for key, value in metadata.items()
+        if key.startswith(b"imgsearch.")
+    }
+    if not identity.get("imgsearch.model") or "imgsearch.dim" not in identity:
         raise CatalogError(f"{path} was not written by `imgsearch export` (no model recorded)")
+    if not identity["imgsearch.dim"].isdigit() or not 1 <= int(identity["imgsearch.dim"]) <= MAX_DIM:
+        raise CatalogError(f"{path} records an unusable vector dimension {identity['imgsearch.dim']!r}")
     return identity
 
 
-def import_parquet(store: MilvusStore, path: Path, chunk: int = 512, progress: Callable[[int], None] | None = None) -> int:
+def import_parquet(
+    store: MilvusStore, path: Path, chunk: int = 512, progress: Callable[[int], None] | None = None
+) -> tuple[int, list[dict[str, str]]]:
+    """Upsert the rows of an export; (rows imported, failed rows). Every row is validated like an ingested one
+    (id, vector length and values, label, path, metadata) before its chunk is written; bad rows are reported and
+    the others imported. Paths are stored as data: importing adds no folder the REST service may serve from."""
     imported = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk):
-        columns = batch.to_pydict()
-        store.upsert(
-            [
-                ImageRecord(
-                    id=row_id,
-                    vector=np.asarray(vector, dtype=np.float32),
-                    path=row_path,
-                    label=label,
-                    metadata=json.loads(metadata),
-                )
-                for row_id, vector, label, row_path, metadata in zip(
-                    columns["id"], columns["vector"], columns["label"], columns["path"], columns["metadata"]
-                )
-            ]
-        )
-        imported += batch.num_rows
-        if progress:
-            progress(imported)
+    failed: list[dict[str, str]] = []
+    try:
+        parquet = pq.ParquetFile(path)
+        missing = [name for name in COLUMNS if name not in parquet.schema_arrow.names]
+        if missing:
+            raise CatalogError(f"{path} has no column {', '.join(missing)}; was it written by `imgsearch export`?")
+        row_number = 0
+        for batch in parquet.iter_batches(batch_size=chunk, columns=list(COLUMNS)):
+            records = []
+            for row in batch.to_pylist():
+                row_number += 1
+                try:
+                    records.append(_record(row, store.dim))
+                except (InvalidInputError, ValueError, TypeError) as error:
+                    failed.append({"path": f"{path}:row {row_number}", "error": str(error)})
+            store.upsert(records)
+            imported += len(records)
+            if progress:
+                progress(imported)
+    except pa.ArrowException as error:
+        raise CatalogError(f"{path}: cannot read the Parquet data ({error})") from None
     store.flush()
-    return imported
+    return imported, failed
+
+
+def _record(row: dict, dim: int) -> ImageRecord:
+    metadata = row["metadata"]
+    if not isinstance(metadata, str):
+        raise InvalidInputError("metadata must be JSON text")
+    try:
+        metadata = json.loads(metadata)
+    except ValueError as error:
+        raise InvalidInputError(f"metadata is not valid JSON ({error})") from None
+    return ImageRecord(
+        id=validate_id(row["id"]),
+        vector=np.asarray(validate_vector(row["vector"], dim), dtype=np.float32),
+        path=validate_path_text(row["path"]),
+        label=validate_label(row["label"] if row["label"] is not None else ""),
+        metadata=validate_metadata(metadata),
+    )

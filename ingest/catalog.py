@@ -5,22 +5,37 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imgsearch.errors import CatalogError
+from imgsearch.errors import CatalogError, InvalidInputError
 from imgsearch.images import find_images
+from imgsearch.validation import validate_label, validate_metadata, validate_path_text
 
 HASH_BLOCK = 1 << 20
 
 
 @dataclass
 class CatalogEntry:
-    path: Path  # absolute
+    path: Path  # absolute, as walked: a symlink keeps its own path, so removing the link prunes its row
     label: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None  # a manifest row that cannot be used; reported as failed, never written
+
+    def validated(self) -> "CatalogEntry":
+        """This entry with its label normalised, or InvalidInputError saying what is wrong with it."""
+        if self.error:
+            raise InvalidInputError(self.error)
+        validate_path_text(str(self.path))
+        return CatalogEntry(self.path, validate_label(self.label), validate_metadata(self.metadata))
+
+
+def absolute(path: str | os.PathLike[str]) -> Path:
+    """The absolute form of a walked path: `..` removed, symlinks kept (unlike Path.resolve)."""
+    return Path(os.path.abspath(path))
 
 
 @dataclass(frozen=True)
@@ -74,15 +89,21 @@ def check_catalog(root: Path, manifest: Path | None = None) -> None:
 
 def scan_catalog(root: Path, *, use_labels: bool = True, manifest: Path | None = None) -> Iterator[CatalogEntry]:
     check_catalog(root, manifest)
-    root = Path(root).resolve()
+    root = absolute(root)
     if manifest is not None:
-        yield from read_manifest(Path(manifest), root if root.is_dir() else root.parent)
+        yield from read_manifest(Path(manifest), catalog_folder(root))
         return
     if root.is_file():
         yield CatalogEntry(path=root)
         return
     for path in find_images([root]):
-        yield CatalogEntry(path=path.resolve(), label=folder_label(path, root) if use_labels else "")
+        yield CatalogEntry(path=absolute(path), label=folder_label(path, root) if use_labels else "")
+
+
+def catalog_folder(path: Path) -> Path:
+    """The folder a catalog argument stands for: itself, or the folder of a single file."""
+    path = absolute(path)
+    return path if path.is_dir() else path.parent
 
 
 def read_manifest(manifest: Path, root: Path) -> Iterator[CatalogEntry]:
@@ -95,16 +116,21 @@ def read_manifest(manifest: Path, root: Path) -> Iterator[CatalogEntry]:
     else:
         raise CatalogError(f"manifest {manifest} must be .csv or .jsonl")
     for line, row in rows:
+        if isinstance(row, str):  # a line that is not a JSON object: a failed row, the others still count
+            yield CatalogEntry(path=Path(f"{manifest}:{line}"), error=row)
+            continue
         raw_path = row.pop("path", None)
-        if not raw_path:
-            raise CatalogError(f"{manifest}:{line}: no 'path' value")
-        label = row.pop("label", "") or ""
-        path = Path(str(raw_path))
-        yield CatalogEntry(path=(path if path.is_absolute() else root / path).resolve(), label=str(label), metadata=row)
+        if not isinstance(raw_path, str) or not raw_path or "\0" in raw_path:
+            yield CatalogEntry(path=Path(f"{manifest}:{line}"), error="no usable 'path' value")
+            continue
+        label = row.pop("label", "")
+        label = "" if label is None else label if isinstance(label, str) else json.dumps(label)
+        yield CatalogEntry(path=absolute(root / raw_path), label=label, metadata=row)
 
 
 def _csv_rows(manifest: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with open(manifest, newline="", encoding="utf-8") as handle:
+    # Bytes that are not UTF-8 survive as surrogates, so validation fails that row alone.
+    with open(manifest, newline="", encoding="utf-8", errors="surrogateescape") as handle:
         reader = csv.DictReader(handle)
         if not reader.fieldnames or "path" not in reader.fieldnames:
             raise CatalogError(f"{manifest}: the CSV header must name a 'path' column")
@@ -112,15 +138,15 @@ def _csv_rows(manifest: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield reader.line_num, {key: value for key, value in row.items() if key is not None}
 
 
-def _jsonl_rows(manifest: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with open(manifest, encoding="utf-8") as handle:
+def _jsonl_rows(manifest: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    """(line number, row), or (line number, what is wrong with it) for a line that is not a JSON object."""
+    with open(manifest, encoding="utf-8", errors="surrogateescape") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise CatalogError(f"{manifest}:{line_number}: invalid JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise CatalogError(f"{manifest}:{line_number}: each line must be a JSON object")
-            yield line_number, row
+                yield line_number, f"invalid JSON ({error.msg})"
+                continue
+            yield line_number, row if isinstance(row, dict) else "each line must be a JSON object"

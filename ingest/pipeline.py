@@ -24,10 +24,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from imgsearch.encoders import Encoder
-from imgsearch.errors import ImageDecodeError, StoreError
+from imgsearch.errors import ImageDecodeError, InvalidInputError, StoreError
 from imgsearch.images import describe_os_error, load_image
 from imgsearch.store import ImageRecord, MilvusStore
-from ingest.catalog import CatalogEntry, Shard, bytes_sha256, file_sha256, scan_catalog
+from ingest.catalog import CatalogEntry, Shard, bytes_sha256, catalog_folder, check_catalog, file_sha256, scan_catalog
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,10 @@ def ingest_catalog(
     manifest: Path | None = None,
     **options: Any,
 ) -> IngestReport:
-    """Index a catalog folder (labels from sub-folders) or a manifest."""
+    """Index a catalog folder (labels from sub-folders) or a manifest; the folder is recorded with the collection
+    as one of the roots the REST service may serve files from."""
+    check_catalog(root, manifest)
+    store.add_roots([catalog_folder(root)])
     return ingest_entries(scan_catalog(root, use_labels=use_labels, manifest=manifest), encoder, store, **options)
 
 
@@ -222,6 +225,7 @@ def _plan(
     scanned = 0
     with open(plan_path, "w", encoding="utf-8") as plan, ThreadPoolExecutor(HASH_THREADS) as pool:
         while chunk := list(islice(entries, PLAN_CHUNK)):
+            chunk = _valid_entries(chunk, report)
             hashes = list(pool.map(_hash_or_error, [entry.path for entry in chunk]))
             if shard is not None:
                 mine = [digest is None or shard.contains(digest) for digest, _ in hashes]
@@ -258,6 +262,17 @@ def _plan(
             if progress:
                 progress("scan", scanned, None)
     return pending
+
+
+def _valid_entries(chunk: list[CatalogEntry], report: IngestReport) -> list[CatalogEntry]:
+    """Rows with a bad label, path or metadata are reported as failed before anything is written; the rest go on."""
+    valid = []
+    for entry in chunk:
+        try:
+            valid.append(entry.validated())
+        except InvalidInputError as error:
+            report.failed.append({"path": str(entry.path), "error": str(error)})
+    return valid
 
 
 def _hash_or_error(path: Path) -> tuple[str | None, str | None]:

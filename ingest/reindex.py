@@ -38,6 +38,7 @@ def reindex(source: MilvusStore, target: MilvusStore, encoder: Encoder, alias: s
         CatalogEntry(path=Path(row["path"]), label=row.get("label") or "", metadata=row.get("metadata") or {})
         for row in rows
     )
+    target.add_roots(source.roots())  # the same files stay servable through the new collection
     report = ingest_entries(entries, encoder, target, **ingest_options)
     target.point_alias(alias)
     return ReindexReport(alias, source_name, target.collection, encoder.name, report)

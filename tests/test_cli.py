@@ -35,7 +35,8 @@ def ingested(tmp_path_factory):
     copy_fashion_catalog(catalog, 2)
     (catalog / "broken.jpg").write_bytes(b"\x00" * 50)
     uri = str(root / "cli.db")
-    result = run(["ingest", str(catalog), "--uri", uri, "--json"])
+    result = run(["ingest", str(catalog), "--uri", uri, "--json"], check=False)
+    assert result.returncode == 3, result.stderr  # finished, but broken.jpg failed
     return root, catalog, uri, json.loads(result.stdout)
 
 
@@ -47,8 +48,8 @@ def test_ingest_json_shape(ingested):
 
 def test_ingest_summary_line_and_rerun_skips(ingested):
     _, catalog, uri, _ = ingested
-    result = run(["ingest", str(catalog), "--uri", uri])
-    assert "indexed 0, skipped 20 unchanged, failed 1" in result.stdout
+    result = run(["ingest", str(catalog), "--uri", uri], check=False)
+    assert result.returncode == 3 and "indexed 0, skipped 20 unchanged, failed 1" in result.stdout
     assert "broken.jpg" in result.stderr
 
 
@@ -87,12 +88,13 @@ def test_info_and_settings_precedence(ingested, tmp_path):
         "recognition": None,  # not calibrated yet
     }
     other = str(tmp_path / "other.db")
-    flag_wins = json.loads(run(["info", "--json", "--uri", other], env_extra={"IMGSEARCH_MILVUS_URI": uri}).stdout)
-    assert flag_wins["uri"] == other and flag_wins["count"] == 0 and flag_wins["exists"] is False
-    default = json.loads(run(["info", "--json"], cwd=tmp_path).stdout)
-    assert default["uri"] == "./imgsearch.db" and default["collection"] == "imgsearch_efficientnet_lite0"
-    env_collection = json.loads(run(["info", "--json"], env_extra={"IMGSEARCH_COLLECTION": "shelf"}, cwd=tmp_path).stdout)
-    assert env_collection["collection"] == "shelf"
+    flag_wins = run(["info", "--json", "--uri", other], env_extra={"IMGSEARCH_MILVUS_URI": uri}, check=False)
+    assert flag_wins.returncode == 2 and f"no Milvus Lite database at {other}" in flag_wins.stderr
+    default = run(["info", "--json"], cwd=tmp_path, check=False)
+    assert default.returncode == 2 and "no Milvus Lite database at ./imgsearch.db" in default.stderr
+    assert not (tmp_path / "other.db").exists() and not (tmp_path / "imgsearch.db").exists()  # read-only: nothing created
+    env_collection = run(["info", "--json", "--uri", uri], env_extra={"IMGSEARCH_COLLECTION": "shelf"}, check=False)
+    assert env_collection.returncode == 2 and "collection shelf does not exist" in env_collection.stderr
 
 
 def test_model_guard_is_one_clear_line(ingested, tmp_path):
@@ -132,10 +134,10 @@ def test_locked_database_is_one_clear_line(ingested):
 def test_missing_catalog_and_unknown_model_are_clear(tmp_path):
     result = run(["ingest", str(tmp_path / "nowhere"), "--uri", str(tmp_path / "x.db")], check=False)
     assert result.returncode == 2 and "catalog path not found" in result.stderr
-    result = run(["search", str(tmp_path), "--model", "no_such_model", "--uri", str(tmp_path / "x.db")], check=False)
-    assert result.returncode == 2 and "unknown model" in result.stderr
+    result = run(["ingest", str(tmp_path), "--model", "no_such_model", "--uri", str(tmp_path / "x.db")], check=False)
+    assert result.returncode == 2 and "unknown model" in result.stderr and not (tmp_path / "x.db").exists()
     result = run(["export", "--out", str(tmp_path / "v.parquet"), "--uri", str(tmp_path / "x.db")], check=False)
-    assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "no Milvus Lite database" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_export_import_round_trip_is_exact(ingested, tmp_path):
@@ -147,7 +149,7 @@ def test_export_import_round_trip_is_exact(ingested, tmp_path):
     assert exported["exported"] == 20 and out.is_file()
     target = str(tmp_path / "copy.db")
     imported = json.loads(run(["import", str(out), "--uri", target, "--json"]).stdout)
-    assert imported == {"imported": 20, "collection": "imgsearch_efficientnet_lite0", "model": "efficientnet_lite0"}
+    assert imported == {"imported": 20, "failed": [], "collection": "imgsearch_efficientnet_lite0", "model": "efficientnet_lite0"}
     info = json.loads(run(["info", "--json", "--uri", target]).stdout)
     assert info["count"] == 20 and info["preprocess"] == json.loads(run(["info", "--json", "--uri", uri]).stdout)["preprocess"]
     # Read in a child process: a .db opened by this process would stay locked against the other tests' CLI runs.

@@ -1,0 +1,88 @@
+"""The one place where user-supplied row fields are checked: labels, stored paths and metadata.
+
+CLI, API, manifests and imports all call these before anything is written, so a bad value is a clear error
+(or a failed row in a report) instead of a Milvus error halfway through a batch. Limits match the schema.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import unicodedata
+from typing import Any
+
+from imgsearch.errors import InvalidInputError
+
+ID_LENGTH = 64  # hex SHA-256
+LABEL_BYTES = 512  # VARCHAR max_length of `label`, in UTF-8 bytes
+PATH_BYTES = 4096  # VARCHAR max_length of `path`
+METADATA_BYTES = 65_536  # Milvus's limit for one JSON value
+# Invisible characters that reorder or hide text on screen: never part of a name a person typed on purpose.
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _is_hidden(character: str) -> bool:
+    return unicodedata.category(character) in ("Cc", "Cs", "Zl", "Zp") or character in BIDI_CONTROLS
+
+
+def validate_label(label: Any, *, required: bool = False) -> str:
+    """The label as stored: NFC-normalised (so composed and decomposed accents are one label), surrounding
+    whitespace removed. Refused: non-text, control or bidi characters, more than LABEL_BYTES bytes of UTF-8,
+    and an empty label where one is required."""
+    if not isinstance(label, str):
+        raise InvalidInputError(f"label must be text, not {type(label).__name__}")
+    label = unicodedata.normalize("NFC", label).strip()
+    if required and not label:
+        raise InvalidInputError("the label must not be empty")
+    hidden = next((c for c in label if _is_hidden(c)), None)
+    if hidden is not None:
+        raise InvalidInputError(f"the label contains the control character U+{ord(hidden):04X}")
+    size = len(label.encode("utf-8"))
+    if size > LABEL_BYTES:
+        raise InvalidInputError(f"the label is {size} bytes of UTF-8; the limit is {LABEL_BYTES}")
+    return label
+
+
+def validate_path_text(path: str) -> str:
+    """A file path as it will be stored (any file name the file system allows, within the schema's size)."""
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise InvalidInputError("the path must be non-empty text without NUL")
+    try:
+        size = len(path.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidInputError("the file name is not valid UTF-8") from None
+    if size > PATH_BYTES:
+        raise InvalidInputError(f"the path is {size} bytes of UTF-8; the limit is {PATH_BYTES}")
+    return path
+
+
+def validate_metadata(metadata: Any) -> dict[str, Any]:
+    """A JSON object of at most METADATA_BYTES; NaN and infinity are not JSON."""
+    if not isinstance(metadata, dict):
+        raise InvalidInputError(f"metadata must be a JSON object, not {type(metadata).__name__}")
+    try:
+        text = json.dumps(metadata, allow_nan=False, ensure_ascii=False)
+    except (TypeError, ValueError) as error:
+        raise InvalidInputError(f"metadata is not JSON: {error}") from None
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidInputError("metadata contains text that is not valid UTF-8") from None
+    if size > METADATA_BYTES:
+        raise InvalidInputError(f"metadata is {size} bytes of JSON; the limit is {METADATA_BYTES}")
+    return metadata
+
+
+def validate_id(value: Any) -> str:
+    if not isinstance(value, str) or len(value) != ID_LENGTH or any(c not in "0123456789abcdef" for c in value):
+        raise InvalidInputError("id must be 64 lowercase hex characters (the SHA-256 of the file)")
+    return value
+
+
+def validate_vector(vector: Any, dim: int) -> list[float]:
+    values = list(vector) if vector is not None else []
+    if len(values) != dim:
+        raise InvalidInputError(f"the vector has {len(values)} values; the collection's model has {dim}")
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        raise InvalidInputError("the vector holds a value that is not a finite number")
+    return values
