@@ -87,6 +87,10 @@ def _load_encoder(settings: Settings):
 def _open(settings: Settings, create: bool = True):
     """Encoder and store. A read-only command (create=False) checks that the collection exists first: a typo in
     --uri or --collection is one line at once, before a model is loaded, and nothing is created."""
+    from imgsearch.config import check_lite_database_exists
+
+    if not create:
+        check_lite_database_exists(settings.milvus_uri)
     from imgsearch.store import check_collection_exists, open_store
 
     if not create:
@@ -172,10 +176,11 @@ def search(
 ) -> None:
     """Find the stored images most similar to each query image."""
     from imgsearch.images import check_paths_exist
-    from imgsearch.search import search_paths
 
     with user_errors():
         check_paths_exist(queries)
+        from imgsearch.search import search_paths
+
         settings = load_settings(
             milvus_uri=uri, collection=collection, model=model, weights=weights, device=device, runtime=runtime
         )

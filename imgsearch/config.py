@@ -9,6 +9,8 @@ from typing import Any, Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from imgsearch.errors import CollectionNotFoundError
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IMGSEARCH_", extra="ignore")
@@ -53,6 +55,18 @@ class Settings(BaseSettings):
     @property
     def collection_name(self) -> str:
         return self.collection or default_collection_name(self.model)
+
+
+def is_lite_uri(uri: str) -> bool:
+    """A path ending in .db is an embedded Milvus Lite database; anything with a scheme is a server."""
+    return uri.endswith(".db") and "://" not in uri
+
+
+def check_lite_database_exists(uri: str) -> None:
+    """Opening a missing Lite path would create an empty database: read-only commands stop here instead, before
+    pymilvus is even imported."""
+    if is_lite_uri(uri) and not Path(uri).exists():
+        raise CollectionNotFoundError(f"no Milvus Lite database at {uri}; check --uri, or run `imgsearch ingest` first")
 
 
 def default_collection_name(model: str) -> str:

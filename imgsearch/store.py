@@ -22,6 +22,7 @@ import numpy as np
 from pymilvus import DataType, MilvusClient  # noqa: E402
 from pymilvus.exceptions import MilvusException  # noqa: E402
 
+from imgsearch.config import check_lite_database_exists, is_lite_uri  # noqa: E402
 from imgsearch.errors import CollectionNotFoundError, ModelMismatchError, StoreError, StoreLockedError  # noqa: E402
 from imgsearch.validation import ID_LENGTH, LABEL_BYTES, PATH_BYTES  # noqa: E402
 
@@ -79,10 +80,6 @@ class Hit:
         return {"id": self.id, "score": self.score, "path": self.path, "label": self.label, "metadata": self.metadata}
 
 
-def is_lite_uri(uri: str) -> bool:
-    return uri.endswith(".db") and "://" not in uri
-
-
 def _check_lite_lock(uri: str) -> None:
     """Milvus Lite allows one process per data directory; say so in one line instead of a traceback."""
     lock_path = Path(uri) / "LOCK"
@@ -118,12 +115,14 @@ class MilvusStore:
         self.dim = dim
         self.preprocess_version = preprocess_version
         self.client = self._connect(uri, token, create)
-        if self.client.has_collection(collection):
-            self._check_model(self.client.describe_collection(collection))
-            self.client.load_collection(collection)
-        elif create:
-            self._create()
-        else:
+        with milvus_errors(f"opening collection {collection}"):
+            exists = self.client.has_collection(collection)
+            if exists:
+                self._check_model(self.client.describe_collection(collection))
+                self.client.load_collection(collection)
+            elif create:
+                self._create()
+        if not exists and not create:
             raise _collection_not_found(collection, uri)
 
     @classmethod
@@ -131,9 +130,11 @@ class MilvusStore:
         """Open a collection as the model it records, without loading an encoder (info, export)."""
         client = cls._connect(uri, token, create=False)
         try:
-            if not client.has_collection(collection):
+            with milvus_errors(f"opening collection {collection}"):
+                exists = client.has_collection(collection)
+                properties = (client.describe_collection(collection).get("properties") or {}) if exists else {}
+            if not exists:
                 raise _collection_not_found(collection, uri)
-            properties = client.describe_collection(collection).get("properties") or {}
         finally:
             client.close()
         # A collection imgsearch did not create records no model; the constructor's guard says so.
@@ -150,11 +151,9 @@ class MilvusStore:
     @staticmethod
     def _connect(uri: str, token: str, create: bool = True) -> MilvusClient:
         quiet_milvus_logs()
+        if not create:
+            check_lite_database_exists(uri)
         if is_lite_uri(uri):
-            if not create and not Path(uri).exists():  # opening would create an empty database
-                raise CollectionNotFoundError(
-                    f"no Milvus Lite database at {uri}; check --uri, or run `imgsearch ingest` first"
-                )
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
         try:
             return MilvusClient(uri=uri, token=token)
@@ -315,7 +314,8 @@ class MilvusStore:
 
     def resolved_name(self) -> str:
         """The collection behind this store's name (an alias resolves to its collection)."""
-        return self.client.describe_collection(self.collection).get("collection_name", self.collection)
+        with milvus_errors("describe collection"):
+            return self.client.describe_collection(self.collection).get("collection_name", self.collection)
 
     def point_alias(self, alias: str) -> None:
         """Make `alias` name this collection, atomically moving it if it named another."""

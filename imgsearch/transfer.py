@@ -39,6 +39,13 @@ def _schema(store: MilvusStore) -> pa.Schema:
 
 
 def export_parquet(store: MilvusStore, out: Path, progress: Callable[[int], None] | None = None) -> int:
+    try:
+        return _export(store, out, progress)
+    except OSError as error:
+        raise CatalogError(f"cannot write {out}: {error.strerror or error}") from None
+
+
+def _export(store: MilvusStore, out: Path, progress: Callable[[int], None] | None) -> int:
     schema = _schema(store)
     written = 0
     out.parent.mkdir(parents=True, exist_ok=True)
