@@ -133,8 +133,10 @@ def test_upload_get_thumbnail_and_delete(service, catalog):
     assert original.status_code == 200 and original.content == buffer.getvalue()
     thumb = service.get(f"/images/{image_id}", params={"size": 64})
     assert thumb.headers["content-type"] == "image/jpeg" and max(Image.open(io.BytesIO(thumb.content)).size) == 64
+    stored = uploads_dir / image_id[:2] / f"{image_id}.png"  # named by content, never by label or client name
+    assert stored.read_bytes() == buffer.getvalue()
     assert service.delete(f"/images/{image_id}").json() == {"deleted": image_id, "file_removed": True}
-    assert not list((uploads_dir / "red").iterdir())  # the uploaded file went with its row
+    assert not stored.exists()  # the uploaded file went with its row
     assert service.get(f"/images/{image_id}").status_code == 404
     assert service.delete(f"/images/{image_id}").status_code == 404
     assert service.get("/images/..%2F..%2Fetc%2Fpasswd").status_code == 404  # ids only, never paths

@@ -39,6 +39,8 @@ def stored_count(uri: str, collection: str) -> int:
     result = subprocess.run(
         CLI + ["info", "--json", "--uri", uri, "--collection", collection], capture_output=True, text=True, env=environment(), timeout=120,
     )
+    if result.returncode == 2 and ("does not exist" in result.stderr or "no Milvus Lite database" in result.stderr):
+        return 0  # killed before the collection was created
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)["count"]
 
@@ -96,7 +98,7 @@ def test_ingest_killed_at_several_moments_then_rerun_stores_each_image_once(back
 
     before = stored_after_kill[-1]
     finished = subprocess.run(command, capture_output=True, text=True, env=environment(), timeout=600)
-    assert finished.returncode == 0, finished.stderr
+    assert finished.returncode == 3, finished.stderr  # finished; broken.jpg failed
     report = json.loads(finished.stdout)
     # What the killed runs stored is skipped, not re-encoded; the rest is encoded now.
     assert report["skipped"] == before and report["indexed"] == good - before
