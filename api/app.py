@@ -11,6 +11,7 @@ import hmac
 import io
 import os
 import time
+import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -325,7 +326,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         [upload] = await read_images([image], service)
         vectors = await service.batcher.encode([upload.tensor])
         hits = (await asyncio.to_thread(service.store.search, vectors, k, filter))[0]
-        return SearchResponse(results=[hit_out(service, hit) for hit in hits])
+        return SearchResponse(results=await asyncio.to_thread(lambda: [hit_out(service, hit) for hit in hits]))
 
     @app.post("/search/text", response_model=SearchResponse)
     async def search_text(service: ServiceDep, query: TextQuery):
@@ -336,14 +337,14 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         except TextNotSupportedError as error:
             raise HTTPException(400, str(error)) from None
         hits = (await asyncio.to_thread(service.store.search, vectors, query.k))[0]
-        return SearchResponse(results=[hit_out(service, hit) for hit in hits])
+        return SearchResponse(results=await asyncio.to_thread(lambda: [hit_out(service, hit) for hit in hits]))
 
     @app.post("/recognize", response_model=list[RecognitionOut])
     async def recognize(
         service: ServiceDep,
         image: Annotated[list[UploadFile], File(description="One or more images")],
         k: Annotated[int, Form(ge=1, le=1024)] = 100,
-        threshold: Annotated[float | None, Form()] = None,
+        threshold: Annotated[float | None, Form(allow_inf_nan=False)] = None,
     ):
         from imgsearch.recognize import recognize_vectors, resolve_threshold
 
@@ -351,20 +352,24 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         vectors = await service.batcher.encode([upload.tensor for upload in uploads])
         used, _ = await asyncio.to_thread(resolve_threshold, service.store, threshold if threshold is not None else settings.threshold)
         results = await asyncio.to_thread(recognize_vectors, service.store, vectors, k=k, threshold=used)
-        return [
-            RecognitionOut(
-                path=upload.name, label=label, confidence=confidence,
-                neighbours=[NeighbourOut(**{**vars(n), "path": service.files.shown(n.path)}) for n in neighbours],
-            )
-            for upload, (label, confidence, neighbours) in zip(uploads, results)
-        ]
+
+        def answers() -> list[RecognitionOut]:  # showing paths may re-read the recorded folders: off the loop
+            return [
+                RecognitionOut(
+                    path=upload.name, label=label, confidence=confidence,
+                    neighbours=[NeighbourOut(**{**vars(n), "path": service.files.shown(n.path)}) for n in neighbours],
+                )
+                for upload, (label, confidence, neighbours) in zip(uploads, results)
+            ]
+
+        return await asyncio.to_thread(answers)
 
     def save_upload(upload: Upload, digest: str) -> Path:
         """Content-addressed: uploads/ab/abcdef….png, whatever the label or the client's file name says."""
         path = settings.upload_dir.resolve() / digest[:2] / f"{digest}{FORMAT_SUFFIXES.get(upload.image_format, '.img')}"
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
-            partial = path.with_name(path.name + ".partial")
+            partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")  # concurrent uploads of one content
             partial.write_bytes(upload.data)
             partial.replace(path)  # a crash never leaves a half-written file under the final name
         return path

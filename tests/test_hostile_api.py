@@ -142,6 +142,19 @@ def test_decomposed_and_composed_accents_are_one_label(api):
     assert response.json()[0]["label"] == "café"
 
 
+def test_concurrent_uploads_of_the_same_content_store_one_file_and_one_row(api):
+    client, settings = api
+    data = png((77, 177, 27))
+    count = stored_count(client)
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda i: client.post("/images", files={"image": (f"{i}.png", data, "image/png")}), range(8)))
+    assert [response.status_code for response in responses] == [200] * 8
+    digest = file_sha256_bytes(data)
+    folder = settings.upload_dir.resolve() / digest[:2]
+    assert [path.name for path in folder.iterdir() if digest in path.name] == [f"{digest}.png"]  # no partial left
+    assert stored_count(client) == count + 1
+
+
 # --- 2. serving is confined -----------------------------------------------------------------------------
 def test_a_row_pointing_outside_every_root_is_never_served(api, site, tmp_path):
     from imgsearch.transfer import import_parquet
