@@ -179,12 +179,12 @@ def search(
 
     with user_errors():
         check_paths_exist(queries)
-        from imgsearch.search import search_paths
-
         settings = load_settings(
             milvus_uri=uri, collection=collection, model=model, weights=weights, device=device, runtime=runtime
         )
         encoder, store = _open(settings, create=False)
+        from imgsearch.search import search_paths
+
         with store:
             results, failed = search_paths(
                 encoder, store, queries, k=k, filter=filter, max_pixels=settings.max_image_pixels
@@ -216,15 +216,15 @@ def info(
     model: ModelOption = None,
 ) -> None:
     """What the collection holds: model, dim, collection, URI and count."""
-    from imgsearch.store import describe_collection
+    from imgsearch.config import check_lite_database_exists
 
     with user_errors():
         settings = load_settings(milvus_uri=uri, collection=collection, model=model)
-        described = describe_collection(settings.milvus_uri, settings.collection_name, settings.milvus_token)
-        if not described["exists"]:
-            from imgsearch.store import check_collection_exists
+        check_lite_database_exists(settings.milvus_uri)
+        from imgsearch.store import check_collection_exists, describe_collection
 
-            check_collection_exists(settings.milvus_uri, settings.collection_name, settings.milvus_token)
+        check_collection_exists(settings.milvus_uri, settings.collection_name, settings.milvus_token)
+        described = describe_collection(settings.milvus_uri, settings.collection_name, settings.milvus_token)
     if json_output:
         print_json(described)
         return
@@ -243,11 +243,14 @@ def export_vectors(
     model: ModelOption = None,
 ) -> None:
     """Write every row (id, vector, label, path, metadata) and the model identity to a Parquet file."""
-    from imgsearch.store import MilvusStore
-    from imgsearch.transfer import export_parquet
+    from imgsearch.config import check_lite_database_exists
 
     with user_errors():
         settings = load_settings(milvus_uri=uri, collection=collection, model=model)
+        check_lite_database_exists(settings.milvus_uri)
+        from imgsearch.store import MilvusStore
+        from imgsearch.transfer import export_parquet
+
         with MilvusStore.open_existing(settings.milvus_uri, settings.collection_name, settings.milvus_token) as store:
             written = export_parquet(store, out)
     summary = {"exported": written, "out": str(out), "model": store.model, "collection": settings.collection_name}
@@ -347,13 +350,13 @@ def recognize(
         if method not in ("knn", "head"):
             raise UsageError(f"--method must be knn or head, not {method!r}")
         check_paths_exist(images)
-        from imgsearch.recognize import recognize_paths, recognize_paths_with_head, resolve_threshold
-
         settings = load_settings(
             milvus_uri=uri, collection=collection, model=model, weights=weights, device=device, runtime=runtime,
             threshold=threshold,
         )
         encoder, store = _open(settings, create=False)
+        from imgsearch.recognize import recognize_paths, recognize_paths_with_head, resolve_threshold
+
         with store:
             if method == "head":
                 head_path = head or default_head_path(settings.collection_name, "linear")
