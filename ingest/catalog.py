@@ -128,13 +128,25 @@ def read_manifest(manifest: Path, root: Path) -> Iterator[CatalogEntry]:
         yield CatalogEntry(path=absolute(root / raw_path), label=label, metadata=row)
 
 
-def _csv_rows(manifest: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _csv_rows(manifest: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    """(line number, row), or (line number, what is wrong with it) for a record the csv module refuses."""
     # Bytes that are not UTF-8 survive as surrogates, so validation fails that row alone.
     with open(manifest, newline="", encoding="utf-8", errors="surrogateescape") as handle:
         reader = csv.DictReader(handle)
-        if not reader.fieldnames or "path" not in reader.fieldnames:
+        try:
+            fieldnames = reader.fieldnames
+        except csv.Error as error:
+            raise CatalogError(f"{manifest}: unreadable CSV header ({error})") from None
+        if not fieldnames or "path" not in fieldnames:
             raise CatalogError(f"{manifest}: the CSV header must name a 'path' column")
-        for row in reader:
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as error:  # e.g. a field over the csv module's 128 KiB limit: that record fails alone
+                yield reader.line_num + 1, f"unreadable CSV record ({error})"  # raised before line_num counts it
+                continue
             yield reader.line_num, {key: value for key, value in row.items() if key is not None}
 
 

@@ -155,6 +155,18 @@ def test_a_manifest_row_with_a_600_character_label_fails_alone(tmp_path):
     assert outcomes == [EXIT_PARTIAL, EXIT_PARTIAL]
 
 
+def test_a_csv_record_the_csv_module_refuses_fails_alone(tmp_path):
+    from ingest.catalog import read_manifest
+
+    manifest = tmp_path / "items.csv"
+    manifest.write_text("path,label\na.png,x\nb.png," + "y" * 200_000 + "\nc.png,z\n")
+    entries = list(read_manifest(manifest, tmp_path))
+    assert [(entry.path.name, entry.label, entry.error is None) for entry in entries] == [
+        ("a.png", "x", True), ("items.csv:3", "", False), ("c.png", "z", True)
+    ]
+    assert "field larger than field limit" in entries[1].error
+
+
 def test_enroll_refuses_bad_labels_before_creating_anything(tmp_path):
     photo = FASHION_DIR / "bag" / "bag_000.png"
     before = tree(tmp_path)
