@@ -1,4 +1,4 @@
-"""The FastAPI service over the core functions in `imgsearch` (search, recognition, enrolment).
+"""The REST service (`imgsearch serve`): a FastAPI shell over the core functions in `imgsearch`, and its web page.
 
-Not built yet: the REST service is tracked in its own issue. Nothing here is imported by the CLI.
+Nothing here is imported by the CLI except `serve`.
 """

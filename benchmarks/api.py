@@ -22,11 +22,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from imgsearch.config import load_settings  # noqa: E402
 from imgsearch.store import ImageRecord, MilvusStore  # noqa: E402
-from tests.test_api import LiveServer  # noqa: E402  (the same loopback server the tests use)
+from api.live import LiveServer  # noqa: E402  (the same loopback server the tests use)
 
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "camera", "coins")
 
@@ -84,7 +85,7 @@ def main() -> None:
         fill(uri, collection, size)
         print(f"{size} vectors inserted in {time.perf_counter() - started:.1f} s", flush=True)
         settings = load_settings(milvus_uri=uri, collection=collection, device="cpu", upload_dir=folder / "uploads")
-        with LiveServer(settings) as client:
+        with LiveServer(settings) as base_url, httpx.Client(base_url=base_url, timeout=120) as client:
             def search(i: int) -> float:
                 began = time.perf_counter()
                 response = client.post("/search", files={"image": ("q.jpg", images[i % len(images)], "image/jpeg")}, data={"k": "10"})

@@ -6,29 +6,39 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast instead of retrying an unreachable hub
 
-import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
-from imgsearch.encoders import load_encoder
-from imgsearch.store import MilvusStore
+from tests.helpers import ROOT, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
-FASHION_DIR = ROOT / "examples" / "catalog"
 SERVER_BINARY = ROOT / ".mv" / "bin" / "milvus-server"
 PHOTO_NAMES = ("chelsea", "coffee", "astronaut", "rocket", "camera", "coins", "hubble_deep_field", "immunohistochemistry")
 
 
+# Fixtures that load the model or open Milvus: a test that uses one is in the slow tier.
+HEAVY_FIXTURES = {"encoder", "onnx_encoder", "make_store", "milvus_server_uri"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        callspec = getattr(item, "callspec", None)
+        if "milvus_server_uri" in fixtures or (callspec and callspec.params.get("backend") == "server"):
+            item.add_marker(pytest.mark.server)
+        if fixtures & HEAVY_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def encoder():
+    from imgsearch.encoders import load_encoder  # torch: imported only by tests that use a model
+
     return load_encoder("efficientnet_lite0", device="cpu")
 
 
@@ -80,12 +90,6 @@ def milvus_server_uri(tmp_path_factory):
         log.close()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _wait_until_serving(uri: str, process: subprocess.Popen, log_path: Path, timeout: float = 120) -> None:
     from pymilvus import MilvusClient
 
@@ -111,10 +115,12 @@ def backend(request) -> str:
 @pytest.fixture
 def make_store(tmp_path, encoder, backend, request):
     """Fresh stores on the test's backend: a Milvus Lite file, or uniquely named collections on the server."""
-    stores: list[MilvusStore] = []
+    from imgsearch.store import MilvusStore
+
+    stores: list = []
     server_uri = request.getfixturevalue("milvus_server_uri") if backend == "server" else None
 
-    def make(uri: str | None = None, collection: str = "test_images") -> MilvusStore:
+    def make(uri: str | None = None, collection: str = "test_images"):
         if server_uri and uri is None:
             uri, collection = server_uri, f"{collection}_{uuid.uuid4().hex[:10]}"
         store = MilvusStore(
@@ -132,26 +138,3 @@ def make_store(tmp_path, encoder, backend, request):
         if store.uri == server_uri:
             store.client.drop_collection(store.collection)
         store.close()
-
-
-def copy_fashion_catalog(folder: Path, per_class: int = 2) -> list[Path]:
-    """A catalog of class folders at `folder`, copied from the bundled sample catalog; returns the copies."""
-    copied = []
-    for source in fashion_images(per_class):
-        target = folder / source.parent.name / source.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(source, target)
-        copied.append(target)
-    return copied
-
-
-def fashion_images(per_class: int = 2) -> list[Path]:
-    """Real Fashion-MNIST product photos from the bundled sample catalog."""
-    picked = []
-    for folder in sorted(p for p in FASHION_DIR.iterdir() if p.is_dir()):
-        picked.extend(sorted(folder.glob("*.png"))[:per_class])
-    return picked
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))

@@ -6,51 +6,19 @@ import io
 import os
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
 
-from api.app import create_app
 from imgsearch.config import load_settings
 from ingest.catalog import file_sha256
-from tests.conftest import FASHION_DIR, copy_fashion_catalog, free_port
+from tests.helpers import FASHION_DIR, copy_fashion_catalog, free_port, healthy_client, serve
 
+pytestmark = pytest.mark.slow  # the REST service with the real model
 
-def healthy_client(port: int, process: subprocess.Popen | None = None, timeout: float = 180) -> httpx.Client:
-    """A client for the service on `port`, once /health answers 200 (failing early if `process` exits)."""
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"the service exited: {process.stderr.read() if process.stderr else ''}")
-        try:
-            if client.get("/health").status_code == 200:
-                return client
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("the service did not become healthy")
-
-
-class LiveServer:
-    def __init__(self, settings) -> None:
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> httpx.Client:
-        self.thread.start()
-        return healthy_client(self.port)
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +42,7 @@ def service(catalog, onnx_encoder):
     encoder = onnx_encoder
     with open_store(settings, encoder) as store:
         ingest_catalog(folder, encoder, store, workers=0)
-    with LiveServer(settings) as client:
+    with serve(settings) as client:
         yield client
 
 
@@ -195,13 +163,14 @@ def batch_histogram(client) -> tuple[float, float]:
 def test_api_key(catalog, onnx_encoder):
     root, _ = catalog
     settings = load_settings(milvus_uri=str(root / "keyed.db"), api_key="s3cret", device="cpu")
-    with LiveServer(settings) as client:
+    with serve(settings) as client:
         assert client.get("/info").status_code == 401
         assert client.get("/info", headers={"X-API-Key": "wrong"}).status_code == 401
         assert client.get("/info", headers={"X-API-Key": "s3cret"}).status_code == 200
         assert client.get("/health").status_code == 200  # readiness stays open for orchestrators
 
 
+@pytest.mark.browser
 def test_web_page_in_a_real_browser(service, catalog):
     """Debian's Chromium, driven by Playwright: upload an image, see the grid with it first; then recognise."""
     from playwright.sync_api import sync_playwright
@@ -300,7 +269,7 @@ def test_load_on_the_server_backend(milvus_server_uri, catalog, onnx_encoder, tm
 def test_cors_is_configurable(catalog, onnx_encoder):
     root, _ = catalog
     settings = load_settings(milvus_uri=str(root / "cors.db"), cors_origins=["https://shop.example"], device="cpu")
-    with LiveServer(settings) as client:
+    with serve(settings) as client:
         allowed = client.options("/info", headers={"Origin": "https://shop.example", "Access-Control-Request-Method": "GET"})
         assert allowed.headers.get("access-control-allow-origin") == "https://shop.example"
         other = client.get("/health", headers={"Origin": "https://evil.example"})

@@ -14,7 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import FASHION_DIR, copy_fashion_catalog
+from tests.helpers import FASHION_DIR, copy_fashion_catalog
+
+pytestmark = pytest.mark.slow  # the imgsearch command in subprocesses
+
 
 CLI = [sys.executable, "-m", "imgsearch.cli"]
 

@@ -21,7 +21,10 @@ import uuid
 
 import pytest
 
-from tests.conftest import FASHION_DIR
+from tests.helpers import FASHION_DIR
+
+pytestmark = pytest.mark.slow  # ingest processes killed and rerun
+
 
 CLI = [sys.executable, "-m", "imgsearch.cli"]
 UPSERT_CHUNK = 32  # small chunks, so a killed run leaves some rows written and some not

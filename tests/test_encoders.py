@@ -10,6 +10,9 @@ from imgsearch.encoders import load_encoder
 from imgsearch.encoders.lite0 import lite0_preprocess, load_lite0_classifier
 from imgsearch.errors import InvalidWeightsError, UnknownModelError, WeightsNotFoundError
 
+pytestmark = pytest.mark.slow  # real weights
+
+
 CAT_CLASSES = {281: "tabby", 282: "tiger cat", 285: "Egyptian cat"}
 
 

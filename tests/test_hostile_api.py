@@ -5,7 +5,6 @@ what the store holds."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import os
 import signal
@@ -22,15 +21,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from fastapi import HTTPException
 from PIL import Image
 
-from api.limits import PixelBudget
 from imgsearch.config import load_settings
 from imgsearch.store import MilvusStore
 from ingest.catalog import file_sha256
-from tests.conftest import copy_fashion_catalog, free_port
-from tests.test_api import LiveServer, healthy_client
+from tests.helpers import copy_fashion_catalog, free_port, healthy_client, serve
+
+pytestmark = pytest.mark.slow  # the REST service with the real model
+
 
 KEY = "s3cret-key"
 
@@ -70,7 +69,7 @@ def api(site, onnx_encoder):
 
     with open_store(settings, onnx_encoder) as store:
         ingest_catalog(catalog, onnx_encoder, store, workers=0)
-    with LiveServer(settings) as client:
+    with serve(settings) as client:
         client.headers["X-API-Key"] = KEY
         yield client, settings
 
@@ -236,7 +235,7 @@ def test_answers_show_absolute_paths_when_configured(site, onnx_encoder):
     with open_store(settings, onnx_encoder) as store:
         ingest_catalog(catalog / "coat", onnx_encoder, store, workers=0)
     query = sorted((catalog / "coat").glob("*.png"))[0]
-    with LiveServer(settings) as client:
+    with serve(settings) as client:
         hits = client.post("/search", files={"image": ("q.png", query.read_bytes(), "image/png")}, data={"k": "1"}).json()["results"]
     assert hits[0]["path"] == str(query)
 
@@ -280,7 +279,7 @@ def test_docs_metrics_and_page_open_only_by_setting(site, onnx_encoder):
         milvus_uri=str(root / "public.db"), upload_dir=root / "uploads-public", device="cpu", api_key=KEY,
         public=["docs", "metrics", "page"],
     )
-    with LiveServer(settings) as client:
+    with serve(settings) as client:
         for path in ("/docs", "/openapi.json", "/metrics", "/", "/app.js"):
             assert client.get(path).status_code == 200, path
         assert client.get("/info").status_code == 401
@@ -347,30 +346,6 @@ def test_invalid_filter_is_400_not_500(api):
     client, _ = api
     response = client.post("/search", files={"image": ("q.png", png(), "image/png")}, data={"filter": "label === ]["})
     assert response.status_code == 400 and response.json()["detail"].startswith("search failed")
-
-
-def test_pixel_budget_makes_large_decodes_wait_then_503():
-    async def scenario():
-        budget = PixelBudget(capacity=100, wait_seconds=0.2)
-        order = []
-
-        async def take(name, pixels, hold_seconds):
-            async with budget.hold(pixels):
-                order.append((name, budget.in_use))
-                await asyncio.sleep(hold_seconds)
-
-        await asyncio.gather(take("a", 80, 0.1), take("b", 80, 0.0))  # b waits for a: never 160 in use
-        assert order == [("a", 80), ("b", 80)]
-        blocker = asyncio.create_task(take("c", 100, 1.0))
-        await asyncio.sleep(0.05)
-        with pytest.raises(HTTPException) as refused:
-            await take("d", 10, 0.0)
-        assert refused.value.status_code == 503
-        await blocker
-        await take("e", 10_000, 0.0)  # larger than the whole budget: runs alone, never deadlocks
-        assert budget.in_use == 0
-
-    asyncio.run(scenario())
 
 
 def _rss_mib(pid: int, field: str) -> float:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import shutil
@@ -12,10 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgsearch.errors import CatalogError
 from ingest.catalog import file_sha256
 from ingest.pipeline import ingest_catalog
-from tests.conftest import copy_fashion_catalog, cosine
+from tests.helpers import copy_fashion_catalog, cosine
+
+pytestmark = pytest.mark.slow  # real weights and Milvus Lite
+
 
 
 def _catalog(root: Path, per_class: int = 1) -> list[Path]:
@@ -181,16 +182,3 @@ def test_worker_processes_store_exactly_the_rows_of_a_single_process_run(tmp_pat
     for key, row in rows_single.items():
         assert row["path"] == rows_parallel[key]["path"] and row["label"] == rows_parallel[key]["label"]
         assert np.allclose(row["vector"], rows_parallel[key]["vector"], atol=1e-5)
-
-
-def test_shards_partition_content_hashes():
-    from ingest.catalog import Shard
-
-    digests = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(300)] + ["f" * 64, "0" * 64]
-    shards = [Shard.parse(f"{i}/3") for i in range(3)]
-    owners = [[shard.contains(digest) for shard in shards].count(True) for digest in digests]
-    assert owners == [1] * len(digests)
-    assert all(any(shard.contains(digest) for digest in digests) for shard in shards)
-    for bad in ("3/3", "-1/3", "1", "a/b", "0/0"):
-        with pytest.raises(CatalogError, match="--shard must be I/N"):
-            Shard.parse(bad)

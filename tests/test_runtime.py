@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 
 import numpy as np
 import torch
@@ -9,7 +11,10 @@ import torch
 from imgsearch.encoders import load_encoder
 from imgsearch.encoders.onnx_runtime import OnnxEncoder, export_onnx
 from ingest.pipeline import ingest_catalog
-from tests.conftest import copy_fashion_catalog, fashion_images
+from tests.helpers import copy_fashion_catalog, fashion_images
+
+pytestmark = pytest.mark.slow  # real weights
+
 
 
 def test_onnx_matches_torch_per_image(encoder, onnx_encoder, photos):

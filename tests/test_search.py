@@ -10,7 +10,10 @@ from PIL import Image, ImageOps
 
 from imgsearch.search import search_paths
 from ingest.pipeline import ingest_catalog
-from tests.conftest import copy_fashion_catalog
+from tests.helpers import copy_fashion_catalog
+
+pytestmark = pytest.mark.slow  # real weights and Milvus Lite
+
 
 ORIGINALS = ("chelsea", "coffee", "astronaut", "rocket", "camera", "coins")
 

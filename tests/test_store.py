@@ -11,6 +11,9 @@ import pytest
 from imgsearch.errors import ModelMismatchError
 from imgsearch.store import ImageRecord, MilvusStore
 
+pytestmark = pytest.mark.slow  # Milvus Lite
+
+
 
 def _unit(seed: int, dim: int) -> np.ndarray:
     vector = np.random.default_rng(seed).normal(size=dim).astype(np.float32)

@@ -1,0 +1,58 @@
+"""Helpers the test modules share (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from api.live import LiveServer, free_port, wait_until_healthy
+
+ROOT = Path(__file__).resolve().parent.parent
+FASHION_DIR = ROOT / "examples" / "catalog"
+
+__all__ = ["ROOT", "FASHION_DIR", "free_port", "copy_fashion_catalog", "fashion_images", "cosine", "serve", "healthy_client"]
+
+
+def copy_fashion_catalog(folder: Path, per_class: int = 2) -> list[Path]:
+    """A catalog of class folders at `folder`, copied from the bundled sample catalog; returns the copies."""
+    copied = []
+    for source in fashion_images(per_class):
+        target = folder / source.parent.name / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+        copied.append(target)
+    return copied
+
+
+def fashion_images(per_class: int = 2) -> list[Path]:
+    """Real Fashion-MNIST product photos from the bundled sample catalog."""
+    picked = []
+    for folder in sorted(p for p in FASHION_DIR.iterdir() if p.is_dir()):
+        picked.extend(sorted(folder.glob("*.png"))[:per_class])
+    return picked
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@contextmanager
+def serve(settings):
+    """An httpx client for the service with `settings`, running in this process on a free loopback port."""
+    with LiveServer(settings) as base_url, httpx.Client(base_url=base_url, timeout=120) as client:
+        yield client
+
+
+def healthy_client(port: int, process: subprocess.Popen | None = None, timeout: float = 180) -> httpx.Client:
+    """A client for a service process on `port`, once /health answers 200 (failing early if `process` exits)."""
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(base_url, process, timeout)
+    except RuntimeError as error:
+        raise AssertionError(str(error)) from None
+    return httpx.Client(base_url=base_url, timeout=120)

@@ -1,0 +1,106 @@
+"""Recognition's scoring and evaluation pieces without a model or Milvus: label scores, the decision and
+abstention, recognize_vectors over an in-memory neighbour source, AUROC, and the evaluation splits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from imgsearch.evaluate import EvalOptions, auroc, load_splits, load_validation, threshold_at_false_accept_rate
+from imgsearch.recognize import NoReferencesError, recognize_vectors, score_labels
+from imgsearch.store import Hit
+from tests.helpers import FASHION_DIR
+
+
+class InMemoryNeighbours:
+    """What recognize_vectors needs of a store (search with vectors, label counts), by exact search in numpy."""
+
+    collection = "in-memory"
+
+    def __init__(self, vectors: np.ndarray, labels: list[str]) -> None:
+        self.vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        self.labels = labels
+        self.filters: list[str] = []
+
+    def search(self, queries, k=10, filter="", search_params=None, with_vectors=False):
+        self.filters.append(filter)
+        labeled = [i for i, label in enumerate(self.labels) if label]
+        results = []
+        for query in np.asarray(queries, dtype=np.float32):
+            scores = self.vectors[labeled] @ (query / np.linalg.norm(query))
+            order = np.argsort(-scores)[:k]
+            results.append(
+                [
+                    Hit(id=str(labeled[i]), score=float(scores[i]), path=f"{labeled[i]}.png", label=self.labels[labeled[i]],
+                        metadata={}, vector=self.vectors[labeled[i]] if with_vectors else None)
+                    for i in order
+                ]
+            )
+        return results
+
+    def label_counts(self, labels):
+        return {label: self.labels.count(label) for label in labels}
+
+
+def clusters(rng, centres: dict[str, np.ndarray], per_class: int, spread: float = 0.1):
+    vectors, labels = [], []
+    for label, centre in centres.items():
+        vectors.append(centre + spread * rng.normal(size=(per_class, centre.size)))
+        labels += [label] * per_class
+    return np.concatenate(vectors).astype(np.float32), labels
+
+
+def test_score_labels_prefers_the_closer_prototype_and_corrects_for_density():
+    query = np.array([1.0, 0.0])
+    near, far = np.array([[0.9, 0.1]]), np.array([[0.6, 0.4]])
+    scores = score_labels(query, np.concatenate([near, far]), ["a", "b"], power=1.0, density=0.0)
+    assert scores["a"] > scores["b"]
+    # equal geometry, but "a" has 1000 references and "b" 5: the prior favours the sparse class
+    same = np.array([[0.8, 0.2], [0.8, 0.2]])
+    prior = score_labels(query, same, ["a", "b"], {"a": 1000, "b": 5}, power=1.0, density=0.025)
+    assert prior["b"] > prior["a"]
+    assert prior["b"] - prior["a"] == pytest.approx(0.025 * (np.log(1000) - np.log(5)))
+
+
+def test_auroc_and_threshold():
+    assert auroc(np.array([0.9, 0.8]), np.array([0.1, 0.2])) == 1.0
+    assert auroc(np.array([0.1, 0.2]), np.array([0.9, 0.8])) == 0.0
+    assert auroc(np.array([0.5, 0.5]), np.array([0.5, 0.5])) == 0.5
+    unknown = np.linspace(0, 1, 101)
+    threshold = threshold_at_false_accept_rate(unknown, 0.05)
+    assert np.mean(unknown >= threshold) <= 0.05 and np.mean(unknown >= threshold - 0.011) > 0.05
+
+
+def test_validation_queries_are_neither_references_nor_test_queries():
+    options = EvalOptions(references_per_class=10, queries_per_class=3)
+    references, queries = load_splits(str(FASHION_DIR), options)
+    validation = load_validation(str(FASHION_DIR), options, per_class=5)
+    assert not set(validation.names) & set(references.names)
+    assert not set(validation.names) & set(queries.names)
+    assert np.bincount(validation.targets).tolist() == [5] * len(validation.classes)
+    # the same draw every time, so a tuning run can be repeated
+    assert load_validation(str(FASHION_DIR), options, per_class=5).names == validation.names
+
+
+def test_recognize_vectors_names_the_nearest_class_and_abstains_below_the_threshold():
+    rng = np.random.default_rng(0)
+    centres = {name: rng.normal(size=32) for name in ("boot", "bag", "shirt")}
+    vectors, labels = clusters(rng, centres, 20)
+    vectors = np.concatenate([vectors, rng.normal(size=(5, 32)).astype(np.float32)])
+    labels += [""] * 5  # unlabeled rows are never neighbours
+    store = InMemoryNeighbours(vectors, labels)
+    queries = np.stack([centres["bag"], centres["shirt"], rng.normal(size=32)]).astype(np.float32)
+    decided = recognize_vectors(store, queries, k=30, threshold=None)
+    assert [label for label, _, _ in decided[:2]] == ["bag", "shirt"]
+    assert all(n.label for _, _, neighbours in decided for n in neighbours)
+    assert store.filters == ['label != ""']
+    confidences = [confidence for _, confidence, _ in decided]
+    threshold = (confidences[0] + confidences[2]) / 2  # between a class centre and a random direction
+    strict = recognize_vectors(store, queries, k=30, threshold=threshold)
+    assert strict[0][0] == "bag" and strict[2][0] is None and strict[2][1] == pytest.approx(confidences[2])
+
+
+def test_recognize_vectors_without_labeled_rows_says_what_to_do():
+    store = InMemoryNeighbours(np.eye(4, dtype=np.float32), ["", "", "", ""])
+    with pytest.raises(NoReferencesError, match="imgsearch enroll"):
+        recognize_vectors(store, np.eye(4, dtype=np.float32)[:1])

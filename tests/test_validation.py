@@ -1,0 +1,207 @@
+"""The fast tier: validation, terminal safety, manifests, shards, settings, the pixel budget and the plan/diff
+of an ingest against an in-memory store. No model is loaded and no Milvus is started."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import unicodedata
+from pathlib import Path
+
+import pytest
+from fastapi import HTTPException
+from rich.console import Console
+
+from api.limits import PixelBudget
+from imgsearch.config import check_lite_database_exists, load_settings
+from imgsearch.errors import CatalogError, CollectionNotFoundError, InvalidInputError
+from imgsearch.terminal import json_line, markup_safe, plain, visible
+from imgsearch.validation import LABEL_BYTES, validate_id, validate_label, validate_metadata, validate_path_text, validate_vector
+from ingest.catalog import CatalogEntry, read_manifest
+
+ESCAPE = "\x1b[2J"
+
+
+@pytest.mark.parametrize(
+    "label, stored",
+    [("bag", "bag"), ("  shoes [sale] ", "shoes [sale]"), (unicodedata.normalize("NFD", "café"), "café"),
+     ("a/b", "a/b"), ("../x", "../x"), ("é" * 256, "é" * 256), ("", "")],
+)
+def test_valid_labels_are_stored_normalised(label, stored):
+    assert validate_label(label) == stored
+
+
+@pytest.mark.parametrize("label", ["L" * (LABEL_BYTES + 1), "é" * 257, "a\x00b", "a\x1bb", "a\u202eb", "a\u2029b", "tab\there"])
+def test_invalid_labels_are_refused(label):
+    with pytest.raises(InvalidInputError):
+        validate_label(label)
+
+
+def test_a_required_label_cannot_be_blank():
+    with pytest.raises(InvalidInputError, match="must not be empty"):
+        validate_label("  ", required=True)
+    with pytest.raises(InvalidInputError, match="must be text"):
+        validate_label(7)
+
+
+def test_paths_metadata_ids_and_vectors():
+    assert validate_path_text("/data/a b[1].png") == "/data/a b[1].png"
+    for bad in ("", "a\x00b", "/x/" + "p" * 5000, "bad\udcff.png"):
+        with pytest.raises(InvalidInputError):
+            validate_path_text(bad)
+    assert validate_metadata({"sku": "1", "tags": ["a"]}) == {"sku": "1", "tags": ["a"]}
+    for bad in ([1], {"x": float("nan")}, {"x": "y" * 70_000}, {"x": object()}):
+        with pytest.raises(InvalidInputError):
+            validate_metadata(bad)
+    assert validate_id("a" * 64) == "a" * 64
+    for bad in ("A" * 64, "a" * 63, "../../etc/passwd", None):
+        with pytest.raises(InvalidInputError):
+            validate_id(bad)
+    assert validate_vector([0.5, 1.0], 2) == [0.5, 1.0]
+    for bad in ([0.5], [float("inf"), 1.0], None):
+        with pytest.raises(InvalidInputError):
+            validate_vector(bad, 2)
+
+
+def test_manifest_rows_that_cannot_be_used_are_failed_rows(tmp_path):
+    manifest = tmp_path / "items.jsonl"
+    manifest.write_text(
+        "\n".join([json.dumps({"path": "a.png", "label": "x", "sku": 1}), "{not json", json.dumps({"label": "no path"}),
+                   json.dumps([1]), json.dumps({"path": "../b.png", "label": 5})]) + "\n"
+    )
+    entries = list(read_manifest(manifest, tmp_path / "catalog"))
+    assert [(entry.path.name, entry.label, entry.error is None) for entry in entries] == [
+        ("a.png", "x", True), ("items.jsonl:2", "", False), ("items.jsonl:3", "", False), ("items.jsonl:4", "", False),
+        ("b.png", "5", True),
+    ]
+    assert entries[0].metadata == {"sku": 1} and entries[4].path == tmp_path / "b.png"  # `..` removed, not resolved
+    with pytest.raises(InvalidInputError, match="invalid JSON"):
+        entries[1].validated()
+    assert CatalogEntry(Path("/a.png"), " café ").validated().label == "café"
+
+
+def test_a_csv_record_the_csv_module_refuses_fails_alone(tmp_path):
+    from ingest.catalog import read_manifest
+
+    manifest = tmp_path / "items.csv"
+    manifest.write_text("path,label\na.png,x\nb.png," + "y" * 200_000 + "\nc.png,z\n")
+    entries = list(read_manifest(manifest, tmp_path))
+    assert [(entry.path.name, entry.label, entry.error is None) for entry in entries] == [
+        ("a.png", "x", True), ("items.csv:3", "", False), ("c.png", "z", True)
+    ]
+    assert "field larger than field limit" in entries[1].error
+
+
+@pytest.mark.parametrize("text", ["[/x]", "[bold]red", "shoes [sale]", ESCAPE, "a\x07b\x9bc", "\u202eevil", "tail\\"])
+def test_printing_helpers_show_text_as_given(text):
+    console = Console(file=io.StringIO(), width=200, emoji=False, color_system=None)
+    console.print(f"label: {markup_safe(text)}")
+    console.print(plain(text))
+    printed = console.file.getvalue()
+    assert f"label: {visible(text)}" in printed and visible(text) in printed
+    assert not any(unicodedata.category(c) == "Cc" and c != "\n" for c in printed)
+    encoded = json_line({"label": text})
+    assert json.loads(encoded) == {"label": text} and not any(unicodedata.category(c) == "Cc" for c in encoded)
+
+
+def test_pixel_budget_makes_large_decodes_wait_then_503():
+    async def scenario():
+        budget = PixelBudget(capacity=100, wait_seconds=0.2)
+        order = []
+
+        async def take(name, pixels, hold_seconds):
+            async with budget.hold(pixels):
+                order.append((name, budget.in_use))
+                await asyncio.sleep(hold_seconds)
+
+        await asyncio.gather(take("a", 80, 0.1), take("b", 80, 0.0))  # b waits for a: never 160 in use
+        assert order == [("a", 80), ("b", 80)]
+        blocker = asyncio.create_task(take("c", 100, 1.0))
+        await asyncio.sleep(0.05)
+        with pytest.raises(HTTPException) as refused:
+            await take("d", 10, 0.0)
+        assert refused.value.status_code == 503
+        await blocker
+        await take("e", 10_000, 0.0)  # larger than the whole budget: runs alone, never deadlocks
+        assert budget.in_use == 0
+
+    asyncio.run(scenario())
+
+
+def test_shards_partition_content_hashes():
+    from ingest.catalog import Shard
+
+    digests = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(300)] + ["f" * 64, "0" * 64]
+    shards = [Shard.parse(f"{i}/3") for i in range(3)]
+    owners = [[shard.contains(digest) for shard in shards].count(True) for digest in digests]
+    assert owners == [1] * len(digests)
+    assert all(any(shard.contains(digest) for digest in digests) for shard in shards)
+    for bad in ("3/3", "-1/3", "1", "a/b", "0/0"):
+        with pytest.raises(CatalogError, match="--shard must be I/N"):
+            Shard.parse(bad)
+
+
+def test_flags_override_environment_which_overrides_defaults(monkeypatch):
+    assert load_settings().milvus_uri == "./imgsearch.db" and load_settings().answer_paths == "relative"
+    monkeypatch.setenv("IMGSEARCH_MILVUS_URI", "/env.db")
+    monkeypatch.setenv("IMGSEARCH_PUBLIC", '["page"]')
+    assert load_settings().milvus_uri == "/env.db" and load_settings().public == ["page"]
+    assert load_settings(milvus_uri="/flag.db").milvus_uri == "/flag.db"
+    monkeypatch.setenv("IMGSEARCH_PUBLIC", '["everything"]')
+    with pytest.raises(ValueError):
+        load_settings()
+
+
+def test_a_missing_lite_file_is_an_error_without_creating_it(tmp_path):
+    with pytest.raises(CollectionNotFoundError, match="no Milvus Lite database"):
+        check_lite_database_exists(str(tmp_path / "typo.db"))
+    assert not (tmp_path / "typo.db").exists()
+    check_lite_database_exists("http://127.0.0.1:19530")  # a server URI is not a file
+
+
+
+
+class InMemoryStore:
+    """What the planner needs of a store: rows by id, and upserts of moved rows."""
+
+    def __init__(self, rows: dict[str, dict]) -> None:
+        self.rows = rows
+        self.upserted: list = []
+
+    def get(self, ids, fields=("id", "path", "label", "metadata")):
+        return {i: {"id": i, **self.rows[i]} for i in ids if i in self.rows}
+
+    def upsert(self, records):
+        self.upserted.extend(records)
+
+
+def test_the_plan_skips_stored_content_updates_moves_and_fails_bad_rows(tmp_path):
+    from ingest.pipeline import IngestReport, _plan
+
+    files = {}
+    for name in ("same", "moved", "new", "copy_of_new"):
+        path = tmp_path / f"{name}.png"
+        path.write_bytes(b"bytes of " + (b"new" if name == "copy_of_new" else name.encode()))
+        files[name] = path
+    digest = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in files.items()}
+    store = InMemoryStore({
+        digest["same"]: {"path": str(files["same"]), "label": "a", "metadata": {}, "vector": [0.0]},
+        digest["moved"]: {"path": str(tmp_path / "gone.png"), "label": "a", "metadata": {}, "vector": [0.0]},
+    })
+    entries = [
+        CatalogEntry(files["same"], "a"), CatalogEntry(files["moved"], "a"), CatalogEntry(files["new"], "b"),
+        CatalogEntry(files["copy_of_new"], "b"), CatalogEntry(tmp_path / "missing.png", "b"),
+        CatalogEntry(files["new"], "L" * 600), CatalogEntry(tmp_path / "m.csv:3", error="no usable 'path' value"),
+    ]
+    report = IngestReport()
+    plan_path = tmp_path / "plan.jsonl"
+    pending = _plan(iter(entries), store, plan_path, report, None)
+    planned = [json.loads(line) for line in plan_path.read_text().splitlines()]
+    assert pending == 1 and [item["id"] for item in planned] == [digest["new"]]
+    assert (report.skipped, report.updated) == (2, 1)  # unchanged, and the second copy of new content
+    assert [record.path for record in store.upserted] == [str(files["moved"])]  # the move keeps its vector
+    failed = {Path(failure["path"]).name: failure["error"] for failure in report.failed}
+    assert failed == {"missing.png": "file not found", "new.png": failed["new.png"], "m.csv:3": "no usable 'path' value"}
+    assert "600 bytes" in failed["new.png"]
