@@ -420,7 +420,9 @@ def train_head(
         from imgsearch.store import MilvusStore
 
         with MilvusStore.open_existing(settings.milvus_uri, settings.collection_name, settings.milvus_token) as store:
-            if store.model != settings.model and model is not None:
+            from imgsearch.encoders import canonical_model_name
+
+            if model is not None and store.model != canonical_model_name(settings.model):
                 raise UsageError(f"collection {settings.collection_name} holds model {store.model}, not {settings.model}")
             head = train_head_on_store(
                 store, mode, epochs=epochs, stages=stages, weights=settings.weights, device=settings.device,

@@ -130,7 +130,8 @@ def decide(scores: dict[str, float], threshold: float | None) -> tuple[str | Non
 
 
 def search_params(k: int) -> dict[str, Any]:
-    # Filtered HNSW search loses recall at a low ef (DESIGN.md); references are searched with a generous one.
+    # Filtered HNSW search loses recall at a low ef (0.55 at ef 64, 0.87 at ef 256 on structured 100k vectors,
+    # measured on Lite); references are searched with a generous one.
     return {"params": {"ef": max(256, 4 * k)}}
 
 

@@ -140,3 +140,15 @@ def test_open_clip_preprocessing_splits_the_same_way(photos):
     assert raw.dtype == torch.uint8 and raw.shape == (3, 224, 224)
     normalised = (raw.float() / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
     assert torch.allclose(normalised, preprocess(photos["astronaut"]), atol=1e-6)
+
+
+def test_bare_names_map_to_the_names_collections_record():
+    """train-head --model resnet50 must accept the collection `ingest --model resnet50` made (it records
+    torchvision:resnet50); it used to refuse it."""
+    from imgsearch.encoders import canonical_model_name
+
+    assert canonical_model_name("efficientnet_lite0") == "efficientnet_lite0"
+    assert canonical_model_name("resnet50") == "torchvision:resnet50"
+    assert canonical_model_name("torchvision:resnet50") == "torchvision:resnet50"
+    assert canonical_model_name("convnext_atto") == "timm:convnext_atto"
+    assert canonical_model_name("ViT-B-32/laion2b_s34b_b79k") == "ViT-B-32/laion2b_s34b_b79k"

@@ -7,7 +7,10 @@ from pathlib import Path
 from imgsearch.encoders.base import Encoder, TorchEncoder, resolve_device
 from imgsearch.errors import UnknownModelError, UnsupportedRuntimeError
 
-__all__ = ["Encoder", "TorchEncoder", "load_encoder", "encoder_from_settings", "describe_families", "resolve_device"]
+__all__ = [
+    "Encoder", "TorchEncoder", "load_encoder", "encoder_from_settings", "canonical_model_name", "describe_families",
+    "resolve_device",
+]
 
 TORCHVISION_PREFIX = "torchvision:"
 TIMM_PREFIX = "timm:"
@@ -72,6 +75,20 @@ def load_torch_encoder(name: str, *, weights: Path | str | None = None, device: 
     if timm_family.is_timm_model(name):
         return timm_family.build_timm(name, weights, device)
     raise UnknownModelError(f"unknown model {name!r}; {describe_families()}")
+
+
+def canonical_model_name(name: str) -> str:
+    """The name a collection records for `name` (what load_torch_encoder would build), without loading weights:
+    a bare torchvision or timm name gains its family prefix."""
+    from imgsearch.encoders import lite0, open_clip_family, timm_family, torchvision_family
+
+    if name == lite0.NAME or open_clip_family.is_open_clip_name(name) or name.startswith((TORCHVISION_PREFIX, TIMM_PREFIX)):
+        return name
+    if torchvision_family.is_torchvision_model(name):
+        return TORCHVISION_PREFIX + name
+    if timm_family.is_timm_model(name):
+        return TIMM_PREFIX + name
+    return name
 
 
 def describe_families() -> str:
