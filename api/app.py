@@ -138,8 +138,8 @@ class ServedFiles:
 
     def _root_of(self, path: str) -> str | None:
         for attempt in range(2):
-            for root in self.roots:
-                if path.startswith(root.rstrip(os.sep) + os.sep):
+            for root in self.roots:  # a folder, or one file enrolled or ingested by itself
+                if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
                     return root
             if attempt == 0 and time.monotonic() - self.loaded_at > self.REFRESH_SECONDS:
                 self.refresh()
@@ -153,7 +153,7 @@ class ServedFiles:
         if self.absolute or not path:
             return path
         root = self._root_of(path)
-        return os.path.relpath(path, root) if root else os.path.basename(path)
+        return os.path.relpath(path, root) if root and root != path else os.path.basename(path)
 
     def servable(self, path: str) -> Path | None:
         if not path or "\0" in path:

@@ -218,12 +218,12 @@ def resolve_threshold(store: MilvusStore, threshold: float | None) -> tuple[floa
 def enroll_paths(encoder: Encoder, store: MilvusStore, label: str, paths: Iterable[str | Path], settings):
     """Upsert labeled references through the ingest pipeline. Ids are content hashes, so re-enrolling is a
     no-op, and content already stored (under any path or label) takes this label without re-encoding."""
-    from ingest.catalog import CatalogEntry, absolute, catalog_folder
+    from ingest.catalog import CatalogEntry, absolute
     from ingest.pipeline import ingest_entries
 
     label = validate_label(label, required=True)
     paths = check_paths_exist(paths)
-    store.add_roots(catalog_folder(path) for path in paths)
+    store.add_roots(absolute(path) for path in paths)  # a file given alone is a root by itself, not its folder
     entries = (CatalogEntry(path=absolute(path), label=label) for path in find_images(paths))
     return ingest_entries(
         entries, encoder, store, relabel_duplicates=True, batch_size=settings.batch_size, workers=settings.workers,

@@ -342,7 +342,7 @@ class MilvusStore:
         return [root for root in roots if isinstance(root, str)]
 
     def add_roots(self, folders: Iterable[str | os.PathLike[str]]) -> None:
-        """Record catalog folders; a folder inside one already recorded adds nothing."""
+        """Record catalog folders (or single files); one inside a root already recorded adds nothing."""
         roots = self.roots()
         changed = False
         for folder in folders:

@@ -27,7 +27,7 @@ from imgsearch.encoders import Encoder
 from imgsearch.errors import ImageDecodeError, InvalidInputError, StoreError
 from imgsearch.images import describe_os_error, load_image
 from imgsearch.store import ImageRecord, MilvusStore
-from ingest.catalog import CatalogEntry, Shard, bytes_sha256, catalog_folder, check_catalog, file_sha256, scan_catalog
+from ingest.catalog import CatalogEntry, Shard, absolute, bytes_sha256, catalog_folder, check_catalog, file_sha256, scan_catalog
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +155,10 @@ def ingest_catalog(
     manifest: Path | None = None,
     **options: Any,
 ) -> IngestReport:
-    """Index a catalog folder (labels from sub-folders) or a manifest; the folder is recorded with the collection
-    as one of the roots the REST service may serve files from."""
+    """Index a catalog folder (labels from sub-folders), one image, or a manifest; the folder (or the one image) is
+    recorded with the collection as a root the REST service may serve files from."""
     check_catalog(root, manifest)
-    store.add_roots([catalog_folder(root)])
+    store.add_roots([catalog_folder(root) if manifest is not None else absolute(root)])
     return ingest_entries(scan_catalog(root, use_labels=use_labels, manifest=manifest), encoder, store, **options)
 
 

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from api.app import ServedFiles
 from imgsearch.config import load_settings
 from imgsearch.store import MilvusStore
 from ingest.catalog import file_sha256
@@ -185,6 +186,29 @@ def test_a_row_pointing_outside_every_root_is_never_served(api, site, tmp_path):
             response = client.get(f"/images/{row_id}{query}")
             assert response.status_code == 404, (row_id, response.status_code)
             assert b"root:" not in response.content
+
+
+def test_a_file_enrolled_by_itself_does_not_open_its_folder(api, site, onnx_encoder, tmp_path):
+    """`imgsearch enroll LABEL /some/dir/one.png` records that file as a root, not /some/dir."""
+    from imgsearch.recognize import enroll_paths
+    from imgsearch.store import ImageRecord
+
+    client, settings = api
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    one, sibling = loose / "one.png", loose / "sibling.png"
+    one.write_bytes(png((5, 250, 5)))
+    sibling.write_bytes(png((6, 250, 6)))
+    info = client.get("/info").json()
+    with MilvusStore(settings.milvus_uri, info["collection"], model=info["model"], dim=info["dim"]) as store:
+        enroll_paths(onnx_encoder, store, "loose", [one], settings)
+        store.upsert([ImageRecord(id=file_sha256(sibling), vector=np.full(1280, 0.01, dtype=np.float32), path=str(sibling))])
+        assert str(one) in store.roots() and str(loose) not in store.roots()
+    time.sleep(ServedFiles.REFRESH_SECONDS + 0.5)  # the service re-reads recorded roots at most this often
+    assert client.get(f"/images/{file_sha256(one)}").content == one.read_bytes()
+    assert client.get(f"/images/{file_sha256(sibling)}").status_code == 404
+    hits = client.post("/search", files={"image": ("q.png", one.read_bytes(), "image/png")}, data={"k": "1"}).json()["results"]
+    assert hits[0]["path"] == "one.png"
 
 
 def test_a_symlink_out_of_the_catalog_is_not_served_but_catalog_files_are(api, site):
