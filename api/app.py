@@ -28,7 +28,8 @@ from api.batching import MicroBatcher
 from api.limits import BodyLimit, PixelBudget, use_mmap_for_large_buffers
 from imgsearch.config import Settings, load_settings
 from imgsearch.errors import (
-    CollectionNotFoundError, ImageDecodeError, ImgsearchError, InvalidInputError, TextNotSupportedError,
+    CollectionNotFoundError, ImageDecodeError, ImgsearchError, InvalidInputError, StoreUnavailableError,
+    TextNotSupportedError,
 )
 from imgsearch.images import FORMAT_SUFFIXES, load_image, read_header
 from imgsearch.validation import validate_label
@@ -270,6 +271,8 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
 
     @app.exception_handler(ImgsearchError)
     async def user_error(request: Request, error: ImgsearchError):
+        if isinstance(error, StoreUnavailableError):  # not the request's fault: retry later
+            return JSONResponse(status_code=503, content={"detail": str(error)}, headers={"Retry-After": "5"})
         status = 404 if isinstance(error, CollectionNotFoundError) else 422 if isinstance(error, InvalidInputError) else 400
         return JSONResponse(status_code=status, content={"detail": str(error)})
 

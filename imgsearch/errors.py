@@ -33,7 +33,11 @@ class StoreLockedError(ImgsearchError):
 
 
 class StoreError(ImgsearchError):
-    """Milvus refused an operation or could not be reached."""
+    """Milvus refused an operation (a bad filter, an oversized value)."""
+
+
+class StoreUnavailableError(StoreError):
+    """Milvus could not be reached: retrying later may succeed (the API answers 503)."""
 
 
 class CatalogError(ImgsearchError):

@@ -17,13 +17,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 
 from pymilvus import DataType, MilvusClient  # noqa: E402
-from pymilvus.exceptions import MilvusException  # noqa: E402
+from pymilvus.exceptions import (  # noqa: E402
+    ConnectError,
+    ConnectionNotExistException,
+    MilvusException,
+    MilvusUnavailableException,
+)
 
 from imgsearch.config import check_lite_database_exists, is_lite_uri  # noqa: E402
-from imgsearch.errors import CollectionNotFoundError, ModelMismatchError, StoreError, StoreLockedError  # noqa: E402
+from imgsearch.errors import (  # noqa: E402
+    CollectionNotFoundError,
+    ModelMismatchError,
+    StoreError,
+    StoreLockedError,
+    StoreUnavailableError,
+)
 from imgsearch.validation import ID_LENGTH, LABEL_BYTES, PATH_BYTES  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -45,13 +57,28 @@ SEARCH_CONSISTENCY = "Session"
 DEFAULT_EF = 64
 
 
+# pymilvus's code for "Fail connecting to server": the server is down or unreachable, not the request wrong.
+CONNECT_FAILED = 2
+UNREACHABLE_GRPC = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+
 @contextlib.contextmanager
 def milvus_errors(action: str) -> Iterator[None]:
-    """Milvus's refusals (a bad filter, an oversized value, a lost server) become one StoreError line."""
+    """Milvus's refusals (a bad filter, an oversized value) become one StoreError line; a server that cannot be
+    reached becomes StoreUnavailableError, so the API can answer 503 instead of blaming the request."""
     try:
         yield
+    except (ConnectError, MilvusUnavailableException, ConnectionNotExistException) as error:
+        raise StoreUnavailableError(f"{action} failed: Milvus is unreachable ({error.message})") from None
     except MilvusException as error:
+        if error.code == CONNECT_FAILED:
+            raise StoreUnavailableError(f"{action} failed: Milvus is unreachable ({error.message})") from None
         raise StoreError(f"{action} failed: {error.message}") from None
+    except grpc.RpcError as error:  # a call cut off mid-flight can surface as gRPC's own error
+        code = getattr(error, "code", lambda: None)()
+        if code is not None and code.name in UNREACHABLE_GRPC:
+            raise StoreUnavailableError(f"{action} failed: Milvus is unreachable ({code.name})") from None
+        raise StoreError(f"{action} failed: {code.name if code else error}") from None
 
 
 @dataclass
@@ -285,7 +312,7 @@ class MilvusStore:
         params = dict(search_params or {})
         params["params"] = {**params.get("params", {})}
         params["params"]["ef"] = max(k, int(params["params"].get("ef", DEFAULT_EF)))
-        try:
+        with milvus_errors("search"):
             results = self.client.search(
                 self.collection,
                 data=[np.asarray(vector, dtype=np.float32).tolist() for vector in vectors],
@@ -295,8 +322,6 @@ class MilvusStore:
                 search_params=params,
                 consistency_level=SEARCH_CONSISTENCY,
             )
-        except MilvusException as error:
-            raise StoreError(f"search failed: {error.message}") from None
         return [
             [
                 Hit(

@@ -430,3 +430,86 @@ def test_hostile_requests_left_the_catalog_rows_intact(api, site):
             continue
         response = client.get(f"/images/{file_sha256(image)}?size=32")
         assert response.status_code == 200, image
+
+
+class CuttableProxy:
+    """A TCP forwarder on loopback between the service and Milvus, which the test can cut: a real outage of the
+    network path, with the Milvus server itself left running for the other tests."""
+
+    def __init__(self, target_port: int) -> None:
+        import socket
+        import threading
+
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list = []
+        self.cut = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while not self.cut:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.cut:
+                client.close()
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source, sink) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                try:
+                    end.close()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        import socket
+
+        self.cut = True
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() blocked in the other thread
+        except OSError:
+            pass
+        self.listener.close()
+        for connection in self.sockets:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+                connection.close()
+            except OSError:
+                pass
+
+
+def test_a_milvus_outage_is_503_with_retry_after(milvus_server_uri, tmp_path, onnx_encoder):
+    """The path to the server goes down while the service runs: answers are 503 with Retry-After, not 400
+    (the request was fine) and not 500."""
+    proxy = CuttableProxy(int(milvus_server_uri.rsplit(":", 1)[1]))
+    settings = load_settings(
+        milvus_uri=f"http://127.0.0.1:{proxy.port}", collection=f"outage_{uuid.uuid4().hex[:8]}", device="cpu",
+        upload_dir=tmp_path / "uploads",
+    )
+    try:
+        with serve(settings) as client:
+            query = {"image": ("q.png", png((3, 4, 5)), "image/png")}
+            assert client.post("/search", files=query).status_code == 200
+            proxy.close()
+            response = client.post("/search", files=query)
+            assert response.status_code == 503, response.text
+            assert response.headers["retry-after"] == "5" and "unreachable" in response.json()["detail"]
+    finally:
+        proxy.close()
