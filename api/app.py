@@ -32,7 +32,7 @@ from imgsearch.errors import (
     TextNotSupportedError,
 )
 from imgsearch.images import FORMAT_SUFFIXES, load_image, read_header
-from imgsearch.validation import validate_label
+from imgsearch.validation import validate_id, validate_label
 
 STATIC = Path(__file__).parent / "static"
 
@@ -414,8 +414,10 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         return await store_uploads(service, image, validate_label(label), relabel=False)
 
     def stored_row(service: Service, image_id: str) -> dict:
-        if len(image_id) != 64 or any(c not in "0123456789abcdef" for c in image_id):
-            raise HTTPException(404, "no stored image with that id")
+        try:
+            validate_id(image_id)
+        except InvalidInputError:
+            raise HTTPException(404, "no stored image with that id") from None
         row = service.store.get([image_id]).get(image_id)
         if row is None:
             raise HTTPException(404, "no stored image with that id")

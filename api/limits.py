@@ -6,13 +6,10 @@ import asyncio
 import ctypes
 import ctypes.util
 import json
-import logging
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 from fastapi import HTTPException
-
-log = logging.getLogger(__name__)
 
 # A burst of large decodes leaves freed memory in glibc's arenas; it is handed back once no decode is running.
 TRIM_AFTER_PIXELS = 4_000_000

@@ -67,7 +67,7 @@ class _VisibleFormatter(logging.Formatter):
     """Log lines carry paths and labels too: their control characters are shown, not obeyed."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return visible(super().format(record)).replace("\\x0a", "\n")
+        return "\n".join(visible(line) for line in super().format(record).split("\n"))  # tracebacks keep their lines
 
 
 @app.callback()
@@ -90,11 +90,12 @@ def _open(settings: Settings, create: bool = True):
     from imgsearch.config import check_lite_database_exists
 
     if not create:
-        check_lite_database_exists(settings.milvus_uri)
-    from imgsearch.store import check_collection_exists, open_store
+        check_lite_database_exists(settings.milvus_uri)  # before pymilvus is even imported
+        from imgsearch.store import check_collection_exists
 
-    if not create:
         check_collection_exists(settings.milvus_uri, settings.collection_name, settings.milvus_token)
+    from imgsearch.store import open_store
+
     encoder = _load_encoder(settings)
     return encoder, open_store(settings, encoder, create=create)
 

@@ -4,18 +4,12 @@ and rich markup shown, not interpreted. JSON output keeps the exact text, with t
 from __future__ import annotations
 
 import json
-import unicodedata
 from typing import Any
 
 from rich.markup import escape
 from rich.text import Text
 
-from imgsearch.validation import BIDI_CONTROLS
-
-
-def _hidden(character: str) -> bool:
-    # Cs: bytes of a file name that are not UTF-8 arrive as lone surrogates, which no terminal can print.
-    return unicodedata.category(character) in ("Cc", "Cs", "Zl", "Zp") or character in BIDI_CONTROLS
+from imgsearch.validation import is_hidden
 
 
 def _escape_character(character: str) -> str:
@@ -26,9 +20,9 @@ def _escape_character(character: str) -> str:
 def visible(text: Any) -> str:
     """`text` with every control, line-separator and bidi character written as an escape, e.g. ESC as \\x1b."""
     text = str(text)
-    if not any(_hidden(c) for c in text):
+    if not any(is_hidden(c) for c in text):
         return text
-    return "".join(_escape_character(c) if _hidden(c) else c for c in text)
+    return "".join(_escape_character(c) if is_hidden(c) else c for c in text)
 
 
 def markup_safe(text: Any) -> str:
@@ -45,6 +39,6 @@ def json_line(value: Any) -> str:
     """One line of JSON. json.dumps escapes C0 controls; C1 controls, DEL, and line and bidi separators are
     escaped too, so piping the output to a terminal cannot move the cursor or reorder text."""
     text = json.dumps(value, ensure_ascii=False)
-    if not any(_hidden(c) for c in text):
+    if not any(is_hidden(c) for c in text):
         return text
-    return "".join(f"\\u{ord(c):04x}" if _hidden(c) else c for c in text)
+    return "".join(f"\\u{ord(c):04x}" if is_hidden(c) else c for c in text)

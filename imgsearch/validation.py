@@ -21,7 +21,10 @@ METADATA_BYTES = 65_536  # Milvus's limit for one JSON value
 BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
-def _is_hidden(character: str) -> bool:
+def is_hidden(character: str) -> bool:
+    """A character that acts on a terminal or reorders text instead of showing: controls, line separators, bidi
+    overrides, and lone surrogates (bytes of a file name that are not UTF-8). Refused in labels, escaped when
+    printed."""
     return unicodedata.category(character) in ("Cc", "Cs", "Zl", "Zp") or character in BIDI_CONTROLS
 
 
@@ -34,12 +37,10 @@ def validate_label(label: Any, *, required: bool = False) -> str:
     label = unicodedata.normalize("NFC", label).strip()
     if required and not label:
         raise InvalidInputError("the label must not be empty")
-    hidden = next((c for c in label if _is_hidden(c)), None)
+    hidden = next((c for c in label if is_hidden(c)), None)
     if hidden is not None:
         raise InvalidInputError(f"the label contains the control character U+{ord(hidden):04X}")
-    size = len(label.encode("utf-8"))
-    if size > LABEL_BYTES:
-        raise InvalidInputError(f"the label is {size} bytes of UTF-8; the limit is {LABEL_BYTES}")
+    _check_utf8_size(label, "the label", LABEL_BYTES)
     return label
 
 
@@ -47,12 +48,7 @@ def validate_path_text(path: str) -> str:
     """A file path as it will be stored (any file name the file system allows, within the schema's size)."""
     if not isinstance(path, str) or not path or "\0" in path:
         raise InvalidInputError("the path must be non-empty text without NUL")
-    try:
-        size = len(path.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise InvalidInputError("the file name is not valid UTF-8") from None
-    if size > PATH_BYTES:
-        raise InvalidInputError(f"the path is {size} bytes of UTF-8; the limit is {PATH_BYTES}")
+    _check_utf8_size(path, "the path", PATH_BYTES)
     return path
 
 
@@ -64,13 +60,19 @@ def validate_metadata(metadata: Any) -> dict[str, Any]:
         text = json.dumps(metadata, allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError) as error:
         raise InvalidInputError(f"metadata is not JSON: {error}") from None
+    _check_utf8_size(text, "metadata", METADATA_BYTES)
+    return metadata
+
+
+def _check_utf8_size(text: str, what: str, limit: int) -> None:
+    """Milvus limits VARCHAR and JSON by UTF-8 bytes; bytes of a file name that are not UTF-8 arrive as lone
+    surrogates, which cannot be stored at all."""
     try:
         size = len(text.encode("utf-8"))
     except UnicodeEncodeError:
-        raise InvalidInputError("metadata contains text that is not valid UTF-8") from None
-    if size > METADATA_BYTES:
-        raise InvalidInputError(f"metadata is {size} bytes of JSON; the limit is {METADATA_BYTES}")
-    return metadata
+        raise InvalidInputError(f"{what} is not valid UTF-8 (a file name in another encoding?)") from None
+    if size > limit:
+        raise InvalidInputError(f"{what} is {size} bytes of UTF-8; the limit is {limit}")
 
 
 def validate_id(value: Any) -> str:
