@@ -24,8 +24,8 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field
 
-from api.batching import MicroBatcher
-from api.limits import BodyLimit, PixelBudget, use_mmap_for_large_buffers
+from imgsearch.api.batching import MicroBatcher
+from imgsearch.api.limits import BodyLimit, PixelBudget, use_mmap_for_large_buffers
 from imgsearch.config import Settings, load_settings
 from imgsearch.errors import (
     CollectionNotFoundError, ImageDecodeError, ImgsearchError, InvalidInputError, StoreUnavailableError,
@@ -378,8 +378,8 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         return path
 
     async def store_uploads(service: Service, uploads: list[UploadFile], label: str, relabel: bool) -> StoredImages:
-        from ingest.catalog import CatalogEntry, bytes_sha256
-        from ingest.pipeline import ingest_entries
+        from imgsearch.ingest.catalog import CatalogEntry, bytes_sha256
+        from imgsearch.ingest.pipeline import ingest_entries
 
         prepared = await read_images(uploads, service)
         entries, ids = [], []

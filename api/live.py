@@ -39,7 +39,7 @@ class LiveServer:
     def __init__(self, settings: Settings) -> None:
         import uvicorn
 
-        from api.app import create_app  # the model stack: only when a server is really started
+        from imgsearch.api.app import create_app  # the model stack: only when a server is really started
 
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"

@@ -19,7 +19,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import httpx  # noqa: E402
@@ -27,7 +26,7 @@ import numpy as np  # noqa: E402
 
 from imgsearch.config import load_settings  # noqa: E402
 from imgsearch.store import ImageRecord, MilvusStore  # noqa: E402
-from api.live import LiveServer  # noqa: E402  (the same loopback server the tests use)
+from imgsearch.api.live import LiveServer  # noqa: E402  (the same loopback server the tests use)
 
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "camera", "coins")
 

@@ -29,7 +29,6 @@ from PIL import Image
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # the naive peer's idle Milvus Lite client logs keepalive noise
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from imgsearch.encoders import load_encoder  # noqa: E402
 from imgsearch.images import load_image  # noqa: E402

@@ -118,12 +118,12 @@ def ingest(
     workers: WorkersOption = None,
 ) -> None:
     """Index a folder of images; unchanged content is skipped, bad files are reported."""
-    from ingest.catalog import Shard, check_catalog
+    from imgsearch.ingest.catalog import Shard, check_catalog
 
     with user_errors():
         check_catalog(path, manifest)  # before loading a model or creating a collection
         selected_shard = Shard.parse(shard) if shard else None
-        from ingest.pipeline import ingest_catalog  # torch: only once the arguments are known to be usable
+        from imgsearch.ingest.pipeline import ingest_catalog  # torch: only once the arguments are known to be usable
 
         settings = load_settings(
             milvus_uri=uri, collection=collection, model=model, weights=weights, device=device, runtime=runtime,
@@ -537,7 +537,7 @@ def reindex(
     (searches through the alias keep answering throughout). Needs a Milvus server."""
     from imgsearch.config import default_collection_name
     from imgsearch.store import MilvusStore, open_store
-    from ingest.reindex import reindex as reindex_collection
+    from imgsearch.ingest.reindex import reindex as reindex_collection
 
     with user_errors():
         if model is None:
@@ -588,7 +588,7 @@ def serve(
     """Run the REST service (one worker: the model and the store are loaded once)."""
     import uvicorn
 
-    from api.app import Service, create_app
+    from imgsearch.api.app import Service, create_app
 
     with user_errors():
         settings = load_settings(

@@ -218,8 +218,8 @@ def resolve_threshold(store: MilvusStore, threshold: float | None) -> tuple[floa
 def enroll_paths(encoder: Encoder, store: MilvusStore, label: str, paths: Iterable[str | Path], settings):
     """Upsert labeled references through the ingest pipeline. Ids are content hashes, so re-enrolling is a
     no-op, and content already stored (under any path or label) takes this label without re-encoding."""
-    from ingest.catalog import CatalogEntry, absolute
-    from ingest.pipeline import ingest_entries
+    from imgsearch.ingest.catalog import CatalogEntry, absolute
+    from imgsearch.ingest.pipeline import ingest_entries
 
     label = validate_label(label, required=True)
     paths = check_paths_exist(paths)

@@ -27,7 +27,7 @@ from imgsearch.encoders import Encoder
 from imgsearch.errors import ImageDecodeError, InvalidInputError, StoreError
 from imgsearch.images import describe_os_error, load_image
 from imgsearch.store import ImageRecord, MilvusStore
-from ingest.catalog import CatalogEntry, Shard, absolute, bytes_sha256, catalog_folder, check_catalog, file_sha256, scan_catalog
+from imgsearch.ingest.catalog import CatalogEntry, Shard, absolute, bytes_sha256, catalog_folder, check_catalog, file_sha256, scan_catalog
 
 log = logging.getLogger(__name__)
 

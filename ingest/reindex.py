@@ -13,8 +13,8 @@ from typing import Any
 
 from imgsearch.encoders import Encoder
 from imgsearch.store import MilvusStore
-from ingest.catalog import CatalogEntry
-from ingest.pipeline import IngestReport, ingest_entries
+from imgsearch.ingest.catalog import CatalogEntry
+from imgsearch.ingest.pipeline import IngestReport, ingest_entries
 
 
 @dataclass

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.helpers import ROOT, free_port
+from helpers import ROOT, free_port
 
 SERVER_BINARY = ROOT / ".mv" / "bin" / "milvus-server"
 PHOTO_NAMES = ("chelsea", "coffee", "astronaut", "rocket", "camera", "coins", "hubble_deep_field", "immunohistochemistry")

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from api.live import LiveServer, free_port, wait_until_healthy
+from imgsearch.api.live import LiveServer, free_port, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 FASHION_DIR = ROOT / "examples" / "catalog"

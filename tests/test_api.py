@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from imgsearch.config import load_settings
-from ingest.catalog import file_sha256
-from tests.helpers import FASHION_DIR, copy_fashion_catalog, free_port, healthy_client, serve
+from imgsearch.ingest.catalog import file_sha256
+from helpers import FASHION_DIR, copy_fashion_catalog, free_port, healthy_client, serve
 
 pytestmark = pytest.mark.slow  # the REST service with the real model
 
@@ -37,7 +37,7 @@ def service(catalog, onnx_encoder):
         max_upload_bytes=2_000_000,
     )
     from imgsearch.store import open_store
-    from ingest.pipeline import ingest_catalog
+    from imgsearch.ingest.pipeline import ingest_catalog
 
     encoder = onnx_encoder
     with open_store(settings, encoder) as store:
@@ -229,7 +229,7 @@ def test_fuzzed_requests_never_get_a_5xx(service):
 def test_load_on_the_server_backend(milvus_server_uri, catalog, onnx_encoder, tmp_path):
     """8 clients x 200 searches against an `imgsearch serve` process on a real Milvus server: no errors."""
     from imgsearch.store import open_store
-    from ingest.pipeline import ingest_catalog
+    from imgsearch.ingest.pipeline import ingest_catalog
 
     root, folder = catalog
     collection = f"load_{os.getpid()}"

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import FASHION_DIR, copy_fashion_catalog
+from helpers import FASHION_DIR, copy_fashion_catalog
 
 pytestmark = pytest.mark.slow  # the imgsearch command in subprocesses
 

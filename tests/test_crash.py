@@ -21,7 +21,7 @@ import uuid
 
 import pytest
 
-from tests.helpers import FASHION_DIR
+from helpers import FASHION_DIR
 
 pytestmark = pytest.mark.slow  # ingest processes killed and rerun
 

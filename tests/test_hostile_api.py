@@ -23,11 +23,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from api.app import ServedFiles
+from imgsearch.api.app import ServedFiles
 from imgsearch.config import load_settings
 from imgsearch.store import MilvusStore
-from ingest.catalog import file_sha256
-from tests.helpers import copy_fashion_catalog, free_port, healthy_client, serve
+from imgsearch.ingest.catalog import file_sha256
+from helpers import copy_fashion_catalog, free_port, healthy_client, serve
 
 pytestmark = pytest.mark.slow  # the REST service with the real model
 
@@ -66,7 +66,7 @@ def api(site, onnx_encoder):
         max_upload_bytes=1_000_000, max_images_per_request=4,
     )
     from imgsearch.store import open_store
-    from ingest.pipeline import ingest_catalog
+    from imgsearch.ingest.pipeline import ingest_catalog
 
     with open_store(settings, onnx_encoder) as store:
         ingest_catalog(catalog, onnx_encoder, store, workers=0)
@@ -254,7 +254,7 @@ def test_answers_show_absolute_paths_when_configured(site, onnx_encoder):
     root, catalog, _ = site
     settings = load_settings(milvus_uri=str(root / "absolute.db"), upload_dir=root / "uploads-abs", device="cpu", answer_paths="absolute")
     from imgsearch.store import open_store
-    from ingest.pipeline import ingest_catalog
+    from imgsearch.ingest.pipeline import ingest_catalog
 
     with open_store(settings, onnx_encoder) as store:
         ingest_catalog(catalog / "coat", onnx_encoder, store, workers=0)

@@ -23,7 +23,7 @@ from PIL import Image
 from imgsearch.errors import EXIT_FAILED, EXIT_PARTIAL
 from imgsearch.store import ImageRecord
 from imgsearch.terminal import json_line, markup_safe
-from tests.helpers import FASHION_DIR, copy_fashion_catalog
+from helpers import FASHION_DIR, copy_fashion_catalog
 
 pytestmark = pytest.mark.slow  # the imgsearch command in subprocesses
 
@@ -271,7 +271,7 @@ def test_k_results_up_to_the_row_count(make_store):
 
 
 def test_a_symlink_is_stored_under_the_walked_path_and_pruned_when_the_link_goes(tmp_path, onnx_encoder, make_store):
-    from ingest.pipeline import ingest_catalog
+    from imgsearch.ingest.pipeline import ingest_catalog
 
     outside = tmp_path / "elsewhere"
     outside.mkdir()
@@ -294,7 +294,7 @@ def test_a_symlink_is_stored_under_the_walked_path_and_pruned_when_the_link_goes
 
 
 def test_a_file_name_that_is_not_utf8_fails_alone(tmp_path, onnx_encoder, make_store):
-    from ingest.pipeline import ingest_catalog
+    from imgsearch.ingest.pipeline import ingest_catalog
 
     catalog = tmp_path / "catalog"
     (catalog / "bag").mkdir(parents=True)
@@ -322,7 +322,7 @@ def test_generated_names_round_trip(tmp_path_factory, onnx_encoder, entries):
     from imgsearch.transfer import export_parquet, import_parquet
     from imgsearch.validation import validate_label
     from imgsearch.errors import InvalidInputError
-    from ingest.pipeline import ingest_catalog
+    from imgsearch.ingest.pipeline import ingest_catalog
 
     outer = tmp_path_factory.mktemp("generated")
     root = outer / "run"

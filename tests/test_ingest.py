@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ingest.catalog import file_sha256
-from ingest.pipeline import ingest_catalog
-from tests.helpers import copy_fashion_catalog, cosine
+from imgsearch.ingest.catalog import file_sha256
+from imgsearch.ingest.pipeline import ingest_catalog
+from helpers import copy_fashion_catalog, cosine
 
 pytestmark = pytest.mark.slow  # real weights and Milvus Lite
 

@@ -21,8 +21,8 @@ from imgsearch.recognize import (
     train_head_on_store,
 )
 from imgsearch.store import ImageRecord
-from ingest.catalog import file_sha256
-from tests.helpers import FASHION_DIR
+from imgsearch.ingest.catalog import file_sha256
+from helpers import FASHION_DIR
 
 pytestmark = pytest.mark.slow  # real weights and Milvus Lite
 

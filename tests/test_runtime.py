@@ -10,8 +10,8 @@ import torch
 
 from imgsearch.encoders import load_encoder
 from imgsearch.encoders.onnx_runtime import OnnxEncoder, export_onnx
-from ingest.pipeline import ingest_catalog
-from tests.helpers import copy_fashion_catalog, fashion_images
+from imgsearch.ingest.pipeline import ingest_catalog
+from helpers import copy_fashion_catalog, fashion_images
 
 pytestmark = pytest.mark.slow  # real weights
 

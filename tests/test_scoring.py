@@ -9,7 +9,7 @@ import pytest
 from imgsearch.evaluate import EvalOptions, auroc, load_splits, load_validation, threshold_at_false_accept_rate
 from imgsearch.recognize import NoReferencesError, recognize_vectors, score_labels
 from imgsearch.store import Hit
-from tests.helpers import FASHION_DIR
+from helpers import FASHION_DIR
 
 
 class InMemoryNeighbours:

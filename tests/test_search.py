@@ -9,8 +9,8 @@ import pytest
 from PIL import Image, ImageOps
 
 from imgsearch.search import search_paths
-from ingest.pipeline import ingest_catalog
-from tests.helpers import copy_fashion_catalog
+from imgsearch.ingest.pipeline import ingest_catalog
+from helpers import copy_fashion_catalog
 
 pytestmark = pytest.mark.slow  # real weights and Milvus Lite
 

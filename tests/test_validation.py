@@ -14,12 +14,12 @@ import pytest
 from fastapi import HTTPException
 from rich.console import Console
 
-from api.limits import PixelBudget
+from imgsearch.api.limits import PixelBudget
 from imgsearch.config import check_lite_database_exists, load_settings
 from imgsearch.errors import CatalogError, CollectionNotFoundError, InvalidInputError
 from imgsearch.terminal import json_line, markup_safe, plain, visible
 from imgsearch.validation import LABEL_BYTES, validate_id, validate_label, validate_metadata, validate_path_text, validate_vector
-from ingest.catalog import CatalogEntry, read_manifest
+from imgsearch.ingest.catalog import CatalogEntry, read_manifest
 
 ESCAPE = "\x1b[2J"
 
@@ -83,7 +83,7 @@ def test_manifest_rows_that_cannot_be_used_are_failed_rows(tmp_path):
 
 
 def test_a_csv_record_the_csv_module_refuses_fails_alone(tmp_path):
-    from ingest.catalog import read_manifest
+    from imgsearch.ingest.catalog import read_manifest
 
     manifest = tmp_path / "items.csv"
     manifest.write_text("path,label\na.png,x\nb.png," + "y" * 200_000 + "\nc.png,z\n")
@@ -131,7 +131,7 @@ def test_pixel_budget_makes_large_decodes_wait_then_503():
 
 
 def test_shards_partition_content_hashes():
-    from ingest.catalog import Shard
+    from imgsearch.ingest.catalog import Shard
 
     digests = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(300)] + ["f" * 64, "0" * 64]
     shards = [Shard.parse(f"{i}/3") for i in range(3)]
@@ -178,7 +178,7 @@ class InMemoryStore:
 
 
 def test_the_plan_skips_stored_content_updates_moves_and_fails_bad_rows(tmp_path):
-    from ingest.pipeline import IngestReport, _plan
+    from imgsearch.ingest.pipeline import IngestReport, _plan
 
     files = {}
     for name in ("same", "moved", "new", "copy_of_new"):
