@@ -1,11 +1,11 @@
-"""Recognition accuracy on Fashion-MNIST with the default offline Lite0 encoder; prints the table the README quotes.
+"""Recognition accuracy on Fashion-MNIST with the default offline Lite0 encoder; prints the table docs/recognition.md quotes.
 
     python benchmarks/recognition.py                 # 600 references per class, all 10,000 test images
     python benchmarks/recognition.py --finetune      # adds a fine-tuned head (use a GPU: --device cuda)
     python benchmarks/recognition.py --milvus        # also recognise 1,000 queries through Milvus Lite
     python benchmarks/recognition.py --tune          # how the prior's weight was chosen (validation split)
 
-Needs Debian's dataset-fashion-mnist. Every figure comes from imgsearch.evaluate, the code behind
+Needs Debian's dataset-fashion-mnist. Every figure comes from imgsearch.evaluation, the code behind
 `imgsearch eval`; the ablation rows re-score the same vectors with simpler rules to show what helped.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -25,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 from imgsearch.encoders import load_encoder  # noqa: E402
-from imgsearch.evaluate import (  # noqa: E402
+from imgsearch.evaluation import (  # noqa: E402
     EvalOptions,
     encode_set,
     evaluate_encoded,
@@ -67,7 +66,10 @@ def ablation(references, queries, options: EvalOptions, rng) -> list[tuple[str, 
         ("softmax vote k=20 T=0.05 (DINOv2)", lambda r, t, q: softmax_vote(r, t, q, 20, 0.05)),
         ("local prototypes k=20, no power, no prior", lambda r, t, q: predict(r, t, q, k=20, per_class=10, power=1.0, density=0.0)[0]),
         ("+ power 0.5", lambda r, t, q: predict(r, t, q, k=20, per_class=10, power=0.5, density=0.0)[0]),
-        (f"+ k={DEFAULT_K} and log-count prior (default)", lambda r, t, q: predict(r, t, q, k=options.k, per_class=options.per_class, power=options.power, density=options.density)[0]),
+        (
+            f"+ k={DEFAULT_K} and log-count prior (default)",
+            lambda r, t, q: predict(r, t, q, k=options.k, per_class=options.per_class, power=options.power, density=options.density)[0],
+        ),
     ]
     rows = []
     episodes = [
@@ -221,7 +223,8 @@ def main() -> None:
     ]
     if "finetune" in report["head"]:
         ft = report["head"]["finetune"]
-        rows.append((f"fine-tuned head accuracy ({ft['device']}, {ft['epochs_run']} epochs, {ft['train_images']} train images)", ft["accuracy"], TARGETS["finetune"]))
+        what = f"fine-tuned head accuracy ({ft['device']}, {ft['epochs_run']} epochs, {ft['train_images']} train images)"
+        rows.append((what, ft["accuracy"], TARGETS["finetune"]))
     rows.append((f"open-set AUROC ({', '.join(report['open_set']['unknown_classes'])} never enrolled)", report["open_set"]["auroc"], TARGETS["auroc"]))
     rows.append((f"class enrolled later with {late['shots']} shots ({late['runs']} runs)", late["new_class_accuracy"], TARGETS["late"]))
     rows.append(("  earlier classes' accuracy drop (points)", 100 * late["earlier_classes_drop"], 2.0))

@@ -25,7 +25,7 @@ class CatalogEntry:
     metadata: dict[str, Any] = field(default_factory=dict)
     error: str | None = None  # a manifest row that cannot be used; reported as failed, never written
 
-    def validated(self) -> "CatalogEntry":
+    def validated(self) -> CatalogEntry:
         """This entry with its label normalised, or InvalidInputError saying what is wrong with it."""
         if self.error:
             raise InvalidInputError(self.error)
@@ -48,7 +48,7 @@ class Shard:
     count: int
 
     @classmethod
-    def parse(cls, text: str) -> "Shard":
+    def parse(cls, text: str) -> Shard:
         index, slash, count = text.partition("/")
         try:
             shard = cls(int(index), int(count))

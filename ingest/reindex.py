@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from imgsearch.config import Settings, default_collection_name
 from imgsearch.encoders import Encoder
-from imgsearch.store import MilvusStore
+from imgsearch.errors import UsageError
 from imgsearch.ingest.catalog import CatalogEntry
 from imgsearch.ingest.pipeline import IngestReport, ingest_entries
+from imgsearch.store import MilvusStore, open_store
 
 
 @dataclass
@@ -42,3 +44,25 @@ def reindex(source: MilvusStore, target: MilvusStore, encoder: Encoder, alias: s
     report = ingest_entries(entries, encoder, target, **ingest_options)
     target.point_alias(alias)
     return ReindexReport(alias, source_name, target.collection, encoder.name, report)
+
+
+def reindex_to_model(settings: Settings, *, alias: str | None = None, source: str | None = None, target: str | None = None) -> ReindexReport:
+    """Re-encode the collection behind `alias` (default settings.collection) read from `source` (default the
+    alias) with settings.model into `target` (default imgsearch_<model>), then move the alias to it."""
+    from imgsearch.session import open_encoder
+
+    if "model" not in settings.model_fields_set:
+        raise UsageError("reindex needs --model: the model to switch to")
+    alias = alias or settings.collection
+    if not alias:
+        raise UsageError("reindex needs --alias (or --collection / IMGSEARCH_COLLECTION): the name searches use")
+    target_name = target or default_collection_name(settings.model)
+    with MilvusStore.open_existing(settings.milvus_uri, source or alias, settings.milvus_token) as old:
+        if old.resolved_name() == target_name:
+            raise UsageError(f"{source or alias} already is collection {target_name}; choose another --target")
+        encoder = open_encoder(settings)
+        with open_store(settings.model_copy(update={"collection": target_name}), encoder) as new:
+            return reindex(
+                old, new, encoder, alias, batch_size=settings.batch_size, workers=settings.workers,
+                max_pixels=settings.max_image_pixels, upsert_chunk=settings.upsert_chunk,
+            )

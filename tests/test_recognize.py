@@ -8,21 +8,21 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import FASHION_DIR
 from imgsearch.config import load_settings
-from imgsearch.evaluate import threshold_at_false_accept_rate
+from imgsearch.evaluation import threshold_at_false_accept_rate
 from imgsearch.head import HeadError, head_paths, linear_probabilities, load_head, train_finetune
+from imgsearch.ingest.catalog import file_sha256
+from imgsearch.ingest.enroll import enroll_paths
 from imgsearch.recognize import (
-    enroll_paths,
+    Calibration,
     load_calibration,
     recognize_paths,
     recognize_vectors,
     save_calibration,
-    Calibration,
     train_head_on_store,
 )
 from imgsearch.store import ImageRecord
-from imgsearch.ingest.catalog import file_sha256
-from helpers import FASHION_DIR
 
 pytestmark = pytest.mark.slow  # real weights and Milvus Lite
 

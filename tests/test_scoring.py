@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from imgsearch.evaluate import EvalOptions, auroc, load_splits, load_validation, threshold_at_false_accept_rate
+from helpers import FASHION_DIR
+from imgsearch.evaluation import EvalOptions, auroc, load_splits, load_validation, threshold_at_false_accept_rate
 from imgsearch.recognize import NoReferencesError, recognize_vectors, score_labels
 from imgsearch.store import Hit
-from helpers import FASHION_DIR
 
 
 class InMemoryNeighbours:

@@ -1,13 +1,9 @@
-"""`imgsearch eval`: how well recognition works on a labeled set, with the same scoring as `recognize`.
-
-References and queries are encoded once; neighbours are found exactly in memory (a Milvus search returns
-the same neighbours up to index recall), then every measure reuses `recognize.score_labels`.
+"""The protocols `imgsearch eval` runs: splits, k-NN and n-shot accuracy, open-set AUROC with a calibrated
+threshold, late enrolment and the heads; every one scores with `metrics.predict`, the same scoring as `recognize`.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,15 +15,9 @@ import numpy as np
 from imgsearch.datasets import FASHION_MNIST_PREFIX, LabeledSet, class_folders, fashion_mnist, parse_dataset
 from imgsearch.encoders import Encoder
 from imgsearch.errors import CatalogError
+from imgsearch.evaluation.metrics import auroc, confusion_matrix, predict, threshold_at_false_accept_rate
 from imgsearch.head import linear_probabilities, stratified_split, train_linear
-from imgsearch.recognize import (
-    DEFAULT_DENSITY,
-    DEFAULT_K,
-    DEFAULT_PER_CLASS,
-    DEFAULT_POWER,
-    power_normalize,
-    score_labels,
-)
+from imgsearch.recognize import DEFAULT_DENSITY, DEFAULT_K, DEFAULT_PER_CLASS, DEFAULT_POWER
 
 Progress = Callable[[str], None]
 ENCODE_BATCH = 64
@@ -111,67 +101,6 @@ def encode_set(encoder: Encoder, data: LabeledSet, progress: Progress | None = N
     return EncodedSplit(vectors, data.targets, data)
 
 
-# --- the scoring every measure shares --------------------------------------------------------------
-def predict(
-    references: np.ndarray,
-    reference_targets: np.ndarray,
-    queries: np.ndarray,
-    *,
-    k: int,
-    per_class: int,
-    power: float,
-    density: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted target and confidence per query, scoring the k nearest references as `recognize` does."""
-    predictions = np.empty(len(queries), dtype=np.int64)
-    confidences = np.empty(len(queries), dtype=np.float64)
-    k = min(k, len(references))
-    counts = dict(zip(*np.unique(reference_targets, return_counts=True)))
-    # Transform once here; score_labels with power 1 only re-normalises. Neighbours are found on the raw
-    # vectors, as Milvus finds them.
-    transformed_references, transformed_queries = power_normalize(references, power), power_normalize(queries, power)
-    for start in range(0, len(queries), 1024):
-        block = queries[start : start + 1024]
-        similarity = block @ references.T
-        nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
-        order = np.take_along_axis(similarity, nearest, 1).argsort(axis=1)[:, ::-1]
-        nearest = np.take_along_axis(nearest, order, 1)
-        for row in range(len(block)):
-            labels = reference_targets[nearest[row]]
-            scores = score_labels(
-                transformed_queries[start + row], transformed_references[nearest[row]], labels.tolist(), counts,
-                per_class=per_class, power=1.0, density=density,
-            )
-            best = max(scores, key=scores.__getitem__)
-            predictions[start + row] = best
-            confidences[start + row] = scores[best]
-    return predictions, confidences
-
-
-def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
-    """Probability that a positive scores above a negative (ties count half): Mann-Whitney U / (n_p n_n)."""
-    scores = np.concatenate([positive, negative])
-    order = scores.argsort(kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    # average ranks over ties
-    unique, first_index, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    average = first_index + (counts + 1) / 2.0
-    ranks[order] = np.repeat(average, counts)
-    u = ranks[: len(positive)].sum() - len(positive) * (len(positive) + 1) / 2.0
-    return float(u / (len(positive) * len(negative)))
-
-
-def threshold_at_false_accept_rate(unknown_scores: np.ndarray, rate: float) -> float:
-    """The lowest threshold that accepts at most `rate` of the unknown queries (accept when score >= threshold)."""
-    ordered = np.sort(unknown_scores)
-    allowed = int(math.floor(rate * len(ordered)))
-    if allowed >= len(ordered):
-        return float(ordered[0])
-    return float(np.nextafter(ordered[len(ordered) - allowed - 1], np.inf))
-
-
-# --- the measures ---------------------------------------------------------------------------------
 def evaluate(
     encoder: Encoder,
     spec: str,
@@ -228,12 +157,6 @@ def evaluate_encoded(
     head_targets = np.array([classes.index(head_classes[i]) for i in probabilities.argmax(1)])
     report["head"] = {"linear": {"accuracy": round(float((head_targets == queries.targets).mean()), 4), **metrics}}
     return report
-
-
-def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, classes: int) -> np.ndarray:
-    matrix = np.zeros((classes, classes), dtype=np.int64)
-    np.add.at(matrix, (truth, predicted), 1)
-    return matrix
 
 
 def n_shot_curve(references: EncodedSplit, queries: EncodedSplit, options: EvalOptions, rng, score) -> dict[str, Any]:
@@ -352,51 +275,6 @@ def finetune_accuracy(
     return {"accuracy": round(correct / max(len(query_set.sources), 1), 4), "test_images": len(query_set.sources), **metrics}
 
 
-# --- outputs --------------------------------------------------------------------------------------
-def write_report(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, figure_path = out / "report.json", out / "report.png"
-    json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    plot_report(report, figure_path)
-    return json_path, figure_path
-
-
-def plot_report(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (curve_axes, matrix_axes) = plt.subplots(1, 2, figsize=(13, 5.5))
-    curve = report.get("n_shot", {})
-    if curve:
-        shots = [int(n) for n in curve]
-        means = [curve[n]["mean"] for n in curve]
-        stds = [curve[n]["std"] for n in curve]
-        curve_axes.errorbar(shots, means, yerr=stds, marker="o", capsize=4)
-        curve_axes.set_xscale("log")
-        curve_axes.set_xticks(shots, [str(n) for n in shots])
-    curve_axes.set_xlabel("shots per class")
-    curve_axes.set_ylabel("accuracy")
-    curve_axes.set_ylim(0, 1)
-    curve_axes.grid(alpha=0.3)
-    curve_axes.set_title(f"n-shot accuracy ({report['encoder']}, k={report['settings']['k']})")
-    matrix = np.array(report["confusion"], dtype=float)
-    rows = matrix.sum(axis=1, keepdims=True)
-    normalised = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
-    matrix_axes.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
-    classes = report["classes"]
-    matrix_axes.set_xticks(range(len(classes)), classes, rotation=60, ha="right", fontsize=8)
-    matrix_axes.set_yticks(range(len(classes)), classes, fontsize=8)
-    matrix_axes.set_xlabel("predicted")
-    matrix_axes.set_ylabel("true")
-    matrix_axes.set_title(f"confusion (accuracy {report['accuracy']:.3f})")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
 def check_options(options: EvalOptions) -> None:
     if not 0 < options.false_accept_rate < 1:
         raise CatalogError(f"false-accept rate must be between 0 and 1, got {options.false_accept_rate}")
@@ -410,4 +288,3 @@ def parse_int_list(text: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise CatalogError(f"expected positive integers, got {text!r}")
     return values
-

@@ -1,0 +1,87 @@
+"""Labeled references and uploads enter the store through the ingest pipeline: enrolment from files (CLI), uploads
+stored content-addressed (API), and deletion of a stored image with the file the service wrote for it."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from imgsearch.config import Settings
+from imgsearch.encoders import Encoder
+from imgsearch.errors import ImageNotFoundError, InvalidInputError
+from imgsearch.images import FORMAT_SUFFIXES, check_paths_exist, find_images
+from imgsearch.ingest.catalog import CatalogEntry, absolute, bytes_sha256
+from imgsearch.ingest.pipeline import IngestReport, ingest_entries
+from imgsearch.store import MilvusStore
+from imgsearch.validation import validate_id, validate_label
+
+
+def enroll_paths(
+    encoder: Encoder, store: MilvusStore, label: str, paths: Iterable[str | Path], settings: Settings
+) -> IngestReport:
+    """Upsert labeled references. Ids are content hashes, so re-enrolling is a no-op, and content already stored
+    (under any path or label) takes this label without re-encoding."""
+    label = validate_label(label, required=True)
+    paths = check_paths_exist(paths)
+    store.add_roots(absolute(path) for path in paths)  # a file given alone is a root by itself, not its folder
+    entries = (CatalogEntry(path=absolute(path), label=label) for path in find_images(paths))
+    return ingest_entries(
+        entries, encoder, store, relabel_duplicates=True, batch_size=settings.batch_size, workers=settings.workers,
+        max_pixels=settings.max_image_pixels, upsert_chunk=settings.upsert_chunk,
+    )
+
+
+def save_upload(data: bytes, image_format: str, upload_dir: Path) -> tuple[Path, str]:
+    """Content-addressed: upload_dir/ab/abcdef….png, whatever the label or the client's file name says."""
+    digest = bytes_sha256(data)
+    path = upload_dir.resolve() / digest[:2] / f"{digest}{FORMAT_SUFFIXES.get(image_format, '.img')}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")  # concurrent uploads of one content
+        partial.write_bytes(data)
+        partial.replace(path)  # a crash never leaves a half-written file under the final name
+    return path, digest
+
+
+def store_uploads(
+    uploads: Sequence[tuple[bytes, str]], label: str, encoder: Encoder, store: MilvusStore, settings: Settings,
+    *, relabel: bool,
+) -> tuple[list[str], IngestReport]:
+    """Save (bytes, image format) uploads under settings.upload_dir and ingest them with `label`; returns their ids.
+    `relabel` (enrolment): stored content under another label takes this one."""
+    entries, ids = [], []
+    for data, image_format in uploads:
+        path, digest = save_upload(data, image_format, settings.upload_dir)
+        entries.append(CatalogEntry(path=path, label=label))
+        ids.append(digest)
+    store.add_roots([absolute(settings.upload_dir)])
+    report = ingest_entries(
+        entries, encoder, store, relabel_duplicates=relabel, workers=0, batch_size=settings.batch_size,
+        max_pixels=settings.max_image_pixels,
+    )
+    return ids, report
+
+
+def stored_image(store: MilvusStore, image_id: str) -> dict:
+    try:
+        validate_id(image_id)
+    except InvalidInputError:
+        raise ImageNotFoundError("no stored image with that id") from None
+    row = store.get([image_id]).get(image_id)
+    if row is None:
+        raise ImageNotFoundError("no stored image with that id")
+    return row
+
+
+def delete_image(store: MilvusStore, image_id: str, upload_dir: Path) -> bool:
+    """Delete the row, and its file when the service stored it at upload (catalog files are the user's); returns
+    whether a file was removed. Uploads are content-named, so no other row shares that file."""
+    row = stored_image(store, image_id)
+    path = Path(row["path"]).resolve()
+    uploaded = path.is_relative_to(upload_dir.resolve())
+    store.delete([image_id])
+    removed = uploaded and path.is_file()
+    if removed:
+        path.unlink()
+    return removed

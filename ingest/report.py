@@ -1,0 +1,66 @@
+"""What an ingest did: counts, failures and where the time went (the CLI prints it, --json and the API return it)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+# progress(stage, done, total): stage is "scan" (total unknown: None) or "encode"
+ProgressCallback = Callable[[str, int, int | None], None]
+
+
+@dataclass
+class IngestReport:
+    indexed: int = 0  # newly encoded and stored
+    skipped: int = 0  # already stored with the same path, label and metadata
+    updated: int = 0  # already stored; path, label or metadata changed (renames): not re-encoded
+    pruned: int = 0
+    other_shards: int = 0  # with --shard: images left to the other shards
+    failed: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    # Stage split. decode_seconds is summed over worker processes (read + hash + decode + preprocess);
+    # wait_seconds is how long the encoder sat idle waiting for decoded batches.
+    decode_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    encode_seconds: float = 0.0
+    insert_seconds: float = 0.0
+    workers: int = 0
+    max_in_flight: int = 0
+    in_flight_bound: int = 0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.indexed / self.seconds if self.seconds > 0 else 0.0
+
+    def summary_line(self) -> str:
+        line = f"indexed {self.indexed}, skipped {self.skipped} unchanged, failed {len(self.failed)}"
+        extras = []
+        if self.updated:
+            extras.append(f"updated {self.updated} moved/relabelled")
+        if self.pruned:
+            extras.append(f"pruned {self.pruned}")
+        if self.other_shards:
+            extras.append(f"{self.other_shards} left to other shards")
+        extras.append(f"{self.seconds:.1f} s, {self.images_per_second:.1f} images/s")
+        return f"{line} ({'; '.join(extras)})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "indexed": self.indexed,
+            "skipped": self.skipped,
+            "updated": self.updated,
+            "pruned": self.pruned,
+            "other_shards": self.other_shards,
+            "failed": self.failed,
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images_per_second, 2),
+            "stages": {
+                "decode_seconds": round(self.decode_seconds, 3),
+                "wait_seconds": round(self.wait_seconds, 3),
+                "encode_seconds": round(self.encode_seconds, 3),
+                "insert_seconds": round(self.insert_seconds, 3),
+            },
+            "workers": self.workers,
+            "max_in_flight": self.max_in_flight,
+        }
