@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import re
+from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from imgsearch.errors import CollectionNotFoundError
+from imgsearch.errors import CollectionNotFoundError, UsageError
+
+
+class RecognitionMethod(str, Enum):
+    knn = "knn"  # the labeled neighbours in Milvus
+    head = "head"  # a classifier head from train-head
 
 
 class Settings(BaseSettings):
@@ -26,7 +32,7 @@ class Settings(BaseSettings):
     )
     cuda_graphs: bool = Field(True, description="On CUDA, run each full batch as one captured CUDA graph")
     onnx_cache: Path | None = Field(None, description="Where ONNX exports are cached; default next to the weights")
-    batch_size: int = Field(32, ge=1, le=4096)
+    batch_size: int = Field(32, ge=1, le=4096, description="Images per forward pass")
     workers: int | None = Field(None, ge=0, description="Decode worker processes; default: automatic")
     max_image_pixels: int = Field(64_000_000, ge=1, description="Refuse images larger than this (decompression bombs)")
     upsert_chunk: int = Field(512, ge=1, description="Rows per Milvus upsert call")
@@ -75,5 +81,10 @@ def default_collection_name(model: str) -> str:
 
 
 def load_settings(**flags: Any) -> Settings:
-    """Flags that were given (not None) are init arguments, which pydantic-settings ranks above the environment."""
-    return Settings(**{key: value for key, value in flags.items() if value is not None})
+    """Flags that were given (not None) are init arguments, which pydantic-settings ranks above the environment.
+    A value that does not fit (a flag or an IMGSEARCH_* variable) is a UsageError naming the setting."""
+    try:
+        return Settings(**{key: value for key, value in flags.items() if value is not None})
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors())
+        raise UsageError(f"invalid setting ({problems})") from None

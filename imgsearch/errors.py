@@ -52,6 +52,10 @@ class CollectionNotFoundError(ImgsearchError):
     """The collection asked for does not exist yet."""
 
 
+class ImageNotFoundError(ImgsearchError):
+    """No stored image has the id asked for."""
+
+
 class InvalidWeightsError(ImgsearchError):
     """A weights file exists but does not fit the model."""
 

@@ -61,6 +61,10 @@ class TrainedHead:
         return weights_path, info_path
 
 
+def default_head_path(collection: str, mode: str) -> Path:
+    return Path("heads") / f"{collection}-{mode}"
+
+
 def head_paths(path: Path) -> tuple[Path, Path]:
     path = Path(path)
     stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path

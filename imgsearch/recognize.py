@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from imgsearch.config import RecognitionMethod
 from imgsearch.errors import ImgsearchError
-from imgsearch.images import DEFAULT_MAX_PIXELS, check_paths_exist, decode_in_batches, find_images
+from imgsearch.images import DEFAULT_MAX_PIXELS, decode_in_batches
 from imgsearch.store import RECOGNITION_PROPERTY, MilvusStore
-from imgsearch.validation import validate_label
 
 if TYPE_CHECKING:  # torch is imported only when a model is loaded
     from imgsearch.encoders import Encoder
@@ -70,6 +70,9 @@ class Recognition:
             "confidence": round(self.confidence, 6),
             "neighbours": [asdict(neighbour) for neighbour in self.neighbours],
         }
+
+    def nearest_text(self) -> str:
+        return f"{self.neighbours[0].label} {self.neighbours[0].score:.3f}" if self.neighbours else "-"
 
 
 @dataclass
@@ -215,22 +218,6 @@ def resolve_threshold(store: MilvusStore, threshold: float | None) -> tuple[floa
     return None, "none"
 
 
-def enroll_paths(encoder: Encoder, store: MilvusStore, label: str, paths: Iterable[str | Path], settings):
-    """Upsert labeled references through the ingest pipeline. Ids are content hashes, so re-enrolling is a
-    no-op, and content already stored (under any path or label) takes this label without re-encoding."""
-    from imgsearch.ingest.catalog import CatalogEntry, absolute
-    from imgsearch.ingest.pipeline import ingest_entries
-
-    label = validate_label(label, required=True)
-    paths = check_paths_exist(paths)
-    store.add_roots(absolute(path) for path in paths)  # a file given alone is a root by itself, not its folder
-    entries = (CatalogEntry(path=absolute(path), label=label) for path in find_images(paths))
-    return ingest_entries(
-        entries, encoder, store, relabel_duplicates=True, batch_size=settings.batch_size, workers=settings.workers,
-        max_pixels=settings.max_image_pixels, upsert_chunk=settings.upsert_chunk,
-    )
-
-
 def labeled_rows(store: MilvusStore, fields: Sequence[str]) -> list[dict]:
     rows = list(store.iter_rows(fields=fields, filter=LABELED))
     if not rows:
@@ -299,3 +286,51 @@ def recognize_paths_with_head(
             label = head.info.labels[best] if threshold is None or confidence >= threshold else None
             recognitions.append(Recognition(path=name, label=label, confidence=confidence))
     return recognitions, failed
+
+
+
+
+def recognize_images(
+    encoder: Encoder,
+    store: MilvusStore,
+    paths: Iterable[str | Path],
+    settings,
+    *,
+    method: RecognitionMethod | str = RecognitionMethod.knn,
+    k: int = DEFAULT_K,
+    head: Path | None = None,
+) -> tuple[list[Recognition], list[dict[str, str]], str]:
+    """Recognise every image under `paths` by k-NN over the labeled references or with a trained head (default
+    file: heads/<collection>-linear). Returns the recognitions, the unreadable files, and where the threshold
+    came from ("given", "calibrated on …" or "none")."""
+    from imgsearch.head import default_head_path
+
+    if RecognitionMethod(method) is RecognitionMethod.head:
+        recognitions, failed = recognize_paths_with_head(
+            encoder, store, head or default_head_path(store.collection, "linear"), paths, threshold=settings.threshold,
+            weights=settings.weights, device=settings.device, max_pixels=settings.max_image_pixels,
+        )
+        return recognitions, failed, "given" if settings.threshold is not None else "none"
+    threshold, source = resolve_threshold(store, settings.threshold)
+    recognitions, failed = recognize_paths(encoder, store, paths, k=k, threshold=threshold, max_pixels=settings.max_image_pixels)
+    return recognitions, failed, source
+
+
+def train_head_for(settings, mode: str, *, epochs: int | None = None, stages: int = 3, out: Path | None = None, progress=None):
+    """Train a head on the settings' collection and save it (default: heads/<collection>-<mode>); a model given
+    in the settings must be the collection's. Returns the head and its two files."""
+    from imgsearch.encoders import canonical_model_name
+    from imgsearch.errors import UsageError
+    from imgsearch.head import MODES, default_head_path
+
+    if mode not in MODES:
+        raise UsageError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
+    with MilvusStore.open_existing(settings.milvus_uri, settings.collection_name, settings.milvus_token) as store:
+        if "model" in settings.model_fields_set and store.model != canonical_model_name(settings.model):
+            raise UsageError(f"collection {settings.collection_name} holds model {store.model}, not {settings.model}")
+        head = train_head_on_store(
+            store, mode, epochs=epochs, stages=stages, weights=settings.weights, device=settings.device,
+            workers=settings.workers or 0, progress=progress,
+        )
+    weights_path, info_path = head.save(out or default_head_path(settings.collection_name, mode))
+    return head, weights_path, info_path

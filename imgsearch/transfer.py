@@ -148,3 +148,29 @@ def _record(row: dict, dim: int) -> ImageRecord:
         label=validate_label(row["label"] if row["label"] is not None else ""),
         metadata=validate_metadata(metadata),
     )
+
+
+def import_into(settings, path: Path) -> dict:
+    """Import an export into the collection of its model: settings.collection, or imgsearch_<model> (created when
+    missing; a collection of another model is refused). Returns imported, failed, collection and model."""
+    from imgsearch.config import default_collection_name
+
+    identity = read_export_identity(path)
+    model = identity["imgsearch.model"]
+    name = settings.collection or default_collection_name(model)
+    with MilvusStore(
+        settings.milvus_uri, name, model=model, dim=int(identity["imgsearch.dim"]),
+        preprocess_version=identity.get("imgsearch.preprocess", ""), token=settings.milvus_token,
+    ) as store:
+        imported, failed = import_parquet(store, path, chunk=settings.upsert_chunk)
+    return {"imported": imported, "failed": failed, "collection": name, "model": model}
+
+
+def export_to(settings, out: Path) -> dict:
+    """Export the settings' existing collection to `out`; returns exported, out, model and collection."""
+    from imgsearch.config import check_lite_database_exists
+
+    check_lite_database_exists(settings.milvus_uri)
+    with MilvusStore.open_existing(settings.milvus_uri, settings.collection_name, settings.milvus_token) as store:
+        written = export_parquet(store, out)
+    return {"exported": written, "out": str(out), "model": store.model, "collection": settings.collection_name}

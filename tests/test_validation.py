@@ -16,10 +16,10 @@ from rich.console import Console
 
 from imgsearch.api.limits import PixelBudget
 from imgsearch.config import check_lite_database_exists, load_settings
-from imgsearch.errors import CatalogError, CollectionNotFoundError, InvalidInputError
+from imgsearch.errors import CatalogError, CollectionNotFoundError, InvalidInputError, UsageError
+from imgsearch.ingest.catalog import CatalogEntry, read_manifest
 from imgsearch.terminal import json_line, markup_safe, plain, visible
 from imgsearch.validation import LABEL_BYTES, validate_id, validate_label, validate_metadata, validate_path_text, validate_vector
-from imgsearch.ingest.catalog import CatalogEntry, read_manifest
 
 ESCAPE = "\x1b[2J"
 
@@ -150,7 +150,7 @@ def test_flags_override_environment_which_overrides_defaults(monkeypatch):
     assert load_settings().milvus_uri == "/env.db" and load_settings().public == ["page"]
     assert load_settings(milvus_uri="/flag.db").milvus_uri == "/flag.db"
     monkeypatch.setenv("IMGSEARCH_PUBLIC", '["everything"]')
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError, match=r"invalid setting \(public"):  # one line naming the setting, not a traceback
         load_settings()
 
 
@@ -178,7 +178,8 @@ class InMemoryStore:
 
 
 def test_the_plan_skips_stored_content_updates_moves_and_fails_bad_rows(tmp_path):
-    from imgsearch.ingest.pipeline import IngestReport, _plan
+    from imgsearch.ingest.plan import plan_entries
+    from imgsearch.ingest.report import IngestReport
 
     files = {}
     for name in ("same", "moved", "new", "copy_of_new"):
@@ -197,7 +198,7 @@ def test_the_plan_skips_stored_content_updates_moves_and_fails_bad_rows(tmp_path
     ]
     report = IngestReport()
     plan_path = tmp_path / "plan.jsonl"
-    pending = _plan(iter(entries), store, plan_path, report, None)
+    pending = plan_entries(iter(entries), store, plan_path, report, None)
     planned = [json.loads(line) for line in plan_path.read_text().splitlines()]
     assert pending == 1 and [item["id"] for item in planned] == [digest["new"]]
     assert (report.skipped, report.updated) == (2, 1)  # unchanged, and the second copy of new content

@@ -1,0 +1,56 @@
+"""Settings → encoder and store: the one way the CLI commands and the REST service open them.
+
+A read-only use (create=False) checks that the database and collection exist before any model is loaded, so a
+typo in --uri or --collection is one line at once and nothing is created.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from imgsearch.config import Settings, check_lite_database_exists
+
+if TYPE_CHECKING:  # torch and pymilvus are imported only when something is opened
+    from imgsearch.encoders import Encoder
+    from imgsearch.store import MilvusStore
+
+
+def check_store_exists(settings: Settings) -> None:
+    check_lite_database_exists(settings.milvus_uri)  # before pymilvus is even imported
+    from imgsearch.store import check_collection_exists
+
+    check_collection_exists(settings.milvus_uri, settings.collection_name, settings.milvus_token)
+
+
+def open_encoder(settings: Settings) -> Encoder:
+    from imgsearch.encoders import encoder_from_settings
+
+    return encoder_from_settings(settings)
+
+
+def open_session(settings: Settings, *, create: bool = True) -> tuple[Encoder, MilvusStore]:
+    """The encoder and the settings' collection (created for this encoder when missing, unless create=False)."""
+    if not create:
+        check_store_exists(settings)
+    from imgsearch.store import open_store
+
+    encoder = open_encoder(settings)
+    return encoder, open_store(settings, encoder, create=create)
+
+
+@contextmanager
+def opened(settings: Settings, *, create: bool = True) -> Iterator[tuple[Encoder, MilvusStore]]:
+    """open_session, with the store closed at the end."""
+    encoder, store = open_session(settings, create=create)
+    with store:
+        yield encoder, store
+
+
+def describe_store(settings: Settings) -> dict[str, Any]:
+    """Model, dim, collection, URI and count of an existing collection; nothing is created."""
+    check_store_exists(settings)
+    from imgsearch.store import describe_collection
+
+    return describe_collection(settings.milvus_uri, settings.collection_name, settings.milvus_token)

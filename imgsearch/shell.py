@@ -1,0 +1,107 @@
+"""How a command line becomes Settings and a command's Output becomes text, exit status included: the machinery
+every `imgsearch` command shares, so cli.py holds only the commands."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from imgsearch.config import Settings, load_settings
+from imgsearch.errors import EXIT_FAILED, EXIT_PARTIAL, ImgsearchError
+from imgsearch.terminal import markup_safe, print_json, say, stderr
+
+
+def option(*names: str, help: str, **kwargs: Any) -> Any:
+    return typer.Option(*names, help=help, show_default=False, **kwargs)
+
+
+def _setting_option(field: str, flags: tuple[str, ...], kind: type) -> Any:
+    """A flag for a Settings field; its help is the field's description, so the two cannot drift."""
+    described = Settings.model_fields[field]
+    default = "" if described.default is None else f"; default {described.default}"
+    return Annotated[Optional[kind], option(*flags, help=f"{described.description} [env IMGSEARCH_{field.upper()}{default}]")]
+
+
+# The options that become Settings, declared once; each command names the ones it takes (see `command`).
+SHARED_OPTIONS: dict[str, Any] = {
+    field: _setting_option(field, flags, kind)
+    for field, flags, kind in (
+        ("milvus_uri", ("--uri",), str), ("collection", ("--collection",), str), ("model", ("--model", "-m"), str),
+        ("weights", ("--weights",), Path), ("device", ("--device",), str), ("runtime", ("--runtime",), str),
+        ("batch_size", ("--batch-size",), int), ("workers", ("--workers",), int), ("threshold", ("--threshold",), float),
+    )
+}
+STORE = ("milvus_uri", "collection", "model")
+MODEL = STORE + ("weights", "device", "runtime")
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout")]
+
+
+@dataclass
+class Output:
+    """What a command returns: `value` is printed as JSON with --json; else `show()` prints tables, or `text` is
+    printed as one line. `failed` inputs are listed on stderr and make the exit status 3."""
+
+    value: Any
+    text: str = ""
+    show: Callable[[], None] | None = None
+    failed: list[dict[str, str]] = field(default_factory=list)
+    what_failed: str = "skipped"
+
+
+def command_registrar(app: typer.Typer) -> Callable[..., Callable[[Callable], Callable]]:
+    """`@command(name, settings=..., json=...)` for `app`."""
+    return functools.partial(command, app)
+
+
+def command(
+    app: typer.Typer, name: str | None = None, *, settings: tuple[str, ...] = MODEL, json: bool = True
+) -> Callable[[Callable], Callable]:
+    """Register a command that takes `settings: Settings`, built from the shared options named in `settings` (flags
+    over IMGSEARCH_* variables over defaults), and returns an Output, printed here (`--json` added unless json=False;
+    a command that declares `json_output` itself gets it too). Known failures become one line and exit status 2."""
+
+    def register(function: Callable) -> Callable:
+        signature = inspect.signature(function, eval_str=True)
+        own = [parameter for parameter in signature.parameters.values() if parameter.name != "settings"]
+        takes_json = "json_output" in signature.parameters
+        shared = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=SHARED_OPTIONS[n]) for n in settings]
+        if json and not takes_json:
+            shared.append(inspect.Parameter("json_output", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=JsonOption))
+
+        @functools.wraps(function)
+        def run(**arguments: Any) -> None:
+            json_output = arguments.get("json_output", False) if takes_json else arguments.pop("json_output", False)
+            try:
+                output = function(settings=load_settings(**{n: arguments.pop(n) for n in settings}), **arguments)
+            except ImgsearchError as error:
+                stderr.print(f"[red]error:[/red] {markup_safe(error)}", highlight=False, soft_wrap=True)
+                raise typer.Exit(EXIT_FAILED) from None
+            if output is None:
+                return
+            if json_output:
+                print_json(output.value)
+            elif output.show:
+                output.show()
+            else:
+                say(output.text)
+            finish(output.failed, output.what_failed)
+
+        run.__signature__ = signature.replace(parameters=own + shared)  # what Typer reads the options from
+        run.__annotations__ = {parameter.name: parameter.annotation for parameter in own + shared}
+        return app.command(name)(run)
+
+    return register
+
+
+def finish(failed: list[dict[str, str]], what: str = "skipped") -> None:
+    """Unreadable inputs go to stderr, one line each, so stdout stays the result; then exit status 3 (partial)."""
+    for failure in failed:
+        stderr.print(f"[yellow]{what}[/yellow] {markup_safe(failure['path'])}: {markup_safe(failure['error'])}", highlight=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(EXIT_PARTIAL)
