@@ -58,7 +58,7 @@ class MicroBatcher:
                     break
                 try:
                     request = await asyncio.wait_for(self.queue.get(), remaining)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
                 pending.append(request)
                 size += len(request.images)

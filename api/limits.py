@@ -6,8 +6,8 @@ import asyncio
 import ctypes
 import ctypes.util
 import json
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 from fastapi import HTTPException
 

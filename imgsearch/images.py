@@ -208,3 +208,22 @@ def decode_in_batches(
             names, images = [], []
     if images:
         yield names, images
+
+
+def file_pixels(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """Pixels of the image file at `path` from its header (first MiB); max_pixels when that cannot tell, so a
+    caller budgeting memory assumes the worst."""
+    try:
+        with open(path, "rb") as handle:
+            return read_header(handle.read(1 << 20), max_pixels=max_pixels, name=path.name)[0]
+    except (ImageDecodeError, OSError):
+        return max_pixels
+
+
+def thumbnail_jpeg(path: Path, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+    """The image at `path` scaled to fit size × size, as JPEG bytes."""
+    image = load_image(path, max_pixels=max_pixels, min_side=size)
+    image.thumbnail((size, size))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=85)
+    return buffer.getvalue()

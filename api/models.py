@@ -1,0 +1,67 @@
+"""Request and response bodies of the REST service."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class SearchHit(BaseModel):
+    id: str
+    score: float
+    path: str
+    label: str
+    metadata: dict[str, Any]
+
+
+class SearchResponse(BaseModel):
+    results: list[SearchHit]
+
+
+class TextQuery(BaseModel):
+    text: str = Field(min_length=1, max_length=1000)
+    k: int = Field(10, ge=1, le=1000)
+
+
+class NeighbourOut(BaseModel):
+    id: str
+    label: str
+    score: float
+    path: str
+
+
+class RecognitionOut(BaseModel):
+    path: str
+    label: str | None
+    confidence: float
+    neighbours: list[NeighbourOut]
+
+
+class StoredImages(BaseModel):
+    ids: list[str]
+    label: str
+    indexed: int
+    updated: int
+    skipped: int
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Info(BaseModel):
+    collection: str
+    uri: str
+    exists: bool
+    count: int
+    model: str | None
+    dim: int | None
+    preprocess: str | None = None
+    recognition: dict[str, Any] | None = None
+    supports_text: bool
+
+
+class Deleted(BaseModel):
+    deleted: str
+    file_removed: bool = Field(description="whether the file the service stored at upload was removed too (catalog files never are)")

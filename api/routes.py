@@ -1,0 +1,156 @@
+"""The endpoints, grouped in routers; each is a few lines over a core function. Errors the core raises are mapped
+to status codes in one place (app.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.responses import FileResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from imgsearch.api.models import (
+    Deleted,
+    Health,
+    Info,
+    NeighbourOut,
+    RecognitionOut,
+    SearchHit,
+    SearchResponse,
+    StoredImages,
+    TextQuery,
+)
+from imgsearch.api.service import Service, service_of
+from imgsearch.errors import ImageDecodeError
+from imgsearch.validation import validate_label
+
+ServiceDep = Annotated[Service, Depends(service_of)]
+ImagesField = Annotated[list[UploadFile], File(description="One or more images")]
+LabelField = Annotated[str, Form(max_length=2000, description="At most 512 bytes of UTF-8, no control characters")]
+
+system = APIRouter(tags=["service"])
+search = APIRouter(tags=["search and recognition"])
+images = APIRouter(tags=["stored images"])
+
+
+@system.get("/health", response_model=Health)
+async def health(request: Request):
+    if getattr(request.app.state, "service", None) is None:
+        raise HTTPException(503, "loading")
+    return Health(status="ok")
+
+
+@system.get("/info", response_model=Info)
+async def info(service: ServiceDep):
+    from imgsearch.session import describe_store
+
+    described = await asyncio.to_thread(describe_store, service.settings)
+    return Info(**described, supports_text=service.encoder.supports_text)
+
+
+@system.get("/metrics", response_class=Response)
+async def metrics(request: Request):
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def hits_out(service: Service, hits) -> SearchResponse:
+    return SearchResponse(results=[SearchHit(**{**hit.to_dict(), "path": service.files.shown(hit.path)}) for hit in hits])
+
+
+@search.post("/search", response_model=SearchResponse)
+async def search_image(
+    service: ServiceDep,
+    image: Annotated[UploadFile, File(description="The query image")],
+    k: Annotated[int, Form(ge=1, le=1000)] = 10,
+    filter: Annotated[str, Form(max_length=2000)] = "",
+):
+    [upload] = await service.read_images([image])
+    vectors = await service.batcher.encode([upload.tensor])
+    hits = (await asyncio.to_thread(service.store.search, vectors, k, filter))[0]
+    return await asyncio.to_thread(hits_out, service, hits)  # showing paths may re-read the recorded folders
+
+
+@search.post("/search/text", response_model=SearchResponse)
+async def search_text(service: ServiceDep, query: TextQuery):
+    from imgsearch.search import search_text as search_by_text
+
+    [result] = await asyncio.to_thread(search_by_text, service.encoder, service.store, [query.text], k=query.k)
+    return await asyncio.to_thread(hits_out, service, result.results)
+
+
+@search.post("/recognize", response_model=list[RecognitionOut])
+async def recognize(
+    service: ServiceDep,
+    image: ImagesField,
+    k: Annotated[int, Form(ge=1, le=1024)] = 100,
+    threshold: Annotated[float | None, Form(allow_inf_nan=False)] = None,
+):
+    from imgsearch.recognize import recognize_vectors, resolve_threshold
+
+    uploads = await service.read_images(image)
+    vectors = await service.batcher.encode([upload.tensor for upload in uploads])
+    given = threshold if threshold is not None else service.settings.threshold
+    used, _ = await asyncio.to_thread(resolve_threshold, service.store, given)
+    results = await asyncio.to_thread(recognize_vectors, service.store, vectors, k=k, threshold=used)
+
+    def answers() -> list[RecognitionOut]:
+        return [
+            RecognitionOut(
+                path=upload.name, label=label, confidence=confidence,
+                neighbours=[NeighbourOut(**{**vars(n), "path": service.files.shown(n.path)}) for n in neighbours],
+            )
+            for upload, (label, confidence, neighbours) in zip(uploads, results)
+        ]
+
+    return await asyncio.to_thread(answers)
+
+
+async def store_uploads(service: Service, files: list[UploadFile], label: str, *, relabel: bool) -> StoredImages:
+    from imgsearch.ingest.enroll import store_uploads as store
+
+    uploads = [(upload.data, upload.image_format) for upload in await service.read_images(files)]
+    async with service.write_lock:
+        ids, report = await asyncio.to_thread(store, uploads, label, service.encoder, service.store, service.settings, relabel=relabel)
+    if report.failed:
+        raise HTTPException(422, "; ".join(f"{service.files.shown(f['path'])}: {f['error']}" for f in report.failed))
+    return StoredImages(ids=ids, label=label, indexed=report.indexed, updated=report.updated, skipped=report.skipped)
+
+
+@images.post("/enroll", response_model=StoredImages)
+async def enroll(service: ServiceDep, label: Annotated[str, Form(min_length=1, max_length=2000)], image: ImagesField):
+    """Reference images of a class; recognised from the next request on."""
+    return await store_uploads(service, image, validate_label(label, required=True), relabel=True)
+
+
+@images.post("/images", response_model=StoredImages)
+async def add_images(service: ServiceDep, image: ImagesField, label: LabelField = ""):
+    return await store_uploads(service, image, validate_label(label), relabel=False)
+
+
+@images.delete("/images/{image_id}", response_model=Deleted)
+async def delete_image(service: ServiceDep, image_id: str):
+    from imgsearch.ingest.enroll import delete_image as delete
+
+    async with service.write_lock:  # row and file go together, never while an upload is being ingested
+        removed = await asyncio.to_thread(delete, service.store, image_id, service.settings.upload_dir)
+    return Deleted(deleted=image_id, file_removed=removed)
+
+
+@images.get("/images/{image_id}", response_class=Response)
+async def get_image(service: ServiceDep, image_id: str, size: Annotated[int | None, Query(ge=16, le=1024)] = None):
+    from imgsearch.images import file_pixels, thumbnail_jpeg
+    from imgsearch.ingest.enroll import stored_image
+
+    row = await asyncio.to_thread(stored_image, service.store, image_id)
+    path = await asyncio.to_thread(service.files.servable, row["path"])
+    if path is None:  # gone, or outside every folder that was ingested, enrolled or uploaded to
+        raise HTTPException(404, "the file of this image is not available")
+    if size is None:
+        return FileResponse(path)
+    max_pixels = service.settings.max_image_pixels
+    try:
+        async with service.budget.hold(await asyncio.to_thread(file_pixels, path, max_pixels=max_pixels)):
+            return Response(await asyncio.to_thread(thumbnail_jpeg, path, size, max_pixels=max_pixels), media_type="image/jpeg")
+    except ImageDecodeError as error:  # the reason only: the message would carry the server's path
+        raise HTTPException(422, f"stored file cannot be decoded: {error.reason}") from None

@@ -1,0 +1,102 @@
+"""What the service loads once (encoder, store, batcher, limits) and how it reads uploaded images."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import HTTPException, Request, UploadFile
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from imgsearch.api.batching import MicroBatcher
+from imgsearch.api.files import ServedFiles
+from imgsearch.api.limits import PixelBudget
+from imgsearch.config import Settings
+from imgsearch.errors import ImageDecodeError
+from imgsearch.images import load_image, read_header
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("imgsearch_requests_total", "HTTP requests", ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram("imgsearch_request_seconds", "Request latency", ["endpoint"], registry=self.registry)
+        self.encode = Histogram("imgsearch_encode_seconds", "Time of one batched forward pass", registry=self.registry)
+        self.batch = Histogram(
+            "imgsearch_batch_size", "Images per forward pass", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry
+        )
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self.batch.observe(size)
+        self.encode.observe(seconds)
+
+
+@dataclass
+class Upload:
+    name: str  # as the client sent it: shown back, never used as a path
+    data: bytes
+    image_format: str
+    tensor: Any  # the encoder's input; the decoded image is freed as soon as this exists
+
+
+class Service:
+    """Settings, encoder and store, loaded once; the batcher, write lock and decode budget start with the loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        from imgsearch.session import open_session
+
+        self.settings = settings
+        self.encoder, self.store = open_session(settings)
+        self.files = ServedFiles(self.store, settings.upload_dir, settings.answer_paths)
+        self.batcher: MicroBatcher | None = None
+        self.write_lock: asyncio.Lock | None = None  # uploads, enrolments and deletions are written one at a time
+        self.budget: PixelBudget | None = None
+
+    def start(self, metrics: Metrics) -> None:
+        settings = self.settings
+        self.batcher = MicroBatcher(
+            self.encoder, max_batch=settings.batch_size, max_wait=settings.batch_wait_ms / 1000, observe=metrics.observe_batch
+        )
+        self.write_lock = asyncio.Lock()
+        self.budget = PixelBudget(settings.decode_pixel_budget, settings.decode_wait_seconds)
+        self.batcher.start()
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        self.store.close()
+
+    async def read_images(self, uploads: list[UploadFile]) -> list[Upload]:
+        """Read, check and preprocess the uploads, one image at a time under the shared pixel budget: the decoded
+        image exists only while it is turned into the encoder's input, so memory is bounded by the budget, not by
+        how many large images arrive at once."""
+        settings = self.settings
+        if not uploads:
+            raise HTTPException(422, "send at least one image")
+        if len(uploads) > settings.max_images_per_request:
+            raise HTTPException(413, f"{len(uploads)} images in one request; the limit is {settings.max_images_per_request}")
+        prepared = []
+        for upload in uploads:
+            name = upload.filename or "upload"
+            data = await upload.read(settings.max_upload_bytes + 1)
+            if len(data) > settings.max_upload_bytes:
+                raise HTTPException(413, f"{name} is larger than {settings.max_upload_bytes} bytes")
+            try:
+                pixels, image_format = await asyncio.to_thread(read_header, data, max_pixels=settings.max_image_pixels, name=name)
+                async with self.budget.hold(pixels):
+                    tensor = await asyncio.to_thread(self._preprocess, data, name)
+            except ImageDecodeError as error:
+                raise HTTPException(422, f"{name}: {error.reason}") from None
+            prepared.append(Upload(name, data, image_format, tensor))
+        return prepared
+
+    def _preprocess(self, data: bytes, name: str):
+        image = load_image(data, max_pixels=self.settings.max_image_pixels, min_side=self.encoder.input_size, name=name)
+        return self.encoder.preprocess(image)
+
+
+def service_of(request: Request) -> Service:
+    service = getattr(request.app.state, "service", None)
+    if service is None:
+        raise HTTPException(503, "the service is still loading")
+    return service
