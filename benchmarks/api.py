@@ -13,7 +13,6 @@ import argparse
 import io
 import os
 import platform
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,9 +23,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
+from imgsearch.api.live import LiveServer  # noqa: E402  (the same loopback server the tests use)
 from imgsearch.config import load_settings  # noqa: E402
 from imgsearch.store import ImageRecord, MilvusStore  # noqa: E402
-from imgsearch.api.live import LiveServer  # noqa: E402  (the same loopback server the tests use)
 
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "camera", "coins")
 

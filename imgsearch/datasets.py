@@ -45,7 +45,7 @@ class LabeledSet:
     targets: np.ndarray  # index into classes
     names: list[str]  # file path, or "fashion-mnist:test:123"
 
-    def subset(self, indices: np.ndarray) -> "LabeledSet":
+    def subset(self, indices: np.ndarray) -> LabeledSet:
         return LabeledSet(self.classes, [self.sources[i] for i in indices], self.targets[indices], [self.names[i] for i in indices])
 
 

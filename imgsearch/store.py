@@ -19,7 +19,6 @@ from typing import Any
 
 import grpc
 import numpy as np
-
 from pymilvus import DataType, MilvusClient  # noqa: E402
 from pymilvus.exceptions import (  # noqa: E402
     ConnectError,
@@ -153,7 +152,7 @@ class MilvusStore:
             raise _collection_not_found(collection, uri)
 
     @classmethod
-    def open_existing(cls, uri: str, collection: str, token: str = "") -> "MilvusStore":
+    def open_existing(cls, uri: str, collection: str, token: str = "") -> MilvusStore:
         """Open a collection as the model it records, without loading an encoder (info, export)."""
         client = cls._connect(uri, token, create=False)
         try:
@@ -388,7 +387,7 @@ class MilvusStore:
     def close(self) -> None:
         self.client.close()
 
-    def __enter__(self) -> "MilvusStore":
+    def __enter__(self) -> MilvusStore:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import FASHION_DIR, copy_fashion_catalog, free_port, healthy_client, serve
 from imgsearch.config import load_settings
 from imgsearch.ingest.catalog import file_sha256
-from helpers import FASHION_DIR, copy_fashion_catalog, free_port, healthy_client, serve
 
 pytestmark = pytest.mark.slow  # the REST service with the real model
 
@@ -36,8 +36,8 @@ def service(catalog, onnx_encoder):
         milvus_uri=str(root / "api.db"), upload_dir=root / "uploads", batch_wait_ms=50.0, device="cpu",
         max_upload_bytes=2_000_000,
     )
-    from imgsearch.store import open_store
     from imgsearch.ingest.pipeline import ingest_catalog
+    from imgsearch.store import open_store
 
     encoder = onnx_encoder
     with open_store(settings, encoder) as store:
@@ -228,8 +228,8 @@ def test_fuzzed_requests_never_get_a_5xx(service):
 
 def test_load_on_the_server_backend(milvus_server_uri, catalog, onnx_encoder, tmp_path):
     """8 clients x 200 searches against an `imgsearch serve` process on a real Milvus server: no errors."""
-    from imgsearch.store import open_store
     from imgsearch.ingest.pipeline import ingest_catalog
+    from imgsearch.store import open_store
 
     root, folder = catalog
     collection = f"load_{os.getpid()}"

@@ -366,7 +366,11 @@ def test_reindex_switches_the_alias_while_searches_keep_answering(milvus_server_
 
 def test_serve_on_a_locked_lite_file_fails_with_one_line(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from imgsearch.store import MilvusStore; import time; MilvusStore({str(tmp_path / 'held.db')!r}, 'x', model='m', dim=4); print('ready', flush=True); time.sleep(120)"],
+        [
+            sys.executable, "-c",
+            f"from imgsearch.store import MilvusStore; import time; MilvusStore({str(tmp_path / 'held.db')!r}, 'x', model='m', dim=4); "
+            "print('ready', flush=True); time.sleep(120)",
+        ],
         stdout=subprocess.PIPE, text=True,
     )
     try:

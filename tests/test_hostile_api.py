@@ -23,11 +23,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from imgsearch.api.app import ServedFiles
-from imgsearch.config import load_settings
-from imgsearch.store import MilvusStore
-from imgsearch.ingest.catalog import file_sha256
 from helpers import copy_fashion_catalog, free_port, healthy_client, serve
+from imgsearch.api.files import ServedFiles
+from imgsearch.config import load_settings
+from imgsearch.ingest.catalog import file_sha256
+from imgsearch.store import MilvusStore
 
 pytestmark = pytest.mark.slow  # the REST service with the real model
 
@@ -65,8 +65,8 @@ def api(site, onnx_encoder):
         milvus_uri=str(root / "api.db"), upload_dir=root / "uploads", device="cpu", api_key=KEY,
         max_upload_bytes=1_000_000, max_images_per_request=4,
     )
-    from imgsearch.store import open_store
     from imgsearch.ingest.pipeline import ingest_catalog
+    from imgsearch.store import open_store
 
     with open_store(settings, onnx_encoder) as store:
         ingest_catalog(catalog, onnx_encoder, store, workers=0)
@@ -190,7 +190,7 @@ def test_a_row_pointing_outside_every_root_is_never_served(api, site, tmp_path):
 
 def test_a_file_enrolled_by_itself_does_not_open_its_folder(api, site, onnx_encoder, tmp_path):
     """`imgsearch enroll LABEL /some/dir/one.png` records that file as a root, not /some/dir."""
-    from imgsearch.recognize import enroll_paths
+    from imgsearch.ingest.enroll import enroll_paths
     from imgsearch.store import ImageRecord
 
     client, settings = api
@@ -253,8 +253,8 @@ def test_answers_show_paths_relative_to_their_catalog(api, site):
 def test_answers_show_absolute_paths_when_configured(site, onnx_encoder):
     root, catalog, _ = site
     settings = load_settings(milvus_uri=str(root / "absolute.db"), upload_dir=root / "uploads-abs", device="cpu", answer_paths="absolute")
-    from imgsearch.store import open_store
     from imgsearch.ingest.pipeline import ingest_catalog
+    from imgsearch.store import open_store
 
     with open_store(settings, onnx_encoder) as store:
         ingest_catalog(catalog / "coat", onnx_encoder, store, workers=0)

@@ -17,13 +17,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from PIL import Image
 
+from helpers import FASHION_DIR, copy_fashion_catalog
 from imgsearch.errors import EXIT_FAILED, EXIT_PARTIAL
 from imgsearch.store import ImageRecord
 from imgsearch.terminal import json_line, markup_safe
-from helpers import FASHION_DIR, copy_fashion_catalog
 
 pytestmark = pytest.mark.slow  # the imgsearch command in subprocesses
 
@@ -317,12 +319,12 @@ names = st.text(NAME_ALPHABET, min_size=1, max_size=40).filter(lambda n: n not i
 def test_generated_names_round_trip(tmp_path_factory, onnx_encoder, entries):
     """Folders (labels) and file names from hypothesis: ingest stores every valid label exactly once, reports
     every invalid one as a failed row, and search, recognize, export and import carry the names unchanged."""
+    from imgsearch.errors import InvalidInputError
+    from imgsearch.ingest.pipeline import ingest_catalog
     from imgsearch.recognize import recognize_vectors
     from imgsearch.store import MilvusStore
     from imgsearch.transfer import export_parquet, import_parquet
     from imgsearch.validation import validate_label
-    from imgsearch.errors import InvalidInputError
-    from imgsearch.ingest.pipeline import ingest_catalog
 
     outer = tmp_path_factory.mktemp("generated")
     root = outer / "run"

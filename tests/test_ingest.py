@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import copy_fashion_catalog, cosine
 from imgsearch.ingest.catalog import file_sha256
 from imgsearch.ingest.pipeline import ingest_catalog
-from helpers import copy_fashion_catalog, cosine
 
 pytestmark = pytest.mark.slow  # real weights and Milvus Lite
 
@@ -138,7 +138,7 @@ def _bad_catalog(root: Path, photos) -> dict[str, str]:
     put("cmyk.jpg", "stored", lambda p: cat.convert("CMYK").save(p, quality=95))
     palette = cat.convert("P", palette=Image.Palette.ADAPTIVE)
     put("palette_alpha.png", "stored", lambda p: palette.save(p, transparency=0))
-    put("deep16.png", "stored", lambda p: Image.fromarray((np.asarray(cat.convert("L"), dtype=np.uint16) * 257)).save(p))
+    put("deep16.png", "stored", lambda p: Image.fromarray(np.asarray(cat.convert("L"), dtype=np.uint16) * 257).save(p))
     frames = [cat, photos["coffee"].resize(cat.size)]
     put("animated.gif", "stored", lambda p: frames[0].save(p, save_all=True, append_images=frames[1:], duration=80))
     exif = Image.Exif()

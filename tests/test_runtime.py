@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
-
-
 import numpy as np
+import pytest
 import torch
 
+from helpers import copy_fashion_catalog, fashion_images
 from imgsearch.encoders import load_encoder
 from imgsearch.encoders.onnx_runtime import OnnxEncoder, export_onnx
 from imgsearch.ingest.pipeline import ingest_catalog
-from helpers import copy_fashion_catalog, fashion_images
 
 pytestmark = pytest.mark.slow  # real weights
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageOps
 
-from imgsearch.search import search_paths
-from imgsearch.ingest.pipeline import ingest_catalog
 from helpers import copy_fashion_catalog
+from imgsearch.ingest.pipeline import ingest_catalog
+from imgsearch.search import search_paths
 
 pytestmark = pytest.mark.slow  # real weights and Milvus Lite
 

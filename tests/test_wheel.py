@@ -12,6 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
 from helpers import ROOT, fashion_images, free_port, healthy_client
 
 pytestmark = pytest.mark.slow
