@@ -130,17 +130,20 @@ async def add_images(service: ServiceDep, image: ImagesField, label: LabelField 
 
 @images.delete("/images/{image_id}", response_model=Deleted)
 async def delete_image(service: ServiceDep, image_id: str):
-    from imgsearch.ingest.enroll import delete_image as delete
+    from imgsearch.deletion import delete_images, stored_image
 
+    await asyncio.to_thread(stored_image, service.store, image_id)  # 404 for an unknown or malformed id
     async with service.write_lock:  # row and file go together, never while an upload is being ingested
-        removed = await asyncio.to_thread(delete, service.store, image_id, service.settings.upload_dir)
-    return Deleted(deleted=image_id, file_removed=removed)
+        report = await asyncio.to_thread(delete_images, service.store, [image_id], service.settings.upload_dir)
+    if not report.deleted:  # deleted by someone else meanwhile
+        raise HTTPException(404, "no stored image with that id")
+    return Deleted(deleted=image_id, file_removed=report.deleted[0]["file_removed"])
 
 
 @images.get("/images/{image_id}", response_class=Response)
 async def get_image(service: ServiceDep, image_id: str, size: Annotated[int | None, Query(ge=16, le=1024)] = None):
+    from imgsearch.deletion import stored_image
     from imgsearch.images import file_pixels, thumbnail_jpeg
-    from imgsearch.ingest.enroll import stored_image
 
     row = await asyncio.to_thread(stored_image, service.store, image_id)
     path = await asyncio.to_thread(service.files.servable, row["path"])

@@ -1,5 +1,5 @@
-"""Labeled references and uploads enter the store through the ingest pipeline: enrolment from files (CLI), uploads
-stored content-addressed (API), and deletion of a stored image with the file the service wrote for it."""
+"""Labeled references and uploads enter the store through the ingest pipeline: enrolment from files (CLI) and
+uploads stored content-addressed (API)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,11 @@ from pathlib import Path
 
 from imgsearch.config import Settings
 from imgsearch.encoders import Encoder
-from imgsearch.errors import ImageNotFoundError, InvalidInputError
 from imgsearch.images import FORMAT_SUFFIXES, check_paths_exist, find_images
 from imgsearch.ingest.catalog import CatalogEntry, absolute, bytes_sha256
 from imgsearch.ingest.pipeline import IngestReport, ingest_entries
 from imgsearch.store import MilvusStore
-from imgsearch.validation import validate_id, validate_label
+from imgsearch.validation import validate_label
 
 
 def enroll_paths(
@@ -61,27 +60,3 @@ def store_uploads(
         max_pixels=settings.max_image_pixels,
     )
     return ids, report
-
-
-def stored_image(store: MilvusStore, image_id: str) -> dict:
-    try:
-        validate_id(image_id)
-    except InvalidInputError:
-        raise ImageNotFoundError("no stored image with that id") from None
-    row = store.get([image_id]).get(image_id)
-    if row is None:
-        raise ImageNotFoundError("no stored image with that id")
-    return row
-
-
-def delete_image(store: MilvusStore, image_id: str, upload_dir: Path) -> bool:
-    """Delete the row, and its file when the service stored it at upload (catalog files are the user's); returns
-    whether a file was removed. Uploads are content-named, so no other row shares that file."""
-    row = stored_image(store, image_id)
-    path = Path(row["path"]).resolve()
-    uploaded = path.is_relative_to(upload_dir.resolve())
-    store.delete([image_id])
-    removed = uploaded and path.is_file()
-    if removed:
-        path.unlink()
-    return removed

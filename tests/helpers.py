@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,7 +17,21 @@ from imgsearch.api.live import LiveServer, free_port, wait_until_healthy
 ROOT = Path(__file__).resolve().parent.parent
 FASHION_DIR = ROOT / "examples" / "catalog"
 
-__all__ = ["ROOT", "FASHION_DIR", "free_port", "copy_fashion_catalog", "fashion_images", "cosine", "serve", "healthy_client"]
+__all__ = [
+    "ROOT", "FASHION_DIR", "free_port", "copy_fashion_catalog", "fashion_images", "cosine", "serve", "healthy_client", "run_cli",
+]
+
+
+def run_cli(args, env_extra=None, cwd=None, python_flags=(), check=False) -> subprocess.CompletedProcess:
+    """`imgsearch ARGS` in a fresh process, with no IMGSEARCH_* variable of this environment and a wide terminal
+    (rich must not fold the names tests look for). check=True fails the test on a non-zero exit."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("IMGSEARCH_")}
+    env.update({"COLUMNS": "400"}, **(env_extra or {}))
+    command = [sys.executable, *python_flags, "-m", "imgsearch.cli", *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}")
+    return result
 
 
 def copy_fashion_catalog(folder: Path, per_class: int = 2) -> list[Path]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import FASHION_DIR, copy_fashion_catalog
+from helpers import FASHION_DIR, copy_fashion_catalog, run_cli
 
 pytestmark = pytest.mark.slow  # the imgsearch command in subprocesses
 
@@ -23,12 +23,7 @@ CLI = [sys.executable, "-m", "imgsearch.cli"]
 
 
 def run(args, env_extra=None, cwd=None, check=True):
-    env = {key: value for key, value in os.environ.items() if not key.startswith("IMGSEARCH_")}
-    env.update(env_extra or {})
-    result = subprocess.run(CLI + args, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
-    if check and result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}")
-    return result
+    return run_cli(args, env_extra, cwd, check=check)
 
 
 @pytest.fixture(scope="module")

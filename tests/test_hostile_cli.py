@@ -8,8 +8,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 import unicodedata
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from helpers import FASHION_DIR, copy_fashion_catalog
+from helpers import run_cli as run
 from imgsearch.errors import EXIT_FAILED, EXIT_PARTIAL
 from imgsearch.store import ImageRecord
 from imgsearch.terminal import json_line, markup_safe
@@ -32,12 +31,6 @@ pytestmark = pytest.mark.slow  # the imgsearch command in subprocesses
 
 ESCAPE = "\x1b[2J"
 NAMES = ["[/x]", "[bold]", "shoes [sale]", "bag :fire:"]  # valid labels that rich would otherwise interpret
-
-
-def run(args, env_extra=None, cwd=None, python_flags=()):
-    env = {key: value for key, value in os.environ.items() if not key.startswith("IMGSEARCH_")}
-    env.update({"COLUMNS": "400"}, **(env_extra or {}))  # wide: rich must not fold the names we look for
-    return subprocess.run([sys.executable, *python_flags, "-m", "imgsearch.cli", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
 
 
 def tree(root: Path) -> set[str]:

@@ -1,0 +1,94 @@
+"""Deleting stored images: by id, by filter, or from a JSON file (`duplicates --json` groups, a list of ids). The
+CLI's `delete` and the API's `DELETE /images/{id}` call `delete_images`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imgsearch.errors import CatalogError, ImageNotFoundError, InvalidInputError
+from imgsearch.store import MilvusStore
+from imgsearch.validation import validate_id
+
+MAX_JSON_BYTES = 64 << 20  # a --from-json file is read whole
+
+
+@dataclass
+class DeleteReport:
+    deleted: list[dict[str, Any]] = field(default_factory=list)  # id, path, label, file_removed
+    missing: list[str] = field(default_factory=list)  # asked for, not stored
+    dry_run: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"deleted": self.deleted, "missing": self.missing, "dry_run": self.dry_run}
+
+    def summary_line(self) -> str:
+        verb = "would delete" if self.dry_run else "deleted"
+        files = sum(1 for row in self.deleted if row["file_removed"])
+        return f"{verb} {len(self.deleted)} images ({files} uploaded files with them); {len(self.missing)} ids not stored"
+
+
+def stored_image(store: MilvusStore, image_id: str) -> dict:
+    try:
+        validate_id(image_id)
+    except InvalidInputError:
+        raise ImageNotFoundError("no stored image with that id") from None
+    row = store.get([image_id]).get(image_id)
+    if row is None:
+        raise ImageNotFoundError("no stored image with that id")
+    return row
+
+
+def delete_images(store: MilvusStore, ids: Iterable[str], upload_dir: Path, *, dry_run: bool = False) -> DeleteReport:
+    """Delete the rows, and each row's file when the service stored it at upload (under `upload_dir`; catalog files
+    are the user's). Uploads are content-named, so no other row shares such a file. Unknown ids are reported."""
+    wanted = list(dict.fromkeys(ids))
+    for image_id in wanted:
+        validate_id(image_id)
+    rows = store.get(wanted)
+    report = DeleteReport(missing=[image_id for image_id in wanted if image_id not in rows], dry_run=dry_run)
+    uploads = upload_dir.resolve()
+    found = [rows[image_id] for image_id in wanted if image_id in rows]
+    if found and not dry_run:
+        store.delete([row["id"] for row in found])
+    for row in found:
+        path = Path(row["path"]).resolve()
+        removable = path.is_relative_to(uploads) and path.is_file()
+        if removable and not dry_run:
+            path.unlink()
+        report.deleted.append({"id": row["id"], "path": row["path"], "label": row["label"], "file_removed": removable})
+    return report
+
+
+def ids_matching(store: MilvusStore, filter: str) -> list[str]:
+    """Ids of the rows a Milvus boolean expression selects (an empty filter selects nothing, never everything)."""
+    if not filter.strip():
+        raise InvalidInputError("--filter is empty; to delete everything, drop the collection instead")
+    return [row["id"] for row in store.iter_rows(("id",), filter=filter)]
+
+
+def ids_from_json(path: Path) -> list[str]:
+    """Ids to delete from a JSON file: `duplicates --json` output (every group's members, never its representative),
+    a list of ids, or a list of objects with an "id"."""
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise CatalogError(f"{path} is larger than {MAX_JSON_BYTES >> 20} MiB")
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise CatalogError(f"cannot read {path}: {error.strerror or error}") from None
+    except ValueError as error:
+        raise CatalogError(f"{path} is not JSON: {error}") from None
+    if isinstance(data, dict) and isinstance(data.get("groups"), list):
+        items = [member for group in data["groups"] if isinstance(group, dict) for member in group.get("members") or []]
+    elif isinstance(data, list):
+        items = data
+    else:
+        raise CatalogError(f"{path}: expected `imgsearch duplicates --json` output or a list of ids")
+    ids = [item.get("id") if isinstance(item, dict) else item for item in items]
+    bad = [item for item in ids if not isinstance(item, str)]
+    if bad:
+        raise CatalogError(f"{path}: {len(bad)} entries have no id")
+    return ids
