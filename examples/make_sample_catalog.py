@@ -1,7 +1,7 @@
 """Rebuild examples/catalog and examples/queries (needs Debian's dataset-fashion-mnist and scikit-image).
 
 Fashion-MNIST (MIT licence) product images go into class folders, so their folder is their label;
-a few scikit-image photos sit at the catalog root, unlabeled.
+a few scikit-image photos sit at the catalog root, unlabeled, with three edited copies for `imgsearch duplicates`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageEnhance, ImageOps
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot"]
@@ -42,6 +42,7 @@ def main() -> None:
             Image.fromarray(images[index]).save(catalog / name / f"{name}_{n:03d}.png", optimize=True)
     for name in ("chelsea", "coffee", "astronaut", "rocket"):
         Image.fromarray(getattr(photos, name)()).save(catalog / f"{name}.jpg", quality=85)
+    edited_copies(catalog, photos)
     test_images = read_idx(FASHION_MNIST / "t10k-images-idx3-ubyte.gz")
     test_labels = read_idx(FASHION_MNIST / "t10k-labels-idx1-ubyte.gz")
     for name in ("bag", "sneaker"):
@@ -51,6 +52,16 @@ def main() -> None:
     width, height = cat.size
     edited = ImageOps.mirror(cat.crop((width // 10, height // 10, width - width // 10, height - height // 10)))
     edited.save(queries / "chelsea_cropped_mirrored.jpg", quality=60)
+
+
+def edited_copies(catalog: Path, photos) -> None:
+    """Copies for `imgsearch duplicates` to find: re-encoded and resized, cropped, brightened."""
+    cat = Image.fromarray(photos.chelsea())
+    cat.resize((cat.width // 2, cat.height // 2), Image.BICUBIC).save(catalog / "chelsea_small.jpg", quality=60)
+    coffee = Image.fromarray(photos.coffee())
+    width, height = coffee.size
+    coffee.crop((width // 20, height // 20, width - width // 20, height - height // 20)).save(catalog / "coffee_cropped.jpg", quality=85)
+    ImageEnhance.Brightness(Image.fromarray(photos.rocket())).enhance(1.15).save(catalog / "rocket_brighter.jpg", quality=85)
 
 
 if __name__ == "__main__":

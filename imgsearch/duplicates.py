@@ -1,0 +1,175 @@
+"""Groups of near-duplicate images in a collection, each pair graded.
+
+Every stored vector is searched against the collection in batches (k nearest, never an all-pairs matrix); pairs
+at or above the `similar` threshold are kept. Groups are stars, not chains: the image with the most close
+neighbours becomes a representative and takes its unassigned neighbours, so every member is within the threshold
+of its representative (single-linkage grouping would chain a catalog of one product line into one group).
+
+Grades, by cosine similarity to the representative: near-identical (re-encoded, resized, lightly cropped, rotated
+or flipped copies) at or above `near`, else similar (the same product in another shot). Identical bytes are one
+row already (ids are content hashes). The default thresholds were chosen on edited copies of real photos by
+benchmarks/duplicates.py; docs/duplicates.md gives its precision and recall.
+"""
+
+from __future__ import annotations
+
+import html
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgsearch.store import MilvusStore
+
+NEAR_IDENTICAL = 0.90
+SIMILAR = 0.85
+NEIGHBOURS = 16  # per image: a group larger than this is found from several of its members
+SEARCH_BATCH = 256
+
+
+@dataclass
+class Member:
+    id: str
+    path: str
+    label: str
+    score: float  # cosine similarity to the representative
+    grade: str  # "near-identical" or "similar"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "path": self.path, "label": self.label, "score": round(self.score, 6), "grade": self.grade}
+
+
+@dataclass
+class Group:
+    representative: dict[str, str]  # id, path, label
+    members: list[Member] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"representative": self.representative, "members": [member.to_dict() for member in self.members]}
+
+
+@dataclass
+class DuplicatesReport:
+    groups: list[Group]
+    rows: int
+    seconds: float
+    near: float
+    similar: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "groups": [group.to_dict() for group in self.groups], "rows": self.rows, "seconds": round(self.seconds, 3),
+            "thresholds": {"near-identical": self.near, "similar": self.similar},
+        }
+
+    def summary_line(self) -> str:
+        members = [member for group in self.groups for member in group.members]
+        near = sum(member.grade == "near-identical" for member in members)
+        return (
+            f"{len(self.groups)} groups among {self.rows} images: {near} near-identical and {len(members) - near} "
+            f"similar copies ({self.seconds:.1f} s)"
+        )
+
+
+def grade(score: float, near: float = NEAR_IDENTICAL) -> str:
+    return "near-identical" if score >= near else "similar"
+
+
+def find_duplicates(
+    store: MilvusStore,
+    *,
+    prefix: str = "",
+    similar: float = SIMILAR,
+    near: float = NEAR_IDENTICAL,
+    neighbours: int = NEIGHBOURS,
+    progress: Callable[[int], None] | None = None,
+) -> DuplicatesReport:
+    """Near-duplicate groups among the rows whose path starts with `prefix` (all rows when empty)."""
+    import time
+
+    started = time.perf_counter()
+    rows: dict[str, dict[str, str]] = {}
+    pairs: dict[tuple[str, str], float] = {}
+    batch: list[dict] = []
+    for row in store.iter_rows(("id", "path", "label", "vector"), batch_size=SEARCH_BATCH):
+        if row["path"].startswith(prefix):
+            batch.append(row)
+        if len(batch) == SEARCH_BATCH:
+            _close_pairs(store, batch, rows, pairs, prefix, similar, neighbours)
+            batch = []
+            if progress:
+                progress(len(rows))
+    _close_pairs(store, batch, rows, pairs, prefix, similar, neighbours)
+    groups = _stars(rows, pairs, near)
+    return DuplicatesReport(groups, len(rows), time.perf_counter() - started, near, similar)
+
+
+def _close_pairs(store, batch, rows, pairs, prefix: str, similar: float, neighbours: int) -> None:
+    if not batch:
+        return
+    vectors = np.array([row["vector"] for row in batch], dtype=np.float32)
+    for row, hits in zip(batch, store.search(vectors, k=neighbours + 1)):
+        rows[row["id"]] = {"id": row["id"], "path": row["path"], "label": row["label"]}
+        for hit in hits:
+            if hit.id != row["id"] and hit.score >= similar and hit.path.startswith(prefix):
+                key = (row["id"], hit.id) if row["id"] < hit.id else (hit.id, row["id"])
+                pairs[key] = max(pairs.get(key, -1.0), hit.score)
+
+
+def _stars(rows: dict[str, dict[str, str]], pairs: dict[tuple[str, str], float], near: float) -> list[Group]:
+    linked: dict[str, dict[str, float]] = defaultdict(dict)
+    for (a, b), score in pairs.items():
+        if a in rows and b in rows:
+            linked[a][b] = linked[b][a] = score
+    order = sorted(linked, key=lambda i: (-len(linked[i]), -sum(linked[i].values()), rows[i]["path"]))
+    assigned: set[str] = set()
+    groups = []
+    for centre in order:
+        if centre in assigned:
+            continue
+        members = [(other, score) for other, score in linked[centre].items() if other not in assigned]
+        if not members:
+            continue
+        assigned.add(centre)
+        assigned.update(other for other, _ in members)
+        members.sort(key=lambda pair: (-pair[1], rows[pair[0]]["path"]))
+        groups.append(
+            Group(rows[centre], [Member(**rows[other], score=score, grade=grade(score, near)) for other, score in members])
+        )
+    groups.sort(key=lambda group: (-max(m.score for m in group.members), group.representative["path"]))
+    return groups
+
+
+def write_html(report: DuplicatesReport, out: Path, thumbnail_size: int = 160) -> Path:
+    """A page with each group's thumbnails side by side (embedded, so the file can be opened anywhere)."""
+    parts = [
+        "<!doctype html><meta charset='utf-8'><title>imgsearch duplicates</title>",
+        "<style>body{font-family:sans-serif;margin:1rem}figure{display:inline-block;margin:.3rem;"
+        f"width:{thumbnail_size}px;vertical-align:top;font-size:.75rem;word-break:break-all}}img{{max-width:100%}}"
+        "section{border-bottom:1px solid #ccc;padding:.5rem 0}.rep{outline:3px solid #36c}</style>",
+        f"<h1>{html.escape(report.summary_line())}</h1>",
+    ]
+    for group in report.groups:
+        figures = [_figure(group.representative["path"], "representative", thumbnail_size, representative=True)]
+        figures += [_figure(m.path, f"{m.grade} {m.score:.3f}", thumbnail_size) for m in group.members]
+        parts.append("<section>" + "".join(figures) + "</section>")
+    out.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    return out
+
+
+def _figure(path: str, caption: str, size: int, representative: bool = False) -> str:
+    import base64
+
+    from imgsearch.errors import ImageDecodeError
+    from imgsearch.images import thumbnail_jpeg
+
+    try:
+        source = "data:image/jpeg;base64," + base64.b64encode(thumbnail_jpeg(Path(path), size)).decode()
+        image = f"<img src='{source}' alt=''>"
+    except (ImageDecodeError, OSError):
+        image = "<div>(file not readable)</div>"
+    css = " class='rep'" if representative else ""
+    return f"<figure{css}>{image}<figcaption>{html.escape(caption)}<br>{html.escape(path)}</figcaption></figure>"
