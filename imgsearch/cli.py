@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -10,8 +11,8 @@ from typing import Annotated, Optional
 import typer
 
 from imgsearch.config import RecognitionMethod, Settings
-from imgsearch.shell import MODEL, STORE, JsonOption, Output, command_registrar, option
-from imgsearch.terminal import VisibleFormatter, markup_safe, progress_bar, progress_lines, say, stderr, table
+from imgsearch.shell import MODEL, STORE, JsonOption, Output, Rows, command_registrar, option
+from imgsearch.terminal import VisibleFormatter, markup_safe, progress_bar, progress_lines, stderr
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, rich_markup_mode=None, help="Image similarity search and recognition on Milvus."
@@ -59,29 +60,90 @@ def ingest(
 @command()
 def search(
     settings: Settings,
-    queries: Annotated[list[Path], typer.Argument(help="Query images or folders of them")],
+    queries: Annotated[Optional[list[Path]], typer.Argument(help="Query images or folders of them", show_default=False)] = None,
+    text: Annotated[Optional[list[str]], option("--text", "-t", help="Search by words (CLIP models); repeatable")] = None,
     k: Annotated[int, typer.Option("-k", "--top-k", min=1, max=16384, help="Results per query")] = 10,
     filter: Annotated[str, typer.Option("--filter", help='Milvus boolean expression, e.g. label == "bag"')] = "",
 ) -> Output:
-    """Find the stored images most similar to each query image."""
+    """Find the stored images most similar to each query image, or to words with --text (CLIP models)."""
+    from imgsearch.errors import UsageError
     from imgsearch.images import check_paths_exist
 
-    check_paths_exist(queries)
-    from imgsearch.search import search_paths
+    if not queries and not text:
+        raise UsageError("search needs query images, or --text WORDS")
+    check_paths_exist(queries or [])
+    from imgsearch.search import search_paths, search_text
     from imgsearch.session import opened
 
+    if text and not queries:  # the text tower runs in torch: no ONNX export of the image tower for it
+        settings = settings.model_copy(update={"runtime": "torch"})
+    failed: list[dict[str, str]] = []
     with opened(settings, create=False) as (encoder, store):
-        results, failed = search_paths(encoder, store, queries, k=k, filter=filter, max_pixels=settings.max_image_pixels)
+        results = search_text(encoder, store, text, k=k, filter=filter) if text else []
+        if queries:
+            found, failed = search_paths(encoder, store, queries, k=k, filter=filter, max_pixels=settings.max_image_pixels)
+            results += found
+    tables, notes = [], []
+    for r in results:
+        rows = [(n, f"{hit.score:.4f}", hit.label or "-", hit.path, hit.id[:12]) for n, hit in enumerate(r.results, 1)]
+        tables.append(Rows(f"query: {r.query}", ("#", "score", "label", "path", "id"), rows))
+        if len(r.results) < k:
+            notes.append(f"{len(r.results)} of {k} results: the collection holds no more" + (" that match the filter" if filter else ""))
+    return Output([r.to_dict() for r in results], tables=tables, notes=notes, failed=failed, what_failed="skipped query")
 
-    def show() -> None:
-        for result in results:
-            rows = [(rank, f"{hit.score:.4f}", hit.label or "-", hit.path, hit.id[:12]) for rank, hit in enumerate(result.results, 1)]
-            table(f"query: {result.query}", ("#", "score", "label", "path", "id"), rows, right=("#", "score"))
-            if len(result.results) < k:
-                more = " that match the filter" if filter else ""
-                stderr.print(f"note: {len(result.results)} of {k} results: the collection holds no more{more}", highlight=False)
 
-    return Output([result.to_dict() for result in results], show=show, failed=failed, what_failed="skipped query")
+@command(settings=STORE)
+def delete(
+    settings: Settings,
+    ids: Annotated[Optional[list[str]], typer.Argument(help="Ids of stored images (from search --json)", show_default=False)] = None,
+    filter: Annotated[Optional[str], option("--filter", help='Delete the rows this Milvus expression selects, e.g. label == "old"')] = None,
+    from_json: Annotated[Optional[Path], option("--from-json", help="duplicates --json output (each group's members) or a list of ids")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be deleted; change nothing")] = False,
+) -> Output:
+    """Delete stored images (and the files the REST service stored for uploads; catalog files are kept)."""
+    from imgsearch.errors import UsageError
+
+    if sum(bool(given) for given in (ids, filter, from_json)) != 1:
+        raise UsageError("delete needs exactly one of: IDS, --filter EXPR, --from-json FILE")
+    from imgsearch.deletion import delete_images, ids_from_json, ids_matching
+    from imgsearch.session import check_store_exists
+    from imgsearch.store import MilvusStore
+
+    wanted = ids_from_json(from_json) if from_json else list(ids or [])
+    check_store_exists(settings)
+    with MilvusStore.open_existing(settings.milvus_uri, settings.collection_name, settings.milvus_token) as store:
+        report = delete_images(store, ids_matching(store, filter) if filter else wanted, settings.upload_dir, dry_run=dry_run)
+    rows = [(row["id"][:12], row["label"] or "-", row["path"], "yes" if row["file_removed"] else "no") for row in report.deleted]
+    tables = [Rows("would delete" if dry_run else "deleted", ("id", "label", "path", "uploaded file too"), rows)]
+    missing = [{"path": image_id, "error": "no stored image with this id"} for image_id in report.missing]
+    return Output(report.to_dict(), report.summary_line(), tables, failed=missing, what_failed="not deleted")
+
+
+@command(settings=STORE)
+def duplicates(
+    settings: Settings,
+    prefix: Annotated[str, typer.Argument(help="Only images under this folder, or whose stored path starts with this [default: all]", show_default=False)] = "",
+    threshold: Annotated[Optional[float], option("--threshold", min=-1, max=1, help="Least similarity shown [default 0.85; 0.9: near-identical only]")] = None,
+    html_report: Annotated[Optional[Path], option("--html", help="Also write a page with each group's thumbnails")] = None,
+) -> Output:
+    """Groups of near-duplicate images, each copy graded near-identical or similar (pipe --json into delete)."""
+    from imgsearch.duplicates import SIMILAR, find_duplicates, write_html
+    from imgsearch.ingest.catalog import absolute
+    from imgsearch.session import check_store_exists
+    from imgsearch.store import MilvusStore
+
+    if prefix and Path(prefix).exists():  # a folder or file on disk: as ingest stored it (absolute)
+        prefix = str(absolute(prefix)) + (os.sep if Path(prefix).is_dir() else "")
+    check_store_exists(settings)
+    with MilvusStore.open_existing(settings.milvus_uri, settings.collection_name, settings.milvus_token) as store:
+        report = find_duplicates(store, prefix=prefix, similar=SIMILAR if threshold is None else threshold)
+    if html_report:
+        write_html(report, html_report)
+    tables = [
+        Rows("", ("", "score", "path"), [("representative", "", g.representative["path"])] + [(m.grade, f"{m.score:.4f}", m.path) for m in g.members])
+        for g in report.groups
+    ]
+    return Output(report.to_dict(), report.summary_line() + (f"; wrote {html_report}" if html_report else ""), tables)
 
 
 @command(settings=STORE)
@@ -91,7 +153,7 @@ def info(settings: Settings) -> Output:
 
     described = describe_store(settings)
     keys = ("model", "dim", "collection", "uri", "count", "exists", "preprocess")
-    return Output(described, show=lambda: table("", (), [(key, described.get(key)) for key in keys]))
+    return Output(described, tables=[Rows("", (), [(key, described.get(key)) for key in keys])])
 
 
 @command("export", settings=STORE)
@@ -154,14 +216,11 @@ def recognize(
 
     with opened(settings, create=False) as (encoder, store):
         recognitions, failed, threshold_source = recognize_images(encoder, store, images, settings, method=method, k=k, head=head)
-
-    def show() -> None:
-        if threshold_source == "none" and method is RecognitionMethod.knn:
-            stderr.print("note: no abstention threshold: run `imgsearch eval` on labeled data, or pass --threshold", highlight=False, soft_wrap=True)
-        rows = [(r.path, r.label or "unknown", f"{r.confidence:.4f}", r.nearest_text()) for r in recognitions]
-        table(f"recognition ({method.value})", ("image", "label", "confidence", "nearest"), rows, right=("confidence",))
-
-    return Output([recognition.to_dict() for recognition in recognitions], show=show, failed=failed)
+    rows = [(r.path, r.label or "unknown", f"{r.confidence:.4f}", r.nearest_text()) for r in recognitions]
+    tables = [Rows(f"recognition ({method.value})", ("image", "label", "confidence", "nearest"), rows)]
+    unset = threshold_source == "none" and method is RecognitionMethod.knn
+    notes = ["no abstention threshold: run `imgsearch eval` on labeled data, or pass --threshold"] if unset else []
+    return Output([r.to_dict() for r in recognitions], tables=tables, notes=notes, failed=failed)
 
 
 @command("train-head", settings=MODEL[:5] + ("workers",))
@@ -212,12 +271,7 @@ def evaluate_command(
     report, json_path, figure_path = evaluate_and_calibrate(
         settings, dataset, options, out, calibrate=calibrate, progress=progress_lines(not json_output)
     )
-
-    def show() -> None:
-        table(f"eval {dataset} ({report['encoder']})", (), summary_rows(report))
-        say(f"wrote {json_path} and {figure_path}")
-
-    return Output(report, show=show)
+    return Output(report, f"wrote {json_path} and {figure_path}", [Rows(f"eval {dataset} ({report['encoder']})", (), summary_rows(report))])
 
 
 @command(settings=MODEL + ("batch_size", "workers"))

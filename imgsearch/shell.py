@@ -14,7 +14,7 @@ import typer
 
 from imgsearch.config import Settings, load_settings
 from imgsearch.errors import EXIT_FAILED, EXIT_PARTIAL, ImgsearchError
-from imgsearch.terminal import markup_safe, print_json, say, stderr
+from imgsearch.terminal import markup_safe, print_json, say, stderr, table
 
 
 def option(*names: str, help: str, **kwargs: Any) -> Any:
@@ -43,15 +43,36 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable JSON 
 
 
 @dataclass
+class Rows:
+    """One table: a title, column names (none: a two-column key/value table) and rows of cells."""
+
+    title: str
+    columns: tuple[str, ...]
+    rows: list[tuple[Any, ...]]
+
+
+NUMBER_COLUMNS = ("#", "score", "confidence")  # right-aligned
+
+
+@dataclass
 class Output:
-    """What a command returns: `value` is printed as JSON with --json; else `show()` prints tables, or `text` is
-    printed as one line. `failed` inputs are listed on stderr and make the exit status 3."""
+    """What a command returns. With --json, `value` is printed; else the `tables`, then `notes` on stderr, then
+    `text` as one line. `failed` inputs are listed on stderr either way and make the exit status 3."""
 
     value: Any
     text: str = ""
-    show: Callable[[], None] | None = None
+    tables: list[Rows] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)
     what_failed: str = "skipped"
+
+    def print(self) -> None:
+        for rows in self.tables:
+            table(rows.title, rows.columns, rows.rows, right=NUMBER_COLUMNS)
+        for note in self.notes:
+            stderr.print(f"note: {markup_safe(note)}", highlight=False, soft_wrap=True)
+        if self.text:
+            say(self.text)
 
 
 def command_registrar(app: typer.Typer) -> Callable[..., Callable[[Callable], Callable]]:
@@ -86,10 +107,8 @@ def command(
                 return
             if json_output:
                 print_json(output.value)
-            elif output.show:
-                output.show()
             else:
-                say(output.text)
+                output.print()
             finish(output.failed, output.what_failed)
 
         run.__signature__ = signature.replace(parameters=own + shared)  # what Typer reads the options from
