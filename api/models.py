@@ -65,3 +65,22 @@ class Info(BaseModel):
 class Deleted(BaseModel):
     deleted: str
     file_removed: bool = Field(description="whether the file the service stored at upload was removed too (catalog files never are)")
+
+
+class DuplicateMember(BaseModel):
+    id: str
+    path: str
+    label: str
+    score: float
+    grade: str
+
+
+class DuplicateGroup(BaseModel):
+    representative: dict[str, str]
+    members: list[DuplicateMember]
+
+
+class DuplicateGroups(BaseModel):
+    groups: list[DuplicateGroup]
+    total: int = Field(description="groups found; `groups` holds at most `limit` of them")
+    rows: int

@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from imgsearch.api.models import (
     Deleted,
+    DuplicateGroups,
     Health,
     Info,
     NeighbourOut,
@@ -64,10 +65,13 @@ async def search_image(
     image: Annotated[UploadFile, File(description="The query image")],
     k: Annotated[int, Form(ge=1, le=1000)] = 10,
     filter: Annotated[str, Form(max_length=2000)] = "",
+    label: Annotated[str, Form(max_length=2000, description="Only images with this label (the page's filter box)")] = "",
 ):
+    from imgsearch.search import with_label
+
     [upload] = await service.read_images([image])
     vectors = await service.batcher.encode([upload.tensor])
-    hits = (await asyncio.to_thread(service.store.search, vectors, k, filter))[0]
+    hits = (await asyncio.to_thread(service.store.search, vectors, k, with_label(filter, validate_label(label))))[0]
     return await asyncio.to_thread(hits_out, service, hits)  # showing paths may re-read the recorded folders
 
 
@@ -104,6 +108,27 @@ async def recognize(
         ]
 
     return await asyncio.to_thread(answers)
+
+
+@search.get("/duplicates", response_model=DuplicateGroups)
+async def duplicates(
+    service: ServiceDep,
+    threshold: Annotated[float, Query(ge=0, le=1)] = 0.9,
+    limit: Annotated[int, Query(ge=1, le=1000, description="At most this many groups, closest first")] = 100,
+):
+    """Near-duplicate groups in the collection, as `imgsearch duplicates --json` gives them (paths as shown)."""
+    from imgsearch.duplicates import find_duplicates
+
+    report = await asyncio.to_thread(find_duplicates, service.store, similar=threshold)
+
+    def answer() -> DuplicateGroups:  # showing paths may re-read the recorded folders: off the loop
+        def shown(item: dict) -> dict:
+            return {**item, "path": service.files.shown(item["path"])}
+
+        groups = [{"representative": shown(g.representative), "members": [shown(m.to_dict()) for m in g.members]} for g in report.groups[:limit]]
+        return DuplicateGroups(groups=groups, total=len(report.groups), rows=report.rows)
+
+    return await asyncio.to_thread(answer)
 
 
 async def store_uploads(service: Service, files: list[UploadFile], label: str, *, relabel: bool) -> StoredImages:

@@ -45,3 +45,13 @@ def search_paths(
 def search_text(encoder: Encoder, store: MilvusStore, texts: Sequence[str], *, k: int = 10, filter: str = "") -> list[QueryResult]:
     vectors = encoder.encode_text(texts)
     return [QueryResult(query=text, results=hits) for text, hits in zip(texts, store.search(vectors, k=k, filter=filter))]
+
+
+def with_label(filter: str, label: str) -> str:
+    """`filter` narrowed to one label (a value, never parsed as an expression)."""
+    from imgsearch.store import string_literal
+
+    if not label:
+        return filter
+    only = f"label == {string_literal(label)}"
+    return f"({filter}) and {only}" if filter.strip() else only

@@ -1,6 +1,7 @@
-// The imgsearch page: no build step, only the REST endpoints of the same service.
+// The imgsearch page: no build step, only the REST endpoints of the same service. Text from the service (labels,
+// paths, errors) is always set as textContent, never as HTML.
 const $ = (selector) => document.querySelector(selector);
-const state = { supportsText: false };
+const state = { supportsText: false, query: null, page: 1 };
 
 function headers() {
   const key = $("#api-key").value || localStorage.getItem("imgsearch-api-key") || "";
@@ -8,9 +9,25 @@ function headers() {
   return key ? { "X-API-Key": key } : {};
 }
 
+function mode() {
+  return document.querySelector("input[name=mode]:checked").value;
+}
+
 function setStatus(text, isError = false) {
   $("#status").textContent = text;
   $("#status").classList.toggle("error", isError);
+}
+
+function clearResults() {
+  $("#grid").replaceChildren();
+  $("#groups").replaceChildren();
+  $("#recognition").hidden = true;
+  $("#more").hidden = true;
+}
+
+function showError(error) {
+  clearResults();  // an error replaces the results: nothing stale stays on screen
+  setStatus(error.message, true);
 }
 
 async function call(path, options = {}) {
@@ -28,68 +45,162 @@ async function thumbnailUrl(id) {
   return response.ok ? URL.createObjectURL(await response.blob()) : "";
 }
 
-async function showResults(results) {
-  const grid = $("#grid");
-  grid.replaceChildren();
-  for (const hit of results) {
-    const card = document.createElement("figure");
-    card.className = "card";
-    card.dataset.testid = "result";
-    card.dataset.id = hit.id;
-    const img = document.createElement("img");
-    img.alt = hit.label || "unlabeled";
-    thumbnailUrl(hit.id).then((url) => { img.src = url; });
-    const caption = document.createElement("figcaption");
-    caption.innerHTML = `<span class="score">${hit.score.toFixed(3)}</span> · <span class="label"></span>`;
-    caption.querySelector(".label").textContent = hit.label || "–";
-    card.append(img, caption);
-    grid.append(card);
-  }
+function card(hit, extra = {}) {
+  const figure = document.createElement("figure");
+  figure.className = "card";
+  figure.dataset.testid = extra.testid || "result";
+  figure.dataset.id = hit.id;
+  const img = document.createElement("img");
+  img.alt = hit.label || "unlabeled";
+  thumbnailUrl(hit.id).then((url) => { img.src = url; });
+  const caption = document.createElement("figcaption");
+  const score = document.createElement("span");
+  score.className = "score";
+  score.textContent = hit.score === undefined ? "representative" : `${hit.grade ? hit.grade + " " : ""}${hit.score.toFixed(3)}`;
+  const label = document.createElement("span");
+  label.className = "label";
+  label.textContent = hit.label || "–";
+  const path = document.createElement("div");
+  path.className = "path";
+  path.textContent = hit.path;
+  caption.append(score, " · ", label, path);
+  figure.title = `${hit.path}\n${JSON.stringify(hit.metadata || {}, null, 1)}`;  // metadata on hover
+  figure.append(img, caption);
+  return figure;
 }
 
-async function searchImage(file) {
-  const mode = document.querySelector("input[name=mode]:checked").value;
-  const form = new FormData();
-  form.append("image", file);
-  form.append("k", $("#k").value || "12");
-  setStatus(`${mode === "search" ? "searching" : "recognising"} ${file.name}…`);
+function showResults(results) {
+  $("#grid").replaceChildren(...results.map((hit) => card(hit)));
+}
+
+function showQuery(file) {
+  $("#query").hidden = false;
+  $("#query-image").src = URL.createObjectURL(file);
+  $("#query-name").textContent = file.name;
+}
+
+function perPage() {
+  return Math.max(1, Number($("#k").value) || 12);
+}
+
+async function run() {
+  const { query } = state;
+  if (!query) return;
+  const k = perPage() * state.page;
   try {
-    if (mode === "search") {
-      $("#recognition").hidden = true;
-      const body = await call("/search", { method: "POST", body: form });
-      await showResults(body.results);
-      setStatus(`${body.results.length} similar images to ${file.name}`);
-    } else {
+    if (query.kind === "text") {
+      const body = await call("/search/text", {
+        method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ text: query.text, k }),
+      });
+      finishSearch(body.results, k, `images for “${query.text}”`);
+    } else if (mode() === "recognize") {
+      const form = new FormData();
+      form.append("image", query.file);
+      form.append("k", String(Math.min(k, 1024)));
       const [item] = await call("/recognize", { method: "POST", body: form });
+      clearResults();
       const box = $("#recognition");
       box.hidden = false;
-      box.innerHTML = item.label === null
-        ? `<span class="unknown" data-testid="label">unknown</span> (confidence ${item.confidence.toFixed(3)})`
-        : `<strong data-testid="label"></strong> (confidence ${item.confidence.toFixed(3)})`;
-      if (item.label !== null) box.querySelector("strong").textContent = item.label;
-      await showResults(item.neighbours.slice(0, Number($("#k").value) || 12));
-      setStatus(`recognised ${file.name}; its nearest labeled neighbours:`);
+      const answer = document.createElement(item.label === null ? "span" : "strong");
+      answer.dataset.testid = "label";
+      answer.className = item.label === null ? "unknown" : "";
+      answer.textContent = item.label === null ? "unknown" : item.label;
+      box.replaceChildren(answer, ` (confidence ${item.confidence.toFixed(3)})`);
+      showResults(item.neighbours.slice(0, k));
+      setStatus(`recognised ${query.file.name}; its nearest labeled neighbours:`);
+    } else {
+      const form = new FormData();
+      form.append("image", query.file);
+      form.append("k", String(k));
+      form.append("label", $("#label").value.trim());
+      const body = await call("/search", { method: "POST", body: form });
+      finishSearch(body.results, k, `similar images to ${query.file.name}`);
     }
   } catch (error) {
-    setStatus(error.message, true);
+    showError(error);
   }
 }
 
-async function searchText(event) {
+function finishSearch(results, k, what) {
+  clearResults();
+  showResults(results);
+  $("#more").hidden = results.length < k;  // a full page: there may be more
+  setStatus(`${results.length} ${what}`);
+}
+
+function searchImage(file) {
+  if (mode() === "duplicates") {
+    document.querySelector("input[value=search]").checked = true;
+    switchMode();
+  }
+  state.query = { kind: "image", file };
+  state.page = 1;
+  showQuery(file);
+  setStatus(`${mode() === "search" ? "searching" : "recognising"} ${file.name}…`);
+  run();
+}
+
+function searchText(event) {
   event.preventDefault();
   const text = $("#text").value.trim();
   if (!text) return;
+  state.query = { kind: "text", text };
+  state.page = 1;
+  $("#query").hidden = true;
+  run();
+}
+
+async function findDuplicates(event) {
+  event.preventDefault();
+  clearResults();
+  setStatus("finding duplicates…");
   try {
-    const body = await call("/search/text", {
-      method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ text, k: Number($("#k").value) || 12 }),
-    });
-    $("#recognition").hidden = true;
-    await showResults(body.results);
-    setStatus(`${body.results.length} images for “${text}”`);
+    const body = await call(`/duplicates?threshold=${encodeURIComponent($("#threshold").value || "0.9")}`);
+    for (const group of body.groups) {
+      const section = document.createElement("section");
+      section.className = "group";
+      section.dataset.testid = "group";
+      const grid = document.createElement("div");
+      grid.className = "grid";
+      const representative = card(group.representative, { testid: "representative" });
+      representative.classList.add("representative");
+      grid.append(representative, ...group.members.map((member) => memberCard(member)));
+      section.append(grid);
+      $("#groups").append(section);
+    }
+    setStatus(`${body.total} groups among ${body.rows} images${body.total > body.groups.length ? ` (the first ${body.groups.length} shown)` : ""}`);
   } catch (error) {
-    setStatus(error.message, true);
+    showError(error);
   }
+}
+
+function memberCard(member) {
+  const figure = card(member, { testid: "member" });
+  const button = document.createElement("button");
+  button.type = "button";
+  button.textContent = "Delete";
+  button.addEventListener("click", async () => {
+    if (!window.confirm(`Delete ${member.path} from the collection?`)) return;
+    try {
+      const body = await call(`/images/${member.id}`, { method: "DELETE" });
+      figure.remove();
+      setStatus(`deleted ${member.path}${body.file_removed ? " and its uploaded file" : ""}`);
+    } catch (error) {
+      setStatus(error.message, true);
+    }
+  });
+  figure.append(button);
+  return figure;
+}
+
+function switchMode() {
+  const duplicates = mode() === "duplicates";
+  $("#duplicates-form").hidden = !duplicates;
+  $("#drop").hidden = duplicates;
+  $("#query").hidden = duplicates || !state.query || state.query.kind !== "image";
+  clearResults();
+  setStatus("");
+  if (!duplicates && state.query) run();
 }
 
 async function loadInfo() {
@@ -100,6 +211,7 @@ async function loadInfo() {
     $("#info").textContent = `${info.count} images · ${info.model} · ${info.collection}`;
   } catch (error) {
     $("#info").textContent = error.message;
+    if (error.message.startsWith("401")) $("#key-box").open = true;  // ask for the key where it is typed
   }
 }
 
@@ -113,5 +225,9 @@ drop.addEventListener("drop", (event) => {
 });
 $("#file").addEventListener("change", (event) => { if (event.target.files.length) searchImage(event.target.files[0]); });
 $("#text-form").addEventListener("submit", searchText);
+$("#duplicates-form").addEventListener("submit", findDuplicates);
+$("#more").addEventListener("click", () => { state.page += 1; run(); });
+$("#label").addEventListener("change", () => { state.page = 1; run(); });
+for (const radio of document.querySelectorAll("input[name=mode]")) radio.addEventListener("change", switchMode);
 $("#api-key").addEventListener("change", loadInfo);
 loadInfo();
