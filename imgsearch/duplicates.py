@@ -27,7 +27,11 @@ from imgsearch.store import MilvusStore
 NEAR_IDENTICAL = 0.90
 SIMILAR = 0.85
 NEIGHBOURS = 16  # per image: a group larger than this is found from several of its members
-SEARCH_BATCH = 256
+READ_BATCH = 4000  # rows (with vectors) per query-iterator call: its per-call cost dominated at 256
+SEARCH_BATCH = 500  # query vectors per search call
+# HNSW's ef for these searches: the neighbours wanted are very close ones, which a small ef finds; on the 2.3.5
+# server at 100k rows a query took 4.7 ms at ef 64 and 2.9 ms at ef 32 (benchmarks/duplicates.py, docs/duplicates.md).
+SEARCH_EF = 2 * (NEIGHBOURS + 1)
 
 
 @dataclass
@@ -94,7 +98,7 @@ def find_duplicates(
     rows: dict[str, dict[str, str]] = {}
     pairs: dict[tuple[str, str], float] = {}
     batch: list[dict] = []
-    for row in store.iter_rows(("id", "path", "label", "vector"), batch_size=SEARCH_BATCH):
+    for row in store.iter_rows(("id", "path", "label", "vector"), batch_size=READ_BATCH):
         if row["path"].startswith(prefix):
             batch.append(row)
         if len(batch) == SEARCH_BATCH:
@@ -111,7 +115,8 @@ def _close_pairs(store, batch, rows, pairs, prefix: str, similar: float, neighbo
     if not batch:
         return
     vectors = np.array([row["vector"] for row in batch], dtype=np.float32)
-    for row, hits in zip(batch, store.search(vectors, k=neighbours + 1)):
+    params = {"params": {"ef": max(SEARCH_EF, 2 * (neighbours + 1))}}
+    for row, hits in zip(batch, store.search(vectors, k=neighbours + 1, fields=("path",), search_params=params)):
         rows[row["id"]] = {"id": row["id"], "path": row["path"], "label": row["label"]}
         for hit in hits:
             if hit.id != row["id"] and hit.score >= similar and hit.path.startswith(prefix):

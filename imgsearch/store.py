@@ -306,8 +306,12 @@ class MilvusStore:
         filter: str = "",
         search_params: dict | None = None,
         with_vectors: bool = False,
+        fields: Sequence[str] = ("path", "label", "metadata"),
     ) -> list[list[Hit]]:
-        fields = ["path", "label", "metadata"] + (["vector"] if with_vectors else [])
+        """The k nearest rows to each vector, best first. `fields`: what each hit carries besides id and score
+        (fewer is faster: near-duplicate search asks only for paths; an empty list makes Milvus return every
+        field, vectors included)."""
+        fields = list(fields) + (["vector"] if with_vectors else [])
         params = dict(search_params or {})
         params["params"] = {**params.get("params", {})}
         params["params"]["ef"] = max(k, int(params["params"].get("ef", DEFAULT_EF)))
