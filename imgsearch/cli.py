@@ -106,12 +106,10 @@ def delete(
     if sum(bool(given) for given in (ids, filter, from_json)) != 1:
         raise UsageError("delete needs exactly one of: IDS, --filter EXPR, --from-json FILE")
     from imgsearch.deletion import delete_images, ids_from_json, ids_matching
-    from imgsearch.session import check_store_exists
-    from imgsearch.store import MilvusStore
+    from imgsearch.session import open_existing_store
 
     wanted = ids_from_json(from_json) if from_json else list(ids or [])
-    check_store_exists(settings)
-    with MilvusStore.open_existing(settings.milvus_uri, settings.collection_name, settings.milvus_token) as store:
+    with open_existing_store(settings) as store:
         report = delete_images(store, ids_matching(store, filter) if filter else wanted, settings.upload_dir, dry_run=dry_run)
     rows = [(row["id"][:12], row["label"] or "-", row["path"], "yes" if row["file_removed"] else "no") for row in report.deleted]
     tables = [Rows("would delete" if dry_run else "deleted", ("id", "label", "path", "uploaded file too"), rows)]
@@ -129,13 +127,11 @@ def duplicates(
     """Groups of near-duplicate images, each copy graded near-identical or similar (pipe --json into delete)."""
     from imgsearch.duplicates import SIMILAR, find_duplicates, write_html
     from imgsearch.ingest.catalog import absolute
-    from imgsearch.session import check_store_exists
-    from imgsearch.store import MilvusStore
+    from imgsearch.session import open_existing_store
 
     if prefix and Path(prefix).exists():  # a folder or file on disk: as ingest stored it (absolute)
         prefix = str(absolute(prefix)) + (os.sep if Path(prefix).is_dir() else "")
-    check_store_exists(settings)
-    with MilvusStore.open_existing(settings.milvus_uri, settings.collection_name, settings.milvus_token) as store:
+    with open_existing_store(settings) as store:
         report = find_duplicates(store, prefix=prefix, similar=SIMILAR if threshold is None else threshold)
     if html_report:
         write_html(report, html_report)
@@ -159,10 +155,14 @@ def info(settings: Settings) -> Output:
 @command("export", settings=STORE)
 def export_vectors(settings: Settings, out: Annotated[Path, typer.Option("--out", help="Parquet file to write")]) -> Output:
     """Write every row (id, vector, label, path, metadata) and the model identity to a Parquet file."""
-    from imgsearch.transfer import export_to
+    from imgsearch.session import open_existing_store
 
-    summary = export_to(settings, out)
-    return Output(summary, f"exported {summary['exported']} rows to {out}")
+    with open_existing_store(settings) as store:  # a mistyped --uri is answered before pymilvus loads
+        from imgsearch.transfer import export_parquet
+
+        written = export_parquet(store, out)
+    summary = {"exported": written, "out": str(out), "model": store.model, "collection": settings.collection_name}
+    return Output(summary, f"exported {written} rows to {out}")
 
 
 @command("import", settings=("milvus_uri", "collection"))

@@ -7,11 +7,13 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imgsearch.errors import CatalogError, ImageNotFoundError, InvalidInputError
-from imgsearch.store import MilvusStore
 from imgsearch.validation import validate_id
+
+if TYPE_CHECKING:  # reading --from-json needs no Milvus client
+    from imgsearch.store import MilvusStore
 
 MAX_JSON_BYTES = 64 << 20  # a --from-json file is read whole
 

@@ -14,15 +14,17 @@ benchmarks/duplicates.py; docs/duplicates.md gives its precision and recall.
 from __future__ import annotations
 
 import html
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from imgsearch.store import MilvusStore
+if TYPE_CHECKING:
+    from imgsearch.store import MilvusStore
 
 NEAR_IDENTICAL = 0.90
 SIMILAR = 0.85
@@ -92,8 +94,6 @@ def find_duplicates(
     progress: Callable[[int], None] | None = None,
 ) -> DuplicatesReport:
     """Near-duplicate groups among the rows whose path starts with `prefix` (all rows when empty)."""
-    import time
-
     started = time.perf_counter()
     rows: dict[str, dict[str, str]] = {}
     pairs: dict[tuple[str, str], float] = {}

@@ -325,7 +325,9 @@ def train_head_for(settings, mode: str, *, epochs: int | None = None, stages: in
 
     if mode not in MODES:
         raise UsageError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
-    with MilvusStore.open_existing(settings.milvus_uri, settings.collection_name, settings.milvus_token) as store:
+    from imgsearch.session import open_existing_store
+
+    with open_existing_store(settings) as store:
         if "model" in settings.model_fields_set and store.model != canonical_model_name(settings.model):
             raise UsageError(f"collection {settings.collection_name} holds model {store.model}, not {settings.model}")
         head = train_head_on_store(

@@ -24,6 +24,15 @@ def check_store_exists(settings: Settings) -> None:
     check_collection_exists(settings.milvus_uri, settings.collection_name, settings.milvus_token)
 
 
+def open_existing_store(settings: Settings) -> MilvusStore:
+    """The settings' collection as created, with no encoder (export, delete, duplicates, train-head). A missing
+    Lite path fails before pymilvus is imported; a missing collection is a CollectionNotFoundError."""
+    check_lite_database_exists(settings.milvus_uri)
+    from imgsearch.store import MilvusStore
+
+    return MilvusStore.open_existing(settings.milvus_uri, settings.collection_name, settings.milvus_token)
+
+
 def open_encoder(settings: Settings) -> Encoder:
     from imgsearch.encoders import encoder_from_settings
 

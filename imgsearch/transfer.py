@@ -164,13 +164,3 @@ def import_into(settings, path: Path) -> dict:
     ) as store:
         imported, failed = import_parquet(store, path, chunk=settings.upsert_chunk)
     return {"imported": imported, "failed": failed, "collection": name, "model": model}
-
-
-def export_to(settings, out: Path) -> dict:
-    """Export the settings' existing collection to `out`; returns exported, out, model and collection."""
-    from imgsearch.config import check_lite_database_exists
-
-    check_lite_database_exists(settings.milvus_uri)
-    with MilvusStore.open_existing(settings.milvus_uri, settings.collection_name, settings.milvus_token) as store:
-        written = export_parquet(store, out)
-    return {"exported": written, "out": str(out), "model": store.model, "collection": settings.collection_name}

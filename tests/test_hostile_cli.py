@@ -176,9 +176,12 @@ def test_read_only_commands_on_a_missing_database_create_nothing(tmp_path):
     query = str(FASHION_DIR / "bag" / "bag_000.png")
     before = tree(tmp_path)
     missing = str(tmp_path / "typo.db")
-    for args in (["info"], ["search", query], ["recognize", query], ["export", "--out", str(tmp_path / "out.parquet")]):
-        result = run([*args, "--uri", missing])
+    no_client = (["info"], ["export", "--out", str(tmp_path / "out.parquet")], ["delete", "0" * 64], ["duplicates"])
+    for args in (*no_client, ["search", query], ["recognize", query]):
+        result = run([*args, "--uri", missing], python_flags=("-X", "importtime"))
         assert result.returncode == EXIT_FAILED and f"no Milvus Lite database at {missing}" in result.stderr, args
+        imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+        assert args not in no_client or "pymilvus" not in imported, args  # answered before the client loads
     assert tree(tmp_path) == before
 
 
