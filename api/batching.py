@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-import torch
 
 from imgsearch.encoders import Encoder
 
 
 @dataclass
 class _Request:
-    images: list[torch.Tensor]  # preprocessed: the encoder's input, not decoded images
+    images: list[Any]  # preprocessed: the encoder's input, not decoded images
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -42,7 +42,7 @@ class MicroBatcher:
             except asyncio.CancelledError:
                 pass
 
-    async def encode(self, images: list[torch.Tensor]) -> np.ndarray:
+    async def encode(self, images: list[Any]) -> np.ndarray:
         request = _Request(images)
         await self.queue.put(request)
         return await request.future
@@ -68,7 +68,7 @@ class MicroBatcher:
         images = [image for request in pending for image in request.images]
         started = time.perf_counter()
         try:
-            vectors = await asyncio.to_thread(self.encoder.encode, torch.stack(images))
+            vectors = await asyncio.to_thread(self.encoder.encode, self.encoder.stack(images))
         except Exception as error:  # every waiting caller gets the failure, the batcher keeps running
             for request in pending:
                 if not request.future.done():

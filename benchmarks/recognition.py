@@ -191,7 +191,7 @@ def main() -> None:
         references_per_class=args.references_per_class, queries_per_class=args.queries_per_class, episodes=args.episodes,
         finetune=False, finetune_epochs=args.epochs, workers=args.workers,
     )
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, encoder {encoder.name} on {encoder.device} "
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, encoder {encoder.name} on {encoder.device_type} "
           f"({type(encoder).__name__})", flush=True)
     def progress(line: str) -> None:
         print("  " + line, flush=True)

@@ -22,7 +22,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
-from imgsearch.encoders import Encoder, TorchEncoder, load_torch_encoder
+from imgsearch.encoders import Encoder, load_torch_encoder
+from imgsearch.encoders.torch_encoder import TorchEncoder
 from imgsearch.errors import ImgsearchError
 
 log = logging.getLogger(__name__)
@@ -192,7 +193,11 @@ def unfreeze_last_stages(backbone: torch.nn.Module, stages: int) -> int:
 
 def augmentation(encoder: Encoder) -> T.Compose:
     """Random resized crop, flip, small rotation and colour jitter, then the encoder's own normalisation."""
-    normalize = next(t for t in getattr(encoder.preprocess, "transforms", []) if isinstance(t, T.Normalize))
+    spec = getattr(encoder, "spec", None)  # the numpy preprocessing, when the encoder has one
+    if spec is not None:
+        normalize = T.Normalize(mean=list(spec.mean), std=list(spec.std))
+    else:
+        normalize = next(t for t in getattr(encoder.preprocess, "transforms", []) if isinstance(t, T.Normalize))
     size = encoder.input_size
     return T.Compose(
         [

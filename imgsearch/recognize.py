@@ -303,9 +303,9 @@ def recognize_images(
     """Recognise every image under `paths` by k-NN over the labeled references or with a trained head (default
     file: heads/<collection>-linear). Returns the recognitions, the unreadable files, and where the threshold
     came from ("given", "calibrated on …" or "none")."""
-    from imgsearch.head import default_head_path
-
     if RecognitionMethod(method) is RecognitionMethod.head:
+        from imgsearch.head import default_head_path  # torch: only heads need it
+
         recognitions, failed = recognize_paths_with_head(
             encoder, store, head or default_head_path(store.collection, "linear"), paths, threshold=settings.threshold,
             weights=settings.weights, device=settings.device, max_pixels=settings.max_image_pixels,

@@ -45,9 +45,9 @@ def encoder():
 @pytest.fixture(scope="session")
 def onnx_encoder(tmp_path_factory, encoder):
     """The same model through onnxruntime: what users get on a CPU, and five times faster than torch eager."""
-    from imgsearch.encoders.onnx_runtime import to_onnx
+    from imgsearch.encoders.onnx_runtime import onnx_encoder
 
-    return to_onnx(encoder, tmp_path_factory.mktemp("onnx"))
+    return onnx_encoder("efficientnet_lite0", None, tmp_path_factory.mktemp("onnx"), lambda: encoder)
 
 
 @pytest.fixture(scope="session")

@@ -19,11 +19,11 @@ CAT_CLASSES = {281: "tabby", 282: "tiger cat", 285: "Egyptian cat"}
 def test_lite0_weights_are_real_imagenet_weights(photos):
     model = load_lite0_classifier()
     with torch.inference_mode():
-        logits = model(lite0_preprocess()(photos["chelsea"])[None])
+        logits = model(torch.from_numpy(lite0_preprocess()(photos["chelsea"]))[None])
     top3 = logits.topk(3).indices[0].tolist()
     assert set(top3) & set(CAT_CLASSES), f"chelsea predicted as ImageNet classes {top3}"
     with torch.inference_mode():
-        coffee = model(lite0_preprocess()(photos["coffee"])[None]).argmax().item()
+        coffee = model(torch.from_numpy(lite0_preprocess()(photos["coffee"]))[None]).argmax().item()
     assert coffee == 967  # espresso
 
 
@@ -118,7 +118,7 @@ def test_text_needs_clip(encoder):
 
 def test_uint8_transfer_matches_float_preprocessing(encoder, photos):
     """On CUDA, workers send uint8 images and encode() scales and normalises them; the vectors are the same."""
-    from imgsearch.encoders.base import split_normalization
+    from imgsearch.encoders.torch_encoder import split_normalization
 
     uint8_preprocess, mean, std = split_normalization(encoder.preprocess)
     images = [photos["chelsea"], photos["coins"], photos["camera"]]
@@ -132,7 +132,7 @@ def test_uint8_transfer_matches_float_preprocessing(encoder, photos):
 def test_open_clip_preprocessing_splits_the_same_way(photos):
     import open_clip
 
-    from imgsearch.encoders.base import split_normalization
+    from imgsearch.encoders.torch_encoder import split_normalization
 
     _, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
     uint8_preprocess, mean, std = split_normalization(preprocess)

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
-from helpers import copy_fashion_catalog, fashion_images
+from helpers import copy_fashion_catalog, fashion_images, free_port, healthy_client, run_cli
 from imgsearch.encoders import load_encoder
-from imgsearch.encoders.onnx_runtime import OnnxEncoder, export_onnx
+from imgsearch.encoders.onnx_runtime import OnnxEncoder
+from imgsearch.encoders.preprocessing import ResizeCrop
 from imgsearch.ingest.pipeline import ingest_catalog
 
 pytestmark = pytest.mark.slow  # real weights
@@ -31,11 +38,31 @@ def test_onnx_matches_torch_per_image(encoder, onnx_encoder, photos):
     )
 
 
-def test_export_is_cached_and_keyed_by_model(encoder, tmp_path):
-    first = export_onnx(encoder, tmp_path)
-    stamp = first.stat().st_mtime_ns
-    assert export_onnx(encoder, tmp_path) == first and first.stat().st_mtime_ns == stamp
-    assert first.name.startswith("efficientnet_lite0-") and list(tmp_path.iterdir()) == [first]
+def test_the_export_is_cached_with_its_card_and_reopened_without_the_torch_model(encoder, photos, tmp_path):
+    first = load_encoder("efficientnet_lite0", device="cpu", runtime="onnx", onnx_cache=tmp_path)
+    files = sorted(path.name for path in tmp_path.iterdir())
+    assert len(files) == 2 and files[0].endswith(".json") and files[1] == files[0].replace(".json", ".onnx")
+    card = json.loads((tmp_path / files[0]).read_text())
+    assert (card["name"], card["dim"], card["preprocess_version"]) == (encoder.name, encoder.dim, encoder.preprocess_version)
+    assert ResizeCrop.from_dict(card["preprocess"]) == encoder.spec
+    stamp = first.model_path.stat().st_mtime_ns
+    again = load_encoder("efficientnet_lite0", device="cpu", runtime="onnx", onnx_cache=tmp_path)
+    assert again.model_path == first.model_path and again.model_path.stat().st_mtime_ns == stamp
+    assert "torch_encoder" not in again.__dict__  # the torch model was never built
+    images = [photos["chelsea"], photos["coins"]]
+    assert np.allclose(again.encode_images(images), encoder.encode_images(images), atol=2e-3)
+
+
+def test_another_weights_file_is_another_export(tmp_path):
+    from imgsearch.encoders.lite0 import packaged_weights_path
+    from imgsearch.encoders.onnx_runtime import cache_stem
+
+    copy = tmp_path / "lite0.pth"
+    copy.write_bytes(packaged_weights_path().read_bytes())
+    stems = {cache_stem("efficientnet_lite0", None), cache_stem("efficientnet_lite0", copy)}
+    os.utime(copy, ns=(1, 1))  # the same path rewritten: a new stem
+    stems.add(cache_stem("efficientnet_lite0", copy))
+    assert len(stems) == 3 and cache_stem("efficientnet_lite0", copy) in stems
 
 
 def test_runtime_auto_picks_onnx_on_cpu(tmp_path):
@@ -68,3 +95,44 @@ def test_images_in_flight_stay_bounded_as_the_catalog_grows(tmp_path, onnx_encod
         peaks[per_class] = report.max_in_flight
     assert report.in_flight_bound < 60  # the bound is below the catalog size, so nothing holds the whole catalog
     assert peaks[6] <= report.in_flight_bound
+
+
+MODEL_CODE = {"torch", "torchvision", "timm", "open_clip"}
+
+
+def _imported(stderr: str) -> set[str]:
+    return {line.split("|")[-1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+
+
+def test_with_a_cached_export_no_command_imports_torch(tmp_path):
+    """The CPU default (runtime auto -> onnx): once the export is cached, search, recognize, info, ingest and serve
+    run on onnxruntime, Pillow and numpy alone."""
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "IMGSEARCH_MILVUS_URI": str(tmp_path / "cold.db"), "CUDA_VISIBLE_DEVICES": ""}
+    copy_fashion_catalog(tmp_path / "catalog", 1)
+    run_cli(["ingest", str(tmp_path / "catalog")], env_extra=env, check=True)  # the first run exports
+    query = str(fashion_images(2)[-1])
+    copy_fashion_catalog(tmp_path / "more", 3)
+    for args in (["search", query, "-k", "3"], ["recognize", query], ["info"], ["ingest", str(tmp_path / "more")]):
+        result = run_cli(args, env_extra=env, python_flags=("-X", "importtime"), check=True)
+        imported = _imported(result.stderr)
+        assert not imported & MODEL_CODE, (args, imported & MODEL_CODE)
+        assert ("onnxruntime" in imported) == (args[0] != "info"), args  # info loads no model at all
+    assert "indexed 20" in result.stdout  # the ingest really encoded the new photos, in worker processes
+
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")  # a file, not a pipe: import lines alone would fill a pipe and block it
+    server = subprocess.Popen(
+        [sys.executable, "-X", "importtime", "-m", "imgsearch.cli", "serve", "--port", str(port)],
+        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=log,
+    )
+    try:
+        with healthy_client(port, server) as client:
+            with open(query, "rb") as image:
+                answer = client.post("/search", data={"k": "2"}, files={"image": ("q.png", image, "image/png")})
+            assert answer.status_code == 200 and len(answer.json()["results"]) == 2, answer.text
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=60)
+        log.close()
+    imported = _imported((tmp_path / "serve.log").read_text())
+    assert "onnxruntime" in imported and not imported & MODEL_CODE, imported & MODEL_CODE

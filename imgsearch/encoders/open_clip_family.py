@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from imgsearch.encoders.base import TorchEncoder
+from imgsearch.encoders.torch_encoder import TorchEncoder
 from imgsearch.errors import UnknownModelError, WeightsNotFoundError
 
 PREFIX = "open_clip:"

@@ -7,7 +7,7 @@ from pathlib import Path
 import timm
 from timm.data import create_transform, resolve_data_config
 
-from imgsearch.encoders.base import TorchEncoder, is_convnet
+from imgsearch.encoders.torch_encoder import TorchEncoder, is_convnet
 from imgsearch.errors import InvalidWeightsError, WeightsNotFoundError
 
 

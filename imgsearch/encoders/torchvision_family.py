@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from imgsearch.encoders.base import TorchEncoder, is_convnet, load_into, load_state_dict_file
+from imgsearch.encoders.torch_encoder import TorchEncoder, is_convnet, load_into, load_state_dict_file
 from imgsearch.errors import UnknownModelError, WeightsNotFoundError
 
 

@@ -259,7 +259,7 @@ def finetune_accuracy(
 
     labels = [reference_set.classes[t] for t in reference_set.targets]
     state, head_classes, metrics = train_finetune(
-        encoder.name, reference_set.sources, labels, weights=weights, device=str(encoder.device) if encoder.device.type == "cuda" else "auto",
+        encoder.name, reference_set.sources, labels, weights=weights, device=str(encoder.device) if encoder.device_type == "cuda" else "auto",
         epochs=options.finetune_epochs, stages=options.finetune_stages, workers=options.workers, seed=options.seed,
         progress=progress,
     )
