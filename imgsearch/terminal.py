@@ -72,6 +72,9 @@ class VisibleFormatter(logging.Formatter):
         return "\n".join(visible(line) for line in super().format(record).split("\n"))  # tracebacks keep their lines
 
 
+STAGE_NAMES = {"scan": "scanning", "encode": "encoding", "index": "building the search index"}
+
+
 @contextlib.contextmanager
 def progress_bar(enabled: bool):
     if not enabled:
@@ -83,7 +86,7 @@ def progress_bar(enabled: bool):
 
         def update(stage: str, done: int, total: int | None) -> None:
             if stage not in tasks:
-                tasks[stage] = bar.add_task("hashing" if stage == "scan" else "encoding", total=total)
+                tasks[stage] = bar.add_task(STAGE_NAMES.get(stage, stage), total=total)
             bar.update(tasks[stage], completed=done, total=total)
 
         yield update

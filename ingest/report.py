@@ -6,7 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-# progress(stage, done, total): stage is "scan" (total unknown: None) or "encode"
+# progress(stage, done, total): stage is "scan" (total unknown: None), "encode", or "index" (Milvus Lite building its
+# search index after the writes: no counts)
 ProgressCallback = Callable[[str, int, int | None], None]
 
 
@@ -25,6 +26,7 @@ class IngestReport:
     wait_seconds: float = 0.0
     encode_seconds: float = 0.0
     insert_seconds: float = 0.0
+    index_seconds: float = 0.0  # waiting for Milvus Lite's index builds after the writes (0 on a server)
     workers: int = 0
     max_in_flight: int = 0
     in_flight_bound: int = 0
@@ -43,6 +45,8 @@ class IngestReport:
         if self.other_shards:
             extras.append(f"{self.other_shards} left to other shards")
         extras.append(f"{self.seconds:.1f} s, {self.images_per_second:.1f} images/s")
+        if self.index_seconds >= 0.1:
+            extras.append(f"of which {self.index_seconds:.1f} s building Milvus Lite's search index")
         return f"{line} ({'; '.join(extras)})"
 
     def to_dict(self) -> dict[str, Any]:
@@ -60,6 +64,7 @@ class IngestReport:
                 "wait_seconds": round(self.wait_seconds, 3),
                 "encode_seconds": round(self.encode_seconds, 3),
                 "insert_seconds": round(self.insert_seconds, 3),
+                "index_seconds": round(self.index_seconds, 3),
             },
             "workers": self.workers,
             "max_in_flight": self.max_in_flight,
