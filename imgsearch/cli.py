@@ -52,7 +52,7 @@ def ingest(
         report = ingest_catalog(
             path, encoder, store, use_labels=not no_labels, manifest=manifest, prune=prune, shard=selected_shard,
             batch_size=settings.batch_size, workers=settings.workers, max_pixels=settings.max_image_pixels,
-            upsert_chunk=settings.upsert_chunk, progress=progress,
+            upsert_chunk=settings.upsert_chunk, progress=progress, hash_cache=settings.hash_cache,
         )
     return Output(report.to_dict(), report.summary_line(), failed=report.failed)
 

@@ -31,7 +31,11 @@ class Settings(BaseSettings):
         "auto", description="auto: onnxruntime on a CPU (measured faster there), torch on CUDA"
     )
     cuda_graphs: bool = Field(True, description="On CUDA, run each full batch as one captured CUDA graph")
-    onnx_cache: Path | None = Field(None, description="Where ONNX exports are cached; default next to the weights")
+    onnx_cache: Path | None = Field(None, description="Where ONNX exports are cached; default ~/.cache/imgsearch/onnx")
+    hash_cache: Path | None = Field(
+        None, description="SQLite file of content hashes by path, size and mtime, so a re-ingest reads only changed files; "
+        "default ~/.cache/imgsearch/file-hashes.sqlite",
+    )
     batch_size: int = Field(32, ge=1, le=4096, description="Images per forward pass")
     workers: int | None = Field(None, ge=0, description="Decode worker processes; default: automatic")
     max_image_pixels: int = Field(64_000_000, ge=1, description="Refuse images larger than this (decompression bombs)")

@@ -27,7 +27,7 @@ def enroll_paths(
     entries = (CatalogEntry(path=absolute(path), label=label) for path in find_images(paths))
     return ingest_entries(
         entries, encoder, store, relabel_duplicates=True, batch_size=settings.batch_size, workers=settings.workers,
-        max_pixels=settings.max_image_pixels, upsert_chunk=settings.upsert_chunk,
+        max_pixels=settings.max_image_pixels, upsert_chunk=settings.upsert_chunk, hash_cache=settings.hash_cache,
     )
 
 
@@ -57,6 +57,7 @@ def store_uploads(
     store.add_roots([absolute(settings.upload_dir)])
     report = ingest_entries(
         entries, encoder, store, relabel_duplicates=relabel, workers=0, batch_size=settings.batch_size,
-        max_pixels=settings.max_image_pixels,
+        max_pixels=settings.max_image_pixels, hash_cache=settings.hash_cache,
+        wait_for_index=False,  # Lite indexes in the background meanwhile
     )
     return ids, report

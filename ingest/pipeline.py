@@ -14,12 +14,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from imgsearch.encoders import Encoder
 from imgsearch.ingest.catalog import CatalogEntry, Shard, absolute, catalog_folder, check_catalog, scan_catalog
-from imgsearch.ingest.plan import plan_entries, prune_missing
-from imgsearch.ingest.reader import PREFETCH_BATCHES, PlannedImages, auto_workers, batch_loader
+from imgsearch.ingest.hashes import FileStamp, HashCache, default_hash_cache
+from imgsearch.ingest.plan import Settler, plan_entries, prune_missing
+from imgsearch.ingest.reader import PREFETCH_BATCHES, PlannedImages, auto_workers, batches
 from imgsearch.ingest.report import IngestReport, ProgressCallback
 from imgsearch.ingest.writer import WRITE_QUEUE_CHUNKS, InFlight, Writer
 from imgsearch.store import ImageRecord, MilvusStore
@@ -56,31 +55,49 @@ def ingest_entries(
     max_pixels: int = 64_000_000,
     upsert_chunk: int = 512,
     progress: ProgressCallback | None = None,
+    wait_for_index: bool = True,
+    hash_cache: Path | None = None,
 ) -> IngestReport:
-    """Hash, skip what is stored, decode in workers, encode in batches and upsert; enrolment uses it too."""
+    """Settle what is stored, read each other file once in decode workers, encode in batches and upsert; enrolment
+    uses it too. `wait_for_index`: return once Milvus Lite has indexed the new rows (the service does not wait: it
+    answers while Lite builds in the background). `hash_cache`: the SQLite file of remembered hashes (default
+    ~/.cache/imgsearch/file-hashes.sqlite)."""
     started = time.perf_counter()
     report = IngestReport()
-    with tempfile.TemporaryDirectory(prefix="imgsearch-plan-") as tmp:
-        plan_path = Path(tmp) / "plan.jsonl"
-        warm_up = _warm_up_in_background(encoder, batch_size)
-        pending = plan_entries(iter(entries), store, plan_path, report, progress, relabel_duplicates, shard)
-        if warm_up is not None:
-            warm_up.join()
-        if pending:
-            preprocess = encoder.transfer_preprocess or encoder.preprocess
-            dataset = PlannedImages(plan_path, preprocess, max_pixels, encoder.input_size)
-            encode_and_store(dataset, pending, encoder, store, report, batch_size, workers, upsert_chunk, progress)
+    settler = Settler(store, report, relabel_duplicates)
+    hashes = HashCache(hash_cache or default_hash_cache())
+    try:
+        with tempfile.TemporaryDirectory(prefix="imgsearch-plan-") as tmp:
+            plan_path = Path(tmp) / "plan.jsonl"
+            warm_up = _warm_up_in_background(encoder, batch_size)
+            pending = plan_entries(iter(entries), settler, hashes, plan_path, progress, shard)
+            if warm_up is not None:
+                warm_up.join()
+            if pending:
+                preprocess = encoder.transfer_preprocess or encoder.preprocess
+                dataset = PlannedImages(plan_path, preprocess, max_pixels, encoder.input_size, shard)
+                encode_and_store(
+                    dataset, pending, encoder, store, report, settler, hashes, batch_size, workers, upsert_chunk, progress
+                )
+    finally:
+        hashes.close()
     if prune:
         report.pruned = prune_missing(store, shard)
     store.flush()
+    if wait_for_index and (report.indexed or report.updated or report.pruned):
+        if progress:
+            progress("index", 0, None)
+        report.index_seconds = store.wait_for_index()  # else Lite searches the new rows without it, or builds at exit
     report.seconds = time.perf_counter() - started
     return report
 
 
 def _warm_up_in_background(encoder: Encoder, batch_size: int) -> threading.Thread | None:
     """On CUDA the first forward pass loads kernels and picks algorithms (seconds); do it while hashing."""
-    if encoder.device.type != "cuda":
+    if encoder.device_type != "cuda":
         return None
+    import torch
+
     size = encoder.input_size
     dtype = torch.uint8 if encoder.transfer_preprocess is not None else torch.float32
     thread = threading.Thread(
@@ -102,6 +119,8 @@ def encode_and_store(
     encoder: Encoder,
     store: MilvusStore,
     report: IngestReport,
+    settler: Settler,
+    hashes: HashCache,
     batch_size: int,
     workers: int | None,
     upsert_chunk: int,
@@ -110,7 +129,7 @@ def encode_and_store(
     num_workers = auto_workers(pending, batch_size) if workers is None else workers
     report.workers = num_workers
     report.in_flight_bound = in_flight_bound(batch_size, num_workers, upsert_chunk)
-    loader = batch_loader(dataset, batch_size, num_workers, encoder.pin_memory)
+    loader = batches(dataset, batch_size, num_workers, tensors=encoder.tensor_batches, pin_memory=encoder.pin_memory)
     in_flight = InFlight()
     writer = Writer(store, in_flight)
     buffer: list[ImageRecord] = []
@@ -120,21 +139,24 @@ def encode_and_store(
         for batch in loader:
             report.wait_seconds += time.perf_counter() - waited
             report.failed.extend(batch["failed"])
+            report.other_shards += len(batch["other_shards"])
             report.decode_seconds += batch["decode_seconds"]
-            if batch["batch"] is not None:
-                in_flight.add(len(batch["items"]))
+            remember_hashes(hashes, batch["items"] + batch["other_shards"])
+            items, inputs = new_content(batch["items"], batch["batch"], settler)
+            if items:
+                in_flight.add(len(items))
                 encode_started = time.perf_counter()
-                vectors = encoder.encode(batch["batch"])
+                vectors = encoder.encode(inputs)
                 report.encode_seconds += time.perf_counter() - encode_started
-                for item, vector in zip(batch["items"], vectors):
+                for item, vector in zip(items, vectors):
                     buffer.append(
                         ImageRecord(id=item["id"], vector=vector, path=item["path"], label=item["label"], metadata=item["metadata"])
                     )
-                report.indexed += len(batch["items"])
+                report.indexed += len(items)
             if len(buffer) >= upsert_chunk:
                 writer.put(buffer)
                 buffer = []
-            done += len(batch["items"]) + len(batch["failed"])
+            done += len(batch["items"]) + len(batch["failed"]) + len(batch["other_shards"])
             if progress:
                 progress("encode", done, pending)
             waited = time.perf_counter()
@@ -143,3 +165,30 @@ def encode_and_store(
         writer.close()
         report.insert_seconds = writer.seconds
         report.max_in_flight = in_flight.peak
+
+
+def new_content(items: list[dict[str, Any]], inputs: Any, settler: Settler) -> tuple[list[dict[str, Any]], Any]:
+    """The items of a decoded batch that need encoding, and their rows of `inputs`: files whose hash the plan did
+    not know are settled now (stored, moved, or a second copy in this run: not encoded)."""
+    unsettled = [index for index, item in enumerate(items) if not item["settled"]]
+    if not unsettled:
+        return items, inputs
+    pairs = [(CatalogEntry(Path(items[i]["path"]), items[i]["label"], items[i]["metadata"]), items[i]["id"]) for i in unsettled]
+    to_encode = {id(entry) for entry, _ in settler.settle(pairs)}
+    dropped = {index for index, (entry, _) in zip(unsettled, pairs) if id(entry) not in to_encode}
+    keep = [index for index in range(len(items)) if index not in dropped]
+    if len(keep) == len(items):
+        return items, inputs
+    return [items[index] for index in keep], (inputs[keep] if keep else None)
+
+
+RACY_SECONDS = 2.0  # a file changed this recently may change again within its mtime's granularity: not remembered
+
+
+def remember_hashes(hashes: HashCache, items: list[dict[str, Any]]) -> None:
+    now_ns = time.time_ns()
+    hashes.remember(
+        (item["path"], FileStamp(*item["stamp"]), item["id"])
+        for item in items
+        if "stamp" in item and now_ns - item["stamp"][1] > RACY_SECONDS * 1e9
+    )

@@ -1,76 +1,99 @@
-"""Plan an ingest: hash each catalog entry, settle what the store already holds, and write the rest to a plan file.
+"""Plan an ingest: settle what the store already holds, and write the rest to a plan file for the decode workers.
 
 Ids are SHA-256 hashes of the file bytes, so a stored image is recognised wherever it moved: unchanged rows are
-skipped, moved or relabelled ones are rewritten without re-encoding, and only new content is planned.
+skipped, moved or relabelled ones are rewritten without re-encoding, and only new content is encoded. The plan
+reads no file: a file whose size, mtime and inode match the hash cache (hashes.py) is settled here from its
+remembered hash; any other file is read once, by a decode worker, which hashes the bytes it decodes, and is
+settled when its batch comes back (`Settler.settle`), before anything is encoded.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from pathlib import Path
 
 from imgsearch.errors import InvalidInputError
 from imgsearch.images import describe_os_error
-from imgsearch.ingest.catalog import CatalogEntry, Shard, file_sha256
+from imgsearch.ingest.catalog import CatalogEntry, Shard
+from imgsearch.ingest.hashes import FileStamp, HashCache
 from imgsearch.ingest.report import IngestReport, ProgressCallback
 from imgsearch.store import ImageRecord, MilvusStore
 
-PLAN_CHUNK = 512  # catalog entries hashed and diffed against the store at a time
-HASH_THREADS = 4
+PLAN_CHUNK = 512  # catalog entries settled against the store at a time
+
+
+class Settler:
+    """Decides, for content whose hash is known, whether it is stored unchanged (skipped), stored under another path
+    or label (the row is rewritten without re-encoding), already planned in this run (skipped), or new."""
+
+    def __init__(self, store: MilvusStore, report: IngestReport, relabel_duplicates: bool = False) -> None:
+        self.store = store
+        self.report = report
+        self.relabel_duplicates = relabel_duplicates  # enrolment: stored content under another label takes the new one
+        self.planned_ids: set[str] = set()
+
+    def settle(self, pairs: list[tuple[CatalogEntry, str]]) -> list[tuple[CatalogEntry, str]]:
+        """The (entry, hash) pairs to encode; the others are counted and their rows updated."""
+        known = self.store.get([digest for _, digest in pairs], fields=("id", "path", "label", "metadata"))
+        new: list[tuple[CatalogEntry, str]] = []
+        moved: list[tuple[CatalogEntry, str]] = []
+        for entry, digest in pairs:
+            if digest in known:
+                row = known[digest]
+                same = row["path"] == str(entry.path) and row["label"] == entry.label and (
+                    row.get("metadata") or {}
+                ) == entry.metadata
+                # A second copy of stored content is not a move while the stored file still exists.
+                relabel = self.relabel_duplicates and row["label"] != entry.label
+                if same or (not relabel and row["path"] != str(entry.path) and Path(row["path"]).exists()):
+                    self.report.skipped += 1
+                else:
+                    moved.append((entry, digest))
+            elif digest in self.planned_ids:
+                self.report.skipped += 1  # duplicate content within this run
+            else:
+                self.planned_ids.add(digest)
+                new.append((entry, digest))
+        self.report.updated += update_moved(self.store, moved)
+        return new
 
 
 def plan_entries(
     entries: Iterator[CatalogEntry],
-    store: MilvusStore,
+    settler: Settler,
+    hash_cache: HashCache,
     plan_path: Path,
-    report: IngestReport,
     progress: ProgressCallback | None,
-    relabel_duplicates: bool = False,
     shard: Shard | None = None,
 ) -> int:
-    """Hash every entry, settle what is already stored, and write the rest to the plan file.
-    `relabel_duplicates` (enrolment): stored content under another label takes the new label."""
+    """Settle every entry whose hash the cache knows, and write the rest (new content, or files to read) to the
+    plan file; returns how many lines it holds."""
+    report = settler.report
     pending = 0
-    planned_ids: set[str] = set()
     scanned = 0
-    with open(plan_path, "w", encoding="utf-8") as plan, ThreadPoolExecutor(HASH_THREADS) as pool:
+    with open(plan_path, "w", encoding="utf-8") as plan:
         while chunk := list(islice(entries, PLAN_CHUNK)):
             chunk = valid_entries(chunk, report)
-            hashes = list(pool.map(hash_or_error, [entry.path for entry in chunk]))
+            stamped: list[tuple[CatalogEntry, FileStamp]] = []
+            for entry in chunk:
+                try:
+                    stamped.append((entry, FileStamp.of(os.stat(entry.path))))
+                except OSError as error:
+                    report.failed.append({"path": str(entry.path), "error": describe_os_error(error)})
+            remembered = hash_cache.lookup([(str(entry.path), stamp) for entry, stamp in stamped])
+            known = [(entry, remembered[str(entry.path)]) for entry, _ in stamped if str(entry.path) in remembered]
             if shard is not None:
-                mine = [digest is None or shard.contains(digest) for digest, _ in hashes]
-                report.other_shards += mine.count(False)
-                chunk = [entry for entry, keep in zip(chunk, mine) if keep]
-                hashes = [pair for pair, keep in zip(hashes, mine) if keep]
-            known = store.get([digest for digest, _ in hashes if digest], fields=("id", "path", "label", "metadata"))
-            moved: list[tuple[CatalogEntry, str]] = []
-            for entry, (digest, error) in zip(chunk, hashes):
-                if error:
-                    report.failed.append({"path": str(entry.path), "error": error})
-                elif digest in known:
-                    row = known[digest]
-                    same = row["path"] == str(entry.path) and row["label"] == entry.label and (
-                        row.get("metadata") or {}
-                    ) == entry.metadata
-                    # A second copy of stored content is not a move while the stored file still exists.
-                    relabel = relabel_duplicates and row["label"] != entry.label
-                    if same or (not relabel and row["path"] != str(entry.path) and Path(row["path"]).exists()):
-                        report.skipped += 1
-                    else:
-                        moved.append((entry, digest))
-                elif digest in planned_ids:
-                    report.skipped += 1  # duplicate content within this run
-                else:
-                    planned_ids.add(digest)
-                    plan.write(
-                        json.dumps({"id": digest, "path": str(entry.path), "label": entry.label, "metadata": entry.metadata})
-                        + "\n"
-                    )
-                    pending += 1
-            report.updated += update_moved(store, moved)
+                mine = [pair for pair in known if shard.contains(pair[1])]
+                report.other_shards += len(known) - len(mine)
+                known = mine
+            unread = [entry for entry, _ in stamped if str(entry.path) not in remembered]
+            lines = [(entry, digest) for entry, digest in settler.settle(known)] + [(entry, None) for entry in unread]
+            for entry, digest in lines:
+                plan.write(json.dumps({"id": digest, "path": str(entry.path), "label": entry.label, "metadata": entry.metadata}) + "\n")
+            pending += len(lines)
             scanned += len(chunk)
             if progress:
                 progress("scan", scanned, None)
@@ -86,13 +109,6 @@ def valid_entries(chunk: list[CatalogEntry], report: IngestReport) -> list[Catal
         except InvalidInputError as error:
             report.failed.append({"path": str(entry.path), "error": str(error)})
     return valid
-
-
-def hash_or_error(path: Path) -> tuple[str | None, str | None]:
-    try:
-        return file_sha256(path), None
-    except OSError as error:
-        return None, describe_os_error(error)
 
 
 def update_moved(store: MilvusStore, moved: list[tuple[CatalogEntry, str]]) -> int:

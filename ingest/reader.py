@@ -1,27 +1,39 @@
-"""Read the plan: worker processes read, hash, decode and preprocess images into batches for the encoder."""
+"""Read the plan: worker processes read, hash, decode and preprocess images into batches for the encoder.
+
+Two transports carry the same batches: torch's DataLoader for torch encoders (shared memory, pinned batches for the
+GPU; ingest/torch_reader.py), and plain worker processes with a queue for the ONNX runtime, which never imports torch.
+"""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import queue
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+import numpy as np
 
-from imgsearch.errors import ImageDecodeError
+from imgsearch.errors import ImageDecodeError, ImgsearchError
 from imgsearch.images import describe_os_error, load_image
-from imgsearch.ingest.catalog import bytes_sha256
+from imgsearch.ingest.catalog import Shard, bytes_sha256
 
 PREFETCH_BATCHES = 4  # per worker
 # Forked workers start at once and share the parent's imported modules; they only read files and run
-# PIL/torchvision, never the parent's gRPC or Milvus client. IMGSEARCH_WORKER_START=spawn is the cautious fallback.
+# PIL/numpy (or torchvision), never the parent's gRPC or Milvus client. IMGSEARCH_WORKER_START=spawn is the cautious
+# fallback.
 WORKER_START_METHOD = os.environ.get("IMGSEARCH_WORKER_START", "fork")
 MAX_AUTO_WORKERS = 8
+WORKER_POLL_SECONDS = 1.0
+
+
+class DecodeWorkerError(ImgsearchError):
+    """A decode worker process died (killed, or out of memory)."""
 
 
 def auto_workers(pending: int, batch_size: int) -> int:
@@ -31,52 +43,111 @@ def auto_workers(pending: int, batch_size: int) -> int:
     return max(1, min(MAX_AUTO_WORKERS, (os.cpu_count() or 2) - 1))
 
 
-class PlannedImages(IterableDataset):
-    """Streams the plan file; each worker decodes every n-th line, so no process holds the catalog."""
+@dataclass
+class PlannedImages:
+    """The plan file and how to turn each of its lines into the encoder's input."""
 
-    def __init__(self, plan_path: Path, preprocess: Callable, max_pixels: int, min_side: int) -> None:
-        self.plan_path = plan_path
-        self.preprocess = preprocess
-        self.max_pixels = max_pixels
-        self.min_side = min_side
+    plan_path: Path
+    preprocess: Callable
+    max_pixels: int
+    min_side: int
+    shard: Shard | None = None  # content of other shards is hashed, never decoded
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        worker = get_worker_info()
-        worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
+    def items(self, worker_id: int = 0, num_workers: int = 1) -> Iterator[dict[str, Any]]:
+        """Every num_workers-th line from worker_id, read, hashed and preprocessed: no process holds the catalog."""
         with open(self.plan_path, encoding="utf-8") as plan:
             for line in islice(plan, worker_id, None, num_workers):
-                item = json.loads(line)
-                started = time.perf_counter()
-                try:
-                    data = Path(item["path"]).read_bytes()
-                    item["id"] = bytes_sha256(data)  # the bytes we encode decide the id, even if the file just changed
-                    image = load_image(data, max_pixels=self.max_pixels, min_side=self.min_side, name=item["path"])
-                    item["tensor"] = self.preprocess(image)
-                except ImageDecodeError as error:
-                    item["error"] = error.reason
-                except OSError as error:
-                    item["error"] = describe_os_error(error)
-                item["decode_seconds"] = time.perf_counter() - started
-                yield item
+                yield self.read(json.loads(line))
+
+    def read(self, item: dict[str, Any]) -> dict[str, Any]:
+        """The one read of a file: its bytes are hashed (the id), stamped for the hash cache, decoded, preprocessed.
+        `settled`: the plan knew this hash (from the cache) and settled it; otherwise the main process does."""
+        started = time.perf_counter()
+        try:
+            with open(item["path"], "rb") as handle:
+                stamp = os.fstat(handle.fileno())
+                data = handle.read()
+            planned_id = item["id"]
+            item["id"] = bytes_sha256(data)  # the bytes we encode decide the id, even if the file just changed
+            item["settled"] = item["id"] == planned_id
+            item["stamp"] = (stamp.st_size, stamp.st_mtime_ns, stamp.st_ino)
+            if self.shard is not None and not self.shard.contains(item["id"]):
+                item["other_shard"] = True
+                return item
+            image = load_image(data, max_pixels=self.max_pixels, min_side=self.min_side, name=item["path"])
+            item["tensor"] = self.preprocess(image)
+        except ImageDecodeError as error:
+            item["error"] = error.reason
+        except OSError as error:
+            item["error"] = describe_os_error(error)
+        item["decode_seconds"] = time.perf_counter() - started
+        return item
 
 
-def collate_planned(items: list[dict[str, Any]]) -> dict[str, Any]:
+def collate(items: list[dict[str, Any]], stack: Callable = np.stack) -> dict[str, Any]:
+    """One batch: the decoded items and their stacked inputs, the failures, the time spent decoding."""
     good = [item for item in items if "tensor" in item]
     return {
         "items": good,
-        "batch": torch.stack([item.pop("tensor") for item in good]) if good else None,
+        "batch": stack([item.pop("tensor") for item in good]) if good else None,
         "failed": [{"path": item["path"], "error": item["error"]} for item in items if "error" in item],
+        "other_shards": [item for item in items if item.get("other_shard")],
         "decode_seconds": sum(item.pop("decode_seconds", 0.0) for item in items),
     }
 
 
-def batch_loader(dataset: PlannedImages, batch_size: int, workers: int, pin_memory: bool) -> DataLoader:
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=collate_planned,
-        pin_memory=pin_memory,
-        prefetch_factor=PREFETCH_BATCHES if workers else None,
-        multiprocessing_context=WORKER_START_METHOD if workers else None,
-    )
+def batches(dataset: PlannedImages, batch_size: int, workers: int, *, tensors: bool, pin_memory: bool) -> Iterator[dict[str, Any]]:
+    """Batches of the plan, decoded by `workers` processes (0: in this one); torch tensors when `tensors`."""
+    if tensors:
+        from imgsearch.ingest.torch_reader import batch_loader
+
+        yield from batch_loader(dataset, batch_size, workers, pin_memory)
+    elif workers == 0:
+        yield from _batched(dataset.items(), batch_size)
+    else:
+        yield from _from_worker_processes(dataset, batch_size, workers)
+
+
+def _batched(items: Iterator[dict[str, Any]], batch_size: int) -> Iterator[dict[str, Any]]:
+    while chunk := list(islice(items, batch_size)):
+        yield collate(chunk)
+
+
+def _decode_worker(dataset: PlannedImages, batch_size: int, worker_id: int, workers: int, out: Any) -> None:
+    for batch in _batched(dataset.items(worker_id, workers), batch_size):
+        out.put(batch)
+    out.put(None)  # this worker is done
+
+
+def _from_worker_processes(dataset: PlannedImages, batch_size: int, workers: int) -> Iterator[dict[str, Any]]:
+    context = multiprocessing.get_context(WORKER_START_METHOD)
+    out = context.Queue(maxsize=workers * PREFETCH_BATCHES)  # bounds the batches alive at once
+    processes = [
+        context.Process(target=_decode_worker, args=(dataset, batch_size, worker_id, workers, out), daemon=True,
+                        name=f"imgsearch-decode-{worker_id}")
+        for worker_id in range(workers)
+    ]
+    for process in processes:
+        process.start()
+    finished = 0
+    try:
+        while finished < workers:
+            try:
+                batch = out.get(timeout=WORKER_POLL_SECONDS)
+            except queue.Empty:
+                dead = [process for process in processes if process.exitcode not in (None, 0)]
+                if dead:
+                    raise DecodeWorkerError(f"decode worker {dead[0].name} died (exit code {dead[0].exitcode})") from None
+                continue
+            if batch is None:
+                finished += 1
+            else:
+                yield batch
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        for process in processes:
+            process.join()
+        out.close()
+        out.cancel_join_thread()

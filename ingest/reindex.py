@@ -64,5 +64,5 @@ def reindex_to_model(settings: Settings, *, alias: str | None = None, source: st
         with open_store(settings.model_copy(update={"collection": target_name}), encoder) as new:
             return reindex(
                 old, new, encoder, alias, batch_size=settings.batch_size, workers=settings.workers,
-                max_pixels=settings.max_image_pixels, upsert_chunk=settings.upsert_chunk,
+                max_pixels=settings.max_image_pixels, upsert_chunk=settings.upsert_chunk, hash_cache=settings.hash_cache,
             )

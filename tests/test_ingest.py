@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +93,28 @@ def test_reingest_is_idempotent_and_encodes_nothing(tmp_path, encoder, make_stor
     assert store.count() == 20 and _rows(store).keys() == before.keys()
 
 
+def test_each_file_is_read_once_and_a_reingest_reads_only_what_changed(tmp_path, onnx_encoder, make_store, monkeypatch):
+    from imgsearch.ingest.reader import PlannedImages
+
+    files = _catalog(tmp_path / "catalog", per_class=2)
+    long_ago = time.time() - 60  # older than the window in which a file's mtime cannot be trusted
+    for path in files:
+        os.utime(path, (long_ago, long_ago))
+    reads: list[str] = []
+    original = PlannedImages.read
+    monkeypatch.setattr(PlannedImages, "read", lambda self, item: reads.append(item["path"]) or original(self, item))
+    store, cache = make_store(), tmp_path / "hashes.sqlite"
+    first = ingest_catalog(tmp_path / "catalog", onnx_encoder, store, workers=0, hash_cache=cache)
+    assert first.indexed == 20 and sorted(reads) == sorted(map(str, files))  # the plan read none of them
+    reads.clear()
+    changed = files[0]
+    Image.open(changed).transpose(Image.Transpose.ROTATE_90).save(changed)
+    os.utime(changed, (long_ago + 1, long_ago + 1))
+    second = ingest_catalog(tmp_path / "catalog", onnx_encoder, store, workers=0, hash_cache=cache)
+    assert reads == [str(changed)] and (second.indexed, second.skipped) == (1, 19)
+    assert file_sha256(changed) in store.get([file_sha256(changed)])
+
+
 def test_rename_updates_path_without_reencoding_and_prune_deletes_gone_files(tmp_path, encoder, make_store, monkeypatch):
     files = _catalog(tmp_path / "catalog")
     store = make_store()
@@ -168,7 +192,9 @@ def test_bad_inputs_are_stored_correctly_or_reported_and_the_run_goes_on(tmp_pat
     assert cosine(stored["palette_alpha.png"], reference_cat) > 0.85
 
 
-def test_worker_processes_store_exactly_the_rows_of_a_single_process_run(tmp_path, encoder, make_store, photos):
+@pytest.mark.parametrize("runtime", ["torch", "onnx"])  # torch's DataLoader, and the torch-free worker processes
+def test_worker_processes_store_exactly_the_rows_of_a_single_process_run(tmp_path, runtime, make_store, request):
+    encoder = request.getfixturevalue("encoder" if runtime == "torch" else "onnx_encoder")
     _catalog(tmp_path / "catalog", per_class=3)
     (tmp_path / "catalog" / "broken.png").write_bytes(b"nope")
     single = make_store(collection="single")
@@ -182,3 +208,29 @@ def test_worker_processes_store_exactly_the_rows_of_a_single_process_run(tmp_pat
     for key, row in rows_single.items():
         assert row["path"] == rows_parallel[key]["path"] and row["label"] == rows_parallel[key]["label"]
         assert np.allclose(row["vector"], rows_parallel[key]["vector"], atol=1e-5)
+
+
+def test_a_decode_worker_that_dies_is_one_error_not_a_hang(tmp_path):
+    from imgsearch.ingest.reader import DecodeWorkerError, PlannedImages, batches
+
+    paths = _catalog(tmp_path / "catalog")
+    plan = tmp_path / "plan.jsonl"
+    plan.write_text("".join(json.dumps({"path": str(path), "label": "", "metadata": {}}) + "\n" for path in paths))
+    dataset = PlannedImages(plan, _exit_at_once, 64_000_000, 224)
+    with pytest.raises(DecodeWorkerError, match="died"):
+        list(batches(dataset, 4, 2, tensors=False, pin_memory=False))
+
+
+def _exit_at_once(image):
+    import os
+
+    os._exit(3)  # as if killed: no exception, no batch, no end marker
+
+
+def test_after_an_ingest_milvus_lite_searches_every_row_through_its_index(tmp_path, onnx_encoder, make_store, backend):
+    store = make_store()
+    _catalog(tmp_path / "catalog", per_class=2)
+    report = ingest_catalog(tmp_path / "catalog", onnx_encoder, store)
+    assert report.indexed == 20
+    assert store.index_coverage() == ((20, 20) if backend == "lite" else None)  # a server indexes by itself
+    assert "index_seconds" in report.to_dict()["stages"]

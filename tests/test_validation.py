@@ -177,8 +177,13 @@ class InMemoryStore:
         self.upserted.extend(records)
 
 
-def test_the_plan_skips_stored_content_updates_moves_and_fails_bad_rows(tmp_path):
-    from imgsearch.ingest.plan import plan_entries
+def test_the_plan_skips_stored_content_updates_moves_and_fails_bad_rows(tmp_path, monkeypatch):
+    """With every hash remembered, the plan settles the catalog without reading a file; with none, it plans every
+    valid file for the decode workers (which hash what they read) and still reads nothing."""
+    import os
+
+    from imgsearch.ingest.hashes import FileStamp, HashCache
+    from imgsearch.ingest.plan import Settler, plan_entries
     from imgsearch.ingest.report import IngestReport
 
     files = {}
@@ -196,13 +201,28 @@ def test_the_plan_skips_stored_content_updates_moves_and_fails_bad_rows(tmp_path
         CatalogEntry(files["copy_of_new"], "b"), CatalogEntry(tmp_path / "missing.png", "b"),
         CatalogEntry(files["new"], "L" * 600), CatalogEntry(tmp_path / "m.csv:3", error="no usable 'path' value"),
     ]
-    report = IngestReport()
+    remembered = HashCache(tmp_path / "hashes.sqlite")
+    remembered.remember((str(path), FileStamp.of(os.stat(path)), digest[name]) for name, path in files.items())
     plan_path = tmp_path / "plan.jsonl"
-    pending = plan_entries(iter(entries), store, plan_path, report, None)
+    real_open = open
+
+    def no_catalog_reads(file, *args, **kwargs):
+        assert Path(file) not in files.values(), f"the plan read {file}"
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", no_catalog_reads)
+    report = IngestReport()
+    pending = plan_entries(iter(entries), Settler(store, report), remembered, plan_path, None)
     planned = [json.loads(line) for line in plan_path.read_text().splitlines()]
     assert pending == 1 and [item["id"] for item in planned] == [digest["new"]]
     assert (report.skipped, report.updated) == (2, 1)  # unchanged, and the second copy of new content
     assert [record.path for record in store.upserted] == [str(files["moved"])]  # the move keeps its vector
     failed = {Path(failure["path"]).name: failure["error"] for failure in report.failed}
     assert failed == {"missing.png": "file not found", "new.png": failed["new.png"], "m.csv:3": "no usable 'path' value"}
+
+    unknown = IngestReport()
+    pending = plan_entries(iter(entries), Settler(store, unknown), HashCache(tmp_path / "empty.sqlite"), plan_path, None)
+    planned = [json.loads(line) for line in plan_path.read_text().splitlines()]
+    assert pending == 4 and {item["id"] for item in planned} == {None}  # read and hashed once, by the workers
+    assert (unknown.skipped, unknown.updated, len(unknown.failed)) == (0, 0, 3)
     assert "600 bytes" in failed["new.png"]

@@ -1,0 +1,96 @@
+"""Content hashes remembered by file identity, so a re-ingest reads only the files that changed (as rclip does).
+
+The id of a row stays the SHA-256 of the file's bytes. This cache only saves reading a file to learn it again: a
+path whose size, mtime (ns) and inode are those recorded when it was last read maps to the hash of what was read
+then. It describes files, not collections, so one cache serves every database. It is best effort: a cache that
+cannot be opened or written is reported once and the ingest goes on reading files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+log = logging.getLogger(__name__)
+
+LOOKUP_CHUNK = 500  # paths per SELECT (SQLite allows 999 parameters in old builds)
+
+
+class FileStamp(NamedTuple):
+    size: int
+    mtime_ns: int
+    inode: int
+
+    @classmethod
+    def of(cls, stat: os.stat_result) -> FileStamp:
+        return cls(stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+def default_hash_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imgsearch" / "file-hashes.sqlite"
+
+
+class HashCache:
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.connection: sqlite3.Connection | None = None
+        if path is None:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.connection = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+            self.connection.execute("PRAGMA journal_mode=WAL")  # concurrent ingests into other databases
+            self.connection.execute(
+                "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, inode INTEGER, "
+                "sha256 TEXT)"
+            )
+        except (OSError, sqlite3.Error) as error:
+            self._give_up(error)
+
+    def lookup(self, stamped: Sequence[tuple[str, FileStamp]]) -> dict[str, str]:
+        """path -> hash, for the paths whose stamp is the one recorded."""
+        if self.connection is None or not stamped:
+            return {}
+        wanted = dict(stamped)
+        found: dict[str, str] = {}
+        paths = list(wanted)
+        try:
+            for start in range(0, len(paths), LOOKUP_CHUNK):
+                chunk = paths[start : start + LOOKUP_CHUNK]
+                rows = self.connection.execute(
+                    f"SELECT path, size, mtime_ns, inode, sha256 FROM files WHERE path IN ({','.join('?' * len(chunk))})", chunk
+                )
+                for path, size, mtime_ns, inode, digest in rows:
+                    if wanted[path] == (size, mtime_ns, inode):
+                        found[path] = digest
+        except sqlite3.Error as error:
+            self._give_up(error)
+        return found
+
+    def remember(self, rows: Iterable[tuple[str, FileStamp, str]]) -> None:
+        if self.connection is None:
+            return
+        values = [(path, *stamp, digest) for path, stamp, digest in rows]
+        if not values:
+            return
+        try:
+            self.connection.execute("BEGIN")  # one transaction: one sync for the batch, not one per row
+            self.connection.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", values)
+            self.connection.execute("COMMIT")
+        except sqlite3.Error as error:
+            self._give_up(error)
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+    def _give_up(self, error: Exception) -> None:
+        log.warning("file hash cache %s unusable (%s); files are read to hash them", self.path, error)
+        if self.connection is not None:
+            self.connection.close()
+        self.connection = None
