@@ -51,6 +51,10 @@ class MicroBatcher:
         while True:
             pending = [await self.queue.get()]
             size = len(pending[0].images)
+            while size < self.max_batch and not self.queue.empty():  # requests that queued during the last pass
+                request = self.queue.get_nowait()
+                pending.append(request)
+                size += len(request.images)
             deadline = time.monotonic() + self.max_wait
             while size < self.max_batch:
                 remaining = deadline - time.monotonic()

@@ -51,12 +51,13 @@ def clustered_vectors(count: int, seed: int, dim: int = 1280, clusters: int = 50
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-def fill(uri: str, collection: str, size: int, encoder) -> tuple[np.ndarray, float]:
-    """`size` clustered vectors inserted into a fresh collection made for `encoder`; returns them, and the seconds
-    spent waiting for the index to cover every row (the steady state is what is measured)."""
+def fill(uri: str, collection: str, size: int, encoder, reuse: bool = False) -> tuple[np.ndarray, float]:
+    """`size` clustered vectors inserted into a fresh collection made for `encoder` (with `reuse`, a collection that
+    already holds them is kept as it is); returns them, and the seconds spent waiting for the index to cover every
+    row (the steady state is what is measured)."""
     store = MilvusStore(uri, collection, model=encoder.name, dim=encoder.dim, preprocess_version=encoder.preprocess_version)
     vectors = clustered_vectors(size, seed=size, dim=encoder.dim)
-    for start in range(0, size, 5000):
+    for start in range(0, 0 if reuse and store.count() == size else size, 5000):
         chunk = vectors[start : start + 5000]
         store.upsert([ImageRecord(id=f"{start + i:064x}", vector=v, path=f"/bench/{start + i}.jpg", label=f"c{(start + i) % 50}")
                       for i, v in enumerate(chunk)])
@@ -88,6 +89,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--per-client", type=int, default=50)
     parser.add_argument("--uri", default=None, help="Milvus Lite path or server URI [default: a temporary Lite file]")
+    parser.add_argument("--batch-waits", default="0", help="IMGSEARCH_BATCH_WAIT_MS values to measure, e.g. 5,0")
+    parser.add_argument("--reuse", action="store_true", help="keep a collection that already holds the vectors (a server "
+                        "settled after its background compaction, which slows searches right after inserting)")
     args = parser.parse_args()
     images = query_images()
     folder = Path(tempfile.mkdtemp(prefix="imgsearch-api-bench-"))
@@ -103,7 +107,7 @@ def main() -> None:
     for size in (int(s) for s in args.sizes.split(",")):
         collection = f"bench_{size}"
         started = time.perf_counter()
-        vectors, index_wait = fill(uri, collection, size, encoder)
+        vectors, index_wait = fill(uri, collection, size, encoder, args.reuse)
         print(f"{size} vectors inserted in {time.perf_counter() - started:.1f} s, of which {index_wait:.1f} s waiting for "
               "the index", flush=True)
         in_distribution = clustered_vectors(100, seed=10**9 + size, dim=encoder.dim)
@@ -111,35 +115,45 @@ def main() -> None:
         with store:
             cluster_recall = recall_at_10([[hit.id for hit in hits] for hits in store.search(in_distribution, k=10, fields=())],
                                           in_distribution, vectors)
-        settings = load_settings(milvus_uri=uri, collection=collection, device="cpu", upload_dir=folder / "uploads")
-        answers: dict[int, list[str]] = {}
-        with LiveServer(settings) as base_url, httpx.Client(base_url=base_url, timeout=120) as client:
-            def search(i: int, answers: dict[int, list[str]] = answers) -> float:
-                began = time.perf_counter()
-                response = client.post("/search", files={"image": ("q.jpg", images[i % len(images)], "image/jpeg")}, data={"k": "10"})
-                assert response.status_code == 200, response.text
-                answers[i % len(images)] = [hit["id"] for hit in response.json()["results"]]
-                return time.perf_counter() - began
+        for wait in (float(w) for w in args.batch_waits.split(",")):
+            p50, p99, throughput, c50, c99, answers = measure(uri, collection, wait, folder, images, args)
+            photo_recall = recall_at_10([answers[i] for i in range(len(images))], photo_vectors, vectors)
+            rows.append((size, wait, p50, p99, throughput, c50, c99, photo_recall, cluster_recall))
+            print(f"{size} (batch wait {wait:g} ms): p50 {p50:.1f} ms, p99 {p99:.1f} ms; {args.clients} clients: "
+                  f"{throughput:.1f} requests/s (p50 {c50:.0f} ms, p99 {c99:.0f} ms); recall@10 photos {photo_recall:.3f}, "
+                  f"in-cluster queries {cluster_recall:.3f}", flush=True)
+    print(f"\n| stored vectors | batch wait ms | p50 ms | p99 ms | {args.clients} clients: requests/s | {args.clients} clients: "
+          "p50 / p99 ms | recall@10 (photos / in-cluster) |\n|---|---|---|---|---|---|---|")
+    for size, wait, p50, p99, throughput, c50, c99, photo_recall, cluster_recall in rows:
+        print(f"| {size:,} | {wait:g} | {p50:.1f} | {p99:.1f} | {throughput:.1f} | {c50:.0f} / {c99:.0f} "
+              f"| {photo_recall:.3f} / {cluster_recall:.3f} |")
 
-            for i in range(5):
-                search(i)  # warm-up
-            latencies = np.array([search(i) for i in range(args.requests)]) * 1000
+
+def measure(uri: str, collection: str, wait: float, folder: Path, images: list[bytes], args) -> tuple:
+    """The real service on the collection: sequential p50/p99, then throughput with concurrent clients; and the ids
+    each photo got."""
+    settings = load_settings(
+        milvus_uri=uri, collection=collection, device="cpu", upload_dir=folder / "uploads", batch_wait_ms=wait
+    )
+    answers: dict[int, list[str]] = {}
+    with LiveServer(settings) as base_url, httpx.Client(base_url=base_url, timeout=120) as client:
+        def search(i: int) -> float:
             began = time.perf_counter()
-            with ThreadPoolExecutor(args.clients) as pool:
-                concurrent = list(pool.map(search, range(args.clients * args.per_client)))
-            throughput = len(concurrent) / (time.perf_counter() - began)
-        p50, p99 = np.percentile(latencies, 50), np.percentile(latencies, 99)
-        c50, c99 = np.percentile(np.array(concurrent) * 1000, [50, 99])
-        photo_recall = recall_at_10([answers[i] for i in range(len(images))], photo_vectors, vectors)
-        rows.append((size, p50, p99, throughput, c50, c99, photo_recall, cluster_recall))
-        print(f"{size}: p50 {p50:.1f} ms, p99 {p99:.1f} ms; {args.clients} clients: {throughput:.1f} requests/s "
-              f"(p50 {c50:.0f} ms, p99 {c99:.0f} ms); recall@10 photos {photo_recall:.3f}, "
-              f"in-cluster queries {cluster_recall:.3f}", flush=True)
-    print(f"\n| stored vectors | p50 ms | p99 ms | {args.clients} clients: requests/s | {args.clients} clients: p50 / p99 ms "
-          "| recall@10 (photos / in-cluster) |\n|---|---|---|---|---|---|")
-    for size, p50, p99, throughput, c50, c99, photo_recall, cluster_recall in rows:
-        print(f"| {size:,} | {p50:.1f} | {p99:.1f} | {throughput:.1f} | {c50:.0f} / {c99:.0f} | {photo_recall:.3f} / {cluster_recall:.3f} |")
+            response = client.post("/search", files={"image": ("q.jpg", images[i % len(images)], "image/jpeg")}, data={"k": "10"})
+            assert response.status_code == 200, response.text
+            answers[i % len(images)] = [hit["id"] for hit in response.json()["results"]]
+            return time.perf_counter() - began
 
+        for i in range(5):
+            search(i)  # warm-up
+        latencies = np.array([search(i) for i in range(args.requests)]) * 1000
+        began = time.perf_counter()
+        with ThreadPoolExecutor(args.clients) as pool:
+            concurrent = list(pool.map(search, range(args.clients * args.per_client)))
+        throughput = len(concurrent) / (time.perf_counter() - began)
+    p50, p99 = np.percentile(latencies, 50), np.percentile(latencies, 99)
+    c50, c99 = np.percentile(np.array(concurrent) * 1000, [50, 99])
+    return p50, p99, throughput, c50, c99, answers
 
 if __name__ == "__main__":
     main()

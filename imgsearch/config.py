@@ -57,7 +57,10 @@ class Settings(BaseSettings):
         default_factory=list, description='With an API key set, parts served without it, e.g. ["page", "metrics"]'
     )
     upload_dir: Path = Field(Path("./uploads"), description="Where POST /images and /enroll store uploaded files")
-    batch_wait_ms: float = Field(5.0, ge=0, description="How long the service waits to fill a batch from concurrent requests")
+    batch_wait_ms: float = Field(
+        0.0, ge=0, description="How long the service waits for more requests to fill a batch; requests that queue "
+        "during a forward pass join the next one anyway",
+    )
     threshold: float | None = Field(
         None, description="Recognition abstains below this confidence; default: the one `imgsearch eval` stored"
     )
