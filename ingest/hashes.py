@@ -51,12 +51,14 @@ class HashCache:
         except (OSError, sqlite3.Error) as error:
             self._give_up(error)
 
-    def lookup(self, stamped: Sequence[tuple[str, FileStamp]]) -> dict[str, str]:
-        """path -> hash, for the paths whose stamp is the one recorded."""
+    def lookup(self, stamped: Sequence[tuple[str, FileStamp]]) -> tuple[dict[str, str], dict[str, str]]:
+        """(path -> hash for the paths whose stamp is the one recorded, path -> the hash recorded for paths whose file
+        has changed since: what the store may still hold for that path)."""
         if self.connection is None or not stamped:
-            return {}
+            return {}, {}
         wanted = dict(stamped)
         found: dict[str, str] = {}
+        changed: dict[str, str] = {}
         paths = list(wanted)
         try:
             for start in range(0, len(paths), LOOKUP_CHUNK):
@@ -65,11 +67,10 @@ class HashCache:
                     f"SELECT path, size, mtime_ns, inode, sha256 FROM files WHERE path IN ({','.join('?' * len(chunk))})", chunk
                 )
                 for path, size, mtime_ns, inode, digest in rows:
-                    if wanted[path] == (size, mtime_ns, inode):
-                        found[path] = digest
+                    (found if wanted[path] == (size, mtime_ns, inode) else changed)[path] = digest
         except sqlite3.Error as error:
             self._give_up(error)
-        return found
+        return found, changed
 
     def remember(self, rows: Iterable[tuple[str, FileStamp, str]]) -> None:
         if self.connection is None:

@@ -17,7 +17,7 @@ from typing import Any
 from imgsearch.encoders import Encoder
 from imgsearch.ingest.catalog import CatalogEntry, Shard, absolute, catalog_folder, check_catalog, scan_catalog
 from imgsearch.ingest.hashes import FileStamp, HashCache, default_hash_cache
-from imgsearch.ingest.plan import Settler, plan_entries, prune_missing
+from imgsearch.ingest.plan import Settler, drop_replaced, plan_entries, prune_missing
 from imgsearch.ingest.reader import PREFETCH_BATCHES, PlannedImages, auto_workers, batches
 from imgsearch.ingest.report import IngestReport, ProgressCallback
 from imgsearch.ingest.writer import WRITE_QUEUE_CHUNKS, InFlight, Writer
@@ -81,10 +81,13 @@ def ingest_entries(
                 )
     finally:
         hashes.close()
+    if settler.replaced:
+        store.flush()  # the new rows are durable before the rows they replace go
+        report.replaced = drop_replaced(store, settler.replaced)
     if prune:
         report.pruned = prune_missing(store, shard)
     store.flush()
-    if wait_for_index and (report.indexed or report.updated or report.pruned):
+    if wait_for_index and (report.indexed or report.updated or report.pruned or report.replaced):
         if progress:
             progress("index", 0, None)
         report.index_seconds = store.wait_for_index()  # else Lite searches the new rows without it, or builds at exit
@@ -142,6 +145,9 @@ def encode_and_store(
             report.other_shards += len(batch["other_shards"])
             report.decode_seconds += batch["decode_seconds"]
             remember_hashes(hashes, batch["items"] + batch["other_shards"])
+            for item in batch["items"]:
+                if item.get("previous") not in (None, item["id"]):
+                    settler.replaced[item["path"]] = item["previous"]
             items, inputs = new_content(batch["items"], batch["batch"], settler)
             if items:
                 in_flight.add(len(items))

@@ -4,7 +4,9 @@ Ids are SHA-256 hashes of the file bytes, so a stored image is recognised wherev
 skipped, moved or relabelled ones are rewritten without re-encoding, and only new content is encoded. The plan
 reads no file: a file whose size, mtime and inode match the hash cache (hashes.py) is settled here from its
 remembered hash; any other file is read once, by a decode worker, which hashes the bytes it decodes, and is
-settled when its batch comes back (`Settler.settle`), before anything is encoded.
+settled when its batch comes back (`Settler.settle`), before anything is encoded. A file the cache knew with other
+content has changed in place: once its new row is stored, the old content's row goes (`drop_replaced`) if it still
+names that path.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Settler:
         self.report = report
         self.relabel_duplicates = relabel_duplicates  # enrolment: stored content under another label takes the new one
         self.planned_ids: set[str] = set()
+        self.replaced: dict[str, str] = {}  # path -> the hash its file held before it changed
 
     def settle(self, pairs: list[tuple[CatalogEntry, str]]) -> list[tuple[CatalogEntry, str]]:
         """The (entry, hash) pairs to encode; the others are counted and their rows updated."""
@@ -83,7 +86,7 @@ def plan_entries(
                     stamped.append((entry, FileStamp.of(os.stat(entry.path))))
                 except OSError as error:
                     report.failed.append({"path": str(entry.path), "error": describe_os_error(error)})
-            remembered = hash_cache.lookup([(str(entry.path), stamp) for entry, stamp in stamped])
+            remembered, changed = hash_cache.lookup([(str(entry.path), stamp) for entry, stamp in stamped])
             known = [(entry, remembered[str(entry.path)]) for entry, _ in stamped if str(entry.path) in remembered]
             if shard is not None:
                 mine = [pair for pair in known if shard.contains(pair[1])]
@@ -92,7 +95,10 @@ def plan_entries(
             unread = [entry for entry, _ in stamped if str(entry.path) not in remembered]
             lines = [(entry, digest) for entry, digest in settler.settle(known)] + [(entry, None) for entry in unread]
             for entry, digest in lines:
-                plan.write(json.dumps({"id": digest, "path": str(entry.path), "label": entry.label, "metadata": entry.metadata}) + "\n")
+                item = {"id": digest, "path": str(entry.path), "label": entry.label, "metadata": entry.metadata}
+                if str(entry.path) in changed:  # the file changed since it was last read: its old row may go
+                    item["previous"] = changed[str(entry.path)]
+                plan.write(json.dumps(item) + "\n")
             pending += len(lines)
             scanned += len(chunk)
             if progress:
@@ -109,6 +115,16 @@ def valid_entries(chunk: list[CatalogEntry], report: IngestReport) -> list[Catal
         except InvalidInputError as error:
             report.failed.append({"path": str(entry.path), "error": str(error)})
     return valid
+
+
+def drop_replaced(store: MilvusStore, replaced: dict[str, str]) -> int:
+    """Delete the rows of content that a file held before it changed (path -> old hash), where the row still names
+    that path; a row the old content keeps under another path stays."""
+    if not replaced:
+        return 0
+    rows = store.get(list(set(replaced.values())), fields=("id", "path"))
+    stale = [digest for path, digest in replaced.items() if digest in rows and rows[digest]["path"] == path]
+    return store.delete(stale) if stale else 0
 
 
 def update_moved(store: MilvusStore, moved: list[tuple[CatalogEntry, str]]) -> int:

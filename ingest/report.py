@@ -17,6 +17,7 @@ class IngestReport:
     skipped: int = 0  # already stored with the same path, label and metadata
     updated: int = 0  # already stored; path, label or metadata changed (renames): not re-encoded
     pruned: int = 0
+    replaced: int = 0  # rows of files that changed since the last ingest (their new content was stored)
     other_shards: int = 0  # with --shard: images left to the other shards
     failed: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
@@ -40,6 +41,8 @@ class IngestReport:
         extras = []
         if self.updated:
             extras.append(f"updated {self.updated} moved/relabelled")
+        if self.replaced:
+            extras.append(f"replaced {self.replaced} changed")
         if self.pruned:
             extras.append(f"pruned {self.pruned}")
         if self.other_shards:
@@ -55,6 +58,7 @@ class IngestReport:
             "skipped": self.skipped,
             "updated": self.updated,
             "pruned": self.pruned,
+            "replaced": self.replaced,
             "other_shards": self.other_shards,
             "failed": self.failed,
             "seconds": round(self.seconds, 3),

@@ -108,11 +108,13 @@ def test_each_file_is_read_once_and_a_reingest_reads_only_what_changed(tmp_path,
     assert first.indexed == 20 and sorted(reads) == sorted(map(str, files))  # the plan read none of them
     reads.clear()
     changed = files[0]
+    old_id = file_sha256(changed)
     Image.open(changed).transpose(Image.Transpose.ROTATE_90).save(changed)
     os.utime(changed, (long_ago + 1, long_ago + 1))
     second = ingest_catalog(tmp_path / "catalog", onnx_encoder, store, workers=0, hash_cache=cache)
-    assert reads == [str(changed)] and (second.indexed, second.skipped) == (1, 19)
+    assert reads == [str(changed)] and (second.indexed, second.skipped, second.replaced) == (1, 19, 1)
     assert file_sha256(changed) in store.get([file_sha256(changed)])
+    assert store.get([old_id]) == {} and store.count() == 20  # the old content's row went with it
 
 
 def test_rename_updates_path_without_reencoding_and_prune_deletes_gone_files(tmp_path, encoder, make_store, monkeypatch):
