@@ -17,6 +17,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+# No proxy for a loopback health check. urlopen's shared opener keeps the proxy settings of the moment it was first
+# used, so an *_proxy variable set then (a test of the offline download path sets one) would capture it for good.
+LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def wait_until_healthy(base_url: str, process=None, timeout: float = 180) -> None:
     """Return once GET /health answers 200; fail early if `process` (a Popen) exits."""
     deadline = time.monotonic() + timeout
@@ -24,7 +29,7 @@ def wait_until_healthy(base_url: str, process=None, timeout: float = 180) -> Non
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"the service exited: {process.stderr.read() if process.stderr else ''}")
         try:
-            with urllib.request.urlopen(f"{base_url}/health", timeout=5) as response:
+            with LOOPBACK.open(f"{base_url}/health", timeout=5) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
