@@ -113,7 +113,7 @@ def main() -> None:
         in_distribution = clustered_vectors(100, seed=10**9 + size, dim=encoder.dim)
         store = MilvusStore(uri, collection, model=encoder.name, dim=encoder.dim, preprocess_version=encoder.preprocess_version)
         with store:
-            cluster_recall = recall_at_10([[hit.id for hit in hits] for hits in store.search(in_distribution, k=10, fields=())],
+            cluster_recall = recall_at_10([[hit.id for hit in hits] for hits in store.search(in_distribution, k=10, fields=("path",))],
                                           in_distribution, vectors)
         for wait in (float(w) for w in args.batch_waits.split(",")):
             p50, p99, throughput, c50, c99, answers = measure(uri, collection, wait, folder, images, args)

@@ -55,7 +55,7 @@ SEARCH_CONSISTENCY = "Session"
 # HNSW (what AUTOINDEX builds on Lite and on a server) returns at most `ef` hits; Lite's default ef is 64, so a
 # search for k = 300 gave 227 rows. Every search asks for ef >= k, and at least 256: on 100k clustered vectors in
 # Lite, photo queries far from every cluster had recall@10 0.733 at ef 64 and 0.950 at 256, for 66 -> 74 ms
-# (benchmarks/api.py; docs/scaling.md).
+# (a one-off search over the collection benchmarks/api.py builds; docs/scaling.md).
 DEFAULT_EF = 256
 
 

@@ -70,8 +70,7 @@ def lite0_preprocess() -> ResizeCrop:
 
 
 def build_lite0(weights: Path | None = None, device: str = "auto") -> TorchEncoder:
-    weights_path = Path(weights) if weights else packaged_weights_path()
-    model = load_lite0_classifier(weights_path)
+    model = load_lite0_classifier(weights)
     model.reset_classifier(0)  # pooled 1280-d features
     return TorchEncoder(
         name=NAME,
@@ -82,5 +81,4 @@ def build_lite0(weights: Path | None = None, device: str = "auto") -> TorchEncod
         preprocess_version=PREPROCESS_VERSION,
         device=device,
         channels_last=True,
-        weights_path=weights_path,
     )

@@ -78,5 +78,4 @@ def build_open_clip(name: str, weights: Path | None = None, device: str = "auto"
         preprocess_version=f"open_clip-{arch}-{size}-v1",
         device=device,
         channels_last=False,
-        weights_path=Path(weights) if weights else None,
     )

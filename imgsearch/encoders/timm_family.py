@@ -49,5 +49,4 @@ def build_timm(name: str, weights: Path | None = None, device: str = "auto") -> 
         ),
         device=device,
         channels_last=is_convnet(model),
-        weights_path=Path(weights) if weights else None,
     )

@@ -52,10 +52,8 @@ class TorchEncoder(Encoder):
         preprocess_version: str,
         device: str | torch.device = "auto",
         channels_last: bool = True,
-        weights_path: Path | None = None,
     ) -> None:
         self.name = name
-        self.weights_path = weights_path  # keys the ONNX export cache
         self.dim = dim
         self.input_size = input_size
         self.preprocess_version = preprocess_version

@@ -73,5 +73,4 @@ def build_torchvision(name: str, weights: Path | None = None, device: str = "aut
         preprocess_version=f"torchvision-{weights_enum}-{preprocess.resize_size}-{crop}-v1",
         device=device,
         channels_last=is_convnet(model),
-        weights_path=Path(source) if Path(source).is_file() else None,
     )
