@@ -73,6 +73,7 @@ class DuplicateMember(BaseModel):
     label: str
     score: float
     grade: str
+    copy_of: str | None = Field(None, description="for an identical copy: the path of the stored row it shares bytes (and id) with; not deletable on its own")
 
 
 class DuplicateGroup(BaseModel):

@@ -123,7 +123,8 @@ async def duplicates(
 
     def answer() -> DuplicateGroups:  # showing paths may re-read the recorded folders: off the loop
         def shown(item: dict) -> dict:
-            return {**item, "path": service.files.shown(item["path"])}
+            copy_of = {"copy_of": service.files.shown(item["copy_of"])} if item.get("copy_of") else {}
+            return {**item, "path": service.files.shown(item["path"]), **copy_of}
 
         groups = [{"representative": shown(g.representative), "members": [shown(m.to_dict()) for m in g.members]} for g in report.groups[:limit]]
         return DuplicateGroups(groups=groups, total=len(report.groups), rows=report.rows)

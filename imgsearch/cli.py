@@ -108,13 +108,14 @@ def delete(
     from imgsearch.deletion import delete_images, ids_from_json, ids_matching
     from imgsearch.session import open_existing_store
 
-    wanted = ids_from_json(from_json) if from_json else list(ids or [])
+    wanted, copies = ids_from_json(from_json) if from_json else (list(ids or []), 0)
+    notes = [f"{copies} identical copies skipped: they are files sharing a kept row's bytes; delete those files yourself"] if copies else []
     with open_existing_store(settings) as store:
         report = delete_images(store, ids_matching(store, filter) if filter else wanted, settings.upload_dir, dry_run=dry_run)
     rows = [(row["id"][:12], row["label"] or "-", row["path"], "yes" if row["file_removed"] else "no") for row in report.deleted]
     tables = [Rows("would delete" if dry_run else "deleted", ("id", "label", "path", "uploaded file too"), rows)]
     missing = [{"path": image_id, "error": "no stored image with this id"} for image_id in report.missing]
-    return Output(report.to_dict(), report.summary_line(), tables, failed=missing, what_failed="not deleted")
+    return Output({**report.to_dict(), "copies_skipped": copies}, report.summary_line(), tables, notes=notes, failed=missing, what_failed="not deleted")
 
 
 @command(settings=STORE)

@@ -72,9 +72,11 @@ def ids_matching(store: MilvusStore, filter: str) -> list[str]:
     return [row["id"] for row in store.iter_rows(("id",), filter=filter)]
 
 
-def ids_from_json(path: Path) -> list[str]:
+def ids_from_json(path: Path) -> tuple[list[str], int]:
     """Ids to delete from a JSON file: `duplicates --json` output (every group's members, never its representative),
-    a list of ids, or a list of objects with an "id"."""
+    a list of ids, or a list of objects with an "id". Identical copies (members with `copy_of`) are files that share
+    a stored row's id, not rows: they are skipped, and counted (second value), so deleting them never deletes the
+    row they copy."""
     try:
         if path.stat().st_size > MAX_JSON_BYTES:
             raise CatalogError(f"{path} is larger than {MAX_JSON_BYTES >> 20} MiB")
@@ -83,8 +85,19 @@ def ids_from_json(path: Path) -> list[str]:
         raise CatalogError(f"cannot read {path}: {error.strerror or error}") from None
     except ValueError as error:
         raise CatalogError(f"{path} is not JSON: {error}") from None
+    copies = 0
     if isinstance(data, dict) and isinstance(data.get("groups"), list):
-        items = [member for group in data["groups"] if isinstance(group, dict) for member in group.get("members") or []]
+        items = []
+        for group in data["groups"]:
+            if not isinstance(group, dict):
+                continue
+            representative = group.get("representative")
+            kept = representative.get("id") if isinstance(representative, dict) else None
+            for member in group.get("members") or []:
+                if isinstance(member, dict) and (member.get("copy_of") or member.get("id") == kept):
+                    copies += 1
+                else:
+                    items.append(member)
     elif isinstance(data, list):
         items = data
     else:
@@ -93,4 +106,4 @@ def ids_from_json(path: Path) -> list[str]:
     bad = [item for item in ids if not isinstance(item, str)]
     if bad:
         raise CatalogError(f"{path}: {len(bad)} entries have no id")
-    return ids
+    return ids, copies

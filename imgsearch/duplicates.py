@@ -5,9 +5,10 @@ at or above the `similar` threshold are kept. Groups are stars, not chains: the 
 neighbours becomes a representative and takes its unassigned neighbours, so every member is within the threshold
 of its representative (single-linkage grouping would chain a catalog of one product line into one group).
 
-Grades, by cosine similarity to the representative: near-identical (re-encoded, resized, lightly cropped, rotated
-or flipped copies) at or above `near`, else similar (the same product in another shot). Identical bytes are one
-row already (ids are content hashes). The default thresholds were chosen on edited copies of real photos by
+Grades: identical content (the same bytes under another path: one row, whose other paths ingest recorded), then,
+by cosine similarity to the representative, near-identical (re-encoded, resized, lightly cropped, rotated or flipped
+copies) at or above `near`, else similar (the same product in another shot). A copy is a file, not a row: it carries
+its row's id and `copy_of` (the row's path), and deleting from this output skips it. The default thresholds were chosen on edited copies of real photos by
 benchmarks/duplicates.py; docs/duplicates.md gives its precision and recall.
 """
 
@@ -23,9 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from imgsearch.validation import recorded_copies
+
 if TYPE_CHECKING:
     from imgsearch.store import MilvusStore
 
+IDENTICAL = "identical content"
 NEAR_IDENTICAL = 0.90
 SIMILAR = 0.85
 NEIGHBOURS = 16  # per image: a group larger than this is found from several of its members
@@ -42,10 +46,14 @@ class Member:
     path: str
     label: str
     score: float  # cosine similarity to the representative
-    grade: str  # "near-identical" or "similar"
+    grade: str  # "identical content", "near-identical" or "similar"
+    copy_of: str | None = None  # for a file with the same bytes as a stored row: that row's path (the id is its)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "path": self.path, "label": self.label, "score": round(self.score, 6), "grade": self.grade}
+        return {
+            "id": self.id, "path": self.path, "label": self.label, "score": round(self.score, 6), "grade": self.grade,
+            "copy_of": self.copy_of,
+        }
 
 
 @dataclass
@@ -73,10 +81,11 @@ class DuplicatesReport:
 
     def summary_line(self) -> str:
         members = [member for group in self.groups for member in group.members]
+        identical = sum(member.grade == IDENTICAL for member in members)
         near = sum(member.grade == "near-identical" for member in members)
         return (
-            f"{len(self.groups)} groups among {self.rows} images: {near} near-identical and {len(members) - near} "
-            f"similar copies ({self.seconds:.1f} s)"
+            f"{len(self.groups)} groups among {self.rows} images: {identical} identical, {near} near-identical and "
+            f"{len(members) - near - identical} similar copies ({self.seconds:.1f} s)"
         )
 
 
@@ -97,18 +106,49 @@ def find_duplicates(
     started = time.perf_counter()
     rows: dict[str, dict[str, str]] = {}
     pairs: dict[tuple[str, str], float] = {}
+    copies: dict[str, list[str]] = {}
     batch: list[dict] = []
-    for row in store.iter_rows(("id", "path", "label", "vector"), batch_size=READ_BATCH):
+    for row in store.iter_rows(("id", "path", "label", "vector", "metadata"), batch_size=READ_BATCH):
         if row["path"].startswith(prefix):
             batch.append(row)
+            found = [path for path in recorded_copies(row.get("metadata")) if path.startswith(prefix) and Path(path).is_file()]
+            if found:
+                copies[row["id"]] = found
         if len(batch) == SEARCH_BATCH:
             _close_pairs(store, batch, rows, pairs, prefix, similar, neighbours)
             batch = []
             if progress:
                 progress(len(rows))
     _close_pairs(store, batch, rows, pairs, prefix, similar, neighbours)
-    groups = _stars(rows, pairs, near)
+    groups = _with_copies(_stars(rows, pairs, near), rows, copies)
     return DuplicatesReport(groups, len(rows), time.perf_counter() - started, near, similar)
+
+
+def _with_copies(groups: list[Group], rows: dict[str, dict[str, str]], copies: dict[str, list[str]]) -> list[Group]:
+    """Add each row's identical copies to its group (a group of their own for a row with no near neighbour): a copy of
+    the representative is graded identical content; a copy of a member shares that member's score and grade."""
+    grouped = set()
+    for group in groups:
+        representative = group.representative
+        grouped.add(representative["id"])
+        extra = [
+            Member(id=representative["id"], path=path, label=representative["label"], score=1.0, grade=IDENTICAL, copy_of=representative["path"])
+            for path in copies.get(representative["id"], [])
+        ]
+        for member in group.members:
+            grouped.add(member.id)
+            extra += [
+                Member(id=member.id, path=path, label=member.label, score=member.score, grade=member.grade, copy_of=member.path)
+                for path in copies.get(member.id, [])
+            ]
+        group.members = sorted(group.members + extra, key=lambda m: (m.grade != IDENTICAL, -m.score, m.path))
+    for row_id, paths in copies.items():
+        if row_id not in grouped and row_id in rows:
+            row = rows[row_id]
+            members = [Member(id=row_id, path=path, label=row["label"], score=1.0, grade=IDENTICAL, copy_of=row["path"]) for path in paths]
+            groups.append(Group(row, members))
+    groups.sort(key=lambda group: (-max(m.score for m in group.members), group.representative["path"]))
+    return groups
 
 
 def _close_pairs(store, batch, rows, pairs, prefix: str, similar: float, neighbours: int) -> None:
@@ -144,7 +184,6 @@ def _stars(rows: dict[str, dict[str, str]], pairs: dict[tuple[str, str], float],
         groups.append(
             Group(rows[centre], [Member(**rows[other], score=score, grade=grade(score, near)) for other, score in members])
         )
-    groups.sort(key=lambda group: (-max(m.score for m in group.members), group.representative["path"]))
     return groups
 
 

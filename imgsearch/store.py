@@ -36,7 +36,7 @@ from imgsearch.errors import (  # noqa: E402
     StoreLockedError,
     StoreUnavailableError,
 )
-from imgsearch.validation import ID_LENGTH, LABEL_BYTES, PATH_BYTES  # noqa: E402
+from imgsearch.validation import ID_LENGTH, LABEL_BYTES, PATH_BYTES, user_metadata  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -372,7 +372,7 @@ class MilvusStore:
                     score=float(hit["distance"]),
                     path=hit["entity"].get("path", ""),
                     label=hit["entity"].get("label", ""),
-                    metadata=hit["entity"].get("metadata") or {},
+                    metadata=user_metadata(hit["entity"].get("metadata")),
                     vector=np.asarray(hit["entity"]["vector"], dtype=np.float32) if with_vectors else None,
                 )
                 for hit in hits

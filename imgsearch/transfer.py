@@ -12,7 +12,16 @@ import pyarrow.parquet as pq
 
 from imgsearch.errors import CatalogError, InvalidInputError
 from imgsearch.store import ImageRecord, MilvusStore
-from imgsearch.validation import validate_id, validate_label, validate_metadata, validate_path_text, validate_vector
+from imgsearch.validation import (
+    recorded_copies,
+    user_metadata,
+    validate_id,
+    validate_label,
+    validate_metadata,
+    validate_path_text,
+    validate_vector,
+    with_copies,
+)
 
 FORMAT_VERSION = "1"
 ROWS_PER_BATCH = 2048
@@ -141,12 +150,16 @@ def _record(row: dict, dim: int) -> ImageRecord:
         metadata = json.loads(metadata)
     except ValueError as error:
         raise InvalidInputError(f"metadata is not valid JSON ({error})") from None
+    if not isinstance(metadata, dict):
+        raise InvalidInputError(f"metadata must be a JSON object, not {type(metadata).__name__}")
+    copies = [validate_path_text(copy) for copy in recorded_copies(metadata)]  # an export carries them
+    metadata, _ = with_copies(validate_metadata(user_metadata(metadata)), copies)
     return ImageRecord(
         id=validate_id(row["id"]),
         vector=np.asarray(validate_vector(row["vector"], dim), dtype=np.float32),
         path=validate_path_text(row["path"]),
         label=validate_label(row["label"] if row["label"] is not None else ""),
-        metadata=validate_metadata(metadata),
+        metadata=metadata,
     )
 
 

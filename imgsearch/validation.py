@@ -17,6 +17,9 @@ ID_LENGTH = 64  # hex SHA-256
 LABEL_BYTES = 512  # VARCHAR max_length of `label`, in UTF-8 bytes
 PATH_BYTES = 4096  # VARCHAR max_length of `path`
 METADATA_BYTES = 65_536  # Milvus's limit for one JSON value
+# Kept in a row's metadata by ingest, not by users: the other paths that held the row's exact bytes when they were
+# ingested (the store keeps one row per content). `imgsearch duplicates` reports them as identical content.
+COPIES_KEY = "imgsearch.copies"
 # Invisible characters that reorder or hide text on screen: never part of a name a person typed on purpose.
 BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
@@ -53,15 +56,47 @@ def validate_path_text(path: str) -> str:
 
 
 def validate_metadata(metadata: Any) -> dict[str, Any]:
-    """A JSON object of at most METADATA_BYTES; NaN and infinity are not JSON."""
+    """A JSON object of at most METADATA_BYTES; NaN and infinity are not JSON; COPIES_KEY is imgsearch's own."""
     if not isinstance(metadata, dict):
         raise InvalidInputError(f"metadata must be a JSON object, not {type(metadata).__name__}")
+    if COPIES_KEY in metadata:
+        raise InvalidInputError(f"metadata key {COPIES_KEY!r} is reserved (imgsearch records identical copies there)")
     try:
         text = json.dumps(metadata, allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError) as error:
         raise InvalidInputError(f"metadata is not JSON: {error}") from None
     _check_utf8_size(text, "metadata", METADATA_BYTES)
     return metadata
+
+
+def user_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
+    """A row's metadata as the user gave it (without the copies ingest recorded)."""
+    return {key: value for key, value in (metadata or {}).items() if key != COPIES_KEY}
+
+
+def recorded_copies(metadata: dict[str, Any] | None) -> list[str]:
+    """The other paths ingest recorded for a row's bytes."""
+    copies = (metadata or {}).get(COPIES_KEY)
+    return [path for path in copies if isinstance(path, str)] if isinstance(copies, list) else []
+
+
+def with_copies(metadata: dict[str, Any] | None, copies: list[str]) -> tuple[dict[str, Any], int]:
+    """The user's metadata with `copies` recorded, as many as fit in METADATA_BYTES; (metadata, copies left out)."""
+    base = user_metadata(metadata)
+    if not copies:
+        return base, 0
+    size = _json_bytes({**base, COPIES_KEY: []})  # json.dumps's own separators: ", " between items
+    kept: list[str] = []
+    for path in copies:
+        size += _json_bytes(path) + (2 if kept else 0)
+        if size > METADATA_BYTES:
+            break
+        kept.append(path)
+    return ({**base, COPIES_KEY: kept} if kept else base), len(copies) - len(kept)
+
+
+def _json_bytes(value: Any) -> int:
+    return len(json.dumps(value, ensure_ascii=False).encode("utf-8"))
 
 
 def _check_utf8_size(text: str, what: str, limit: int) -> None:

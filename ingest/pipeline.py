@@ -17,7 +17,7 @@ from typing import Any
 from imgsearch.encoders import Encoder
 from imgsearch.ingest.catalog import CatalogEntry, Shard, absolute, catalog_folder, check_catalog, scan_catalog
 from imgsearch.ingest.hashes import FileStamp, HashCache, default_hash_cache
-from imgsearch.ingest.plan import Settler, drop_replaced, plan_entries, prune_missing
+from imgsearch.ingest.plan import Settler, drop_replaced, plan_entries, prune_missing, record_copies
 from imgsearch.ingest.reader import PREFETCH_BATCHES, PlannedImages, auto_workers, batches
 from imgsearch.ingest.report import IngestReport, ProgressCallback
 from imgsearch.ingest.writer import WRITE_QUEUE_CHUNKS, InFlight, Writer
@@ -81,6 +81,7 @@ def ingest_entries(
                 )
     finally:
         hashes.close()
+    report.copies, report.copies_left_out = record_copies(store, settler.copies)
     if settler.replaced:
         store.flush()  # the new rows are durable before the rows they replace go
         report.replaced = drop_replaced(store, settler.replaced)

@@ -7,22 +7,28 @@ remembered hash; any other file is read once, by a decode worker, which hashes t
 settled when its batch comes back (`Settler.settle`), before anything is encoded. A file the cache knew with other
 content has changed in place: once its new row is stored, the old content's row goes (`drop_replaced`) if it still
 names that path.
+
+Several files with the same bytes are one row; the other paths are recorded in its metadata (`record_copies`), so
+`imgsearch duplicates` can report them, and a row whose file changed or went keeps its vector under a copy that still
+holds those bytes (`rows_to_copies`) instead of being deleted.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections import defaultdict
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 
 from imgsearch.errors import InvalidInputError
 from imgsearch.images import describe_os_error
-from imgsearch.ingest.catalog import CatalogEntry, Shard
+from imgsearch.ingest.catalog import CatalogEntry, Shard, file_sha256
 from imgsearch.ingest.hashes import FileStamp, HashCache
 from imgsearch.ingest.report import IngestReport, ProgressCallback
 from imgsearch.store import ImageRecord, MilvusStore
+from imgsearch.validation import recorded_copies, user_metadata, with_copies
 
 PLAN_CHUNK = 512  # catalog entries settled against the store at a time
 
@@ -37,6 +43,7 @@ class Settler:
         self.relabel_duplicates = relabel_duplicates  # enrolment: stored content under another label takes the new one
         self.planned_ids: set[str] = set()
         self.replaced: dict[str, str] = {}  # path -> the hash its file held before it changed
+        self.copies: dict[str, set[str]] = defaultdict(set)  # hash -> other paths holding those bytes
 
     def settle(self, pairs: list[tuple[CatalogEntry, str]]) -> list[tuple[CatalogEntry, str]]:
         """The (entry, hash) pairs to encode; the others are counted and their rows updated."""
@@ -46,17 +53,21 @@ class Settler:
         for entry, digest in pairs:
             if digest in known:
                 row = known[digest]
-                same = row["path"] == str(entry.path) and row["label"] == entry.label and (
-                    row.get("metadata") or {}
+                same = row["path"] == str(entry.path) and row["label"] == entry.label and user_metadata(
+                    row.get("metadata")
                 ) == entry.metadata
                 # A second copy of stored content is not a move while the stored file still exists.
                 relabel = self.relabel_duplicates and row["label"] != entry.label
-                if same or (not relabel and row["path"] != str(entry.path) and Path(row["path"]).exists()):
+                if same:
                     self.report.skipped += 1
+                elif not relabel and row["path"] != str(entry.path) and Path(row["path"]).exists():
+                    self.report.skipped += 1
+                    self.copies[digest].add(str(entry.path))
                 else:
                     moved.append((entry, digest))
             elif digest in self.planned_ids:
                 self.report.skipped += 1  # duplicate content within this run
+                self.copies[digest].add(str(entry.path))
             else:
                 self.planned_ids.add(digest)
                 new.append((entry, digest))
@@ -119,33 +130,93 @@ def valid_entries(chunk: list[CatalogEntry], report: IngestReport) -> list[Catal
 
 def drop_replaced(store: MilvusStore, replaced: dict[str, str]) -> int:
     """Delete the rows of content that a file held before it changed (path -> old hash), where the row still names
-    that path; a row the old content keeps under another path stays."""
+    that path and no recorded copy still holds the bytes; a row the old content keeps under another path stays."""
     if not replaced:
         return 0
-    rows = store.get(list(set(replaced.values())), fields=("id", "path"))
-    stale = [digest for path, digest in replaced.items() if digest in rows and rows[digest]["path"] == path]
-    return store.delete(stale) if stale else 0
+    rows = store.get(list(set(replaced.values())), fields=("id", "path", "metadata"))
+    stale = [rows[digest] for path, digest in replaced.items() if digest in rows and rows[digest]["path"] == path]
+    return _delete_or_move_to_copies(store, stale)
 
 
 def update_moved(store: MilvusStore, moved: list[tuple[CatalogEntry, str]]) -> int:
-    """Renamed or relabelled files keep their vector: rewrite the row's fields without re-encoding."""
+    """Renamed or relabelled files keep their vector: rewrite the row's fields without re-encoding (and keep the
+    copies recorded for it, less the path it moves to)."""
     if not moved:
         return 0
-    vectors = store.get([digest for _, digest in moved], fields=("id", "vector"))
-    store.upsert(
-        [
-            ImageRecord(id=digest, vector=vectors[digest]["vector"], path=str(entry.path), label=entry.label, metadata=entry.metadata)
-            for entry, digest in moved
-        ]
-    )
+    stored = store.get([digest for _, digest in moved], fields=("id", "vector", "metadata"))
+    records = []
+    for entry, digest in moved:
+        copies = [copy for copy in recorded_copies(stored[digest].get("metadata")) if copy != str(entry.path)]
+        metadata, _ = with_copies(entry.metadata, copies)
+        records.append(ImageRecord(id=digest, vector=stored[digest]["vector"], path=str(entry.path), label=entry.label, metadata=metadata))
+    store.upsert(records)
     return len(moved)
 
 
+def record_copies(store: MilvusStore, copies: dict[str, set[str]]) -> tuple[int, int]:
+    """Add the other paths seen holding a stored row's bytes to its metadata; (paths added, paths left out because
+    the row's metadata is full)."""
+    if not copies:
+        return 0, 0
+    rows = store.get(list(copies), fields=("id", "vector", "path", "label", "metadata"))
+    added = left_out = 0
+    records = []
+    for digest, paths in copies.items():
+        row = rows.get(digest)
+        if row is None:
+            continue
+        known = recorded_copies(row.get("metadata"))
+        new = sorted(paths - set(known) - {row["path"]})
+        if not new:
+            continue
+        metadata, dropped = with_copies(row.get("metadata"), known + new)
+        added += len(new) - dropped
+        left_out += dropped
+        records.append(ImageRecord(id=digest, vector=row["vector"], path=row["path"], label=row["label"], metadata=metadata))
+    store.upsert(records)
+    return added, left_out
+
+
+def _delete_or_move_to_copies(store: MilvusStore, rows: list[dict]) -> int:
+    """Rows whose file is gone or changed: each moves to its first recorded copy that still holds its bytes
+    (the vector stays); the others are deleted. Returns how many were deleted."""
+    moved = []
+    gone = []
+    for row in rows:
+        copies = recorded_copies(row.get("metadata"))
+        survivor = next((copy for copy in copies if _holds(copy, row["id"])), None)
+        if survivor is None:
+            gone.append(row["id"])
+        else:
+            moved.append((row["id"], survivor, [copy for copy in copies if copy != survivor]))
+    if moved:
+        full = store.get([digest for digest, _, _ in moved], fields=("id", "vector", "label", "metadata"))
+        store.upsert(
+            [
+                ImageRecord(
+                    id=digest, vector=full[digest]["vector"], path=survivor, label=full[digest]["label"],
+                    metadata=with_copies(full[digest].get("metadata"), rest)[0],
+                )
+                for digest, survivor, rest in moved
+                if digest in full
+            ]
+        )
+    return store.delete(gone) if gone else 0
+
+
+def _holds(path: str, digest: str) -> bool:
+    try:
+        return file_sha256(Path(path)) == digest
+    except OSError:
+        return False
+
+
 def prune_missing(store: MilvusStore, shard: Shard | None = None) -> int:
-    """Delete rows whose file no longer exists (only this shard's rows, when sharded)."""
+    """Delete rows whose file no longer exists (only this shard's rows, when sharded); a row with a recorded copy
+    that still holds its bytes moves there instead."""
     gone = [
-        row["id"]
-        for row in store.iter_rows(("id", "path"))
+        row
+        for row in store.iter_rows(("id", "path", "metadata"))
         if (shard is None or shard.contains(row["id"])) and not Path(row["path"]).exists()
     ]
-    return store.delete(gone) if gone else 0
+    return _delete_or_move_to_copies(store, gone)

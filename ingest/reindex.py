@@ -17,6 +17,7 @@ from imgsearch.errors import UsageError
 from imgsearch.ingest.catalog import CatalogEntry
 from imgsearch.ingest.pipeline import IngestReport, ingest_entries
 from imgsearch.store import MilvusStore, open_store
+from imgsearch.validation import recorded_copies, user_metadata
 
 
 @dataclass
@@ -36,9 +37,10 @@ def reindex(source: MilvusStore, target: MilvusStore, encoder: Encoder, alias: s
     Files that are gone are reported as failed; the alias moves only when the ingest finished."""
     source_name = source.resolved_name()
     rows = list(source.iter_rows(("path", "label", "metadata")))  # read first: the alias may move under a reader
-    entries = (
-        CatalogEntry(path=Path(row["path"]), label=row.get("label") or "", metadata=row.get("metadata") or {})
+    entries = (  # the identical copies too, so the new collection records them again
+        CatalogEntry(path=Path(path), label=row.get("label") or "", metadata=user_metadata(row.get("metadata")))
         for row in rows
+        for path in [row["path"], *recorded_copies(row.get("metadata"))]
     )
     target.add_roots(source.roots())  # the same files stay servable through the new collection
     report = ingest_entries(entries, encoder, target, **ingest_options)

@@ -18,6 +18,8 @@ class IngestReport:
     updated: int = 0  # already stored; path, label or metadata changed (renames): not re-encoded
     pruned: int = 0
     replaced: int = 0  # rows of files that changed since the last ingest (their new content was stored)
+    copies: int = 0  # paths newly recorded as identical copies of a stored row (same bytes, one row)
+    copies_left_out: int = 0  # identical copies not recorded: the row's metadata was full
     other_shards: int = 0  # with --shard: images left to the other shards
     failed: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
@@ -43,6 +45,10 @@ class IngestReport:
             extras.append(f"updated {self.updated} moved/relabelled")
         if self.replaced:
             extras.append(f"replaced {self.replaced} changed")
+        if self.copies:
+            extras.append(f"recorded {self.copies} identical copies of stored images")
+        if self.copies_left_out:
+            extras.append(f"{self.copies_left_out} more copies not recorded (metadata full)")
         if self.pruned:
             extras.append(f"pruned {self.pruned}")
         if self.other_shards:
@@ -59,6 +65,8 @@ class IngestReport:
             "updated": self.updated,
             "pruned": self.pruned,
             "replaced": self.replaced,
+            "copies": self.copies,
+            "copies_left_out": self.copies_left_out,
             "other_shards": self.other_shards,
             "failed": self.failed,
             "seconds": round(self.seconds, 3),

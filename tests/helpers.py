@@ -18,8 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 FASHION_DIR = ROOT / "examples" / "catalog"
 
 __all__ = [
-    "ROOT", "FASHION_DIR", "free_port", "copy_fashion_catalog", "fashion_images", "cosine", "serve", "healthy_client", "run_cli",
+    "ROOT", "FASHION_DIR", "ARTIFACTS", "free_port", "copy_fashion_catalog", "fashion_images", "cosine", "serve", "healthy_client",
+    "run_cli", "browser_page",
 ]
+ARTIFACTS = ROOT / "tests" / "artifacts"  # screenshots of the browser tests (ignored by git, kept by CI)
 
 
 def run_cli(args, env_extra=None, cwd=None, python_flags=(), check=False) -> subprocess.CompletedProcess:
@@ -62,6 +64,22 @@ def serve(settings):
     """An httpx client for the service with `settings`, running in this process on a free loopback port."""
     with LiveServer(settings) as base_url, httpx.Client(base_url=base_url, timeout=120) as client:
         yield client
+
+
+@contextmanager
+def browser_page(base_url: str):
+    """The service's page in Debian's Chromium, driven by Playwright (never `playwright install`)."""
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(base_url)
+            yield page
+        finally:
+            browser.close()
 
 
 def healthy_client(port: int, process: subprocess.Popen | None = None, timeout: float = 180) -> httpx.Client:

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory):
     """Three photos with edited copies (resized and re-encoded, cropped, brightened), three unrelated photos, and one
-    Fashion-MNIST image per class; one copy sits in a folder whose name is HTML."""
+    Fashion-MNIST image per class; one copy sits in a folder whose name is HTML. Byte-identical copies of chelsea
+    (which has a near-identical neighbour) and of camera (which has none) are files, not rows."""
     from skimage import data
 
     root = tmp_path_factory.mktemp("dups")
@@ -32,6 +33,9 @@ def catalog(tmp_path_factory):
     width, height = coffee.size
     coffee.crop((width // 20, height // 20, width - width // 20, height - height // 20)).save(odd / "coffee_cropped.jpg")
     ImageEnhance.Brightness(rocket).enhance(1.15).save(folder / "rocket_brighter.png")
+    (folder / "again").mkdir()
+    (folder / "again" / "chelsea.jpg").write_bytes((folder / "chelsea.jpg").read_bytes())
+    (folder / "again" / "camera.jpg").write_bytes((folder / "camera.jpg").read_bytes())
     for image in fashion_images(per_class=1):
         (folder / image.parent.name).mkdir(exist_ok=True)
         (folder / image.parent.name / image.name).write_bytes(image.read_bytes())
@@ -61,7 +65,26 @@ def test_edited_copies_are_grouped_with_their_photo_as_near_identical(catalog):
         assert len(stems & photos) <= 1 or len(stems) == 1, pair
     for group in report["groups"]:
         for member in group["members"]:
-            assert member["score"] >= 0.85 and member["grade"] == ("near-identical" if member["score"] >= 0.9 else "similar")
+            if member["copy_of"] is None:
+                assert member["score"] >= 0.85 and member["grade"] == ("near-identical" if member["score"] >= 0.9 else "similar")
+
+
+def test_identical_bytes_are_one_row_and_reported_as_identical_content(catalog):
+    root, folder, uri = catalog
+    report = json.loads(run_cli(["duplicates", "--uri", uri, "--json"], check=True).stdout)
+    copies = {m["path"]: (g["representative"], m) for g in report["groups"] for m in g["members"] if m["copy_of"]}
+    assert set(copies) == {str(folder / "again" / "chelsea.jpg"), str(folder / "again" / "camera.jpg")}
+    for copy, (representative, member) in copies.items():
+        name = Path(copy).name
+        assert member["copy_of"] == representative["path"] == str(folder / name)  # the row's own path
+        assert member["id"] == representative["id"] and member["grade"] == "identical content" and member["score"] == 1.0
+    camera = next(g for g in report["groups"] if g["representative"]["path"] == str(folder / "camera.jpg"))
+    assert [m["path"] for m in camera["members"]] == [str(folder / "again" / "camera.jpg")]  # a group of its own
+    text = run_cli(["duplicates", "--uri", uri], check=True).stdout
+    assert "2 identical," in text and "identical content" in text
+    # a second ingest records nothing new and changes no row
+    again = json.loads(run_cli(["ingest", str(folder), "--uri", uri, "--json"], check=True).stdout)
+    assert again["copies"] == 0 and again["indexed"] == again["updated"] == 0
 
 
 def test_a_path_prefix_and_a_threshold_narrow_the_search(catalog):
@@ -89,16 +112,21 @@ def test_duplicates_json_piped_into_delete_removes_the_copies_and_keeps_files(ca
     found = run_cli(["duplicates", "--uri", uri, "--threshold", "0.9", "--json"], check=True).stdout
     listing = tmp_path / "dups.json"
     listing.write_text(found)
-    members = [m for group in json.loads(found)["groups"] for m in group["members"]]
+    groups = json.loads(found)["groups"]
+    members = [m for group in groups for m in group["members"] if not m["copy_of"]]
+    representatives = {group["representative"]["id"] for group in groups}
     dry = json.loads(run_cli(["delete", "--from-json", str(listing), "--uri", uri, "--dry-run", "--json"], check=True).stdout)
     assert dry["dry_run"] and {row["id"] for row in dry["deleted"]} == {m["id"] for m in members}
+    assert dry["copies_skipped"] == 2 and not representatives & {row["id"] for row in dry["deleted"]}
     assert json.loads(run_cli(["info", "--uri", uri, "--json"], check=True).stdout)["count"] == 19  # nothing changed
     done = json.loads(run_cli(["delete", "--from-json", str(listing), "--uri", uri, "--json"], check=True).stdout)
     assert len(done["deleted"]) == len(members) and not any(row["file_removed"] for row in done["deleted"])
     assert json.loads(run_cli(["info", "--uri", uri, "--json"], check=True).stdout)["count"] == 19 - len(members)
     assert all(Path(m["path"]).is_file() for m in members)  # catalog files are the user's
     again = json.loads(run_cli(["duplicates", "--uri", uri, "--threshold", "0.9", "--json"], check=True).stdout)
-    assert again["groups"] == []
+    left = [m for group in again["groups"] for m in group["members"]]
+    assert {m["path"] for m in left} == {str(folder / "again" / "chelsea.jpg"), str(folder / "again" / "camera.jpg")}
+    assert all(m["grade"] == "identical content" for m in left)  # only the files that share a kept row's bytes
     # re-ingesting brings the copies back: nothing else was lost
     run_cli(["ingest", str(folder), "--uri", uri], check=True)
     assert json.loads(run_cli(["info", "--uri", uri, "--json"], check=True).stdout)["count"] == 19

@@ -139,10 +139,49 @@ def test_rename_updates_path_without_reencoding_and_prune_deletes_gone_files(tmp
 
 def test_duplicate_content_is_stored_once(tmp_path, encoder, make_store):
     files = _catalog(tmp_path / "catalog")
-    shutil.copy(files[0], tmp_path / "catalog" / "copy.png")
+    copy = tmp_path / "catalog" / "copy.png"
+    shutil.copy(files[0], copy)
     store = make_store()
     report = ingest_catalog(tmp_path / "catalog", encoder, store, workers=0)
     assert report.indexed == 10 and report.skipped == 1 and store.count() == 10
+    assert report.copies == 1 and "recorded 1 identical copies" in report.summary_line()
+    digest = file_sha256(copy)
+    row = store.get([digest])[digest]
+    assert row["path"] == str(copy.resolve())  # found first: a catalog's top-level files come before its folders
+    assert row["metadata"] == {"imgsearch.copies": [str(files[0].resolve())]}
+    hit = store.search(np.asarray([row_vector(store, digest)]), k=1)[0][0]
+    assert hit.id == digest and hit.metadata == {}  # the bookkeeping is not the user's metadata
+
+
+def row_vector(store, digest: str) -> np.ndarray:
+    return np.asarray(store.get([digest], fields=("id", "vector"))[digest]["vector"], dtype=np.float32)
+
+
+def test_a_row_whose_file_changed_or_went_moves_to_an_identical_copy(tmp_path, encoder, make_store, monkeypatch):
+    files = _catalog(tmp_path / "catalog")
+    copies = {path: tmp_path / "catalog" / "copies" / path.name for path in files[:2]}
+    copies[files[0]].parent.mkdir()
+    for original, copy in copies.items():
+        shutil.copy(original, copy)
+    long_ago = time.time() - 60  # the hash cache trusts only mtimes older than a few seconds
+    for path in tmp_path.glob("catalog/**/*.png"):
+        os.utime(path, (long_ago, long_ago))
+    store, cache = make_store(), tmp_path / "hashes.sqlite"
+    ingest_catalog(tmp_path / "catalog", encoder, store, workers=0, hash_cache=cache)
+    gone, edited = files[0], files[1]
+    gone_id, edited_id = file_sha256(gone), file_sha256(edited)
+    vector = row_vector(store, gone_id)
+    gone.unlink()
+    Image.open(edited).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(edited)  # new bytes, same path
+    os.utime(edited, (long_ago + 1, long_ago + 1))
+    spy = EncodeSpy(encoder, monkeypatch)
+    report = ingest_catalog(tmp_path / "catalog", encoder, store, prune=True, workers=0, hash_cache=cache)
+    assert spy.images == 1 and report.pruned == 0  # only the edited file's new content was encoded; nothing lost
+    rows = _rows(store)
+    assert rows[gone_id]["path"] == str(copies[gone].resolve()) and rows[gone_id]["metadata"] == {}
+    assert np.allclose(rows[gone_id]["vector"], vector)  # moved, not re-encoded
+    assert rows[edited_id]["path"] == str(copies[edited].resolve())  # the old content lives on in its copy
+    assert rows[file_sha256(edited)]["path"] == str(edited.resolve())
 
 
 def _bad_catalog(root: Path, photos) -> dict[str, str]:

@@ -10,11 +10,10 @@ import shutil
 import pytest
 from PIL import Image
 
-from helpers import ROOT, fashion_images, serve
+from helpers import ARTIFACTS, browser_page, fashion_images, serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-ARTIFACTS = ROOT / "tests" / "artifacts"
 KEY = "page-key"
 
 
@@ -34,6 +33,7 @@ def service(tmp_path_factory, onnx_encoder):
     cat = Image.fromarray(data.chelsea())
     cat.save(catalog / "chelsea.jpg", quality=90)
     cat.resize((cat.width // 2, cat.height // 2)).save(catalog / "chelsea_small.jpg", quality=60)
+    shutil.copy(catalog / "chelsea.jpg", catalog / "chelsea_copy.jpg")  # the same bytes: one row, a recorded copy
     (root / "items.csv").write_text("path,sku\nchelsea.jpg,CAT-0001\n")
     settings = load_settings(
         milvus_uri=str(root / "page.db"), upload_dir=root / "uploads", api_key=KEY, public=["page"], device="cpu",
@@ -50,18 +50,9 @@ def service(tmp_path_factory, onnx_encoder):
 
 @pytest.fixture
 def page(service):
-    from playwright.sync_api import sync_playwright
-
     client, *_ = service
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
-        try:
-            page = browser.new_page()
-            page.goto(str(client.base_url))
-            yield page
-        finally:
-            browser.close()
+    with browser_page(str(client.base_url)) as page:
+        yield page
 
 
 def with_key(page) -> None:
@@ -78,6 +69,7 @@ def test_without_the_key_the_page_says_so(page):
 def test_search_shows_the_query_beside_results_with_paths_labels_and_metadata(page, service):
     _, root, query = service
     with_key(page)
+    assert page.is_hidden("#text-form")  # Lite0 reads no words
     page.fill("#k", "4")
     page.set_input_files("#file", str(query))
     page.wait_for_selector("[data-testid=result]")
@@ -125,6 +117,11 @@ def test_the_duplicates_view_deletes_a_copy_after_confirmation(page, service):
     group = page.locator("[data-testid=group]", has=page.locator("[data-testid=member] .path", has_text="chelsea_small.jpg"))
     assert group.locator("[data-testid=representative] .path").inner_text() == "chelsea.jpg"
     page.screenshot(path=str(ARTIFACTS / "page-duplicates.png"), full_page=True)
+
+    copy = group.locator("[data-testid=member]", has=page.locator(".path", has_text="chelsea_copy.jpg"))
+    assert copy.locator(".score").inner_text().startswith("identical content")
+    assert copy.locator(".copy-of").inner_text() == "same file as chelsea.jpg"
+    assert copy.locator("button").count() == 0  # deleting "it" would delete chelsea.jpg's row
 
     member = group.locator("[data-testid=member]", has=page.locator(".path", has_text="chelsea_small.jpg"))
     page.once("dialog", lambda dialog: dialog.dismiss())  # cancelled: nothing happens

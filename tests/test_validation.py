@@ -19,7 +19,17 @@ from imgsearch.config import check_lite_database_exists, load_settings
 from imgsearch.errors import CatalogError, CollectionNotFoundError, InvalidInputError, UsageError
 from imgsearch.ingest.catalog import CatalogEntry, read_manifest
 from imgsearch.terminal import json_line, markup_safe, plain, visible
-from imgsearch.validation import LABEL_BYTES, validate_id, validate_label, validate_metadata, validate_path_text, validate_vector
+from imgsearch.validation import (
+    LABEL_BYTES,
+    recorded_copies,
+    user_metadata,
+    validate_id,
+    validate_label,
+    validate_metadata,
+    validate_path_text,
+    validate_vector,
+    with_copies,
+)
 
 ESCAPE = "\x1b[2J"
 
@@ -52,9 +62,12 @@ def test_paths_metadata_ids_and_vectors():
         with pytest.raises(InvalidInputError):
             validate_path_text(bad)
     assert validate_metadata({"sku": "1", "tags": ["a"]}) == {"sku": "1", "tags": ["a"]}
-    for bad in ([1], {"x": float("nan")}, {"x": "y" * 70_000}, {"x": object()}):
+    for bad in ([1], {"x": float("nan")}, {"x": "y" * 70_000}, {"x": object()}, {"imgsearch.copies": ["/etc/passwd"]}):
         with pytest.raises(InvalidInputError):
             validate_metadata(bad)
+    full, left_out = with_copies({"x": "y" * 60_000}, [f"/copies/{i:04}.jpg" for i in range(1000)])
+    assert 0 < len(recorded_copies(full)) < 1000 and left_out == 1000 - len(recorded_copies(full))
+    assert len(json.dumps(full).encode()) <= 65_536 and user_metadata(full) == {"x": "y" * 60_000}
     assert validate_id("a" * 64) == "a" * 64
     for bad in ("A" * 64, "a" * 63, "../../etc/passwd", None):
         with pytest.raises(InvalidInputError):
@@ -226,3 +239,15 @@ def test_the_plan_skips_stored_content_updates_moves_and_fails_bad_rows(tmp_path
     assert pending == 4 and {item["id"] for item in planned} == {None}  # read and hashed once, by the workers
     assert (unknown.skipped, unknown.updated, len(unknown.failed)) == (0, 0, 3)
     assert "600 bytes" in failed["new.png"]
+
+
+def test_an_export_carries_recorded_copies_and_an_import_checks_them():
+    from imgsearch.transfer import _record
+
+    row = {"id": "a" * 64, "vector": [0.5, 0.5], "label": "x", "path": "/c/a.jpg"}
+    record = _record({**row, "metadata": json.dumps({"sku": 1, "imgsearch.copies": ["/c/b.jpg", 7]})}, 2)
+    assert record.metadata == {"sku": 1, "imgsearch.copies": ["/c/b.jpg"]}  # a non-path entry is not a copy
+    with pytest.raises(InvalidInputError):
+        _record({**row, "metadata": json.dumps({"imgsearch.copies": ["/c/\x00.jpg"]})}, 2)
+    with pytest.raises(InvalidInputError):
+        _record({**row, "metadata": "[1]"}, 2)

@@ -176,6 +176,13 @@ async function findDuplicates(event) {
 
 function memberCard(member) {
   const figure = card(member, { testid: "member" });
+  if (member.copy_of) {  // a file with a stored row's bytes: deleting "it" would delete that row
+    const note = document.createElement("div");
+    note.className = "copy-of";
+    note.textContent = `same file as ${member.copy_of}`;
+    figure.append(note);
+    return figure;
+  }
   const button = document.createElement("button");
   button.type = "button";
   button.textContent = "Delete";
