@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import fashion_images, run_cli, serve
+from helpers import ARTIFACTS, browser_page, fashion_images, run_cli, serve
 
 pytestmark = pytest.mark.slow
 
@@ -46,22 +46,43 @@ def clip_collection(tmp_path_factory, random_clip):
     return uri, common
 
 
-def test_cli_and_api_answer_a_text_query_through_the_same_code(clip_collection, random_clip):
+@pytest.fixture(scope="module")
+def clip_service(clip_collection, random_clip):
+    """The service on the collection (it holds the Lite file until the module ends: CLI calls come first)."""
     from imgsearch.config import load_settings
 
+    uri, _ = clip_collection
+    with serve(load_settings(milvus_uri=uri, model=MODEL, weights=random_clip, runtime="torch")) as client:
+        yield client
+
+
+def test_cli_and_api_answer_a_text_query_through_the_same_code(clip_collection, request):
     uri, common = clip_collection
     answer = json.loads(run_cli(["search", "--text", "a red dress", "-k", "3", *common, "--json"], check=True).stdout)
     assert [result["query"] for result in answer] == ["a red dress"] and len(answer[0]["results"]) == 3
     both = json.loads(run_cli(["search", "--text", "a red dress", "--text", "a bag", "-k", "2", *common, "--json"], check=True).stdout)
     assert [result["query"] for result in both] == ["a red dress", "a bag"]
-    settings = load_settings(milvus_uri=uri, model=MODEL, weights=random_clip, runtime="torch")
-    with serve(settings) as client:
-        assert client.get("/info").json()["supports_text"] is True
-        response = client.post("/search/text", json={"text": "a red dress", "k": 3})
+    clip_service = request.getfixturevalue("clip_service")  # after the CLI: the service holds the Lite file
+    assert clip_service.get("/info").json()["supports_text"] is True
+    response = clip_service.post("/search/text", json={"text": "a red dress", "k": 3})
     assert response.status_code == 200
     assert [hit["id"] for hit in response.json()["results"]] == [hit["id"] for hit in answer[0]["results"]]
     scores = [hit["score"] for hit in response.json()["results"]]
     assert scores == pytest.approx([hit["score"] for hit in answer[0]["results"]], abs=1e-4)
+
+
+@pytest.mark.browser
+def test_the_page_offers_a_text_box_for_a_clip_model_and_shows_its_answer(clip_service):
+    expected = [hit["id"] for hit in clip_service.post("/search/text", json={"text": "a bag", "k": 12}).json()["results"]]
+    with browser_page(str(clip_service.base_url)) as page:
+        page.wait_for_selector("#text-form", state="visible")  # shown because /info says the model reads text
+        page.fill("#text", "a bag")
+        page.click("#text-form button")
+        page.wait_for_function("document.querySelector('[data-testid=status]').textContent.includes('a bag')")
+        cards = page.locator("[data-testid=result]")
+        assert [cards.nth(i).get_attribute("data-id") for i in range(cards.count())] == expected
+        assert len(expected) == 4 and page.is_hidden("#query")  # no query image for words
+        page.screenshot(path=str(ARTIFACTS / "page-text-search.png"), full_page=True)
 
 
 def test_image_only_models_refuse_text_in_one_line(tmp_path):
