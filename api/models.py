@@ -33,8 +33,11 @@ class NeighbourOut(BaseModel):
 
 class RecognitionOut(BaseModel):
     path: str
-    label: str | None
+    label: str | None = Field(description='null: "unknown"')
     confidence: float
+    threshold: float | None = Field(description="the least confidence accepted (null: none applied)")
+    margin: float | None = Field(description="the least lead over the second label accepted (self-calibrated only)")
+    threshold_source: str = Field(description='where they came from: "given", "eval on …", "self-calibrated on …" or "none"')
     neighbours: list[NeighbourOut]
 
 
@@ -44,6 +47,8 @@ class StoredImages(BaseModel):
     indexed: int
     updated: int
     skipped: int
+    check: dict[str, Any] | None = Field(None, description="enrolment: how new references cluster, labels they are nearer to, the effect on those, warnings")
+    calibration: dict[str, Any] | None = Field(None, description='the self-calibrated "unknown" threshold, when this recomputed it')
 
 
 class Health(BaseModel):
@@ -59,6 +64,7 @@ class Info(BaseModel):
     dim: int | None
     preprocess: str | None = None
     recognition: dict[str, Any] | None = None
+    self_calibration: dict[str, Any] | None = None
     supports_text: bool
 
 

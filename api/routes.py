@@ -90,18 +90,21 @@ async def recognize(
     k: Annotated[int, Form(ge=1, le=1024)] = 100,
     threshold: Annotated[float | None, Form(allow_inf_nan=False)] = None,
 ):
-    from imgsearch.recognize import recognize_vectors, resolve_threshold
+    from imgsearch.abstention import resolve_abstention
+    from imgsearch.recognize import recognize_vectors
 
     uploads = await service.read_images(image)
     vectors = await service.batcher.encode([upload.tensor for upload in uploads])
     given = threshold if threshold is not None else service.settings.threshold
-    used, _ = await asyncio.to_thread(resolve_threshold, service.store, given)
-    results = await asyncio.to_thread(recognize_vectors, service.store, vectors, k=k, threshold=used)
+    rule = await asyncio.to_thread(resolve_abstention, service.store, given)
+    results = await asyncio.to_thread(
+        recognize_vectors, service.store, vectors, k=k, threshold=rule.threshold, margin=rule.margin
+    )
 
     def answers() -> list[RecognitionOut]:
         return [
             RecognitionOut(
-                path=upload.name, label=label, confidence=confidence,
+                path=upload.name, label=label, confidence=confidence, **rule.to_dict(),
                 neighbours=[NeighbourOut(**{**vars(n), "path": service.files.shown(n.path)}) for n in neighbours],
             )
             for upload, (label, confidence, neighbours) in zip(uploads, results)
@@ -140,7 +143,10 @@ async def store_uploads(service: Service, files: list[UploadFile], label: str, *
         ids, report = await asyncio.to_thread(store, uploads, label, service.encoder, service.store, service.settings, relabel=relabel)
     if report.failed:
         raise HTTPException(422, "; ".join(f"{service.files.shown(f['path'])}: {f['error']}" for f in report.failed))
-    return StoredImages(ids=ids, label=label, indexed=report.indexed, updated=report.updated, skipped=report.skipped)
+    return StoredImages(
+        ids=ids, label=label, indexed=report.indexed, updated=report.updated, skipped=report.skipped,
+        check=report.enrolment_check, calibration=report.calibration,
+    )
 
 
 @images.post("/enroll", response_model=StoredImages)

@@ -4,6 +4,7 @@
     python benchmarks/recognition.py --finetune      # adds a fine-tuned head (use a GPU: --device cuda)
     python benchmarks/recognition.py --milvus        # also recognise 1,000 queries through Milvus Lite
     python benchmarks/recognition.py --tune          # how the prior's weight was chosen (validation split)
+    python benchmarks/recognition.py --abstention-only --queries-per-class 200   # only the self-calibrated "unknown"
 
 Needs Debian's dataset-fashion-mnist. Every figure comes from imgsearch.evaluation, the code behind
 `imgsearch eval`; the ablation rows re-score the same vectors with simpler rules to show what helped.
@@ -146,6 +147,65 @@ def through_milvus(encoder, references, queries, count: int = 1000) -> tuple[flo
     return accuracy, agreement
 
 
+def self_calibrated(encoder, references, queries, unknown_classes: int, per_class: int, seed: int = 0) -> dict:
+    """The default a user gets without `eval`: `per_class` references of all but the last `unknown_classes` classes
+    stored in a fresh Milvus Lite collection, the threshold self-calibrated from them (abstention.py, the code every
+    ingest runs), then every query recognised through Milvus with it."""
+    from imgsearch.abstention import resolve_abstention, self_calibrate
+    from imgsearch.recognize import recognize_vectors
+    from imgsearch.store import ImageRecord, MilvusStore
+
+    classes = references.data.classes
+    unknown = set(range(len(classes) - unknown_classes, len(classes)))
+    rng = np.random.default_rng(seed)
+    chosen = np.concatenate([
+        rng.choice(np.flatnonzero(references.targets == c), min(per_class, int((references.targets == c).sum())), replace=False)
+        for c in range(len(classes)) if c not in unknown
+    ])
+    with tempfile.TemporaryDirectory() as folder:
+        store = MilvusStore(str(Path(folder) / "bench.db"), "abstention", model=encoder.name, dim=encoder.dim)
+        store.upsert([
+            ImageRecord(id=f"{i:064x}", vector=references.vectors[i], path=references.data.names[i], label=classes[references.targets[i]])
+            for i in chosen
+        ])
+        store.flush()
+        store.wait_for_index()
+        calibration = self_calibrate(store)
+        rule = resolve_abstention(store, None)
+        answers = []
+        for start in range(0, len(queries.targets), 64):
+            batch = queries.vectors[start : start + 64]
+            answers += [label for label, _, _ in recognize_vectors(store, batch, threshold=rule.threshold, margin=rule.margin)]
+        store.close()
+    truth = [classes[t] for t in queries.targets]
+    known = np.array([t not in unknown for t in queries.targets])
+    answered = np.array([answer is not None for answer in answers])
+    right = np.array([answer == name for answer, name in zip(answers, truth)])
+    known_unknown = float(1 - answered[known].mean())
+    never_unknown = float(1 - answered[~known].mean())
+    return {
+        "per_class": per_class, "references": len(chosen), "calibration": calibration,
+        "known_unknown_rate": known_unknown, "never_enrolled_unknown_rate": never_unknown,
+        "ratio": never_unknown / known_unknown if known_unknown else float("inf"),
+        "accuracy_of_accepted": float(right[known & answered].mean()) if (known & answered).any() else float("nan"),
+        "queries_known": int(known.sum()), "queries_never_enrolled": int((~known).sum()),
+        "never_enrolled": [classes[c] for c in sorted(unknown)],
+    }
+
+
+def print_abstention(args, encoder, options: EvalOptions, references, queries) -> None:
+    print("\nself-calibrated abstention, no `eval` (through Milvus Lite; the threshold from the references alone):\n"
+          "| references per class | never-enrolled answered unknown | known answered unknown | ratio (target ≥ 4) "
+          "| known accuracy among accepted (target ≥ 0.93) | threshold / margin | calibration |\n|---|---|---|---|---|---|---|")
+    for per_class in (args.references_per_class, 10):
+        result = self_calibrated(encoder, references, queries, options.unknown_classes, per_class)
+        calibration = result["calibration"]
+        print(f"| {per_class} ({result['references']} in all; {', '.join(result['never_enrolled'])} never enrolled) "
+              f"| {result['never_enrolled_unknown_rate']:.3f} | {result['known_unknown_rate']:.3f} | {result['ratio']:.2f} "
+              f"| {result['accuracy_of_accepted']:.4f} | {calibration.threshold:.4f} / {calibration.margin:.4f} "
+              f"| {calibration.sample} references scored in {calibration.seconds:.1f} s |", flush=True)
+
+
 def run_finetune(args, encoder, progress) -> dict:
     options = EvalOptions(
         references_per_class=args.finetune_references_per_class or args.references_per_class,
@@ -183,6 +243,7 @@ def main() -> None:
     parser.add_argument("--finetune-only", action="store_true", help="only the fine-tuned head (the GPU run)")
     parser.add_argument("--stages", type=int, default=3, help="backbone stages the fine-tune unfreezes")
     parser.add_argument("--tune", action="store_true", help="only the validation sweep that chose the prior's weight")
+    parser.add_argument("--abstention-only", action="store_true", help="only the self-calibrated abstention rows")
     parser.add_argument("--weights", type=Path, default=None, help="Lite0 weights file [default: the installed package]")
     args = parser.parse_args()
 
@@ -205,6 +266,10 @@ def main() -> None:
     references = encode_set(encoder, reference_set, progress, "references")
     if args.tune:
         tune(args, encoder, options, references, progress)
+        return
+    if args.abstention_only:
+        queries = encode_set(encoder, query_set, progress, "queries")
+        print_abstention(args, encoder, options, references, queries)
         return
     queries = encode_set(encoder, query_set, progress, "queries")
     encode_seconds = time.perf_counter() - started
@@ -259,6 +324,7 @@ def main() -> None:
     print(f"class enrolled later with 5 shots, without the log-count prior: {without_prior['new_class_accuracy']:.4f} "
           f"(earlier classes drop {100 * without_prior['earlier_classes_drop']:.2f} points); with it: "
           f"{late['new_class_accuracy']:.4f} ({100 * late['earlier_classes_drop']:.2f} points)")
+    print_abstention(args, encoder, options, references, queries)
     if args.milvus:
         accuracy, agreement = through_milvus(encoder, references, queries)
         print(f"\nthrough Milvus Lite (1,000 queries, filtered search, ef {max(256, 4 * DEFAULT_K)}): accuracy {accuracy:.4f}, "

@@ -150,7 +150,14 @@ def info(settings: Settings) -> Output:
 
     described = describe_store(settings)
     keys = ("model", "dim", "collection", "uri", "count", "exists", "preprocess")
-    return Output(described, tables=[Rows("", (), [(key, described.get(key)) for key in keys])])
+    rows = [(key, described.get(key)) for key in keys]
+    if described.get("recognition"):
+        rows.append(("unknown below (eval)", f"{described['recognition']['threshold']:.4f} on {described['recognition']['dataset']}"))
+    if described.get("self_calibration"):
+        own = described["self_calibration"]
+        text = f"{own['threshold']:.4f}, margin {own['margin']:.4f}, from {own['sample']} of {own['references']} references"
+        rows.append(("unknown below (self-calibrated)", text))
+    return Output(described, tables=[Rows("", (), rows)])
 
 
 @command("export", settings=STORE)
@@ -197,7 +204,8 @@ def enroll(
     with opened(settings) as (encoder, store):
         report = enroll_paths(encoder, store, label, images, settings)
     text = f"enrolled {report.indexed + report.updated} images as {label!r}; {report.summary_line()}"
-    return Output({"label": label, **report.to_dict()}, text, failed=report.failed)
+    warnings = (report.enrolment_check or {}).get("warnings", [])
+    return Output({"label": label, **report.to_dict()}, text, notes=[f"check: {w}" for w in warnings], failed=report.failed)
 
 
 @command(settings=MODEL + ("threshold",))
@@ -216,11 +224,14 @@ def recognize(
     from imgsearch.session import opened
 
     with opened(settings, create=False) as (encoder, store):
-        recognitions, failed, threshold_source = recognize_images(encoder, store, images, settings, method=method, k=k, head=head)
+        recognitions, failed, rule = recognize_images(encoder, store, images, settings, method=method, k=k, head=head)
     rows = [(r.path, r.label or "unknown", f"{r.confidence:.4f}", r.nearest_text()) for r in recognitions]
     tables = [Rows(f"recognition ({method.value})", ("image", "label", "confidence", "nearest"), rows)]
-    unset = threshold_source == "none" and method is RecognitionMethod.knn
-    notes = ["no abstention threshold: run `imgsearch eval` on labeled data, or pass --threshold"] if unset else []
+    if rule.threshold is None:
+        notes = [f"no abstention threshold ({rule.source}): enrol or ingest two labels or more, run `imgsearch eval`, or pass --threshold"]
+    else:
+        margin = f", margin {rule.margin:.4f}" if rule.margin else ""
+        notes = [f"threshold {rule.threshold:.4f}{margin}: {rule.source}"]
     return Output([r.to_dict() for r in recognitions], tables=tables, notes=notes, failed=failed)
 
 

@@ -62,6 +62,10 @@ def delete_images(store: MilvusStore, ids: Iterable[str], upload_dir: Path, *, d
         if removable and not dry_run:
             path.unlink()
         report.deleted.append({"id": row["id"], "path": row["path"], "label": row["label"], "file_removed": removable})
+    if not dry_run and any(row["label"] for row in found):  # references went: "unknown" is recalibrated
+        from imgsearch.abstention import self_calibrate
+
+        self_calibrate(store)
     return report
 
 

@@ -130,8 +130,10 @@ def train_linear(
         if accuracy > best[0]:
             best = (accuracy, copy.deepcopy(layer.state_dict()))
     state = {"weight": best[1]["weight"] * scale, "bias": best[1]["bias"]}
+    held = torch.as_tensor(validation_index, dtype=torch.long)
     metrics = {
         "validation_accuracy": round(best[0], 4),
+        **head_threshold(linear_probabilities(state, features[held].numpy()), targets[held].numpy()),
         "train_images": len(train_index),
         "validation_images": len(validation_index),
         "seconds": round(time.perf_counter() - started, 2),
@@ -299,8 +301,12 @@ def train_finetune(
             stale += 1
             if stale >= patience:
                 break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    probabilities, truth = _probabilities(model, validation_loader, encoder) if len(validation_index) else (np.zeros((0, len(classes))), np.zeros(0))
     metrics = {
         "validation_accuracy": round(best_accuracy, 4),
+        **head_threshold(probabilities, truth),
         "epochs_run": len(history),
         "history": history,
         "trainable_parameters": trainable,
@@ -320,6 +326,36 @@ def _freeze_batchnorm_of_frozen(backbone: torch.nn.Module) -> None:
             parameter.requires_grad for parameter in module.parameters()
         ):
             module.eval()
+
+
+@torch.inference_mode()
+def _probabilities(model: torch.nn.Module, loader: DataLoader, encoder: TorchEncoder) -> tuple[np.ndarray, np.ndarray]:
+    model.eval()
+    probabilities, truth = [], []
+    for images, targets in loader:
+        with encoder.autocast():
+            logits = model(images.to(encoder.device, non_blocking=True))
+        probabilities.append(logits.float().softmax(1).cpu().numpy())
+        truth.append(targets.numpy())
+    return np.concatenate(probabilities), np.concatenate(truth)
+
+
+def head_threshold(probabilities: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
+    """The head's own abstention threshold, on its softmax scale, from its validation answers: the least top
+    probability at which the accepted answers are right ACCEPTED_ACCURACY of the time (rejecting at most a quarter),
+    and at least the 5th percentile of the right answers' probability, so an unfamiliar input can still be
+    "unknown" when validation was all right. None without a validation split."""
+    from imgsearch.abstention import ACCEPTED_ACCURACY, least_for_accuracy
+
+    if len(probabilities) == 0:
+        return {"threshold": None}
+    confidence = probabilities.max(axis=1)
+    right = probabilities.argmax(axis=1) == truth
+    floor = float(np.quantile(confidence[right], 0.05)) if right.any() else 0.0
+    return {
+        "threshold": round(max(least_for_accuracy(confidence, right), floor), 6),
+        "threshold_rule": f"validation: accepted answers right >= {ACCEPTED_ACCURACY}, at least the 5th percentile of right ones",
+    }
 
 
 @torch.inference_mode()

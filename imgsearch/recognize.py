@@ -30,6 +30,7 @@ from imgsearch.images import DEFAULT_MAX_PIXELS, decode_in_batches
 from imgsearch.store import RECOGNITION_PROPERTY, MilvusStore
 
 if TYPE_CHECKING:  # torch is imported only when a model is loaded
+    from imgsearch.abstention import Abstention
     from imgsearch.encoders import Encoder
 
 LABELED = 'label != ""'
@@ -62,12 +63,14 @@ class Recognition:
     label: str | None  # None: abstained ("unknown")
     confidence: float
     neighbours: list[Neighbour] = field(default_factory=list)
+    abstention: dict[str, Any] = field(default_factory=dict)  # threshold, margin, threshold_source
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "path": self.path,
             "label": self.label,
             "confidence": round(self.confidence, 6),
+            **self.abstention,
             "neighbours": [asdict(neighbour) for neighbour in self.neighbours],
         }
 
@@ -121,13 +124,17 @@ def score_labels(
     return scores
 
 
-def decide(scores: dict[str, float], threshold: float | None) -> tuple[str | None, float]:
-    """The best label and its confidence; None when nothing clears the threshold."""
+def decide(scores: dict[str, float], threshold: float | None, margin: float | None = None) -> tuple[str | None, float]:
+    """The best label and its confidence; None when it does not clear the threshold, or leads the second label
+    by less than `margin` (too close to call)."""
     if not scores:
         return None, 0.0
+    ranked = sorted(scores.values(), reverse=True)
     label = max(scores, key=scores.__getitem__)
     confidence = scores[label]
     if threshold is not None and confidence < threshold:
+        return None, confidence
+    if margin is not None and len(ranked) > 1 and ranked[0] - ranked[1] < margin:
         return None, confidence
     return label, confidence
 
@@ -144,6 +151,7 @@ def recognize_vectors(
     *,
     k: int = DEFAULT_K,
     threshold: float | None = None,
+    margin: float | None = None,
     per_class: int = DEFAULT_PER_CLASS,
     power: float = DEFAULT_POWER,
     density: float = DEFAULT_DENSITY,
@@ -165,7 +173,7 @@ def recognize_vectors(
             )
         else:
             scores = {}
-        label, confidence = decide(scores, threshold)
+        label, confidence = decide(scores, threshold, margin)
         decided.append((label, confidence, neighbours))
     return decided
 
@@ -176,18 +184,23 @@ def recognize_paths(
     paths: Iterable[str | Path],
     *,
     k: int = DEFAULT_K,
-    threshold: float | None = None,
+    abstention: Abstention | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> tuple[list[Recognition], list[dict[str, str]]]:
     """Recognise every image under `paths`; unreadable ones are reported, not fatal."""
+    from imgsearch.abstention import Abstention
+
+    abstention = abstention or Abstention(None, None, "none")
     recognitions: list[Recognition] = []
     failed: list[dict[str, str]] = []
     for names, images in decode_in_batches(paths, min_side=encoder.input_size, max_pixels=max_pixels, failed=failed):
         vectors = encoder.encode_images(images)
         for name, (label, confidence, neighbours) in zip(
-            names, recognize_vectors(store, vectors, k=k, threshold=threshold)
+            names, recognize_vectors(store, vectors, k=k, threshold=abstention.threshold, margin=abstention.margin)
         ):
-            recognitions.append(Recognition(path=name, label=label, confidence=confidence, neighbours=neighbours))
+            recognitions.append(
+                Recognition(path=name, label=label, confidence=confidence, neighbours=neighbours, abstention=abstention.to_dict())
+            )
     return recognitions, failed
 
 
@@ -206,16 +219,6 @@ def save_calibration(store: MilvusStore, calibration: Calibration) -> None:
     if not math.isfinite(calibration.threshold):
         raise ValueError(f"threshold must be finite, got {calibration.threshold}")
     store.set_properties({RECOGNITION_PROPERTY: calibration.to_json()})
-
-
-def resolve_threshold(store: MilvusStore, threshold: float | None) -> tuple[float | None, str]:
-    """An explicit threshold, else the collection's calibrated one, else none; and where it came from."""
-    if threshold is not None:
-        return threshold, "given"
-    calibration = load_calibration(store)
-    if calibration is not None:
-        return calibration.threshold, f"calibrated on {calibration.dataset} at false-accept rate {calibration.false_accept_rate}"
-    return None, "none"
 
 
 def labeled_rows(store: MilvusStore, fields: Sequence[str]) -> list[dict]:
@@ -266,12 +269,21 @@ def recognize_paths_with_head(
     weights: Path | None = None,
     device: str = "auto",
     max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> tuple[list[Recognition], list[dict[str, str]]]:
-    """Classify with a trained head; confidence is the softmax probability. Refuses a head made for another
+) -> tuple[list[Recognition], list[dict[str, str]], Abstention]:
+    """Classify with a trained head; confidence is the softmax probability, so the threshold is the head's own
+    (calibrated on its validation split when it was trained) unless one is given. Refuses a head made for another
     encoder or collection."""
+    from imgsearch.abstention import Abstention
     from imgsearch.head import FinetunedClassifier, linear_probabilities, load_head
 
     head = load_head(head_path, encoder_name=encoder.name, collection=store.collection)
+    own = head.info.metrics.get("threshold")
+    if threshold is not None:
+        abstention = Abstention(threshold, None, "given")
+    elif isinstance(own, (int, float)):
+        abstention = Abstention(float(own), None, f"the head's, calibrated on its validation split ({head_path.name})")
+    else:
+        abstention = Abstention(None, None, "none (a head trained before heads had thresholds: train it again)")
     classifier = FinetunedClassifier(head, weights=weights, device=device) if head.info.mode == "finetune" else None
     recognitions: list[Recognition] = []
     failed: list[dict[str, str]] = []
@@ -283,11 +295,9 @@ def recognize_paths_with_head(
         for name, row in zip(names, probabilities):
             best = int(row.argmax())
             confidence = float(row[best])
-            label = head.info.labels[best] if threshold is None or confidence >= threshold else None
-            recognitions.append(Recognition(path=name, label=label, confidence=confidence))
-    return recognitions, failed
-
-
+            label = head.info.labels[best] if abstention.threshold is None or confidence >= abstention.threshold else None
+            recognitions.append(Recognition(path=name, label=label, confidence=confidence, abstention=abstention.to_dict()))
+    return recognitions, failed, abstention
 
 
 def recognize_images(
@@ -299,21 +309,22 @@ def recognize_images(
     method: RecognitionMethod | str = RecognitionMethod.knn,
     k: int = DEFAULT_K,
     head: Path | None = None,
-) -> tuple[list[Recognition], list[dict[str, str]], str]:
+) -> tuple[list[Recognition], list[dict[str, str]], Abstention]:
     """Recognise every image under `paths` by k-NN over the labeled references or with a trained head (default
-    file: heads/<collection>-linear). Returns the recognitions, the unreadable files, and where the threshold
-    came from ("given", "calibrated on …" or "none")."""
+    file: heads/<collection>-linear). Returns the recognitions, the unreadable files, and the abstention rule that
+    applied (threshold, margin and where they came from)."""
+    from imgsearch.abstention import resolve_abstention
+
     if RecognitionMethod(method) is RecognitionMethod.head:
         from imgsearch.head import default_head_path  # torch: only heads need it
 
-        recognitions, failed = recognize_paths_with_head(
+        return recognize_paths_with_head(
             encoder, store, head or default_head_path(store.collection, "linear"), paths, threshold=settings.threshold,
             weights=settings.weights, device=settings.device, max_pixels=settings.max_image_pixels,
         )
-        return recognitions, failed, "given" if settings.threshold is not None else "none"
-    threshold, source = resolve_threshold(store, settings.threshold)
-    recognitions, failed = recognize_paths(encoder, store, paths, k=k, threshold=threshold, max_pixels=settings.max_image_pixels)
-    return recognitions, failed, source
+    abstention = resolve_abstention(store, settings.threshold)
+    recognitions, failed = recognize_paths(encoder, store, paths, k=k, abstention=abstention, max_pixels=settings.max_image_pixels)
+    return recognitions, failed, abstention
 
 
 def train_head_for(settings, mode: str, *, epochs: int | None = None, stages: int = 3, out: Path | None = None, progress=None):

@@ -46,6 +46,7 @@ DIM_PROPERTY = "imgsearch.dim"
 PREPROCESS_PROPERTY = "imgsearch.preprocess"
 SCHEMA_PROPERTY = "imgsearch.schema"
 RECOGNITION_PROPERTY = "imgsearch.recognition"  # the abstention threshold `imgsearch eval` calibrated
+SELF_CALIBRATION_PROPERTY = "imgsearch.self_calibration"  # the one the references calibrate (abstention.py)
 ROOTS_PROPERTY = "imgsearch.roots"  # the folders ingested or enrolled from: the only files the API serves
 QUERY_CHUNK = 1000  # ids per `id in [...]` filter
 # Searches read with Session consistency: a client sees its own writes (the API enrols and recognises through one
@@ -492,6 +493,7 @@ def describe_collection(uri: str, collection: str, token: str = "") -> dict[str,
     except CollectionNotFoundError:
         return {"collection": collection, "uri": uri, "exists": False, "count": 0, "model": None, "dim": None}
     with store:
+        properties = store.properties()
         return {
             "collection": collection,
             "uri": uri,
@@ -500,5 +502,13 @@ def describe_collection(uri: str, collection: str, token: str = "") -> dict[str,
             "model": store.model,
             "dim": store.dim,
             "preprocess": store.preprocess_version,
-            "recognition": json.loads(store.properties().get(RECOGNITION_PROPERTY, "null") or "null"),
+            "recognition": _json_property(properties, RECOGNITION_PROPERTY),
+            "self_calibration": _json_property(properties, SELF_CALIBRATION_PROPERTY),
         }
+
+
+def _json_property(properties: dict[str, str], key: str) -> Any:
+    try:
+        return json.loads(properties.get(key) or "null")
+    except ValueError:
+        return None

@@ -72,7 +72,9 @@ class VisibleFormatter(logging.Formatter):
         return "\n".join(visible(line) for line in super().format(record).split("\n"))  # tracebacks keep their lines
 
 
-STAGE_NAMES = {"scan": "scanning", "encode": "encoding", "index": "building the search index"}
+STAGE_NAMES = {
+    "scan": "scanning", "encode": "encoding", "index": "building the search index", "calibrate": "calibrating \"unknown\"",
+}
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ from imgsearch.encoders import Encoder
 from imgsearch.images import FORMAT_SUFFIXES, check_paths_exist, find_images
 from imgsearch.ingest.catalog import CatalogEntry, absolute, bytes_sha256
 from imgsearch.ingest.pipeline import IngestReport, ingest_entries
-from imgsearch.store import MilvusStore
+from imgsearch.store import MilvusStore, string_literal
 from imgsearch.validation import validate_label
 
 
@@ -24,11 +24,23 @@ def enroll_paths(
     label = validate_label(label, required=True)
     paths = check_paths_exist(paths)
     store.add_roots(absolute(path) for path in paths)  # a file given alone is a root by itself, not its folder
-    entries = (CatalogEntry(path=absolute(path), label=label) for path in find_images(paths))
-    return ingest_entries(
+    entries = [CatalogEntry(path=absolute(path), label=label) for path in find_images(paths)]
+    report = ingest_entries(
         entries, encoder, store, relabel_duplicates=True, batch_size=settings.batch_size, workers=settings.workers,
         max_pixels=settings.max_image_pixels, upsert_chunk=settings.upsert_chunk, hash_cache=settings.hash_cache,
     )
+    enrolled = {str(entry.path) for entry in entries}
+    ids = [row["id"] for row in store.iter_rows(("id", "path"), filter=f"label == {string_literal(label)}") if row["path"] in enrolled]
+    return _checked(store, label, ids, report)
+
+
+def _checked(store: MilvusStore, label: str, ids: list[str], report: IngestReport) -> IngestReport:
+    """The enrolment check (enrolment_check.py) of the references just enrolled, in the report."""
+    from imgsearch.enrolment_check import check_enrolment
+
+    check = check_enrolment(store, label, ids)
+    report.enrolment_check = check.to_dict() if check else None
+    return report
 
 
 def save_upload(data: bytes, image_format: str, upload_dir: Path) -> tuple[Path, str]:
@@ -60,4 +72,6 @@ def store_uploads(
         max_pixels=settings.max_image_pixels, hash_cache=settings.hash_cache,
         wait_for_index=False,  # Lite indexes in the background meanwhile
     )
+    if relabel and label:
+        _checked(store, label, ids, report)
     return ids, report

@@ -11,6 +11,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +58,13 @@ def ingest_entries(
     progress: ProgressCallback | None = None,
     wait_for_index: bool = True,
     hash_cache: Path | None = None,
+    calibrate: bool = True,
 ) -> IngestReport:
     """Settle what is stored, read each other file once in decode workers, encode in batches and upsert; enrolment
     uses it too. `wait_for_index`: return once Milvus Lite has indexed the new rows (the service does not wait: it
     answers while Lite builds in the background). `hash_cache`: the SQLite file of remembered hashes (default
-    ~/.cache/imgsearch/file-hashes.sqlite)."""
+    ~/.cache/imgsearch/file-hashes.sqlite). `calibrate`: when labeled rows changed, recompute the collection's own
+    abstention threshold (abstention.py) afterwards."""
     started = time.perf_counter()
     report = IngestReport()
     settler = Settler(store, report, relabel_duplicates)
@@ -92,6 +95,13 @@ def ingest_entries(
         if progress:
             progress("index", 0, None)
         report.index_seconds = store.wait_for_index()  # else Lite searches the new rows without it, or builds at exit
+    if calibrate and (report.labeled_indexed or report.updated or report.pruned or report.replaced):
+        from imgsearch.abstention import self_calibrate
+
+        if progress:
+            progress("calibrate", 0, None)
+        calibration = self_calibrate(store)
+        report.calibration = asdict(calibration) if calibration else None
     report.seconds = time.perf_counter() - started
     return report
 
@@ -160,6 +170,7 @@ def encode_and_store(
                         ImageRecord(id=item["id"], vector=vector, path=item["path"], label=item["label"], metadata=item["metadata"])
                     )
                 report.indexed += len(items)
+                report.labeled_indexed += sum(1 for item in items if item["label"])
             if len(buffer) >= upsert_chunk:
                 writer.put(buffer)
                 buffer = []

@@ -6,7 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-# progress(stage, done, total): stage is "scan" (total unknown: None), "encode", or "index" (Milvus Lite building its
+# progress(stage, done, total): stage is "scan" (total unknown: None), "encode", "calibrate" (the abstention
+# threshold), or "index" (Milvus Lite building its
 # search index after the writes: no counts)
 ProgressCallback = Callable[[str, int, int | None], None]
 
@@ -20,6 +21,9 @@ class IngestReport:
     replaced: int = 0  # rows of files that changed since the last ingest (their new content was stored)
     copies: int = 0  # paths newly recorded as identical copies of a stored row (same bytes, one row)
     copies_left_out: int = 0  # identical copies not recorded: the row's metadata was full
+    labeled_indexed: int = 0  # of `indexed`, those with a label (new references)
+    calibration: dict[str, Any] | None = None  # the self-calibrated abstention threshold, when it was recomputed
+    enrolment_check: dict[str, Any] | None = None  # enrolment only: how the new references sit among the others
     other_shards: int = 0  # with --shard: images left to the other shards
     failed: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
@@ -56,6 +60,11 @@ class IngestReport:
         extras.append(f"{self.seconds:.1f} s, {self.images_per_second:.1f} images/s")
         if self.index_seconds >= 0.1:
             extras.append(f"of which {self.index_seconds:.1f} s building Milvus Lite's search index")
+        if self.calibration:
+            extras.append(
+                f"unknown below {self.calibration['threshold']:.4f} (margin {self.calibration['margin']:.4f}), "
+                f"self-calibrated on {self.calibration['sample']} references in {self.calibration['seconds']:.1f} s"
+            )
         return f"{line} ({'; '.join(extras)})"
 
     def to_dict(self) -> dict[str, Any]:
@@ -78,6 +87,8 @@ class IngestReport:
                 "insert_seconds": round(self.insert_seconds, 3),
                 "index_seconds": round(self.index_seconds, 3),
             },
+            "calibration": self.calibration,
+            **({"check": self.enrolment_check} if self.enrolment_check is not None else {}),
             "workers": self.workers,
             "max_in_flight": self.max_in_flight,
         }

@@ -80,12 +80,17 @@ def test_enroll_then_recognize(service, tmp_path):
     assert enrolled.status_code == 200, enrolled.text
     body = enrolled.json()
     assert body["indexed"] == 5 and body["ids"] == [file_sha256(p) for p in bags]
+    assert body["check"]["label"] == "handbag" and body["check"]["references"] == 5 and body["calibration"]["labels"] >= 2
     queries = sorted((FASHION_DIR / "bag").glob("*.png"))[20:22]
     response = service.post("/recognize", files=[("image", (p.name, p.read_bytes(), "image/png")) for p in queries], data={"k": "10"})
     assert response.status_code == 200, response.text
     items = response.json()
     assert [item["path"] for item in items] == [p.name for p in queries]
-    assert all(set(item) == {"path", "label", "confidence", "neighbours"} and len(item["neighbours"]) == 10 for item in items)
+    fields = {"path", "label", "confidence", "threshold", "margin", "threshold_source", "neighbours"}
+    assert all(set(item) == fields and len(item["neighbours"]) == 10 for item in items)
+    assert all(item["threshold_source"].startswith("self-calibrated on") for item in items)  # the enrolment recalibrated
+    given = service.post("/recognize", files=[("image", ("q.png", queries[0].read_bytes(), "image/png"))], data={"threshold": "0.99"})
+    assert given.json()[0]["threshold_source"] == "given" and given.json()[0]["label"] is None
     assert "handbag" in {n["label"] for item in items for n in item["neighbours"]}
 
 

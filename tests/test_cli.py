@@ -83,8 +83,10 @@ def test_info_and_settings_precedence(ingested, tmp_path):
         "model": "efficientnet_lite0",
         "dim": 1280,
         "preprocess": from_env["preprocess"],
-        "recognition": None,  # not calibrated yet
+        "recognition": None,  # no eval yet
+        "self_calibration": from_env["self_calibration"],
     }
+    assert from_env["self_calibration"]["references"] == 20 and from_env["self_calibration"]["labels"] == 10
     other = str(tmp_path / "other.db")
     flag_wins = run(["info", "--json", "--uri", other], env_extra={"IMGSEARCH_MILVUS_URI": uri}, check=False)
     assert flag_wins.returncode == 2 and f"no Milvus Lite database at {other}" in flag_wins.stderr
@@ -199,8 +201,9 @@ def test_enroll_then_recognize_json_shape(ingested, tmp_path):
     items = json.loads(run(["recognize", *queries, "--uri", uri, "--json", "-k", "10"]).stdout)
     assert [item["path"] for item in items] == queries
     for item in items:
-        assert set(item) == {"path", "label", "confidence", "neighbours"}
-        assert item["label"] in ("handbag", "bag") and isinstance(item["confidence"], float)
+        assert set(item) == {"path", "label", "confidence", "threshold", "margin", "threshold_source", "neighbours"}
+        assert item["threshold_source"].startswith("self-calibrated on 25 references")  # recomputed by the enrolment
+        assert item["label"] in ("handbag", "bag", None) and isinstance(item["confidence"], float)  # None: too close to call
         assert len(item["neighbours"]) == 10
         assert all(set(n) == {"id", "label", "score", "path"} and n["label"] for n in item["neighbours"])
     assert "handbag" in {n["label"] for item in items for n in item["neighbours"]}
@@ -223,6 +226,9 @@ def test_head_cli_trains_recognizes_and_refuses_another_collection(ingested, tmp
     query = str(sorted((catalog / "trouser").glob("*.png"))[0])
     items = json.loads(run(["recognize", query, "--method", "head", "--head", str(head), "--uri", uri, "--json"]).stdout)
     assert items[0]["label"] == "trouser" and 0 < items[0]["confidence"] <= 1 and items[0]["neighbours"] == []
+    assert items[0]["threshold"] == trained["threshold"] and items[0]["threshold_source"].startswith("the head's")
+    info = json.loads(run(["info", "--json", "--uri", uri]).stdout)
+    assert trained["threshold"] != info["self_calibration"]["threshold"]  # its own, on the softmax scale
 
     run(["ingest", str(catalog / "bag"), "--uri", uri, "--collection", "other"])
     refused = run(["recognize", query, "--method", "head", "--head", str(head), "--uri", uri, "--collection", "other"], check=False)

@@ -3,6 +3,8 @@ heads round-trip and refuse the wrong collection, and the scoring pieces behave 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -119,6 +121,42 @@ def test_calibration_is_stored_with_the_collection(make_store):
     assert load_calibration(store) == Calibration(threshold=0.73, false_accept_rate=0.05, dataset="fashion-mnist")
 
 
+def test_the_references_calibrate_unknown_themselves_and_the_sources_take_turns(make_store, vectors_by_class):
+    from imgsearch.abstention import resolve_abstention, self_calibrate
+
+    store = make_store()
+    assert resolve_abstention(store, None).source == "none"
+    store_references(store, vectors_by_class, ["bag"], 20)
+    assert self_calibrate(store) is None and resolve_abstention(store, None).threshold is None  # one label: nothing to tell apart
+    stored = store_references(store, vectors_by_class, KNOWN, 20)
+    own = self_calibrate(store)
+    assert own.references == stored + 20 and own.labels == 6 and own.sample == stored + 20  # all of them: under 50 each
+    assert 0 < own.threshold < 1 and 0 <= own.margin < 0.2 and 0.5 < own.leave_one_out_accuracy <= 1
+    again = self_calibrate(store)
+    assert replace(again, seconds=0) == replace(own, seconds=0)  # a fixed sample: the same references, the same rule
+    rule = resolve_abstention(store, None)
+    assert (rule.threshold, rule.margin) == (own.threshold, own.margin) and rule.source.startswith(f"self-calibrated on {stored + 20} references")
+    known = np.concatenate([vectors_by_class[name][1][20:] for name in KNOWN])
+    unseen = np.concatenate([vectors_by_class[name][1] for name in ("coat", "ankle_boot")])
+    known_null = np.mean([label is None for label, _, _ in recognize_vectors(store, known, threshold=rule.threshold, margin=rule.margin)])
+    unseen_null = np.mean([label is None for label, _, _ in recognize_vectors(store, unseen, threshold=rule.threshold, margin=rule.margin)])
+    assert unseen_null > 2 * known_null and known_null < 0.4, (known_null, unseen_null)
+    save_calibration(store, Calibration(threshold=0.73, false_accept_rate=0.05, dataset="fashion-mnist"))
+    assert resolve_abstention(store, None).to_dict() == {
+        "threshold": 0.73, "margin": None, "threshold_source": "eval on fashion-mnist at false-accept rate 0.05",
+    }
+    assert resolve_abstention(store, 0.5).to_dict() == {"threshold": 0.5, "margin": None, "threshold_source": "given"}
+
+
+def test_a_margin_turns_a_close_call_into_unknown():
+    from imgsearch.recognize import decide
+
+    assert decide({"shirt": 0.80, "tshirt": 0.79}, 0.7) == ("shirt", 0.80)
+    assert decide({"shirt": 0.80, "tshirt": 0.79}, 0.7, margin=0.02) == (None, 0.80)
+    assert decide({"shirt": 0.80, "tshirt": 0.70}, 0.7, margin=0.02) == ("shirt", 0.80)
+    assert decide({"shirt": 0.80}, 0.7, margin=0.02) == ("shirt", 0.80)  # no second label to be close to
+
+
 def test_linear_head_round_trip_and_refusals(make_store, vectors_by_class, tmp_path):
     store = make_store(collection="shop")
     store_references(store, vectors_by_class, KNOWN, 20)
@@ -133,6 +171,10 @@ def test_linear_head_round_trip_and_refusals(make_store, vectors_by_class, tmp_p
     predicted = [loaded.info.labels[i] for i in linear_probabilities(loaded.state, queries).argmax(1)]
     truth = [name for name in KNOWN for _ in range(10)]
     assert np.mean([p == t for p, t in zip(predicted, truth)]) >= 0.8
+    # Its own threshold is a softmax probability from its validation split, not the k-NN scale.
+    threshold = loaded.info.metrics["threshold"]
+    top = linear_probabilities(loaded.state, queries).max(1)
+    assert 1 / len(KNOWN) < threshold < 1 and top.min() < threshold <= np.median(top)
 
     with pytest.raises(HeadError, match="trained for encoder efficientnet_lite0, not timm:resnet18"):
         load_head(tmp_path / "heads" / "shop-linear", encoder_name="timm:resnet18", collection=store.collection)

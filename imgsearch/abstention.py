@@ -1,0 +1,249 @@
+"""When recognition answers "unknown": the threshold that applies, and the one the references calibrate themselves.
+
+Three sources, the first present wins: a threshold given to the command or request (`--threshold`), the one
+`imgsearch eval` measured on labeled data, and the self-calibrated one, which every ingest or enrolment that changes
+the labeled references recomputes from the references alone, with no held-out data:
+
+- Leave one out: a sample of references (up to SAMPLE_PER_LABEL per label, SAMPLE_MAX in all) is recognised
+  against all the others, its own row excluded, with the scoring `recognize` uses. This gives the confidences of
+  known-class answers, right and wrong, and their margin over the second label.
+- Leave its class out: the same references are recognised with their whole label excluded, as a photo of a class
+  never enrolled would be. This gives the confidences an unknown query reaches.
+- The threshold maximises (right known answers accepted) - FAR_WEIGHT x (class-left-out answers accepted), and the
+  least margin is the smallest that brings the accuracy of the accepted leave-one-out answers to
+  ACCEPTED_ACCURACY (never rejecting more than 1 - MARGIN_KEEPS of them): an answer whose two best labels are
+  that close is "unknown" too.
+
+The rule and its constants were chosen on Fashion-MNIST with Lite0 (benchmarks/recognition.py, docs/recognition.md),
+where a per-label threshold measured no better than one global threshold.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from imgsearch.recognize import DEFAULT_K, DEFAULT_PER_CLASS, LABELED, load_calibration, score_labels, search_params
+from imgsearch.store import SELF_CALIBRATION_PROPERTY, MilvusStore, string_literal
+
+SAMPLE_PER_LABEL = 50
+SAMPLE_MAX = 1000
+FAR_WEIGHT = 0.3
+ACCEPTED_ACCURACY = 0.93
+MARGIN_KEEPS = 0.75  # the margin (and a head's threshold) never turns more than a quarter of the answers into "unknown"
+SEARCH_BATCH = 64  # references scored per search call
+WIDE_SEARCH = 200  # a label with at most this many references is left out by searching past all of them
+SEED = 0
+
+
+@dataclass
+class Abstention:
+    """What makes an answer "unknown": a confidence below `threshold`, or (self-calibrated only) a lead over the
+    second label below `margin`; `source` says where they came from."""
+
+    threshold: float | None
+    margin: float | None
+    source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"threshold": _round(self.threshold), "margin": _round(self.margin), "threshold_source": self.source}
+
+
+@dataclass
+class SelfCalibration:
+    threshold: float
+    margin: float
+    references: int  # labeled rows when it was computed
+    labels: int
+    sample: int  # references scored
+    leave_one_out_accuracy: float
+    seconds: float
+    k: int = DEFAULT_K
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    def describe(self) -> str:
+        return f"self-calibrated on {self.references} references (leave-one-out over {self.sample})"
+
+
+def resolve_abstention(store: MilvusStore, threshold: float | None) -> Abstention:
+    """The given threshold, else the one `eval` calibrated, else the self-calibrated one, else none."""
+    if threshold is not None:
+        return Abstention(threshold, None, "given")
+    calibration = load_calibration(store)
+    if calibration is not None:
+        return Abstention(
+            calibration.threshold, None, f"eval on {calibration.dataset} at false-accept rate {calibration.false_accept_rate}"
+        )
+    own = load_self_calibration(store)
+    if own is not None:
+        return Abstention(own.threshold, own.margin, own.describe())
+    return Abstention(None, None, "none")
+
+
+def load_self_calibration(store: MilvusStore) -> SelfCalibration | None:
+    raw = store.properties().get(SELF_CALIBRATION_PROPERTY)
+    try:
+        return SelfCalibration(**json.loads(raw)) if raw else None
+    except (ValueError, TypeError):
+        return None  # written by another version: the next ingest or enrolment recomputes it
+
+
+def self_calibrate(store: MilvusStore, *, k: int = DEFAULT_K) -> SelfCalibration | None:
+    """Recompute and store the collection's own threshold; None (and nothing stored) with fewer than two labels."""
+    started = time.perf_counter()
+    ids_by_label: dict[str, list[str]] = defaultdict(list)
+    for row in store.iter_rows(("id", "label"), batch_size=4000, filter=LABELED):
+        ids_by_label[row["label"]].append(row["id"])
+    if len(ids_by_label) < 2:
+        store.set_properties({SELF_CALIBRATION_PROPERTY: ""})
+        return None
+    counts = {label: len(ids) for label, ids in ids_by_label.items()}
+    sample = _sample(ids_by_label)
+    vectors: dict[str, np.ndarray] = {}  # every vector read, by id: neighbours of one label's references overlap
+    fetch_vectors(store, [row_id for ids in sample.values() for row_id in ids], vectors)
+    known: list[tuple[bool, float, float]] = []  # (right, confidence, margin)
+    unknown: list[float] = []
+    # A label with few references: one search wide enough to pass all of them serves both scorings, and references
+    # of many labels share a call. A label with many: its own calls, one of them filtered to the other labels.
+    narrow = sorted(
+        ((label, row_id) for label, ids in sample.items() if counts[label] <= WIDE_SEARCH for row_id in ids if row_id in vectors),
+        key=lambda pair: counts[pair[0]],
+    )
+    for start in range(0, len(narrow), SEARCH_BATCH):
+        chunk = narrow[start : start + SEARCH_BATCH]
+        width = k + max(counts[label] for label, _ in chunk)
+        queries = np.stack([vectors[row_id] for _, row_id in chunk])
+        results = store.search(queries, k=width, filter=LABELED, search_params=search_params(width), fields=("label",))
+        for (label, row_id), query, hits in zip(chunk, queries, results):
+            known += score_left_out(store, query, [hit for hit in hits if hit.id != row_id][:k], label, counts, vectors)
+            unknown += _unknown(query, [hit for hit in hits if hit.label != label][:k], counts, store, vectors)
+    for label, ids in sample.items():
+        if counts[label] <= WIDE_SEARCH:
+            continue
+        for start in range(0, len(ids), SEARCH_BATCH):
+            chunk = [row_id for row_id in ids[start : start + SEARCH_BATCH] if row_id in vectors]
+            queries = np.stack([vectors[row_id] for row_id in chunk])
+            results = store.search(queries, k=k + 1, filter=LABELED, search_params=search_params(k + 1), fields=("label",))
+            others = f"{LABELED} and label != {string_literal(label)}"
+            excluded = store.search(queries, k=k, filter=others, search_params=search_params(k), fields=("label",))
+            for row_id, query, hits, other_hits in zip(chunk, queries, results, excluded):
+                known += score_left_out(store, query, [hit for hit in hits if hit.id != row_id][:k], label, counts, vectors)
+                unknown += _unknown(query, other_hits, counts, store, vectors)
+    if not known or not unknown:
+        return None
+    threshold, margin = choose_abstention(known, unknown)
+    calibration = SelfCalibration(
+        threshold=round(threshold, 6), margin=round(margin, 6), references=sum(counts.values()), labels=len(counts),
+        sample=len(known), leave_one_out_accuracy=round(float(np.mean([right for right, _, _ in known])), 4),
+        seconds=round(time.perf_counter() - started, 2), k=k,
+    )
+    store.set_properties({SELF_CALIBRATION_PROPERTY: calibration.to_json()})
+    return calibration
+
+
+def _sample(ids_by_label: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Up to SAMPLE_PER_LABEL references per label, SAMPLE_MAX in all (labels drawn at random when there are more
+    labels than that allows); fixed by SEED, so an unchanged collection calibrates the same."""
+    rng = np.random.default_rng(SEED)
+    labels = sorted(ids_by_label)
+    per_label = max(1, min(SAMPLE_PER_LABEL, SAMPLE_MAX // len(labels)))
+    if len(labels) * per_label > SAMPLE_MAX:
+        labels = sorted(rng.choice(labels, SAMPLE_MAX // per_label, replace=False).tolist())
+    sample = {}
+    for label in labels:
+        ids = sorted(ids_by_label[label])
+        sample[label] = ids if len(ids) <= per_label else sorted(rng.choice(ids, per_label, replace=False).tolist())
+    return sample
+
+
+def score_left_out(store, query, hits, label, counts, vectors) -> list[tuple[bool, float, float]]:
+    """A reference of `label` recognised from `hits`, its own row already left out (so its label counts one less):
+    [(right, confidence, margin)], or [] with no neighbour. `vectors` caches what was read, by id."""
+    [hits] = _with_vectors(store, [hits], vectors)
+    if not hits:
+        return []
+    best, confidence, margin = _best(_scores(query, hits, {**counts, label: counts[label] - 1}))
+    return [(best == label, confidence, margin)]
+
+
+def _unknown(query, hits, counts, store, vectors) -> list[float]:
+    """A reference recognised with its whole label left out, as a never-enrolled class would be: [confidence]."""
+    [hits] = _with_vectors(store, [hits], vectors)
+    return [_best(_scores(query, hits, counts))[1]] if hits else []
+
+
+def _with_vectors(store, results, vectors: dict[str, np.ndarray]):
+    """The hits scoring reads (each label's first DEFAULT_PER_CLASS), with their vectors, fetched once per id:
+    searches that return every neighbour's vector cost ~0.8 s per call on Milvus Lite."""
+    trimmed = []
+    for hits in results:
+        seen: Counter = Counter()
+        kept = []
+        for hit in hits:
+            seen[hit.label] += 1
+            if seen[hit.label] <= DEFAULT_PER_CLASS:
+                kept.append(hit)
+        trimmed.append(kept)
+    fetch_vectors(store, list({hit.id for hits in trimmed for hit in hits} - vectors.keys()), vectors)
+    return [[replace(hit, vector=vectors[hit.id]) for hit in hits if hit.id in vectors] for hits in trimmed]
+
+
+def fetch_vectors(store, ids: list[str], vectors: dict[str, np.ndarray]) -> None:
+    for row_id, row in store.get(ids, fields=("id", "vector")).items():
+        vectors[row_id] = np.asarray(row["vector"], dtype=np.float32)
+
+
+def _scores(query: np.ndarray, hits, counts: dict[str, int]) -> dict[str, float]:
+    """The scoring `recognize` uses; it reads only each label's first DEFAULT_PER_CLASS neighbours, so the trimmed
+    hits score the same."""
+    return score_labels(query, np.stack([hit.vector for hit in hits]), [hit.label for hit in hits], counts)
+
+
+def _best(scores: dict[str, float]) -> tuple[str, float, float]:
+    ranked = sorted(scores.items(), key=lambda item: -item[1])
+    margin = ranked[0][1] - ranked[1][1] if len(ranked) > 1 else math.inf
+    return ranked[0][0], ranked[0][1], margin
+
+
+def choose_abstention(known: list[tuple[bool, float, float]], unknown: list[float]) -> tuple[float, float]:
+    """(threshold, margin) from leave-one-out answers (right, confidence, margin) and class-left-out confidences."""
+    right = np.array([confidence for ok, confidence, _ in known if ok])
+    negatives = np.asarray(unknown)
+    if len(right) == 0:
+        return float(np.max(negatives)), 0.0
+    candidates = np.unique(np.concatenate([right, negatives]))
+    gain = [(right >= t).mean() - FAR_WEIGHT * (negatives >= t).mean() for t in candidates]
+    threshold = float(candidates[int(np.argmax(gain))])
+    accepted = [(ok, margin) for ok, confidence, margin in known if confidence >= threshold]
+    margins = np.array([min(margin, 1e9) for _, margin in accepted])
+    return threshold, least_for_accuracy(margins, np.array([ok for ok, _ in accepted], dtype=bool))
+
+
+def least_for_accuracy(values: np.ndarray, right: np.ndarray, target: float = ACCEPTED_ACCURACY, keeps: float = MARGIN_KEEPS) -> float:
+    """The smallest cut-off at which the answers with `values` at or above it are right `target` of the time,
+    never cutting more than 1 - `keeps` of them (answers this confusable cannot reach the target: the cut stops
+    there); 0 when there are none."""
+    if len(values) == 0:
+        return 0.0
+    order = np.argsort(values)
+    values, right = values[order], right[order]
+    cut = 0.0
+    for index in range(len(values)):
+        if len(values) - index < keeps * len(values):
+            break
+        cut = float(values[index])
+        if right[index:].mean() >= target:
+            break
+    return cut
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)

@@ -1,0 +1,90 @@
+""""unknown" out of the box: ingest, enrol and recognise through the CLI with no `eval`, and the threshold the
+references calibrate themselves (abstention.py) on the real sample catalog and Lite0."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from helpers import FASHION_DIR, ROOT, run_cli
+
+pytestmark = pytest.mark.slow
+
+KNOWN = ["ankle_boot", "bag", "coat", "dress", "pullover", "sandal", "sneaker", "trouser"]
+LATE = "tshirt"  # enrolled after the ingest, from 5 photos
+# "shirt" is never enrolled
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory):
+    root = tmp_path_factory.mktemp("abstain")
+    catalog, held_out = root / "catalog", []
+    for name in KNOWN:
+        files = sorted((FASHION_DIR / name).glob("*.png"))
+        (catalog / name).mkdir(parents=True)
+        for source in files[:20]:
+            shutil.copy(source, catalog / name / source.name)
+        held_out += [(name, str(path)) for path in files[20:]]
+    uri = str(root / "shop.db")
+    ingested = json.loads(run_cli(["ingest", str(catalog), "--uri", uri, "--json"], check=True).stdout)
+    before = json.loads(run_cli(["info", "--uri", uri, "--json"], check=True).stdout)["self_calibration"]
+    late = sorted((FASHION_DIR / LATE).glob("*.png"))
+    (root / "late").mkdir()
+    for source in late[:5]:
+        shutil.copy(source, root / "late" / source.name)
+    enrolled = json.loads(run_cli(["enroll", LATE, str(root / "late"), "--uri", uri, "--json"], check=True).stdout)
+    return uri, ingested, before, enrolled, held_out + [(LATE, str(path)) for path in late[20:]]
+
+
+def test_the_threshold_is_recomputed_by_ingest_and_enrolment_and_shown_by_info(shop):
+    uri, ingested, before, enrolled, _ = shop
+    assert ingested["calibration"] == before and before["references"] == 160 and before["labels"] == 8
+    info = json.loads(run_cli(["info", "--uri", uri, "--json"], check=True).stdout)
+    after = info["self_calibration"]
+    assert enrolled["calibration"] == after and after["references"] == 165 and after["labels"] == 9
+    assert 0 < after["threshold"] < 1 and info["recognition"] is None  # no eval ran
+    table = run_cli(["info", "--uri", uri], check=True).stdout
+    assert f"{after['threshold']:.4f}, margin {after['margin']:.4f}, from {after['sample']} of 165" in table
+
+
+def test_without_eval_a_photo_from_outside_the_catalog_is_unknown_and_the_catalogs_own_images_mostly_are_not(shop):
+    uri, *_, held_out = shop
+    cat = str(ROOT / "examples" / "queries" / "chelsea_cropped_mirrored.jpg")
+    answers = json.loads(run_cli(["recognize", cat, *[path for _, path in held_out], "--uri", uri, "--json"], check=True).stdout)
+    assert answers[0]["label"] is None
+    assert all(answer["threshold_source"] == "self-calibrated on 165 references (leave-one-out over 165)" for answer in answers)
+    known = answers[1:]
+    accepted = [(truth, answer["label"]) for (truth, _), answer in zip(held_out, known) if answer["label"] is not None]
+    assert len(accepted) >= 0.6 * len(known), len(accepted)
+    assert sum(truth == label for truth, label in accepted) >= 0.85 * len(accepted)
+    never_enrolled = sorted((FASHION_DIR / "shirt").glob("*.png"))
+    shirts = json.loads(run_cli(["recognize", *map(str, never_enrolled), "--uri", uri, "--json"], check=True).stdout)
+    unknown_rate = sum(answer["label"] is None for answer in shirts) / len(shirts)
+    assert unknown_rate > 1 - len(accepted) / len(known), unknown_rate  # a never-enrolled class abstains more often
+    text = run_cli(["recognize", cat, "--uri", uri], check=True)
+    assert "unknown" in text.stdout and "self-calibrated on 165 references" in text.stderr
+
+
+def test_the_enrolment_check_names_the_label_that_photos_enrolled_under_a_wrong_name_belong_to(tmp_path):
+    catalog = tmp_path / "catalog"
+    for name in ("trouser", "dress", "bag", "sneaker"):
+        (catalog / name).mkdir(parents=True)
+        for source in sorted((FASHION_DIR / name).glob("*.png"))[:20]:
+            shutil.copy(source, catalog / name / source.name)
+    uri = str(tmp_path / "check.db")
+    run_cli(["ingest", str(catalog), "--uri", uri], check=True)
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    for source in sorted((FASHION_DIR / "trouser").glob("*.png"))[20:25]:  # trousers, not in the catalog
+        shutil.copy(source, wrong / source.name)
+    result = run_cli(["enroll", "dress", str(wrong), "--uri", uri, "--json"], check=True)
+    check = json.loads(result.stdout)["check"]
+    assert check["label"] == "dress" and check["references"] == 5 and check["mean_similarity"] > 0.5
+    assert max(check["nearer_elsewhere"], key=check["nearer_elsewhere"].get) == "trouser"
+    assert check["nearer_elsewhere"]["trouser"] >= 3 and any("nearer to 'trouser'" in warning for warning in check["warnings"])
+    [trouser] = [effect for effect in check["effect"] if effect["label"] == "trouser"]
+    assert trouser["references"] == 20 and trouser["accuracy_after"] <= trouser["accuracy_before"]
+    table = run_cli(["enroll", "dress", str(wrong), "--uri", uri], check=True)  # again: a no-op, and it says so again
+    assert "check: " in table.stderr and "nearer to 'trouser'" in table.stderr
