@@ -91,3 +91,21 @@ class DuplicateGroups(BaseModel):
     groups: list[DuplicateGroup]
     total: int = Field(description="groups found; `groups` holds at most `limit` of them")
     rows: int
+
+
+class ReviewGroup(BaseModel):
+    group: int
+    members: list[dict[str, Any]] = Field(description="kept queries: id, path, confidence, nearest label, kept_at")
+
+
+class ReviewEnroll(BaseModel):
+    label: str = Field(min_length=1, max_length=2000)
+    select: list[str] = Field(min_length=1, max_length=1000, description="review group numbers or ids (8+ hex characters)")
+
+
+class ReviewEnrolled(BaseModel):
+    label: str
+    enrolled: int
+    ids: list[str]
+    calibration: dict[str, Any] | None = None
+    check: dict[str, Any] | None = None

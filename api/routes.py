@@ -17,6 +17,9 @@ from imgsearch.api.models import (
     Info,
     NeighbourOut,
     RecognitionOut,
+    ReviewEnroll,
+    ReviewEnrolled,
+    ReviewGroup,
     SearchHit,
     SearchResponse,
     StoredImages,
@@ -89,6 +92,7 @@ async def recognize(
     image: ImagesField,
     k: Annotated[int, Form(ge=1, le=1024)] = 100,
     threshold: Annotated[float | None, Form(allow_inf_nan=False)] = None,
+    keep_unknown: Annotated[bool, Form(description='keep the images answered "unknown" for GET /review')] = False,
 ):
     from imgsearch.abstention import resolve_abstention
     from imgsearch.recognize import recognize_vectors
@@ -100,6 +104,10 @@ async def recognize(
     results = await asyncio.to_thread(
         recognize_vectors, service.store, vectors, k=k, threshold=rule.threshold, margin=rule.margin
     )
+    unknown = [(upload, vector, result) for upload, vector, result in zip(uploads, vectors, results) if result[0] is None and result[2]]
+    if keep_unknown and unknown:
+        async with service.write_lock:
+            await asyncio.to_thread(keep_uploads, service, unknown)
 
     def answers() -> list[RecognitionOut]:
         return [
@@ -111,6 +119,42 @@ async def recognize(
         ]
 
     return await asyncio.to_thread(answers)
+
+
+def keep_uploads(service: Service, unknown: list) -> None:
+    """Unknown uploads are saved like uploads (content-named) and kept for review with their vector."""
+    from imgsearch.ingest.catalog import absolute
+    from imgsearch.ingest.enroll import save_upload
+    from imgsearch.review import Kept, keep_unknown
+
+    kept = []
+    for upload, vector, (_, confidence, neighbours) in unknown:
+        path, digest = save_upload(upload.data, upload.image_format, service.settings.upload_dir)
+        kept.append(Kept(digest, str(path), vector, confidence, neighbours[0].label))
+    service.store.add_roots([absolute(service.settings.upload_dir)])
+    keep_unknown(service.review(), kept)
+
+
+@images.get("/review", response_model=list[ReviewGroup])
+async def review(service: ServiceDep):
+    """The kept "unknown" queries in groups of similar images, as `imgsearch review` lists them."""
+    from imgsearch.review import review_groups
+
+    def answer() -> list[ReviewGroup]:
+        groups = review_groups(service.review(create=False))
+        return [ReviewGroup(group=g.number, members=[{**m, "path": service.files.shown(m["path"])} for m in g.members]) for g in groups]
+
+    return await asyncio.to_thread(answer)
+
+
+@images.post("/review/enroll", response_model=ReviewEnrolled)
+async def enroll_from_review(service: ServiceDep, body: ReviewEnroll):
+    """Kept queries (group numbers or ids) become references of `label`; nothing is encoded again."""
+    from imgsearch.review import enroll_from_review as enroll
+
+    label = validate_label(body.label, required=True)
+    async with service.write_lock:
+        return await asyncio.to_thread(enroll, service.store, label, body.select, service.review(create=False))
 
 
 @search.get("/duplicates", response_model=DuplicateGroups)

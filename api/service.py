@@ -52,6 +52,7 @@ class Service:
         self.batcher: MicroBatcher | None = None
         self.write_lock: asyncio.Lock | None = None  # uploads, enrolments and deletions are written one at a time
         self.budget: PixelBudget | None = None
+        self._review = None  # the review collection, opened on first use
 
     def start(self, metrics: Metrics) -> None:
         settings = self.settings
@@ -62,8 +63,18 @@ class Service:
         self.budget = PixelBudget(settings.decode_pixel_budget, settings.decode_wait_seconds)
         self.batcher.start()
 
+    def review(self, *, create: bool = True):
+        """The review collection (review.py), opened once it exists."""
+        from imgsearch.review import review_store
+
+        if self._review is None:
+            self._review = review_store(self.store, create=create)
+        return self._review
+
     async def stop(self) -> None:
         await self.batcher.stop()
+        if self._review is not None:
+            self._review.close()
         self.store.close()
 
     async def read_images(self, uploads: list[UploadFile]) -> list[Upload]:

@@ -190,13 +190,27 @@ def import_vectors(
 def enroll(
     settings: Settings,
     label: Annotated[str, typer.Argument(help="The class these images show")],
-    images: Annotated[list[Path], typer.Argument(help="Reference images or folders of them")],
+    images: Annotated[Optional[list[Path]], typer.Argument(help="Reference images or folders of them", show_default=False)] = None,
+    from_review: Annotated[Optional[list[str]], option("--from-review", help="Kept unknown queries: group numbers or ids from `imgsearch review`")] = None,
 ) -> Output:
     """Add labeled reference images; the class is recognised as soon as this returns (nothing is retrained)."""
+    from imgsearch.errors import UsageError
     from imgsearch.images import check_paths_exist
     from imgsearch.validation import validate_label
 
     label = validate_label(label, required=True)  # before anything is loaded or created
+    if bool(images) == bool(from_review):
+        raise UsageError("enroll needs images or --from-review GROUP_OR_ID (one of the two)")
+    if from_review:
+        from imgsearch.review import enroll_from_review
+        from imgsearch.session import open_existing_store
+
+        with open_existing_store(settings) as store:
+            result = enroll_from_review(store, label, [token for value in from_review for token in value.split(",")])
+        text = f"enrolled {result['enrolled']} kept queries as {label!r}"
+        if result["calibration"]:
+            text += f"; unknown below {result['calibration']['threshold']:.4f} (margin {result['calibration']['margin']:.4f}), self-calibrated"
+        return Output(result, text, notes=[f"check: {w}" for w in (result["check"] or {}).get("warnings", [])])
     check_paths_exist(images)
     from imgsearch.ingest.enroll import enroll_paths
     from imgsearch.session import opened
@@ -208,6 +222,27 @@ def enroll(
     return Output({"label": label, **report.to_dict()}, text, notes=[f"check: {w}" for w in warnings], failed=report.failed)
 
 
+@command(settings=STORE)
+def review(settings: Settings) -> Output:
+    """The queries `recognize --keep-unknown` kept, in groups of similar images, for `enroll LABEL --from-review`."""
+    from imgsearch.review import review_groups, review_store
+    from imgsearch.session import open_existing_store
+
+    with open_existing_store(settings) as store:
+        kept = review_store(store, create=False)
+        groups = review_groups(kept)
+        if kept is not None:
+            kept.close()
+    tables = [
+        Rows(f"group {group.number}", ("id", "confidence", "nearest", "path"),
+             [(m["id"][:12], f"{m['confidence']:.4f}" if m["confidence"] is not None else "", m["nearest"] or "", m["path"]) for m in group.members])
+        for group in groups
+    ]
+    count = sum(len(group.members) for group in groups)
+    text = f"{count} kept unknown queries in {len(groups)} groups" + ("; name one: imgsearch enroll LABEL --from-review N" if groups else "")
+    return Output([group.to_dict() for group in groups], text, tables)
+
+
 @command(settings=MODEL + ("threshold",))
 def recognize(
     settings: Settings,
@@ -215,16 +250,22 @@ def recognize(
     k: Annotated[int, typer.Option("-k", "--top-k", min=1, max=1024, help="Labeled neighbours to score")] = 100,
     method: Annotated[RecognitionMethod, typer.Option("--method", help="knn: labeled neighbours in Milvus; head: a trained head")] = RecognitionMethod.knn,
     head: Annotated[Optional[Path], option("--head", help="Head file from train-head [default: heads/<collection>-linear]")] = None,
+    keep_unknown: Annotated[bool, typer.Option("--keep-unknown", help="Keep the images answered unknown for `imgsearch review`")] = False,
 ) -> Output:
     """Name what each image shows, or answer unknown when the evidence is weak."""
+    from imgsearch.errors import UsageError
     from imgsearch.images import check_paths_exist
 
     check_paths_exist(images)
+    if keep_unknown and method is RecognitionMethod.head:
+        raise UsageError("--keep-unknown works with --method knn: a head's labels are fixed when it is trained")
     from imgsearch.recognize import recognize_images
     from imgsearch.session import opened
 
     with opened(settings, create=False) as (encoder, store):
-        recognitions, failed, rule = recognize_images(encoder, store, images, settings, method=method, k=k, head=head)
+        recognitions, failed, rule = recognize_images(
+            encoder, store, images, settings, method=method, k=k, head=head, keep_unknown=keep_unknown
+        )
     rows = [(r.path, r.label or "unknown", f"{r.confidence:.4f}", r.nearest_text()) for r in recognitions]
     tables = [Rows(f"recognition ({method.value})", ("image", "label", "confidence", "nearest"), rows)]
     if rule.threshold is None:

@@ -186,21 +186,31 @@ def recognize_paths(
     k: int = DEFAULT_K,
     abstention: Abstention | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    review: MilvusStore | None = None,
 ) -> tuple[list[Recognition], list[dict[str, str]]]:
-    """Recognise every image under `paths`; unreadable ones are reported, not fatal."""
+    """Recognise every image under `paths`; unreadable ones are reported, not fatal. With `review` (the review
+    collection), the images answered "unknown" are kept there."""
     from imgsearch.abstention import Abstention
+    from imgsearch.ingest.catalog import absolute, file_sha256
+    from imgsearch.review import Kept, keep_unknown
 
     abstention = abstention or Abstention(None, None, "none")
     recognitions: list[Recognition] = []
     failed: list[dict[str, str]] = []
     for names, images in decode_in_batches(paths, min_side=encoder.input_size, max_pixels=max_pixels, failed=failed):
         vectors = encoder.encode_images(images)
-        for name, (label, confidence, neighbours) in zip(
-            names, recognize_vectors(store, vectors, k=k, threshold=abstention.threshold, margin=abstention.margin)
+        kept = []
+        for name, vector, (label, confidence, neighbours) in zip(
+            names, vectors, recognize_vectors(store, vectors, k=k, threshold=abstention.threshold, margin=abstention.margin)
         ):
             recognitions.append(
                 Recognition(path=name, label=label, confidence=confidence, neighbours=neighbours, abstention=abstention.to_dict())
             )
+            if review is not None and label is None and neighbours:
+                nearest = recognitions[-1].neighbours[0].label
+                kept.append(Kept(file_sha256(Path(name)), str(absolute(name)), vector, confidence, nearest))
+        if kept:
+            keep_unknown(review, kept)
     return recognitions, failed
 
 
@@ -309,10 +319,12 @@ def recognize_images(
     method: RecognitionMethod | str = RecognitionMethod.knn,
     k: int = DEFAULT_K,
     head: Path | None = None,
+    keep_unknown: bool = False,
 ) -> tuple[list[Recognition], list[dict[str, str]], Abstention]:
     """Recognise every image under `paths` by k-NN over the labeled references or with a trained head (default
     file: heads/<collection>-linear). Returns the recognitions, the unreadable files, and the abstention rule that
-    applied (threshold, margin and where they came from)."""
+    applied (threshold, margin and where they came from). `keep_unknown` (k-NN only): the images answered "unknown"
+    are kept for review (review.py)."""
     from imgsearch.abstention import resolve_abstention
 
     if RecognitionMethod(method) is RecognitionMethod.head:
@@ -323,7 +335,18 @@ def recognize_images(
             weights=settings.weights, device=settings.device, max_pixels=settings.max_image_pixels,
         )
     abstention = resolve_abstention(store, settings.threshold)
-    recognitions, failed = recognize_paths(encoder, store, paths, k=k, abstention=abstention, max_pixels=settings.max_image_pixels)
+    review = None
+    if keep_unknown:
+        from imgsearch.review import review_store
+
+        review = review_store(store)
+    try:
+        recognitions, failed = recognize_paths(
+            encoder, store, paths, k=k, abstention=abstention, max_pixels=settings.max_image_pixels, review=review
+        )
+    finally:
+        if review is not None:
+            review.close()
     return recognitions, failed, abstention
 
 

@@ -144,6 +144,7 @@ class MilvusStore:
         self.model = model
         self.dim = dim
         self.preprocess_version = preprocess_version
+        self.token = token
         self.client = self._connect(uri, token, create)
         with milvus_errors(f"opening collection {collection}"):
             exists = self.client.has_collection(collection)

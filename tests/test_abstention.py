@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +89,42 @@ def test_the_enrolment_check_names_the_label_that_photos_enrolled_under_a_wrong_
     assert trouser["references"] == 20 and trouser["accuracy_after"] <= trouser["accuracy_before"]
     table = run_cli(["enroll", "dress", str(wrong), "--uri", uri], check=True)  # again: a no-op, and it says so again
     assert "check: " in table.stderr and "nearer to 'trouser'" in table.stderr
+
+
+def test_review_keeps_unknown_queries_lists_them_in_groups_and_enrols_a_group(tmp_path):
+    from PIL import Image
+    from skimage import data
+
+    catalog = tmp_path / "catalog"
+    for name in ("trouser", "dress", "bag", "sneaker"):
+        (catalog / name).mkdir(parents=True)
+        for source in sorted((FASHION_DIR / name).glob("*.png"))[:20]:
+            shutil.copy(source, catalog / name / source.name)
+    uri = str(tmp_path / "review.db")
+    run_cli(["ingest", str(catalog), "--uri", uri], check=True)
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    cat, rocket = Image.fromarray(data.chelsea()), Image.fromarray(data.rocket())
+    cat.save(queries / "cat_a.jpg", quality=90)
+    cat.crop((20, 10, cat.width - 30, cat.height - 20)).save(queries / "cat_b.jpg", quality=70)
+    rocket.save(queries / "rocket.jpg")
+    answers = json.loads(run_cli(["recognize", str(queries), "--keep-unknown", "--uri", uri, "--json"], check=True).stdout)
+    unknown = sorted(Path(answer["path"]).name for answer in answers if answer["label"] is None)
+    assert unknown == ["cat_a.jpg", "cat_b.jpg", "rocket.jpg"]
+    groups = json.loads(run_cli(["review", "--uri", uri, "--json"], check=True).stdout)
+    assert [sorted(Path(m["path"]).name for m in group["members"]) for group in groups] == [["cat_a.jpg", "cat_b.jpg"], ["rocket.jpg"]]
+    assert groups[0]["group"] == 1 and all(m["nearest"] and m["confidence"] < 0.6 for g in groups for m in g["members"])
+    assert json.loads(run_cli(["info", "--uri", uri, "--json"], check=True).stdout)["count"] == 80  # not references
+
+    enrolled = json.loads(run_cli(["enroll", "cat", "--from-review", "1", "--uri", uri, "--json"], check=True).stdout)
+    assert enrolled["enrolled"] == 2 and enrolled["calibration"]["labels"] == 5 and enrolled["check"]["references"] == 2
+    left = json.loads(run_cli(["review", "--uri", uri, "--json"], check=True).stdout)
+    assert [[Path(m["path"]).name for m in group["members"]] for group in left] == [["rocket.jpg"]]
+    third = tmp_path / "cat_c.jpg"
+    cat.transpose(Image.Transpose.FLIP_LEFT_RIGHT).crop((0, 0, cat.width - 50, cat.height - 30)).save(third, quality=80)
+    [answer] = json.loads(run_cli(["recognize", str(third), "--uri", uri, "--json"], check=True).stdout)
+    assert answer["label"] == "cat"
+    refused = run_cli(["enroll", "cat", "--from-review", "7", "--uri", uri])
+    assert refused.returncode == 2 and "no review group 7" in refused.stderr
+    both = run_cli(["enroll", "cat", str(third), "--from-review", "1", "--uri", uri])
+    assert both.returncode == 2 and "one of the two" in both.stderr

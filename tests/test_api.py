@@ -15,7 +15,7 @@ from PIL import Image
 
 from helpers import FASHION_DIR, copy_fashion_catalog, free_port, healthy_client, serve
 from imgsearch.config import load_settings
-from imgsearch.ingest.catalog import file_sha256
+from imgsearch.ingest.catalog import bytes_sha256, file_sha256
 
 pytestmark = pytest.mark.slow  # the REST service with the real model
 
@@ -92,6 +92,34 @@ def test_enroll_then_recognize(service, tmp_path):
     given = service.post("/recognize", files=[("image", ("q.png", queries[0].read_bytes(), "image/png"))], data={"threshold": "0.99"})
     assert given.json()[0]["threshold_source"] == "given" and given.json()[0]["label"] is None
     assert "handbag" in {n["label"] for item in items for n in item["neighbours"]}
+
+
+def test_review_through_the_api_keeps_lists_and_enrols_unknown_queries(service):
+    from skimage import data
+
+    def jpeg(image) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=85)
+        return buffer.getvalue()
+
+    cat = Image.fromarray(data.chelsea())
+    shots = [jpeg(cat), jpeg(cat.crop((25, 15, cat.width - 25, cat.height - 15)))]
+    files = [("image", (f"cat{i}.jpg", shot, "image/jpeg")) for i, shot in enumerate(shots)]
+    answers = service.post("/recognize", files=files, data={"keep_unknown": "true"}).json()
+    assert [answer["label"] for answer in answers] == [None, None]
+    groups = service.get("/review").json()
+    [group] = [g for g in groups if {m["id"] for m in g["members"]} == {bytes_sha256(shot) for shot in shots}]
+    assert all(m["path"].endswith(f"{m['id']}.jpg") for m in group["members"])  # saved like uploads: named by content
+    refused = service.post("/review/enroll", json={"label": "cat", "select": ["not-an-id"]})
+    assert refused.status_code == 422 and "neither a review group number nor an id" in refused.text
+    enrolled = service.post("/review/enroll", json={"label": "cat", "select": [str(group["group"])]}).json()
+    assert enrolled["enrolled"] == 2 and sorted(enrolled["ids"]) == sorted(bytes_sha256(shot) for shot in shots)
+    assert all(bytes_sha256(shot) not in {m["id"] for g in service.get("/review").json() for m in g["members"]} for shot in shots)
+    mirrored = jpeg(cat.transpose(Image.Transpose.FLIP_LEFT_RIGHT).crop((0, 0, cat.width - 40, cat.height - 20)))
+    [answer] = service.post("/recognize", files={"image": ("another.jpg", mirrored, "image/jpeg")}).json()
+    assert answer["label"] == "cat"
+    assert service.delete(f"/images/{bytes_sha256(shots[0])}").status_code == 200  # references like any other
+    assert service.delete(f"/images/{bytes_sha256(shots[1])}").status_code == 200
 
 
 def test_upload_get_thumbnail_and_delete(service, catalog):

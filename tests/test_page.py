@@ -143,3 +143,25 @@ def test_the_label_filter_is_a_value_not_an_expression(service):
     Image.open(query).save(buffer, "PNG")
     bags = client.post("/search", data={"k": "3", "label": "bag"}, files={"image": ("q.png", buffer.getvalue(), "image/png")})
     assert [hit["label"] for hit in bags.json()["results"]] == ["bag"] * 3
+
+
+def test_an_unknown_answer_is_named_on_the_page_and_recognised_from_then_on(page, service, tmp_path):
+    from skimage import data
+
+    client, _, query = service
+    with_key(page)
+    page.check("input[value=recognize]")
+    page.set_input_files("#file", str(query))  # a cat, in a catalog where only clothes are labeled
+    page.wait_for_selector("[data-testid=label]")
+    assert page.inner_text("[data-testid=label]") == "unknown"
+    page.fill("[data-testid=enrol] input", "cat")
+    page.screenshot(path=str(ARTIFACTS / "page-unknown-label-box.png"), full_page=True)
+    page.click("[data-testid=enrol] button")
+    page.wait_for_function("document.querySelector('[data-testid=status]').textContent.startsWith('enrolled query.jpg as cat')")
+    assert client.get("/info").json()["self_calibration"]["labels"] == 11  # the enrolment recalibrated "unknown"
+    another = tmp_path / "another_cat.jpg"  # another shot of the same cat: mirrored, cropped elsewhere
+    cat = Image.fromarray(data.chelsea()).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    cat.crop((0, 30, cat.width - 40, cat.height)).save(another, quality=85)
+    page.set_input_files("#file", str(another))
+    page.wait_for_function("document.querySelector('[data-testid=label]').textContent === 'cat'")
+    assert page.locator("[data-testid=enrol]").count() == 0  # a known answer offers no label box

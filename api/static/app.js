@@ -106,6 +106,7 @@ async function run() {
       answer.className = item.label === null ? "unknown" : "";
       answer.textContent = item.label === null ? "unknown" : item.label;
       box.replaceChildren(answer, ` (confidence ${item.confidence.toFixed(3)})`);
+      if (item.label === null) box.append(enrolForm(query.file));
       showResults(item.neighbours.slice(0, k));
       setStatus(`recognised ${query.file.name}; its nearest labeled neighbours:`);
     } else {
@@ -148,6 +149,37 @@ function searchText(event) {
   state.page = 1;
   $("#query").hidden = true;
   run();
+}
+
+function enrolForm(file) {
+  // An "unknown" answer can be named on the spot: the query becomes a reference of that label at once.
+  const form = document.createElement("form");
+  form.dataset.testid = "enrol";
+  const input = document.createElement("input");
+  input.type = "text";
+  input.placeholder = "what is it? a label";
+  input.maxLength = 512;
+  const button = document.createElement("button");
+  button.type = "submit";
+  button.textContent = "Enrol";
+  form.append(" ", input, " ", button);
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const label = input.value.trim();
+    if (!label) return;
+    const body = new FormData();
+    body.append("label", label);
+    body.append("image", file);
+    try {
+      const answer = await call("/enroll", { method: "POST", body });
+      form.replaceChildren();
+      const warnings = (answer.check && answer.check.warnings) || [];
+      setStatus(`enrolled ${file.name} as ${label}${warnings.length ? "; " + warnings.join("; ") : ""}`);
+    } catch (error) {
+      setStatus(error.message, true);
+    }
+  });
+  return form;
 }
 
 async function findDuplicates(event) {

@@ -1,0 +1,144 @@
+"""The review loop: queries that recognition answered "unknown" are kept (`recognize --keep-unknown`, the API's
+`keep_unknown`), listed in groups of similar images (`imgsearch review`, `GET /review`), and become references
+only when someone names them (`enroll LABEL --from-review`, `POST /review/enroll`).
+
+Kept queries live in a collection of their own, `<collection>_review`, with the same model: never searched as
+references, never recognised against. Their vector is kept, so enrolling them encodes nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgsearch.errors import CollectionNotFoundError, InvalidInputError
+from imgsearch.store import ImageRecord, MilvusStore
+from imgsearch.validation import validate_label
+
+REVIEW_SUFFIX = "_review"
+GROUP_SIMILARITY = 0.80  # kept queries at least this similar to a group's first one are listed together
+MIN_ID_PREFIX = 8
+
+
+def review_store(store: MilvusStore, *, create: bool = True) -> MilvusStore | None:
+    """The review collection beside `store` (None when it does not exist and `create` is False)."""
+    try:
+        return MilvusStore(
+            store.uri, store.collection + REVIEW_SUFFIX, model=store.model, dim=store.dim,
+            preprocess_version=store.preprocess_version, token=store.token, create=create,
+        )
+    except CollectionNotFoundError:
+        return None
+
+
+@dataclass
+class Kept:
+    id: str  # the SHA-256 of the query's bytes
+    path: str  # where its file is: as given to the CLI, or the service's content-named upload
+    vector: np.ndarray
+    confidence: float
+    nearest: str  # the label that scored best, though not well enough
+
+
+def keep_unknown(review: MilvusStore, kept: list[Kept]) -> int:
+    """Store "unknown" queries for review (the same bytes again: one row)."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    review.upsert([
+        ImageRecord(
+            id=item.id, vector=item.vector, path=item.path, label="",
+            metadata={"confidence": round(float(item.confidence), 6), "nearest": item.nearest, "kept_at": now},
+        )
+        for item in kept
+    ])
+    return len(kept)
+
+
+@dataclass
+class ReviewGroup:
+    number: int  # 1-based, in the order listed: `--from-review 2` picks the second group
+    members: list[dict[str, Any]] = field(default_factory=list)  # id, path, confidence, nearest, kept_at
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"group": self.number, "members": self.members}
+
+
+def review_groups(review: MilvusStore | None) -> list[ReviewGroup]:
+    """The kept queries in groups of similar images (largest first), then each one left alone (by path)."""
+    if review is None:
+        return []
+    from imgsearch.duplicates import find_duplicates
+
+    rows = {row["id"]: row for row in review.iter_rows(("id", "path", "metadata"))}
+    if not rows:
+        return []
+    grouped: list[list[str]] = []
+    for group in find_duplicates(review, similar=GROUP_SIMILARITY).groups:
+        ids = [group.representative["id"]] + [member.id for member in group.members if member.copy_of is None]
+        grouped.append([row_id for row_id in dict.fromkeys(ids) if row_id in rows])
+    grouped.sort(key=lambda ids: (-len(ids), rows[ids[0]]["path"]))
+    seen = {row_id for ids in grouped for row_id in ids}
+    grouped += [[row_id] for row_id in sorted(rows.keys() - seen, key=lambda row_id: rows[row_id]["path"])]
+    return [ReviewGroup(number, [_member(rows[row_id]) for row_id in ids]) for number, ids in enumerate(grouped, 1)]
+
+
+def _member(row: dict) -> dict[str, Any]:
+    metadata = row.get("metadata") or {}
+    return {"id": row["id"], "path": row["path"], **{key: metadata.get(key) for key in ("confidence", "nearest", "kept_at")}}
+
+
+def select(review: MilvusStore | None, selection: list[str]) -> list[str]:
+    """Ids of kept queries from group numbers (as `review` lists them) and ids (or unique prefixes of 8+ hex)."""
+    groups = review_groups(review)
+    ids: list[str] = []
+    for token in selection:
+        token = token.strip()
+        if token.isdigit():
+            number = int(token)
+            if not 1 <= number <= len(groups):
+                raise InvalidInputError(f"no review group {number}: `imgsearch review` lists {len(groups)}")
+            ids += [member["id"] for member in groups[number - 1].members]
+            continue
+        if len(token) < MIN_ID_PREFIX or any(c not in "0123456789abcdef" for c in token):
+            raise InvalidInputError(f"{token!r} is neither a review group number nor an id (at least {MIN_ID_PREFIX} hex characters)")
+        matches = [member["id"] for group in groups for member in group.members if member["id"].startswith(token)]
+        if len(matches) != 1:
+            raise InvalidInputError(f"{token} matches {len(matches)} kept queries; give more of the id")
+        ids += matches
+    return list(dict.fromkeys(ids))
+
+
+def enroll_from_review(store: MilvusStore, label: str, selection: list[str], review: MilvusStore | None = None) -> dict[str, Any]:
+    """Make the selected kept queries references of `label` (their vectors are reused) and drop them from review;
+    then recalibrate "unknown" and check the enrolment, as any enrolment does. `review`: the review collection if
+    the caller holds it open (the service), else it is opened and closed here."""
+    label = validate_label(label, required=True)
+    opened_here = review is None
+    review = review or review_store(store, create=False)
+    try:
+        return _enroll(store, review, label, select(review, selection))
+    finally:
+        if opened_here and review is not None:
+            review.close()
+
+
+def _enroll(store: MilvusStore, review: MilvusStore, label: str, ids: list[str]) -> dict[str, Any]:
+    from imgsearch.abstention import self_calibrate
+    from imgsearch.enrolment_check import check_enrolment
+
+    if not ids:
+        raise InvalidInputError("nothing selected: give review group numbers or ids (`imgsearch review` lists them)")
+    rows = review.get(ids, fields=("id", "vector", "path"))
+    store.upsert([ImageRecord(id=row_id, vector=row["vector"], path=row["path"], label=label) for row_id, row in rows.items()])
+    store.add_roots([row["path"] for row in rows.values() if Path(row["path"]).is_absolute()])
+    store.flush()
+    review.delete(list(rows))
+    calibration = self_calibrate(store)
+    check = check_enrolment(store, label, list(rows))
+    return {
+        "label": label, "enrolled": len(rows), "ids": sorted(rows),
+        "calibration": asdict(calibration) if calibration else None, "check": check.to_dict() if check else None,
+    }
