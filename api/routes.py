@@ -210,7 +210,9 @@ async def delete_image(service: ServiceDep, image_id: str):
 
     await asyncio.to_thread(stored_image, service.store, image_id)  # 404 for an unknown or malformed id
     async with service.write_lock:  # row and file go together, never while an upload is being ingested
-        report = await asyncio.to_thread(delete_images, service.store, [image_id], service.settings.upload_dir)
+        report = await asyncio.to_thread(
+            delete_images, service.store, [image_id], service.settings.upload_dir, recalibrate=False
+        )
     if not report.deleted:  # deleted by someone else meanwhile
         raise HTTPException(404, "no stored image with that id")
     return Deleted(deleted=image_id, file_removed=report.deleted[0]["file_removed"])

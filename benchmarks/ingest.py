@@ -131,9 +131,9 @@ def naive_peer_images_per_second(catalog: Path, db: Path, count: int) -> float:
     from pymilvus import MilvusClient
     from torchvision.transforms import v2 as T
 
-    from imgsearch.encoders.lite0 import load_lite0_classifier
+    from imgsearch.encoders.lite import load_lite_classifier
 
-    model = load_lite0_classifier()
+    model = load_lite_classifier()
     model.reset_classifier(0)
     model.eval()
     transform = T.Compose([

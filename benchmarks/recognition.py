@@ -5,6 +5,7 @@
     python benchmarks/recognition.py --milvus        # also recognise 1,000 queries through Milvus Lite
     python benchmarks/recognition.py --tune          # how the prior's weight was chosen (validation split)
     python benchmarks/recognition.py --abstention-only --queries-per-class 200   # only the self-calibrated "unknown"
+    python benchmarks/recognition.py --compare efficientnet_lite0 efficientnet_lite1 efficientnet_lite2 --queries-per-class 200
 
 Needs Debian's dataset-fashion-mnist. Every figure comes from imgsearch.evaluation, the code behind
 `imgsearch eval`; the ablation rows re-score the same vectors with simpler rules to show what helped.
@@ -206,6 +207,68 @@ def print_abstention(args, encoder, options: EvalOptions, references, queries) -
               f"| {calibration.sample} references scored in {calibration.seconds:.1f} s |", flush=True)
 
 
+def compare_models(args, options: EvalOptions, progress) -> None:
+    """The offline Lite models side by side on the same images: Fashion-MNIST (k-NN, 5-shot, late enrolment,
+    open-set AUROC, images/s) and colour photos (19 scikit-image photos as 1-shot references, their 15 edited copies
+    each as queries: benchmarks/duplicates.py makes them), and Lite0 concatenated with the best other one."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from duplicates import build_set
+
+    photo_images, photo_sources, photo_kinds = build_set()
+    photos = [(image, source) for image, source, kind in zip(photo_images, photo_sources, photo_kinds) if source >= 0]
+    is_reference = np.array([kind == "original" for kind, source in zip(photo_kinds, photo_sources) if source >= 0])
+    photo_targets = np.array([source for _, source in photos])
+    compare = replace(options, shots=(5,), episodes=20, k_values=(DEFAULT_K,))
+    rows, encoded = [], {}
+    for name in args.compare:
+        encoder = load_encoder(name, device=args.device, runtime=args.runtime)
+        reference_set, query_set = load_splits(args.dataset, options, encoder.input_size)
+        started = time.perf_counter()
+        references = encode_set(encoder, reference_set, progress, f"{name} references")
+        queries = encode_set(encoder, query_set, progress, f"{name} queries")
+        rate = (len(references.targets) + len(queries.targets)) / (time.perf_counter() - started)
+        photo_vectors = encoder.encode_images([image for image, _ in photos])
+        encoded[name] = (references, queries, photo_vectors)
+        rows.append((name, evaluate_encoded(references, queries, compare), photo_accuracy(photo_vectors, photo_targets, is_reference), rate))
+    if len(args.compare) > 1:
+        first, second = args.compare[0], max(rows[1:], key=lambda row: row[1]["accuracy"])[0]
+        joined = [concatenate(a, b) for a, b in zip(encoded[first], encoded[second])]
+        references, queries = (replace(split, vectors=vectors) for split, vectors in zip(encoded[first][:2], joined[:2]))
+        report = evaluate_encoded(references, queries, compare)
+        rows.append((f"{first} + {second} (concatenated)", report, photo_accuracy(joined[2], photo_targets, is_reference), None))
+    print(f"\n{options.references_per_class} references per class, {len(queries.targets)} test queries; photos: "
+          f"{int(is_reference.sum())} references, {int((~is_reference).sum())} edited copies as queries\n"
+          "| model | k-NN accuracy | 5-shot (20 episodes) | class enrolled later, 5 shots | open-set AUROC "
+          "| photos: edited copy → its photo (accuracy / mean / least cosine) | images/s |\n"
+          "|---|---|---|---|---|---|---|")
+    for name, report, photo, rate in rows:
+        print(f"| {name} | {report['accuracy']:.4f} | {report['n_shot']['5']['mean']:.4f} | "
+              f"{report['late_enrolment']['new_class_accuracy']:.4f} | {report['open_set']['auroc']:.4f} | {photo} | "
+              f"{f'{rate:.0f}' if rate else '-'} |", flush=True)
+
+
+def concatenate(a: np.ndarray | object, b: np.ndarray | object) -> np.ndarray:
+    """Two models' unit vectors side by side, unit length again (each model weighs the same)."""
+    a = a.vectors if hasattr(a, "vectors") else a
+    b = b.vectors if hasattr(b, "vectors") else b
+    joined = np.concatenate([a, b], axis=1)
+    return joined / np.linalg.norm(joined, axis=1, keepdims=True)
+
+
+def photo_accuracy(vectors: np.ndarray, targets: np.ndarray, is_reference: np.ndarray) -> str:
+    """Edited copies recognised against one reference per photo, with the scoring `recognize` uses: accuracy, and
+    the mean and least cosine of a copy to its own photo (how far the edits move it)."""
+    predicted, _ = predict(
+        vectors[is_reference], targets[is_reference], vectors[~is_reference],
+        k=DEFAULT_K, per_class=DEFAULT_PER_CLASS, power=DEFAULT_POWER, density=DEFAULT_DENSITY,
+    )
+    originals = {target: vector for target, vector in zip(targets[is_reference], vectors[is_reference])}
+    cosines = np.array([vector @ originals[target] for target, vector in zip(targets[~is_reference], vectors[~is_reference])])
+    return f"{float((predicted == targets[~is_reference]).mean()):.4f} / {cosines.mean():.3f} / {cosines.min():.3f}"
+
+
 def run_finetune(args, encoder, progress) -> dict:
     options = EvalOptions(
         references_per_class=args.finetune_references_per_class or args.references_per_class,
@@ -244,14 +307,20 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=3, help="backbone stages the fine-tune unfreezes")
     parser.add_argument("--tune", action="store_true", help="only the validation sweep that chose the prior's weight")
     parser.add_argument("--abstention-only", action="store_true", help="only the self-calibrated abstention rows")
+    parser.add_argument("--compare", nargs="+", default=None, metavar="MODEL",
+                        help="only compare these models (e.g. efficientnet_lite0 efficientnet_lite1 efficientnet_lite2)")
     parser.add_argument("--weights", type=Path, default=None, help="Lite0 weights file [default: the installed package]")
     args = parser.parse_args()
 
-    encoder = load_encoder("efficientnet_lite0", weights=args.weights, device=args.device, runtime=args.runtime)
     options = EvalOptions(
         references_per_class=args.references_per_class, queries_per_class=args.queries_per_class, episodes=args.episodes,
         finetune=False, finetune_epochs=args.epochs, workers=args.workers,
     )
+    if args.compare:
+        print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, runtime {args.runtime}", flush=True)
+        compare_models(args, options, lambda line: print("  " + line, flush=True))
+        return
+    encoder = load_encoder("efficientnet_lite0", weights=args.weights, device=args.device, runtime=args.runtime)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, encoder {encoder.name} on {encoder.device_type} "
           f"({type(encoder).__name__})", flush=True)
     def progress(line: str) -> None:

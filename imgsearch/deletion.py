@@ -44,9 +44,13 @@ def stored_image(store: MilvusStore, image_id: str) -> dict:
     return row
 
 
-def delete_images(store: MilvusStore, ids: Iterable[str], upload_dir: Path, *, dry_run: bool = False) -> DeleteReport:
+def delete_images(
+    store: MilvusStore, ids: Iterable[str], upload_dir: Path, *, dry_run: bool = False, recalibrate: bool = True
+) -> DeleteReport:
     """Delete the rows, and each row's file when the service stored it at upload (under `upload_dir`; catalog files
-    are the user's). Uploads are content-named, so no other row shares such a file. Unknown ids are reported."""
+    are the user's). Uploads are content-named, so no other row shares such a file. Unknown ids are reported.
+    `recalibrate`: when labeled rows went, recompute the self-calibrated "unknown" threshold (the service's
+    one-image deletes leave it to the next enrolment: at 100k references it takes about a minute)."""
     wanted = list(dict.fromkeys(ids))
     for image_id in wanted:
         validate_id(image_id)
@@ -62,7 +66,7 @@ def delete_images(store: MilvusStore, ids: Iterable[str], upload_dir: Path, *, d
         if removable and not dry_run:
             path.unlink()
         report.deleted.append({"id": row["id"], "path": row["path"], "label": row["label"], "file_removed": removable})
-    if not dry_run and any(row["label"] for row in found):  # references went: "unknown" is recalibrated
+    if recalibrate and not dry_run and any(row["label"] for row in found):  # references went: recalibrate "unknown"
         from imgsearch.abstention import self_calibrate
 
         self_calibrate(store)

@@ -2,8 +2,8 @@
 
 For the references just enrolled under a label:
 - how tightly they cluster (mean and least pairwise cosine);
-- which other labels they lie nearer to than to each other ("3 of 5 photos are nearer to `shirt` than to each
-  other": a wrong label, or a class the catalog already holds under another name);
+- which other labels they lie nearer to than to the other photos of their label ("3 of 5 photos are nearer to
+  'shirt' than to the other photos of 'blouse'": a wrong label, or a class the catalog holds under another name);
 - the expected effect on those labels: their references recognised leave-one-out (own row excluded, the scoring
   `recognize` uses) without the new label and with it, the accuracy before and after.
 """
@@ -62,19 +62,20 @@ def check_enrolment(store: MilvusStore, label: str, ids: list[str], *, k: int = 
                 f"the {len(order)} photos of {visible(label)!r} are not alike (mean similarity {check.mean_similarity:.2f}): "
                 "several different things under one label?"
             )
-    np.fill_diagonal(similarity, -np.inf)
-    nearest_own = similarity.max(axis=1) if len(order) > 1 else np.full(len(order), -np.inf)
-    others = f"{LABELED} and label != {string_literal(label)}"
+    # Each new photo's nearest other reference of its own label (new or enrolled before) against its nearest of
+    # any other label; a photo alone in its label has nothing to be compared with.
+    own_hits = store.search(vectors, k=2, filter=f"label == {string_literal(label)}", fields=("label",))
+    other_hits = store.search(vectors, k=1, filter=f"{LABELED} and label != {string_literal(label)}", fields=("label",))
     nearer: Counter = Counter()
-    for hits, own in zip(store.search(vectors, k=1, filter=others, fields=("label",)), nearest_own):
-        if hits and hits[0].score > own:
-            nearer[hits[0].label] += 1
+    for row_id, own, other in zip(order, own_hits, other_hits):
+        fellows = [hit.score for hit in own if hit.id != row_id]
+        if fellows and other and other[0].score > fellows[0]:
+            nearer[other[0].label] += 1
     check.nearer_elsewhere = dict(nearer.most_common())
     for other, count in nearer.most_common(AFFECTED_LABELS):
         check.effect.append(_effect(store, other, label, k))
-        share = "the photo is" if len(order) == 1 else f"{count} of {len(order)} photos are"
-        than = "than to any photo of its label" if len(order) == 1 else "than to each other"
-        check.warnings.append(f"{share} nearer to {visible(other)!r} {than}")
+        share = "1 photo is" if count == 1 else f"{count} of {len(order)} photos are"
+        check.warnings.append(f"{share} nearer to {visible(other)!r} than to the other photos of {visible(label)!r}")
     for effect in check.effect:
         if effect["accuracy_before"] is not None and effect["accuracy_after"] < effect["accuracy_before"] - 0.05:
             check.warnings.append(

@@ -305,10 +305,10 @@ def second_model_weights(tmp_path_factory):
     `timm:tf_efficientnet_lite0` (another encoder identity and preprocessing; no download)."""
     from safetensors.torch import save_file
 
-    from imgsearch.encoders.lite0 import load_lite0_classifier
+    from imgsearch.encoders.lite import load_lite_classifier
 
     path = tmp_path_factory.mktemp("weights") / "tf_efficientnet_lite0.safetensors"
-    save_file({key: value.contiguous() for key, value in load_lite0_classifier().state_dict().items()}, str(path))
+    save_file({key: value.contiguous() for key, value in load_lite_classifier().state_dict().items()}, str(path))
     return path
 
 

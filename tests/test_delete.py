@@ -35,6 +35,8 @@ def test_delete_by_id_and_by_filter(ingested):
     assert "would delete 2 images" in dry.stdout and count(uri) == 18
     run_cli(["delete", "--filter", 'label == "coat"', "--uri", uri], check=True)
     assert count(uri) == 16
+    own = json.loads(run_cli(["info", "--uri", uri, "--json"], check=True).stdout)["self_calibration"]
+    assert (own["references"], own["labels"]) == (16, 9)  # the references that went no longer calibrate "unknown"
     assert all(path.is_file() for path in catalog.rglob("*.png"))  # rows go, catalog files stay
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from imgsearch.encoders import load_encoder
-from imgsearch.encoders.lite0 import lite0_preprocess, load_lite0_classifier
+from imgsearch.encoders.lite import lite_preprocess, load_lite_classifier
 from imgsearch.errors import InvalidWeightsError, UnknownModelError, WeightsNotFoundError
 
 pytestmark = pytest.mark.slow  # real weights
@@ -17,14 +17,32 @@ CAT_CLASSES = {281: "tabby", 282: "tiger cat", 285: "Egyptian cat"}
 
 
 def test_lite0_weights_are_real_imagenet_weights(photos):
-    model = load_lite0_classifier()
+    model = load_lite_classifier()
     with torch.inference_mode():
-        logits = model(torch.from_numpy(lite0_preprocess()(photos["chelsea"]))[None])
+        logits = model(torch.from_numpy(lite_preprocess()(photos["chelsea"]))[None])
     top3 = logits.topk(3).indices[0].tolist()
     assert set(top3) & set(CAT_CLASSES), f"chelsea predicted as ImageNet classes {top3}"
     with torch.inference_mode():
-        coffee = model(torch.from_numpy(lite0_preprocess()(photos["coffee"]))[None]).argmax().item()
+        coffee = model(torch.from_numpy(lite_preprocess()(photos["coffee"]))[None]).argmax().item()
     assert coffee == 967  # espresso
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_lite1_and_lite2_load_offline_with_real_weights_in_both_runtimes(name, photos, tmp_path):
+    from imgsearch.encoders.lite import MODELS
+
+    model = load_lite_classifier(name)
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(lite_preprocess(name)(photos["chelsea"]))[None])
+    top3 = logits.topk(3).indices[0].tolist()
+    assert set(top3) & set(CAT_CLASSES), f"{name}: chelsea predicted as ImageNet classes {top3}"
+    onnx = load_encoder(name, device="cpu", runtime="onnx", onnx_cache=tmp_path)
+    torch_encoder = load_encoder(name, device="cpu", runtime="torch")
+    size = MODELS[name].input_size
+    assert (onnx.name, onnx.dim, onnx.input_size, type(onnx).__name__) == (name, 1280, size, "OnnxEncoder")
+    images = [photos["chelsea"], photos["coffee"]]
+    fast, reference = onnx.encode_images(images), torch_encoder.encode_images(images)
+    assert np.allclose(fast, reference, atol=1e-4) and fast[0] @ fast[1] < 0.5
 
 
 def test_lite0_vectors_are_unit_float32(encoder, photos):
@@ -36,7 +54,7 @@ def test_lite0_vectors_are_unit_float32(encoder, photos):
 
 
 def test_lite0_inputs_are_scaled_to_plus_minus_one(photos):
-    tensor = lite0_preprocess()(photos["camera"])
+    tensor = lite_preprocess()(photos["camera"])
     assert tensor.shape == (3, 224, 224)
     assert -1.0 <= tensor.min() < -0.9 and 0.9 < tensor.max() <= 1.0
 

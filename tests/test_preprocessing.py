@@ -69,9 +69,9 @@ def test_torch_resizes_that_pillow_does_not_reproduce_keep_their_torch_preproces
 def test_lite0_preprocessing_is_scaled_to_plus_minus_one_and_picklable(images):
     import pickle
 
-    from imgsearch.encoders.lite0 import lite0_preprocess
+    from imgsearch.encoders.lite import lite_preprocess
 
-    spec = lite0_preprocess()
+    spec = lite_preprocess()
     for image in images:
         values = spec(image)
         assert values.shape == (3, 224, 224) and values.dtype == np.float32 and -1.0 <= values.min() and values.max() <= 1.0

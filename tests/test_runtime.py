@@ -54,7 +54,7 @@ def test_the_export_is_cached_with_its_card_and_reopened_without_the_torch_model
 
 
 def test_another_weights_file_is_another_export(tmp_path):
-    from imgsearch.encoders.lite0 import packaged_weights_path
+    from imgsearch.encoders.lite import packaged_weights_path
     from imgsearch.encoders.onnx_runtime import cache_stem
 
     copy = tmp_path / "lite0.pth"

