@@ -97,7 +97,8 @@ def load_self_calibration(store: MilvusStore) -> SelfCalibration | None:
 
 
 def self_calibrate(store: MilvusStore, *, k: int = DEFAULT_K) -> SelfCalibration | None:
-    """Recompute and store the collection's own threshold; None (and nothing stored) with fewer than two labels."""
+    """Recompute and store the collection's own threshold; None (and none stored) with fewer than two labels, or
+    no label with two references or more."""
     started = time.perf_counter()
     ids_by_label: dict[str, list[str]] = defaultdict(list)
     for row in store.iter_rows(("id", "label"), batch_size=4000, filter=LABELED):
@@ -123,7 +124,8 @@ def self_calibrate(store: MilvusStore, *, k: int = DEFAULT_K) -> SelfCalibration
         queries = np.stack([vectors[row_id] for _, row_id in chunk])
         results = store.search(queries, k=width, filter=LABELED, search_params=search_params(width), fields=("label",))
         for (label, row_id), query, hits in zip(chunk, queries, results):
-            known += score_left_out(store, query, [hit for hit in hits if hit.id != row_id][:k], label, counts, vectors)
+            if counts[label] > 1:  # a reference alone in its label cannot be left out of it and still be known
+                known += score_left_out(store, query, [hit for hit in hits if hit.id != row_id][:k], label, counts, vectors)
             unknown += _unknown(query, [hit for hit in hits if hit.label != label][:k], counts, store, vectors)
     for label, ids in sample.items():
         if counts[label] <= WIDE_SEARCH:
@@ -137,7 +139,8 @@ def self_calibrate(store: MilvusStore, *, k: int = DEFAULT_K) -> SelfCalibration
             for row_id, query, hits, other_hits in zip(chunk, queries, results, excluded):
                 known += score_left_out(store, query, [hit for hit in hits if hit.id != row_id][:k], label, counts, vectors)
                 unknown += _unknown(query, other_hits, counts, store, vectors)
-    if not known or not unknown:
+    if not known or not unknown:  # e.g. one reference per label: nothing to learn a known answer's score from
+        store.set_properties({SELF_CALIBRATION_PROPERTY: ""})
         return None
     threshold, margin = choose_abstention(known, unknown)
     calibration = SelfCalibration(

@@ -124,6 +124,9 @@ def test_calibration_is_stored_with_the_collection(make_store):
 def test_the_references_calibrate_unknown_themselves_and_the_sources_take_turns(make_store, vectors_by_class):
     from imgsearch.abstention import resolve_abstention, self_calibrate
 
+    singles = make_store(collection="one_photo_each")
+    store_references(singles, vectors_by_class, KNOWN, 1)
+    assert self_calibrate(singles) is None  # no label has a second reference to leave one out of
     store = make_store()
     assert resolve_abstention(store, None).source == "none"
     store_references(store, vectors_by_class, ["bag"], 20)
