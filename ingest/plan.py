@@ -10,7 +10,7 @@ names that path.
 
 Several files with the same bytes are one row; the other paths are recorded in its metadata (`record_copies`), so
 `imgsearch duplicates` can report them, and a row whose file changed or went keeps its vector under a copy that still
-holds those bytes (`rows_to_copies`) instead of being deleted.
+holds those bytes (`_delete_or_move_to_copies`) instead of being deleted.
 """
 
 from __future__ import annotations
@@ -140,13 +140,15 @@ def drop_replaced(store: MilvusStore, replaced: dict[str, str]) -> int:
 
 def update_moved(store: MilvusStore, moved: list[tuple[CatalogEntry, str]]) -> int:
     """Renamed or relabelled files keep their vector: rewrite the row's fields without re-encoding (and keep the
-    copies recorded for it, less the path it moves to)."""
+    copies recorded for it, less the path it moves to, plus the path it leaves when that file is still there: an
+    enrolment relabels stored content through another copy of it)."""
     if not moved:
         return 0
-    stored = store.get([digest for _, digest in moved], fields=("id", "vector", "metadata"))
+    stored = store.get([digest for _, digest in moved], fields=("id", "vector", "path", "metadata"))
     records = []
     for entry, digest in moved:
-        copies = [copy for copy in recorded_copies(stored[digest].get("metadata")) if copy != str(entry.path)]
+        left = [stored[digest]["path"]] if stored[digest]["path"] != str(entry.path) and Path(stored[digest]["path"]).exists() else []
+        copies = [copy for copy in recorded_copies(stored[digest].get("metadata")) + left if copy != str(entry.path)]
         metadata, _ = with_copies(entry.metadata, copies)
         records.append(ImageRecord(id=digest, vector=stored[digest]["vector"], path=str(entry.path), label=entry.label, metadata=metadata))
     store.upsert(records)

@@ -82,7 +82,9 @@ def test_enrolling_stored_content_relabels_it_without_reencoding(make_store, onn
     copy.write_bytes(class_files("sneaker")[0].read_bytes())
     report = enroll_paths(onnx_encoder, store, "trainer", [copy], load_settings(workers=0))
     assert (report.indexed, report.updated) == (0, 1)
-    assert store.get([file_sha256(copy)])[file_sha256(copy)]["label"] == "trainer"
+    row = store.get([file_sha256(copy)])[file_sha256(copy)]
+    assert row["label"] == "trainer" and row["path"] == str(copy.resolve())
+    assert row["metadata"] == {"imgsearch.copies": [str(class_files("sneaker")[0])]}  # the file it left is still a copy
 
 
 def test_unseen_classes_abstain_more_often_than_known_ones(make_store, vectors_by_class):
