@@ -123,10 +123,12 @@ def self_calibrate(store: MilvusStore, *, k: int = DEFAULT_K) -> SelfCalibration
         width = k + max(counts[label] for label, _ in chunk)
         queries = np.stack([vectors[row_id] for _, row_id in chunk])
         results = store.search(queries, k=width, filter=LABELED, search_params=search_params(width), fields=("label",))
-        for (label, row_id), query, hits in zip(chunk, queries, results):
+        own_left_out = with_vectors(store, [[hit for hit in hits if hit.id != row_id][:k] for (_, row_id), hits in zip(chunk, results)], vectors)
+        label_left_out = with_vectors(store, [[hit for hit in hits if hit.label != label][:k] for (label, _), hits in zip(chunk, results)], vectors)
+        for (label, _), query, hits, other_hits in zip(chunk, queries, own_left_out, label_left_out):
             if counts[label] > 1:  # a reference alone in its label cannot be left out of it and still be known
-                known += score_left_out(store, query, [hit for hit in hits if hit.id != row_id][:k], label, counts, vectors)
-            unknown += _unknown(query, [hit for hit in hits if hit.label != label][:k], counts, store, vectors)
+                known += score_left_out(query, hits, label, counts)
+            unknown += _unknown(query, other_hits, counts)
     for label, ids in sample.items():
         if counts[label] <= WIDE_SEARCH:
             continue
@@ -136,9 +138,10 @@ def self_calibrate(store: MilvusStore, *, k: int = DEFAULT_K) -> SelfCalibration
             results = store.search(queries, k=k + 1, filter=LABELED, search_params=search_params(k + 1), fields=("label",))
             others = f"{LABELED} and label != {string_literal(label)}"
             excluded = store.search(queries, k=k, filter=others, search_params=search_params(k), fields=("label",))
-            for row_id, query, hits, other_hits in zip(chunk, queries, results, excluded):
-                known += score_left_out(store, query, [hit for hit in hits if hit.id != row_id][:k], label, counts, vectors)
-                unknown += _unknown(query, other_hits, counts, store, vectors)
+            own_left_out = with_vectors(store, [[hit for hit in hits if hit.id != row_id][:k] for row_id, hits in zip(chunk, results)], vectors)
+            for query, hits, other_hits in zip(queries, own_left_out, with_vectors(store, excluded, vectors)):
+                known += score_left_out(query, hits, label, counts)
+                unknown += _unknown(query, other_hits, counts)
     if not known or not unknown:  # e.g. one reference per label: nothing to learn a known answer's score from
         store.set_properties({SELF_CALIBRATION_PROPERTY: ""})
         return None
@@ -167,25 +170,24 @@ def _sample(ids_by_label: dict[str, list[str]]) -> dict[str, list[str]]:
     return sample
 
 
-def score_left_out(store, query, hits, label, counts, vectors) -> list[tuple[bool, float, float]]:
-    """A reference of `label` recognised from `hits`, its own row already left out (so its label counts one less):
-    [(right, confidence, margin)], or [] with no neighbour. `vectors` caches what was read, by id."""
-    [hits] = _with_vectors(store, [hits], vectors)
+def score_left_out(query, hits, label, counts) -> list[tuple[bool, float, float]]:
+    """A reference of `label` recognised from `hits` (with vectors: `with_vectors`), its own row already left out,
+    so its label counts one less: [(right, confidence, margin)], or [] with no neighbour."""
     if not hits:
         return []
     best, confidence, margin = _best(_scores(query, hits, {**counts, label: counts[label] - 1}))
     return [(best == label, confidence, margin)]
 
 
-def _unknown(query, hits, counts, store, vectors) -> list[float]:
+def _unknown(query, hits, counts) -> list[float]:
     """A reference recognised with its whole label left out, as a never-enrolled class would be: [confidence]."""
-    [hits] = _with_vectors(store, [hits], vectors)
     return [_best(_scores(query, hits, counts))[1]] if hits else []
 
 
-def _with_vectors(store, results, vectors: dict[str, np.ndarray]):
-    """The hits scoring reads (each label's first DEFAULT_PER_CLASS), with their vectors, fetched once per id:
-    searches that return every neighbour's vector cost ~0.8 s per call on Milvus Lite."""
+def with_vectors(store, results, vectors: dict[str, np.ndarray]):
+    """For each list of hits, the ones scoring reads (each label's first DEFAULT_PER_CLASS) with their vectors,
+    fetched in one read and cached in `vectors` by id: searches that return every neighbour's vector cost ~0.8 s
+    per call on Milvus Lite."""
     trimmed = []
     for hits in results:
         seen: Counter = Counter()

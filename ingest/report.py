@@ -6,9 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-# progress(stage, done, total): stage is "scan" (total unknown: None), "encode", "calibrate" (the abstention
-# threshold), or "index" (Milvus Lite building its
-# search index after the writes: no counts)
+# progress(stage, done, total): stage is "scan" (total unknown: None), "encode", "index" (Milvus Lite building its
+# search index after the writes: no counts) or "calibrate" (the self-calibrated abstention threshold: no counts)
 ProgressCallback = Callable[[str, int, int | None], None]
 
 

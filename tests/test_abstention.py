@@ -68,14 +68,20 @@ def test_without_eval_a_photo_from_outside_the_catalog_is_unknown_and_the_catalo
     assert "unknown" in text.stdout and "self-calibrated on 165 references" in text.stderr
 
 
-def test_the_enrolment_check_names_the_label_that_photos_enrolled_under_a_wrong_name_belong_to(tmp_path):
-    catalog = tmp_path / "catalog"
+def ingested_four_classes(root) -> str:
+    """A Lite file holding 20 references each of trouser, dress, bag and sneaker, ingested by the CLI."""
+    catalog = root / "catalog"
     for name in ("trouser", "dress", "bag", "sneaker"):
         (catalog / name).mkdir(parents=True)
         for source in sorted((FASHION_DIR / name).glob("*.png"))[:20]:
             shutil.copy(source, catalog / name / source.name)
-    uri = str(tmp_path / "check.db")
+    uri = str(root / "four.db")
     run_cli(["ingest", str(catalog), "--uri", uri], check=True)
+    return uri
+
+
+def test_the_enrolment_check_names_the_label_that_photos_enrolled_under_a_wrong_name_belong_to(tmp_path):
+    uri = ingested_four_classes(tmp_path)
     wrong = tmp_path / "wrong"
     wrong.mkdir()
     for source in sorted((FASHION_DIR / "trouser").glob("*.png"))[20:25]:  # trousers, not in the catalog
@@ -95,13 +101,7 @@ def test_review_keeps_unknown_queries_lists_them_in_groups_and_enrols_a_group(tm
     from PIL import Image
     from skimage import data
 
-    catalog = tmp_path / "catalog"
-    for name in ("trouser", "dress", "bag", "sneaker"):
-        (catalog / name).mkdir(parents=True)
-        for source in sorted((FASHION_DIR / name).glob("*.png"))[:20]:
-            shutil.copy(source, catalog / name / source.name)
-    uri = str(tmp_path / "review.db")
-    run_cli(["ingest", str(catalog), "--uri", uri], check=True)
+    uri = ingested_four_classes(tmp_path)
     queries = tmp_path / "queries"
     queries.mkdir()
     cat, rocket = Image.fromarray(data.chelsea()), Image.fromarray(data.rocket())
