@@ -1,11 +1,16 @@
 """The CUDA path, checked and timed in one run (needs a GPU; prints what it measured).
 
-    python benchmarks/gpu.py [--images 8000] [--batch-size 256] [--workers 15] [--lite0-weights PATH]
+    python benchmarks/gpu.py [--images 8000] [--also 32000] [--batch-size 256] [--workers 15] [--lite0-weights PATH]
+                             [--server-uri URL]
 
 1. Correctness: Lite0 vectors on the GPU (bf16 autocast, channels_last) against the CPU in float32, per image;
-   then rows stored by a GPU `imgsearch ingest` against CPU vectors of the same files. Both need cosine >= 0.99.
+   JPEGs decoded by nvJPEG (encoders/jpeg_decoder.py) against the CPU decode path, per image; then rows stored by
+   a GPU `imgsearch ingest` against CPU vectors of the same files. All need cosine >= 0.99.
 2. Encoder only: Lite0 and ViT-B/32 on preprocessed batches already in host memory (copy in, vectors out).
-3. End to end: whole-process `imgsearch ingest` of camera-size JPEGs into a fresh Milvus Lite file, on CUDA.
+3. End to end: whole-process `imgsearch ingest` of camera-size JPEGs on CUDA, for Lite0 and ViT-B/32: JPEGs decoded
+   by the CPU workers vs on the GPU, into a fresh Milvus Lite file and into a Milvus server (--server-uri, or one
+   started from .mv/bin/milvus-server when that exists), at --images and at --also images; with the peak memory
+   (PSS) of the ingest's process tree, which should stay flat from the smaller catalog to the larger.
 ViT-B/32 runs with RANDOM-INIT weights written here (timing only: no ViT weights exist offline); Lite0 with its
 real weights.
 """
@@ -13,7 +18,7 @@ real weights.
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
 import subprocess
 import sys
@@ -29,8 +34,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.ingest import make_catalog  # noqa: E402
-from imgsearch.encoders import load_torch_encoder  # noqa: E402
+from benchmarks.ingest import make_catalog, run_ingest  # noqa: E402
+from benchmarks.writer import SERVER_BINARY, milvus_server  # noqa: E402
+from imgsearch.encoders import device_jpeg_decoder, load_torch_encoder  # noqa: E402
+from imgsearch.encoders.jpeg_decoder import DeviceJpegDecoder  # noqa: E402
 from imgsearch.images import load_image  # noqa: E402
 
 
@@ -50,23 +57,6 @@ def encoder_only(encoder, tensors: torch.Tensor, batch_size: int) -> float:
     return len(tensors) / (time.perf_counter() - started)
 
 
-def ingest(
-    catalog: Path, db: Path, model: str, weights: Path | None, batch_size: int, workers: int, device: str,
-    code: Path = ROOT, env: dict | None = None,
-) -> tuple[float, dict]:
-    command = [sys.executable, "-m", "imgsearch.cli", "ingest", str(catalog), "--uri", str(db), "--json", "--model", model,
-               "--device", device, "--runtime", "torch", "--batch-size", str(batch_size), "--workers", str(workers)]
-    if weights:
-        command += ["--weights", str(weights)]
-    started = time.perf_counter()
-    environment = {**os.environ, **(env or {})}
-    result = subprocess.run(command, capture_output=True, text=True, cwd=code, env=environment)  # `-m` imports from cwd first
-    seconds = time.perf_counter() - started
-    if result.returncode != 0:
-        raise SystemExit(f"ingest {model} failed:\n{result.stderr[-3000:]}")
-    return seconds, json.loads(result.stdout)
-
-
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
@@ -74,6 +64,8 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=8000)
+    parser.add_argument("--also", type=int, default=32000, help="a larger catalog for the same runs (0: none)")
+    parser.add_argument("--server-uri", help="a running Milvus server; default: start .mv/bin/milvus-server if present")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     parser.add_argument("--floor-images", type=int, default=4096)
@@ -89,14 +81,19 @@ def main() -> None:
     print(f"GPU {name}, torch {torch.__version__}, {os.cpu_count()} CPUs", flush=True)
     args.work.mkdir(parents=True, exist_ok=True)
 
-    started = time.perf_counter()
-    catalog = make_catalog_in_parallel(args.work / "catalog", args.images, min(16, os.cpu_count() or 2))
+    catalogs = {}
+    for count in [args.images] + ([args.also] if args.also else []):
+        started = time.perf_counter()
+        catalogs[count] = make_catalog_in_parallel(args.work / f"catalog-{count}", count, min(16, os.cpu_count() or 2))
+        print(f"catalog: {count} JPEGs (800x600 to 2000x1500) made in {time.perf_counter() - started:.1f} s", flush=True)
+    catalog = catalogs[args.images]
     paths = sorted(catalog.rglob("*.jpg"))
-    print(f"catalog: {len(paths)} JPEGs (800x600 to 2000x1500) made in {time.perf_counter() - started:.1f} s", flush=True)
 
     # 1. correctness, encoder level
     gpu = load_torch_encoder("efficientnet_lite0", weights=args.lite0_weights, device=args.device)
     cpu = load_torch_encoder("efficientnet_lite0", weights=args.lite0_weights, device="cpu")
+    # nvJPEG on CUDA; the same code on the CPU (libjpeg) when rehearsing
+    gpu_decoder = device_jpeg_decoder(gpu) if args.device == "cuda" else DeviceJpegDecoder(gpu.spec, "cpu", gpu.input_size)
     sample = torch.stack([gpu.preprocess(load_image(path, min_side=224)) for path in paths[:64]])
     on_gpu = gpu.encode(sample)  # 64 images: the CUDA-graph path on CUDA
     agreement = cosines(on_gpu, cpu.encode(sample))
@@ -132,39 +129,76 @@ def main() -> None:
     if args.device == "cuda":
         torch.cuda.empty_cache()
 
+    # 1b. nvJPEG against the CPU decode path, same files
+    if gpu_decoder is None:
+        print("FAIL: torchvision has no nvJPEG decoder on this device; ingest decodes every JPEG on the CPU", flush=True)
+    else:
+        from imgsearch.ingest.torch_reader import byte_tensor
+
+        datas = [path.read_bytes() for path in paths[:64]]
+        decoded, refused = gpu_decoder.decode([byte_tensor(data) for data in datas], [1] * len(datas))
+        lite_gpu = load_torch_encoder("efficientnet_lite0", weights=args.lite0_weights, device=args.device)
+        nvjpeg = cosines(lite_gpu.encode(decoded), cpu.encode(sample))
+        print(f"nvJPEG decode + GPU resize vs the CPU decode path, Lite0 vectors of {len(datas) - len(refused)} files: "
+              f"min cosine {nvjpeg.min():.5f}, mean {nvjpeg.mean():.5f} -> {'PASS' if nvjpeg.min() >= 0.99 and not refused else 'FAIL'}",
+              flush=True)
+        del lite_gpu
+
     # 3. end to end
+    server = contextlib.nullcontext(args.server_uri) if args.server_uri else (
+        milvus_server() if SERVER_BINARY.exists() else contextlib.nullcontext(None))
     rows = []
-    eager = {"IMGSEARCH_CUDA_GRAPHS": "false"}
-    runs = [("Lite0", "efficientnet_lite0", args.lite0_weights, lite0_floor, ROOT, {}),
-            ("Lite0, eager (no CUDA graphs)", "efficientnet_lite0", args.lite0_weights, lite0_floor, ROOT, eager)]
-    if args.baseline_code:
-        runs.append(("Lite0, baseline code", "efficientnet_lite0", args.lite0_weights, lite0_floor, args.baseline_code.resolve(), {}))
-    runs.append(("ViT-B/32 (random init)", "open_clip:ViT-B-32", vit_weights, vit_floor, ROOT, {}))
-    runs.append(("ViT-B/32 (random init), eager", "open_clip:ViT-B-32", vit_weights, vit_floor, ROOT, eager))
-    for label, model, weights, floor, code, env in runs:
-        db = args.work / f"{model.replace(':', '_').replace('-', '_')}.db"
-        subprocess.run(["rm", "-rf", str(db)], check=True)
-        seconds, report = ingest(catalog, db, model, weights, args.batch_size, args.workers, args.device, code, env)
-        stages = report["stages"]
-        rows.append((label, report["indexed"], seconds, report["indexed"] / seconds, report["images_per_second"], floor))
-        print(f"{label}: indexed {report['indexed']} (failed {len(report['failed'])}) in {seconds:.1f} s whole process = "
-              f"{report['indexed'] / seconds:.0f} images/s; pipeline {report['images_per_second']:.0f} images/s; "
-              f"stages decode {stages['decode_seconds']:.1f} s (in {report['workers']} workers), encoder waited "
-              f"{stages['wait_seconds']:.1f} s, encode {stages['encode_seconds']:.1f} s, insert {stages['insert_seconds']:.1f} s", flush=True)
-        if label == "Lite0":
-            from imgsearch.store import MilvusStore
+    with server as server_uri:
+        if server_uri is None:
+            print(f"no Milvus server (--server-uri, or {SERVER_BINARY}): Milvus Lite rows only", flush=True)
+        models = [("Lite0", "efficientnet_lite0", args.lite0_weights, lite0_floor), ("ViT-B/32 (random init)", "open_clip:ViT-B-32", vit_weights, vit_floor)]
+        runs = []
+        for label, model, weights, floor in models:
+            runs += [(label, model, weights, floor, args.images, "lite", "cpu"), (label, model, weights, floor, args.images, "lite", "gpu")]
+            if server_uri:
+                runs += [(label, model, weights, floor, count, "server", decode) for count in catalogs for decode in ("cpu", "gpu")]
+            elif args.also:
+                runs.append((label, model, weights, floor, args.also, "lite", "gpu"))
+        if args.baseline_code:
+            runs.append(("Lite0, baseline code", "efficientnet_lite0", args.lite0_weights, lite0_floor, args.images, "lite", "cpu"))
+        for label, model, weights, floor, count, backend, decode in runs:
+            name = f"{model.replace(':', '_').replace('-', '_')}_{count}_{decode}"
+            db = args.work / f"{name}.db"
+            subprocess.run(["rm", "-rf", str(db), str(args.work / f"{name}.hashes")], check=True)
+            uri = str(db) if backend == "lite" else server_uri
+            extra = ("--model", model, "--device", args.device, "--runtime", "torch", "--workers", str(args.workers),
+                     "--collection", f"bench_{name}_{backend}") + (("--weights", str(weights)) if weights else ())
+            code = args.baseline_code.resolve() if label.endswith("baseline code") else ROOT
+            seconds, report, peak = run_ingest(
+                catalogs[count], uri, args.batch_size, "torch", extra, {"IMGSEARCH_GPU_DECODE": str(decode == "gpu").lower()},
+                code=code, hash_cache=args.work / f"{name}.hashes",
+            )
+            stages = report["stages"]
+            rows.append((label, count, backend, decode, seconds, report["indexed"] / seconds, report["images_per_second"], floor, peak))
+            print(f"{label}, {count} images, {backend}, {decode} decode: indexed {report['indexed']} (failed "
+                  f"{len(report['failed'])}, {report.get('gpu_decoded', 0)} decoded on the GPU) in {seconds:.1f} s whole "
+                  f"process = {report['indexed'] / seconds:.0f} images/s; pipeline {report['images_per_second']:.0f} images/s; "
+                  f"stages decode {stages['decode_seconds']:.1f} s (in {report['workers']} workers), encoder waited "
+                  f"{stages['wait_seconds']:.1f} s, encode {stages['encode_seconds']:.1f} s, insert {stages['insert_seconds']:.1f} s "
+                  f"({report.get('writer', 'thread')}); peak PSS {peak / 2**20:.0f} MiB", flush=True)
+            if model == "efficientnet_lite0" and backend == "lite" and count == args.images and decode == "gpu":
+                from imgsearch.store import MilvusStore
 
-            with MilvusStore.open_existing(str(db), "imgsearch_efficientnet_lite0") as store:
-                stored = [row for _, row in zip(range(64), store.iter_rows(("id", "path", "vector")))]
-            mine = cpu.encode(torch.stack([cpu.preprocess(load_image(row["path"], min_side=224)) for row in stored]))
-            agreement = cosines(np.array([row["vector"] for row in stored]), mine)
-            print(f"rows stored by the GPU ingest vs CPU vectors of the same files ({len(stored)}): min cosine "
-                  f"{agreement.min():.5f} -> {'PASS' if agreement.min() >= 0.99 else 'FAIL'}", flush=True)
+                with MilvusStore.open_existing(uri, f"bench_{name}_{backend}") as store:
+                    stored = [row for _, row in zip(range(64), store.iter_rows(("id", "path", "vector")))]
+                mine = cpu.encode(torch.stack([cpu.preprocess(load_image(row["path"], min_side=224)) for row in stored]))
+                agreement = cosines(np.array([row["vector"] for row in stored]), mine)
+                print(f"rows stored by the GPU ingest (GPU decode) vs CPU vectors of the same files ({len(stored)}): min cosine "
+                      f"{agreement.min():.5f} -> {'PASS' if agreement.min() >= 0.99 else 'FAIL'}", flush=True)
+            if backend == "server":
+                from pymilvus import MilvusClient
 
-    print("\n| model | images | whole process s | whole process img/s | pipeline img/s | encoder only img/s | pipeline / encoder |")
-    print("|---|---|---|---|---|---|---|")
-    for label, count, seconds, whole, pipeline, floor in rows:
-        print(f"| {label} | {count} | {seconds:.1f} | {whole:.0f} | {pipeline:.0f} | {floor:.0f} | {pipeline / floor:.2f} |")
+                MilvusClient(uri=server_uri).drop_collection(f"bench_{name}_{backend}")
+
+    print("\n| model | images | store | JPEG decode | whole process s | whole process img/s | pipeline img/s | encoder only img/s | peak PSS MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, count, backend, decode, seconds, whole, pipeline, floor, peak in rows:
+        print(f"| {label} | {count} | {backend} | {decode} | {seconds:.1f} | {whole:.0f} | {pipeline:.0f} | {floor:.0f} | {peak / 2**20:.0f} |")
 
 
 if __name__ == "__main__":

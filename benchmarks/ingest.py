@@ -99,14 +99,20 @@ def _tree_pss_bytes(root_pid: int) -> int:
     return total
 
 
-def run_ingest(catalog: Path, db: Path, batch_size: int, runtime: str) -> tuple[float, dict, int]:
-    """Whole-process `imgsearch ingest`; returns wall seconds, its JSON report and the peak RSS of its process tree."""
+def run_ingest(
+    catalog: Path, db: Path | str, batch_size: int, runtime: str, extra: tuple[str, ...] = (), env: dict | None = None,
+    code: Path = ROOT, hash_cache: Path | None = None,
+) -> tuple[float, dict, int]:
+    """Whole-process `imgsearch ingest` (`extra` arguments and `env` added; `code`: the checkout whose imgsearch runs);
+    returns wall seconds, its JSON report and the peak memory (PSS) of its process tree."""
     command = [sys.executable, "-m", "imgsearch.cli", "ingest", str(catalog), "--uri", str(db), "--json",
-               "--batch-size", str(batch_size), "--runtime", runtime]
+               "--batch-size", str(batch_size), "--runtime", runtime, *extra]
     peak = 0
     started = time.perf_counter()
-    env = {**os.environ, "IMGSEARCH_HASH_CACHE": str(db.parent / "file-hashes.sqlite")}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    hash_cache = hash_cache or Path(db).parent / "file-hashes.sqlite"
+    env = {**os.environ, "IMGSEARCH_HASH_CACHE": str(hash_cache), **(env or {})}
+    # `-m` imports from the working directory first: `code` decides which imgsearch runs
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=code, env=env)
     stop = threading.Event()
 
     def sample() -> None:

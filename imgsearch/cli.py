@@ -45,14 +45,13 @@ def ingest(
 
     check_catalog(path, manifest)  # before loading a model or creating a collection
     selected_shard = Shard.parse(shard) if shard else None
-    from imgsearch.ingest.pipeline import ingest_catalog  # torch: only once the arguments are known to be usable
+    from imgsearch.ingest.pipeline import ingest_catalog, ingest_options  # torch: once the arguments are usable
     from imgsearch.session import opened
 
     with opened(settings) as (encoder, store), progress_bar(sys.stderr.isatty() and not json_output) as progress:
         report = ingest_catalog(
             path, encoder, store, use_labels=not no_labels, manifest=manifest, prune=prune, shard=selected_shard,
-            batch_size=settings.batch_size, workers=settings.workers, max_pixels=settings.max_image_pixels,
-            upsert_chunk=settings.upsert_chunk, progress=progress, hash_cache=settings.hash_cache,
+            progress=progress, **ingest_options(settings),
         )
     return Output(report.to_dict(), report.summary_line(), failed=report.failed)
 

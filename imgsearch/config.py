@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     workers: int | None = Field(None, ge=0, description="Decode worker processes; default: automatic")
     max_image_pixels: int = Field(64_000_000, ge=1, description="Refuse images larger than this (decompression bombs)")
     upsert_chunk: int = Field(512, ge=1, description="Rows per Milvus upsert call")
+    writer: Literal["auto", "process", "thread"] = Field(
+        "auto", description="Where ingest upserts run: a child process (auto: for 2,048 images or more) or a thread"
+    )
+    gpu_decode: bool = Field(True, description="On CUDA, decode baseline RGB JPEGs on the GPU (nvJPEG) during ingest")
     # The REST service (imgsearch serve)
     api_key: str | None = Field(None, description="When set, requests must send it in the X-API-Key header")
     cors_origins: list[str] = Field(default_factory=list, description='Origins allowed by CORS, e.g. ["https://shop.example"]')

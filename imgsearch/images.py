@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from imgsearch.errors import ImageDecodeError, UsageError
 
@@ -91,6 +91,25 @@ def read_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str 
         raise ImageDecodeError(name, f"corrupt or truncated image ({error})") from None
     _check_size(width, height, max_pixels, name)
     return width * height, image_format
+
+
+def device_decodable_jpeg(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> int | None:
+    """The EXIF orientation (1-8) of a baseline, 8-bit, YCbCr-coded colour JPEG within the size limit: what a GPU
+    decoder (nvJPEG) takes as it is, the orientation then applied on the GPU. None for everything else (other
+    formats, greyscale, CMYK, Adobe-coded or progressive JPEGs, multi-picture files, too many pixels, an unreadable
+    header), which load_image decodes on the CPU and reports on, as for any file. Reads the header only."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if (
+                image.format != "JPEG" or image.mode != "RGB" or width * height > max_pixels or min(width, height) < 1
+                or any(key in image.info for key in ("progressive", "progression", "adobe"))
+            ):
+                return None
+            orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # whatever Pillow raises for a header it cannot read: the CPU path names the reason
+        return None
+    return orientation if orientation in range(1, 9) else 1  # Pillow's exif_transpose ignores other values too
 
 
 def _check_size(width: int, height: int, max_pixels: int, name: str) -> None:

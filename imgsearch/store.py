@@ -84,6 +84,13 @@ def milvus_errors(action: str) -> Iterator[None]:
         raise StoreError(f"{action} failed: {code.name if code else error}") from None
 
 
+def upsert_rows(client: MilvusClient, collection: str, records: Sequence[ImageRecord]) -> None:
+    """The one upsert, for MilvusStore and for ingest's writer process (its own client)."""
+    if records:
+        with milvus_errors("writing to Milvus"):
+            client.upsert(collection, [record.to_row() for record in records])
+
+
 @dataclass
 class ImageRecord:
     id: str
@@ -243,9 +250,15 @@ class MilvusStore:
 
     # --- writes -------------------------------------------------------------------------------
     def upsert(self, records: Sequence[ImageRecord]) -> None:
-        if records:
-            with milvus_errors("writing to Milvus"):
-                self.client.upsert(self.collection, [record.to_row() for record in records])
+        upsert_rows(self.client, self.collection, records)
+
+    def writer_uri(self) -> str | None:
+        """Where another process can write to this collection: the server URI, or for Milvus Lite the loopback
+        address of the gRPC server pymilvus started for the file in this process; None if there is none."""
+        if not is_lite_uri(self.uri):
+            return self.uri
+        entry = self._lite_server()
+        return f"http://127.0.0.1:{entry[2]}" if entry else None
 
     def delete(self, ids: Sequence[str]) -> int:
         deleted = 0
@@ -288,14 +301,22 @@ class MilvusStore:
             return None
 
     def _lite_collection(self) -> Any:
+        entry = self._lite_server()
+        try:
+            return entry[1].get_collection(self.collection) if entry else None
+        except Exception:  # another Lite's internals: no waiting, no coverage, nothing else changes
+            return None
+
+    def _lite_server(self) -> tuple | None:
+        """(gRPC server, database, port) that pymilvus started in this process for a Lite file, or None."""
         if not is_lite_uri(self.uri):
             return None
         try:
             from milvus_lite.server_manager import server_manager_instance
 
             entry = server_manager_instance._servers.get(os.path.abspath(self.uri))
-            return entry[1].get_collection(self.collection) if entry else None
-        except Exception:  # another Lite's internals: no waiting, no coverage, nothing else changes
+            return entry if isinstance(entry, tuple) and len(entry) == 3 else None
+        except Exception:  # another Lite's internals
             return None
 
     # --- reads --------------------------------------------------------------------------------

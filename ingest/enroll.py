@@ -11,7 +11,7 @@ from imgsearch.config import Settings
 from imgsearch.encoders import Encoder
 from imgsearch.images import FORMAT_SUFFIXES, check_paths_exist, find_images
 from imgsearch.ingest.catalog import CatalogEntry, absolute, bytes_sha256
-from imgsearch.ingest.pipeline import IngestReport, ingest_entries
+from imgsearch.ingest.pipeline import IngestReport, ingest_entries, ingest_options
 from imgsearch.store import MilvusStore, string_literal
 from imgsearch.validation import validate_label
 
@@ -26,8 +26,7 @@ def enroll_paths(
     store.add_roots(absolute(path) for path in paths)  # a file given alone is a root by itself, not its folder
     entries = [CatalogEntry(path=absolute(path), label=label) for path in find_images(paths)]
     report = ingest_entries(
-        entries, encoder, store, relabel_duplicates=True, batch_size=settings.batch_size, workers=settings.workers,
-        max_pixels=settings.max_image_pixels, upsert_chunk=settings.upsert_chunk, hash_cache=settings.hash_cache,
+        entries, encoder, store, relabel_duplicates=True, **ingest_options(settings)
     )
     enrolled = {str(entry.path) for entry in entries}
     ids = [row["id"] for row in store.iter_rows(("id", "path"), filter=f"label == {string_literal(label)}") if row["path"] in enrolled]

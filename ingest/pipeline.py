@@ -21,10 +21,18 @@ from imgsearch.ingest.hashes import FileStamp, HashCache, default_hash_cache
 from imgsearch.ingest.plan import Settler, drop_replaced, plan_entries, prune_missing, record_copies
 from imgsearch.ingest.reader import PREFETCH_BATCHES, PlannedImages, auto_workers, batches
 from imgsearch.ingest.report import IngestReport, ProgressCallback
-from imgsearch.ingest.writer import WRITE_QUEUE_CHUNKS, InFlight, Writer
+from imgsearch.ingest.writer import WRITE_QUEUE_CHUNKS, InFlight, WriterKind, WriterProcess, start_writer
 from imgsearch.store import ImageRecord, MilvusStore
 
-__all__ = ["IngestReport", "ingest_catalog", "ingest_entries", "prune_missing"]
+__all__ = ["IngestReport", "ingest_catalog", "ingest_entries", "ingest_options", "prune_missing"]
+
+
+def ingest_options(settings: Any) -> dict[str, Any]:
+    """The ingest_entries options a Settings object decides: one place for the CLI's ingest, enrol and reindex."""
+    return {
+        "batch_size": settings.batch_size, "workers": settings.workers, "max_pixels": settings.max_image_pixels,
+        "upsert_chunk": settings.upsert_chunk, "hash_cache": settings.hash_cache, "writer": settings.writer,
+    }
 
 
 def ingest_catalog(
@@ -59,12 +67,13 @@ def ingest_entries(
     wait_for_index: bool = True,
     hash_cache: Path | None = None,
     calibrate: bool = True,
+    writer: WriterKind = "auto",
 ) -> IngestReport:
     """Settle what is stored, read each other file once in decode workers, encode in batches and upsert; enrolment
     uses it too. `wait_for_index`: return once Milvus Lite has indexed the new rows (the service does not wait: it
     answers while Lite builds in the background). `hash_cache`: the SQLite file of remembered hashes (default
     ~/.cache/imgsearch/file-hashes.sqlite). `calibrate`: when labeled rows changed, recompute the collection's own
-    abstention threshold (abstention.py) afterwards."""
+    abstention threshold (abstention.py) afterwards. `writer`: upsert from a child process or a thread (writer.py)."""
     started = time.perf_counter()
     report = IngestReport()
     settler = Settler(store, report, relabel_duplicates)
@@ -78,9 +87,12 @@ def ingest_entries(
                 warm_up.join()
             if pending:
                 preprocess = encoder.transfer_preprocess or encoder.preprocess
-                dataset = PlannedImages(plan_path, preprocess, max_pixels, encoder.input_size, shard)
+                dataset = PlannedImages(
+                    plan_path, preprocess, max_pixels, encoder.input_size, shard, device_jpegs=encoder.jpeg_decoder is not None
+                )
                 encode_and_store(
-                    dataset, pending, encoder, store, report, settler, hashes, batch_size, workers, upsert_chunk, progress
+                    dataset, pending, encoder, store, report, settler, hashes, batch_size, workers, upsert_chunk, progress,
+                    writer,
                 )
     finally:
         hashes.close()
@@ -139,13 +151,15 @@ def encode_and_store(
     workers: int | None,
     upsert_chunk: int,
     progress: ProgressCallback | None,
+    writer_kind: WriterKind = "auto",
 ) -> None:
     num_workers = auto_workers(pending, batch_size) if workers is None else workers
     report.workers = num_workers
     report.in_flight_bound = in_flight_bound(batch_size, num_workers, upsert_chunk)
     loader = batches(dataset, batch_size, num_workers, tensors=encoder.tensor_batches, pin_memory=encoder.pin_memory)
     in_flight = InFlight()
-    writer = Writer(store, in_flight)
+    writer = start_writer(store, in_flight, writer_kind, rows=pending, chunk=upsert_chunk)
+    report.writer = "process" if isinstance(writer, WriterProcess) else "thread"
     buffer: list[ImageRecord] = []
     done = 0
     try:
@@ -159,10 +173,17 @@ def encode_and_store(
             for item in batch["items"]:
                 if item.get("previous") not in (None, item["id"]):
                     settler.replaced[item["path"]] = item["previous"]
-            items, inputs = new_content(batch["items"], batch["batch"], settler)
+            items, inputs = batch["items"], batch["batch"]
+            encode_started = time.perf_counter()
+            if batch["jpegs"]:  # the encode stage's time includes decoding them on the device
+                from imgsearch.ingest.torch_reader import decode_on_device
+
+                items, inputs, failed, device_decoded = decode_on_device(batch, encoder, dataset)
+                report.failed.extend(failed)
+                report.gpu_decoded += device_decoded
+            items, inputs = new_content(items, inputs, settler)
             if items:
                 in_flight.add(len(items))
-                encode_started = time.perf_counter()
                 vectors = encoder.encode(inputs)
                 report.encode_seconds += time.perf_counter() - encode_started
                 for item, vector in zip(items, vectors):
@@ -183,6 +204,8 @@ def encode_and_store(
         writer.close()
         report.insert_seconds = writer.seconds
         report.max_in_flight = in_flight.peak
+    if isinstance(writer, WriterProcess):
+        store.count()  # one Strong read: this client's later Session searches (calibration) see the child's rows
 
 
 def new_content(items: list[dict[str, Any]], inputs: Any, settler: Settler) -> tuple[list[dict[str, Any]], Any]:

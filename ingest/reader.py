@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from imgsearch.errors import ImageDecodeError, ImgsearchError
-from imgsearch.images import describe_os_error, load_image
+from imgsearch.images import describe_os_error, device_decodable_jpeg, load_image
 from imgsearch.ingest.catalog import Shard, bytes_sha256
 
 PREFETCH_BATCHES = 4  # per worker
@@ -52,6 +52,7 @@ class PlannedImages:
     max_pixels: int
     min_side: int
     shard: Shard | None = None  # content of other shards is hashed, never decoded
+    device_jpegs: bool = False  # pass baseline JPEGs' bytes on undecoded: the encoder's GPU decodes them
 
     def items(self, worker_id: int = 0, num_workers: int = 1) -> Iterator[dict[str, Any]]:
         """Every num_workers-th line from worker_id, read, hashed and preprocessed: no process holds the catalog."""
@@ -74,8 +75,11 @@ class PlannedImages:
             if self.shard is not None and not self.shard.contains(item["id"]):
                 item["other_shard"] = True
                 return item
-            image = load_image(data, max_pixels=self.max_pixels, min_side=self.min_side, name=item["path"])
-            item["tensor"] = self.preprocess(image)
+            if self.device_jpegs and (orientation := device_decodable_jpeg(data, max_pixels=self.max_pixels)) is not None:
+                item["jpeg"], item["orientation"] = data, orientation
+            else:
+                image = load_image(data, max_pixels=self.max_pixels, min_side=self.min_side, name=item["path"])
+                item["tensor"] = self.preprocess(image)
         except ImageDecodeError as error:
             item["error"] = error.reason
         except OSError as error:
@@ -84,12 +88,16 @@ class PlannedImages:
         return item
 
 
-def collate(items: list[dict[str, Any]], stack: Callable = np.stack) -> dict[str, Any]:
-    """One batch: the decoded items and their stacked inputs, the failures, the time spent decoding."""
+def collate(items: list[dict[str, Any]], stack: Callable = np.stack, buffer: Callable = bytes) -> dict[str, Any]:
+    """One batch: the decoded items and their stacked inputs, then the items whose JPEG bytes the GPU decodes
+    (`jpegs`, each made a `buffer`, with their EXIF `orientations`), the failures, the time spent decoding."""
     good = [item for item in items if "tensor" in item]
+    jpegs = [item for item in items if "jpeg" in item]
     return {
-        "items": good,
+        "items": good + jpegs,  # the rows of `batch`, then those of the decoded `jpegs`
         "batch": stack([item.pop("tensor") for item in good]) if good else None,
+        "jpegs": [buffer(item.pop("jpeg")) for item in jpegs],
+        "orientations": [item.pop("orientation") for item in jpegs],
         "failed": [{"path": item["path"], "error": item["error"]} for item in items if "error" in item],
         "other_shards": [item for item in items if item.get("other_shard")],
         "decode_seconds": sum(item.pop("decode_seconds", 0.0) for item in items),

@@ -15,7 +15,7 @@ from imgsearch.config import Settings, default_collection_name
 from imgsearch.encoders import Encoder
 from imgsearch.errors import UsageError
 from imgsearch.ingest.catalog import CatalogEntry
-from imgsearch.ingest.pipeline import IngestReport, ingest_entries
+from imgsearch.ingest.pipeline import IngestReport, ingest_entries, ingest_options
 from imgsearch.store import MilvusStore, open_store
 from imgsearch.validation import recorded_copies, user_metadata
 
@@ -64,7 +64,4 @@ def reindex_to_model(settings: Settings, *, alias: str | None = None, source: st
             raise UsageError(f"{source or alias} already is collection {target_name}; choose another --target")
         encoder = open_encoder(settings)
         with open_store(settings.model_copy(update={"collection": target_name}), encoder) as new:
-            return reindex(
-                old, new, encoder, alias, batch_size=settings.batch_size, workers=settings.workers,
-                max_pixels=settings.max_image_pixels, upsert_chunk=settings.upsert_chunk, hash_cache=settings.hash_cache,
-            )
+            return reindex(old, new, encoder, alias, **ingest_options(settings))

@@ -34,6 +34,8 @@ class IngestReport:
     insert_seconds: float = 0.0
     index_seconds: float = 0.0  # waiting for Milvus Lite's index builds after the writes (0 on a server)
     workers: int = 0
+    writer: str = ""  # "process" or "thread": where the upserts ran (writer.py)
+    gpu_decoded: int = 0  # JPEGs decoded on the encoder's GPU rather than by the CPU workers
     max_in_flight: int = 0
     in_flight_bound: int = 0
 
@@ -89,5 +91,7 @@ class IngestReport:
             "calibration": self.calibration,
             **({"check": self.enrolment_check} if self.enrolment_check is not None else {}),
             "workers": self.workers,
+            "writer": self.writer,
+            "gpu_decoded": self.gpu_decoded,
             "max_in_flight": self.max_in_flight,
         }

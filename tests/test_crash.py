@@ -4,7 +4,8 @@ exactly once and re-encodes nothing that was already stored. On Milvus Lite and 
 Why it holds: a row's id is the SHA-256 of the file's bytes, so an image always maps to the same row and an
 upsert of it is idempotent; a rerun hashes the catalog, skips ids already stored and encodes the rest. A row
 acknowledged by an upsert is durable on a server (its write-ahead log) without a flush; the flush at the end of
-a run only seals segments. Rows a killed run had not yet upserted are simply encoded by the rerun.
+a run only seals segments. Rows a killed run had not yet upserted are simply encoded by the rerun. The upserts
+run in a writer process, which ends on its own once its parent is gone.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ KILL_AFTER_CHUNKS = (0, 2, 3)
 
 def environment() -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("IMGSEARCH_")}
-    return {**env, "IMGSEARCH_UPSERT_CHUNK": str(UPSERT_CHUNK)}
+    # the writer process (ingest/writer.py), which `auto` picks for this catalog anyway: its parent is the one killed
+    return {**env, "IMGSEARCH_UPSERT_CHUNK": str(UPSERT_CHUNK), "IMGSEARCH_WRITER": "process"}
 
 
 def stored_count(uri: str, collection: str) -> int:

@@ -31,6 +31,7 @@ def load_encoder(
     runtime: str = "torch",
     onnx_cache: Path | None = None,
     cuda_graphs: bool = True,
+    gpu_decode: bool = True,
 ) -> Encoder:
     """The encoder `name`, run by `runtime`: torch, onnx (onnxruntime on the CPU), or auto (onnx on a CPU, torch on CUDA,
     the faster of the two as measured by benchmarks/ingest.py). The ONNX runtime with a cached export imports no torch."""
@@ -45,7 +46,20 @@ def load_encoder(
         return onnx_encoder(name, weights, onnx_cache, partial(load_torch_encoder, name, weights=weights, device="cpu"))
     encoder = load_torch_encoder(name, weights=weights, device=device)
     encoder.cuda_graphs = cuda_graphs
+    if gpu_decode:
+        encoder.jpeg_decoder = device_jpeg_decoder(encoder)
     return encoder
+
+
+def device_jpeg_decoder(encoder: TorchEncoder):
+    """A DeviceJpegDecoder for a CUDA encoder whose preprocessing is a plain ResizeCrop on uint8 pixels (what the
+    decoder reproduces) where torchvision has nvJPEG; None otherwise: the CPU workers decode everything."""
+    from imgsearch.encoders.jpeg_decoder import DeviceJpegDecoder, nvjpeg_available
+    from imgsearch.encoders.preprocessing import ResizeCrop
+
+    if encoder.transfer_preprocess is None or not isinstance(encoder.spec, ResizeCrop) or not nvjpeg_available(encoder.device):
+        return None
+    return DeviceJpegDecoder(encoder.spec, encoder.device, encoder.input_size)
 
 
 def _on_cuda(device: str) -> bool:
@@ -69,7 +83,7 @@ def encoder_from_settings(settings) -> Encoder:
     """The encoder the settings name: the one way the CLI and the API load it."""
     return load_encoder(
         settings.model, weights=settings.weights, device=settings.device, runtime=settings.runtime,
-        onnx_cache=settings.onnx_cache, cuda_graphs=settings.cuda_graphs,
+        onnx_cache=settings.onnx_cache, cuda_graphs=settings.cuda_graphs, gpu_decode=settings.gpu_decode,
     )
 
 

@@ -29,6 +29,8 @@ class Encoder(ABC):
     # What decode workers run when it differs from `preprocess`: on CUDA, uint8 images (a quarter of the bytes
     # through shared memory, pinning and PCIe), scaled and normalised on the GPU by encode().
     transfer_preprocess: Preprocess | None = None
+    # On CUDA, decodes baseline JPEGs' bytes on the GPU into transfer_preprocess's output (encoders/jpeg_decoder.py).
+    jpeg_decoder: Any = None
 
     @abstractmethod
     def encode(self, batch: Any) -> np.ndarray:

@@ -1,0 +1,118 @@
+"""JPEG decoding on the encoder's device: nvJPEG through torchvision on CUDA, then the ResizeCrop steps in torch.
+
+Decode workers only read and hash a baseline JPEG and pass its bytes on (images.device_decodable_jpeg); this turns
+a batch of them into the uint8 [N, 3, crop, crop] input the encoder normalises. The CPU path decodes a large JPEG at
+1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, Pillow's draft mode); nvJPEG decodes at full size, so the same
+reduction is made here by averaging s x s blocks before the antialiased resize: on 48 camera-size JPEGs (libjpeg on
+the CPU), Lite0 vectors had min cosine 0.986 to the CPU path's without that step and 0.998 with it (docs/gpu.md). On the CPU the same code runs with libjpeg, which is how the tests check it without a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+
+from imgsearch.encoders.preprocessing import ResizeCrop
+
+DECODE_CHUNK = 32  # JPEGs per decode call: 32 camera-size images are ~1.2 GB of decoded pixels on the device
+
+
+class DeviceJpegDecoder:
+    def __init__(self, spec: ResizeCrop, device: torch.device | str, min_side: int | None = None) -> None:
+        self.spec = spec
+        self.device = torch.device(device)
+        self.min_side = min_side  # the encoder's input size: as load_image's, it decides the draft scale
+
+    def decode(self, jpegs: list[torch.Tensor], orientations: list[int]) -> tuple[torch.Tensor | None, list[int]]:
+        """(uint8 [n, 3, crop, crop] on the device for the JPEGs that decoded, in order; the indices of those that did
+        not, which the caller decodes on the CPU). `jpegs`: 1-d uint8 CPU tensors of file bytes."""
+        images: list[torch.Tensor] = []
+        failed: list[int] = []
+        for start in range(0, len(jpegs), DECODE_CHUNK):
+            chunk = list(range(start, min(start + DECODE_CHUNK, len(jpegs))))
+            for index, decoded in zip(chunk, self._decode_chunk([jpegs[i] for i in chunk])):
+                if decoded is None:
+                    failed.append(index)
+                else:
+                    images.append(self.resize_crop(orient(self.draft(decoded), orientations[index])))
+        return (torch.stack(images) if images else None), failed
+
+    def _decode_chunk(self, jpegs: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """A batched decode; when it refuses the batch (one corrupt file fails them all), each file alone."""
+        try:
+            return list(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device))
+        except RuntimeError:
+            decoded: list[torch.Tensor | None] = []
+            for data in jpegs:
+                try:
+                    decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError:
+                    decoded.append(None)
+            return decoded
+
+    def draft(self, image: torch.Tensor) -> torch.Tensor:
+        """What Pillow's draft mode does to a JPEG load_image decodes for `min_side`: the largest of 1/8, 1/4, 1/2
+        that keeps the shorter side >= min_side (sides rounded up), here by averaging blocks of the full decode."""
+        height, width = image.shape[-2:]
+        if not self.min_side or min(width, height) <= 2 * self.min_side:
+            return image
+        scale = min(width, height) / self.min_side
+        most = min(width // math.ceil(width / scale), height // math.ceil(height / scale))
+        factor = next(factor for factor in (8, 4, 2, 1) if most >= factor)
+        if factor == 1:
+            return image
+        pooled = F.avg_pool2d(image[None].float(), factor, factor, ceil_mode=True)[0]
+        return pooled.round_().clamp_(0, 255).to(torch.uint8)
+
+    def resize_crop(self, image: torch.Tensor) -> torch.Tensor:
+        """ResizeCrop.uint8 on a [3, H, W] uint8 tensor: shorter side to `resize` (antialiased, the longer side
+        truncated as torchvision does), centre crop, uint8."""
+        spec = self.spec
+        height, width = image.shape[-2:]
+        short, long = min(width, height), max(width, height)
+        if short != spec.resize:
+            new_long = int(spec.resize * long / short)
+            size = (new_long, spec.resize) if width <= height else (spec.resize, new_long)  # (height, width)
+            mode = spec.shrink if short > spec.resize else spec.enlarge
+            resized = F.interpolate(image[None].float(), size=size, mode=mode, antialias=True, align_corners=False)
+            image = resized[0].round_().clamp_(0, 255).to(torch.uint8)
+            height, width = size
+        if width < spec.crop or height < spec.crop:
+            raise ValueError(f"resize {spec.resize} is smaller than crop {spec.crop}")
+        top, left = int(round((height - spec.crop) / 2.0)), int(round((width - spec.crop) / 2.0))
+        return image[:, top : top + spec.crop, left : left + spec.crop]
+
+
+def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Apply an EXIF orientation (1-8) to a [C, H, W] tensor, as Pillow's ImageOps.exif_transpose does."""
+    if orientation == 2:
+        return image.flip(-1)  # mirrored
+    if orientation == 3:
+        return image.flip(-2, -1)  # upside down
+    if orientation == 4:
+        return image.flip(-2)
+    if orientation == 5:
+        return image.transpose(-2, -1)
+    if orientation == 6:
+        return torch.rot90(image, -1, dims=(-2, -1))  # shot with the camera turned right: turn it back
+    if orientation == 7:
+        return image.transpose(-2, -1).flip(-2, -1)
+    if orientation == 8:
+        return torch.rot90(image, 1, dims=(-2, -1))
+    return image
+
+
+def nvjpeg_available(device: torch.device) -> bool:
+    """Whether torchvision can decode JPEGs on `device` (a CUDA build with nvJPEG); tried on a tiny JPEG."""
+    if device.type != "cuda":
+        return False
+    tiny = encode_jpeg(torch.zeros(3, 8, 8, dtype=torch.uint8))  # on the CPU
+    try:
+        decode_jpeg(tiny, mode=ImageReadMode.RGB, device=device)
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
