@@ -1,6 +1,6 @@
 """Search-by-image latency and throughput of `imgsearch serve` over loopback HTTP.
 
-    python benchmarks/api.py [--sizes 1000,10000,100000] [--requests 100] [--clients 8] [--uri PATH_OR_URL]
+    python benchmarks/api.py [--sizes 1000,10000,100000] [--requests 100] [--clients 8] [--uri PATH_OR_URL] [--efs 256,512]
 
 For each size, clustered unit vectors are inserted directly into a fresh collection (no encoding) and the index is
 awaited; the real service is started on it (uvicorn, the default Lite0 encoder), and real photos (scikit-image) are
@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
+import imgsearch.store  # noqa: E402
 from imgsearch.api.live import LiveServer  # noqa: E402  (the same loopback server the tests use)
 from imgsearch.config import load_settings  # noqa: E402
 from imgsearch.store import ImageRecord, MilvusStore  # noqa: E402
@@ -90,6 +91,7 @@ def main() -> None:
     parser.add_argument("--per-client", type=int, default=50)
     parser.add_argument("--uri", default=None, help="Milvus Lite path or server URI [default: a temporary Lite file]")
     parser.add_argument("--batch-waits", default="0", help="IMGSEARCH_BATCH_WAIT_MS values to measure, e.g. 5,0")
+    parser.add_argument("--efs", default="", help="HNSW ef values to measure (the store's LITE_EF and SERVER_EF, set for each run), e.g. 256,512")
     parser.add_argument("--reuse", action="store_true", help="keep a collection that already holds the vectors (a server "
                         "settled after its background compaction, which slows searches right after inserting)")
     args = parser.parse_args()
@@ -111,21 +113,23 @@ def main() -> None:
         print(f"{size} vectors inserted in {time.perf_counter() - started:.1f} s, of which {index_wait:.1f} s waiting for "
               "the index", flush=True)
         in_distribution = clustered_vectors(100, seed=10**9 + size, dim=encoder.dim)
-        store = MilvusStore(uri, collection, model=encoder.name, dim=encoder.dim, preprocess_version=encoder.preprocess_version)
-        with store:
-            cluster_recall = recall_at_10([[hit.id for hit in hits] for hits in store.search(in_distribution, k=10, fields=("path",))],
-                                          in_distribution, vectors)
-        for wait in (float(w) for w in args.batch_waits.split(",")):
-            p50, p99, throughput, c50, c99, answers = measure(uri, collection, wait, folder, images, args)
-            photo_recall = recall_at_10([answers[i] for i in range(len(images))], photo_vectors, vectors)
-            rows.append((size, wait, p50, p99, throughput, c50, c99, photo_recall, cluster_recall))
-            print(f"{size} (batch wait {wait:g} ms): p50 {p50:.1f} ms, p99 {p99:.1f} ms; {args.clients} clients: "
-                  f"{throughput:.1f} requests/s (p50 {c50:.0f} ms, p99 {c99:.0f} ms); recall@10 photos {photo_recall:.3f}, "
-                  f"in-cluster queries {cluster_recall:.3f}", flush=True)
-    print(f"\n| stored vectors | batch wait ms | p50 ms | p99 ms | {args.clients} clients: requests/s | {args.clients} clients: "
-          "p50 / p99 ms | recall@10 (photos / in-cluster) |\n|---|---|---|---|---|---|---|")
-    for size, wait, p50, p99, throughput, c50, c99, photo_recall, cluster_recall in rows:
-        print(f"| {size:,} | {wait:g} | {p50:.1f} | {p99:.1f} | {throughput:.1f} | {c50:.0f} / {c99:.0f} "
+        default_ef = imgsearch.store.LITE_EF if uri.endswith(".db") else imgsearch.store.SERVER_EF
+        for ef in [int(ef) for ef in args.efs.split(",")] if args.efs else [default_ef]:
+            imgsearch.store.LITE_EF = imgsearch.store.SERVER_EF = ef  # what every search of the service (and here) asks for
+            with MilvusStore(uri, collection, model=encoder.name, dim=encoder.dim) as store:
+                found = store.search(in_distribution, k=10, fields=("path",))
+            cluster_recall = recall_at_10([[hit.id for hit in hits] for hits in found], in_distribution, vectors)
+            for wait in (float(w) for w in args.batch_waits.split(",")):
+                p50, p99, throughput, c50, c99, answers = measure(uri, collection, wait, folder, images, args)
+                photo_recall = recall_at_10([answers[i] for i in range(len(images))], photo_vectors, vectors)
+                rows.append((size, ef, wait, p50, p99, throughput, c50, c99, photo_recall, cluster_recall))
+                print(f"{size} (ef {ef}, batch wait {wait:g} ms): p50 {p50:.1f} ms, p99 {p99:.1f} ms; {args.clients} clients: "
+                      f"{throughput:.1f} requests/s (p50 {c50:.0f} ms, p99 {c99:.0f} ms); recall@10 photos {photo_recall:.3f}, "
+                      f"in-cluster queries {cluster_recall:.3f}", flush=True)
+    print(f"\n| stored vectors | ef | batch wait ms | p50 ms | p99 ms | {args.clients} clients: requests/s | {args.clients} clients: "
+          "p50 / p99 ms | recall@10 (photos / in-cluster) |\n|---|---|---|---|---|---|---|---|")
+    for size, ef, wait, p50, p99, throughput, c50, c99, photo_recall, cluster_recall in rows:
+        print(f"| {size:,} | {ef} | {wait:g} | {p50:.1f} | {p99:.1f} | {throughput:.1f} | {c50:.0f} / {c99:.0f} "
               f"| {photo_recall:.3f} / {cluster_recall:.3f} |")
 
 

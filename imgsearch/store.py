@@ -54,10 +54,12 @@ QUERY_CHUNK = 1000  # ids per `id in [...]` filter
 # (measured on the 2.3.5 server). Counts and gets keep the collection's Strong level.
 SEARCH_CONSISTENCY = "Session"
 # HNSW (what AUTOINDEX builds on Lite and on a server) returns at most `ef` hits; Lite's default ef is 64, so a
-# search for k = 300 gave 227 rows. Every search asks for ef >= k, and at least 256: on 100k clustered vectors in
-# Lite, photo queries far from every cluster had recall@10 0.733 at ef 64 and 0.950 at 256, for 66 -> 74 ms
-# (a one-off search over the collection benchmarks/api.py builds; docs/scaling.md).
-DEFAULT_EF = 256
+# search for k = 300 gave 227 rows. Every search asks for ef >= k, and at least LITE_EF or SERVER_EF. On 100k
+# clustered vectors, photo queries far from every cluster had recall@10 0.933 through the service at ef 256 and
+# 0.950 at 512 on Lite, for a p50 of 111.8 -> 116.3 ms (Lite's per-search overhead dwarfs the graph walk); on the
+# 2.3.5 server ef 512 added ~6-8 ms to a ~32 ms p50 (benchmarks/api.py --efs; docs/benchmarks.md).
+LITE_EF = 512
+SERVER_EF = 256
 
 
 # pymilvus's code for "Fail connecting to server": the server is down or unreachable, not the request wrong.
@@ -377,7 +379,8 @@ class MilvusStore:
         fields = list(fields) + (["vector"] if with_vectors else [])
         params = dict(search_params or {})
         params["params"] = {**params.get("params", {})}
-        params["params"]["ef"] = max(k, int(params["params"].get("ef", DEFAULT_EF)))
+        default_ef = LITE_EF if is_lite_uri(self.uri) else SERVER_EF
+        params["params"]["ef"] = max(k, int(params["params"].get("ef", default_ef)))
         with milvus_errors("search"):
             results = self.client.search(
                 self.collection,

@@ -4,7 +4,8 @@ Decode workers only read and hash a baseline JPEG and pass its bytes on (images.
 a batch of them into the uint8 [N, 3, crop, crop] input the encoder normalises. The CPU path decodes a large JPEG at
 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, Pillow's draft mode); nvJPEG decodes at full size, so the same
 reduction is made here by averaging s x s blocks before the antialiased resize: on 48 camera-size JPEGs (libjpeg on
-the CPU), Lite0 vectors had min cosine 0.986 to the CPU path's without that step and 0.998 with it (docs/gpu.md). On the CPU the same code runs with libjpeg, which is how the tests check it without a GPU.
+the CPU), Lite0 vectors had min cosine 0.986 to the CPU path's without that step and 0.998 with it (docs/gpu.md).
+On the CPU the same code runs with libjpeg, which is how the tests check it without a GPU.
 """
 
 from __future__ import annotations
