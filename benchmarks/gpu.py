@@ -133,10 +133,13 @@ def main() -> None:
     if gpu_decoder is None:
         print("FAIL: torchvision has no nvJPEG decoder on this device; ingest decodes every JPEG on the CPU", flush=True)
     else:
+        from PIL import Image
+
         from imgsearch.ingest.torch_reader import byte_tensor
 
         datas = [path.read_bytes() for path in paths[:64]]
-        decoded, refused = gpu_decoder.decode([byte_tensor(data) for data in datas], [1] * len(datas))
+        sizes = [Image.open(path).size for path in paths[:64]]
+        decoded, refused = gpu_decoder.decode([byte_tensor(data) for data in datas], [1] * len(datas), [w * h for w, h in sizes])
         lite_gpu = load_torch_encoder("efficientnet_lite0", weights=args.lite0_weights, device=args.device)
         nvjpeg = cosines(lite_gpu.encode(decoded), cpu.encode(sample))
         print(f"nvJPEG decode + GPU resize vs the CPU decode path, Lite0 vectors of {len(datas) - len(refused)} files: "

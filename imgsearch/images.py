@@ -93,8 +93,8 @@ def read_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str 
     return width * height, image_format
 
 
-def device_decodable_jpeg(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> int | None:
-    """The EXIF orientation (1-8) of a baseline, 8-bit, YCbCr-coded colour JPEG within the size limit: what a GPU
+def device_decodable_jpeg(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int] | None:
+    """(EXIF orientation 1-8, pixels) of a baseline, 8-bit, YCbCr-coded colour JPEG within the size limit: what a GPU
     decoder (nvJPEG) takes as it is, the orientation then applied on the GPU. None for everything else (other
     formats, greyscale, CMYK, Adobe-coded or progressive JPEGs, multi-picture files, too many pixels, an unreadable
     header), which load_image decodes on the CPU and reports on, as for any file. Reads the header only."""
@@ -109,7 +109,7 @@ def device_decodable_jpeg(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) 
             orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
     except Exception:  # whatever Pillow raises for a header it cannot read: the CPU path names the reason
         return None
-    return orientation if orientation in range(1, 9) else 1  # Pillow's exif_transpose ignores other values too
+    return (orientation if orientation in range(1, 9) else 1), width * height  # exif_transpose ignores other values
 
 
 def _check_size(width: int, height: int, max_pixels: int, name: str) -> None:

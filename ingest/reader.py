@@ -75,8 +75,8 @@ class PlannedImages:
             if self.shard is not None and not self.shard.contains(item["id"]):
                 item["other_shard"] = True
                 return item
-            if self.device_jpegs and (orientation := device_decodable_jpeg(data, max_pixels=self.max_pixels)) is not None:
-                item["jpeg"], item["orientation"] = data, orientation
+            if self.device_jpegs and (header := device_decodable_jpeg(data, max_pixels=self.max_pixels)) is not None:
+                item["jpeg"], (item["orientation"], item["pixels"]) = data, header
             else:
                 image = load_image(data, max_pixels=self.max_pixels, min_side=self.min_side, name=item["path"])
                 item["tensor"] = self.preprocess(image)
@@ -90,7 +90,7 @@ class PlannedImages:
 
 def collate(items: list[dict[str, Any]], stack: Callable = np.stack, buffer: Callable = bytes) -> dict[str, Any]:
     """One batch: the decoded items and their stacked inputs, then the items whose JPEG bytes the GPU decodes
-    (`jpegs`, each made a `buffer`, with their EXIF `orientations`), the failures, the time spent decoding."""
+    (`jpegs`, each made a `buffer`, with their EXIF `orientations` and `pixels`), the failures, the time spent decoding."""
     good = [item for item in items if "tensor" in item]
     jpegs = [item for item in items if "jpeg" in item]
     return {
@@ -98,6 +98,7 @@ def collate(items: list[dict[str, Any]], stack: Callable = np.stack, buffer: Cal
         "batch": stack([item.pop("tensor") for item in good]) if good else None,
         "jpegs": [buffer(item.pop("jpeg")) for item in jpegs],
         "orientations": [item.pop("orientation") for item in jpegs],
+        "pixels": [item.pop("pixels") for item in jpegs],
         "failed": [{"path": item["path"], "error": item["error"]} for item in items if "error" in item],
         "other_shards": [item for item in items if item.get("other_shard")],
         "decode_seconds": sum(item.pop("decode_seconds", 0.0) for item in items),

@@ -50,7 +50,7 @@ def decode_on_device(
     A JPEG the device refuses is decoded on the CPU here, as a worker would have, and reported if that fails too."""
     cpu_items = batch["items"][: len(batch["items"]) - len(batch["jpegs"])]
     jpeg_items = batch["items"][len(cpu_items) :]
-    decoded, refused = encoder.jpeg_decoder.decode(batch["jpegs"], batch["orientations"])
+    decoded, refused = encoder.jpeg_decoder.decode(batch["jpegs"], batch["orientations"], batch["pixels"])
     set_of_refused = set(refused)
     parts = [batch["batch"].to(encoder.device, non_blocking=True)] if batch["batch"] is not None else []
     items = list(cpu_items)

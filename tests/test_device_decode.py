@@ -29,8 +29,9 @@ def jpeg_bytes(image: Image.Image, orientation: int = 1, **options) -> bytes:
 
 def test_only_baseline_colour_jpegs_within_the_limit_go_to_the_device(photos):
     photo = photos["chelsea"]
-    assert device_decodable_jpeg(jpeg_bytes(photo)) == 1
-    assert device_decodable_jpeg(jpeg_bytes(photo, orientation=6)) == 6
+    width, height = photo.size
+    assert device_decodable_jpeg(jpeg_bytes(photo)) == (1, width * height)
+    assert device_decodable_jpeg(jpeg_bytes(photo, orientation=6)) == (6, width * height)
     png = io.BytesIO()
     photo.save(png, "PNG")
     refused = {
@@ -43,7 +44,6 @@ def test_only_baseline_colour_jpegs_within_the_limit_go_to_the_device(photos):
     }
     for kind, data in refused.items():
         assert device_decodable_jpeg(data) is None, kind
-    width, height = photo.size
     assert device_decodable_jpeg(jpeg_bytes(photo), max_pixels=width * height - 1) is None  # the CPU path reports it
 
 
@@ -63,9 +63,19 @@ def test_orientation_on_the_device_is_pillows(orientation):
     assert np.array_equal(oriented, expected)
 
 
+def test_decode_calls_are_bounded_by_pixels():
+    from imgsearch.encoders.jpeg_decoder import _chunks
+
+    assert _chunks([40, 40, 30, 100, 250, 10], budget=100) == [[0, 1], [2], [3], [4], [5]]
+    assert _chunks([], budget=100) == []
+
+
 @pytest.mark.parametrize("backend", ["lite"])
-def test_device_decoding_gives_the_cpu_paths_vectors_and_falls_back_for_the_rest(tmp_path, encoder, make_store, photos):
+def test_device_decoding_gives_the_cpu_paths_vectors_and_falls_back_for_the_rest(tmp_path, encoder, make_store, photos, monkeypatch):
+    import imgsearch.encoders.jpeg_decoder as jpeg_decoder
     from imgsearch.encoders.jpeg_decoder import DeviceJpegDecoder
+
+    monkeypatch.setattr(jpeg_decoder, "DECODE_PIXELS", 2_000_000)  # several decode calls per batch of 4
     from imgsearch.encoders.torch_encoder import Tensors
     from imgsearch.ingest.pipeline import ingest_catalog
 

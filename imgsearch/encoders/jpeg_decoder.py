@@ -18,7 +18,7 @@ from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
 from imgsearch.encoders.preprocessing import ResizeCrop
 
-DECODE_CHUNK = 32  # JPEGs per decode call: 32 camera-size images are ~1.2 GB of decoded pixels on the device
+DECODE_PIXELS = 256_000_000  # decoded pixels per decode call, 768 MB on the device (about 21 camera-size photos)
 
 
 class DeviceJpegDecoder:
@@ -27,18 +27,23 @@ class DeviceJpegDecoder:
         self.device = torch.device(device)
         self.min_side = min_side  # the encoder's input size: as load_image's, it decides the draft scale
 
-    def decode(self, jpegs: list[torch.Tensor], orientations: list[int]) -> tuple[torch.Tensor | None, list[int]]:
+    def decode(
+        self, jpegs: list[torch.Tensor], orientations: list[int], pixels: list[int]
+    ) -> tuple[torch.Tensor | None, list[int]]:
         """(uint8 [n, 3, crop, crop] on the device for the JPEGs that decoded, in order; the indices of those that did
-        not, which the caller decodes on the CPU). `jpegs`: 1-d uint8 CPU tensors of file bytes."""
+        not, which the caller decodes on the CPU). `jpegs`: 1-d uint8 CPU tensors of file bytes; `pixels`: their
+        sizes from the header, which bound the device memory one decode call takes (DECODE_PIXELS)."""
         images: list[torch.Tensor] = []
         failed: list[int] = []
-        for start in range(0, len(jpegs), DECODE_CHUNK):
-            chunk = list(range(start, min(start + DECODE_CHUNK, len(jpegs))))
+        for chunk in _chunks(pixels, DECODE_PIXELS):
             for index, decoded in zip(chunk, self._decode_chunk([jpegs[i] for i in chunk])):
-                if decoded is None:
-                    failed.append(index)
-                else:
+                try:
+                    if decoded is None:
+                        raise RuntimeError("not decoded")
                     images.append(self.resize_crop(orient(self.draft(decoded), orientations[index])))
+                except RuntimeError:  # refused, or out of device memory for this one: the CPU decodes it
+                    failed.append(index)
+                del decoded
         return (torch.stack(images) if images else None), failed
 
     def _decode_chunk(self, jpegs: list[torch.Tensor]) -> list[torch.Tensor | None]:
@@ -85,6 +90,19 @@ class DeviceJpegDecoder:
             raise ValueError(f"resize {spec.resize} is smaller than crop {spec.crop}")
         top, left = int(round((height - spec.crop) / 2.0)), int(round((width - spec.crop) / 2.0))
         return image[:, top : top + spec.crop, left : left + spec.crop]
+
+
+def _chunks(pixels: list[int], budget: int) -> list[list[int]]:
+    """Consecutive indices in groups whose pixels stay within `budget` (a larger image goes alone)."""
+    chunks: list[list[int]] = []
+    total = budget + 1
+    for index, count in enumerate(pixels):
+        if total + count > budget:
+            chunks.append([])
+            total = 0
+        chunks[-1].append(index)
+        total += count
+    return chunks
 
 
 def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
