@@ -49,6 +49,7 @@ class StoredImages(BaseModel):
     skipped: int
     check: dict[str, Any] | None = Field(None, description="enrolment: how new references cluster, labels they are nearer to, the effect on those, warnings")
     calibration: dict[str, Any] | None = Field(None, description='the self-calibrated "unknown" threshold, when this recomputed it')
+    calibration_pending: bool = Field(False, description="the threshold is still being recomputed, and applies once done (GET /info)")
 
 
 class Health(BaseModel):
@@ -108,4 +109,5 @@ class ReviewEnrolled(BaseModel):
     enrolled: int
     ids: list[str]
     calibration: dict[str, Any] | None = None
+    calibration_pending: bool = False
     check: dict[str, Any] | None = None

@@ -154,7 +154,9 @@ async def enroll_from_review(service: ServiceDep, body: ReviewEnroll):
 
     label = validate_label(body.label, required=True)
     async with service.write_lock:
-        return await asyncio.to_thread(enroll, service.store, label, body.select, service.review(create=False))
+        enrolled = await asyncio.to_thread(enroll, service.store, label, body.select, service.review(create=False), recalibrate=False)
+    enrolled["calibration"], enrolled["calibration_pending"] = await service.recalibrate()
+    return enrolled
 
 
 @search.get("/duplicates", response_model=DuplicateGroups)
@@ -185,11 +187,12 @@ async def store_uploads(service: Service, files: list[UploadFile], label: str, *
     uploads = [(upload.data, upload.image_format) for upload in await service.read_images(files)]
     async with service.write_lock:
         ids, report = await asyncio.to_thread(store, uploads, label, service.encoder, service.store, service.settings, relabel=relabel)
+    calibration, pending = await service.recalibrate() if report.references_changed else (None, False)
     if report.failed:
         raise HTTPException(422, "; ".join(f"{service.files.shown(f['path'])}: {f['error']}" for f in report.failed))
     return StoredImages(
         ids=ids, label=label, indexed=report.indexed, updated=report.updated, skipped=report.skipped,
-        check=report.enrolment_check, calibration=report.calibration,
+        check=report.enrolment_check, calibration=calibration, calibration_pending=pending,
     )
 
 
@@ -215,6 +218,8 @@ async def delete_image(service: ServiceDep, image_id: str):
         )
     if not report.deleted:  # deleted by someone else meanwhile
         raise HTTPException(404, "no stored image with that id")
+    if report.deleted[0]["label"]:  # a reference went: recalibrate "unknown" in the background
+        service.recalibration.request_in_background()
     return Deleted(deleted=image_id, file_removed=report.deleted[0]["file_removed"])
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,8 @@ from imgsearch.api.limits import PixelBudget
 from imgsearch.config import Settings
 from imgsearch.errors import ImageDecodeError
 from imgsearch.images import load_image, read_header
+
+log = logging.getLogger(__name__)
 
 
 class Metrics:
@@ -40,6 +43,54 @@ class Upload:
     tensor: Any  # the encoder's input; the decoded image is freed as soon as this exists
 
 
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning('recomputing the "unknown" threshold failed: %s (the previous one stays)', task.exception())
+
+
+class Recalibration:
+    """The self-calibrated "unknown" threshold (imgsearch/abstention.py), recomputed off the request path after the
+    service changes references: at 100k references it takes about a minute. One run at a time; requests that come
+    while one runs are served by one more run after it, which all of them await."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.task: asyncio.Task | None = None
+        self.again = False
+
+    async def request(self, wait_seconds: float) -> tuple[dict[str, Any] | None, bool]:
+        """(the new calibration, or None; whether it is still running after `wait_seconds`, and will be in effect
+        when it ends)."""
+        self.request_in_background()
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.task), wait_seconds), False
+        except TimeoutError:
+            return None, True
+
+    def request_in_background(self) -> None:
+        """Recalibrate without waiting (a deletion answers at once)."""
+        if self.task is not None and not self.task.done():
+            self.again = True
+        else:
+            self.task = asyncio.create_task(self._run())
+            self.task.add_done_callback(_log_failure)
+
+    async def _run(self) -> dict[str, Any] | None:
+        from dataclasses import asdict
+
+        from imgsearch.abstention import self_calibrate
+
+        while True:
+            self.again = False
+            calibration = await asyncio.to_thread(self_calibrate, self.store)
+            if not self.again:
+                return asdict(calibration) if calibration else None
+
+    async def finish(self) -> None:
+        if self.task is not None:
+            await asyncio.gather(self.task, return_exceptions=True)
+
+
 class Service:
     """Settings, encoder and store, loaded once; the batcher, write lock and decode budget start with the loop."""
 
@@ -52,6 +103,7 @@ class Service:
         self.batcher: MicroBatcher | None = None
         self.write_lock: asyncio.Lock | None = None  # uploads, enrolments and deletions are written one at a time
         self.budget: PixelBudget | None = None
+        self.recalibration: Recalibration | None = None
         self._review = None  # the review collection, opened on first use
 
     def start(self, metrics: Metrics) -> None:
@@ -61,7 +113,12 @@ class Service:
         )
         self.write_lock = asyncio.Lock()
         self.budget = PixelBudget(settings.decode_pixel_budget, settings.decode_wait_seconds)
+        self.recalibration = Recalibration(self.store)
         self.batcher.start()
+
+    async def recalibrate(self) -> tuple[dict[str, Any] | None, bool]:
+        """Recompute the "unknown" threshold after references changed; waits settings.calibration_wait_seconds."""
+        return await self.recalibration.request(self.settings.calibration_wait_seconds)
 
     def review(self, *, create: bool = True):
         """The review collection (review.py), opened once it exists."""
@@ -72,6 +129,7 @@ class Service:
         return self._review
 
     async def stop(self) -> None:
+        await self.recalibration.finish()  # its threshold is written before the store closes
         await self.batcher.stop()
         if self._review is not None:
             self._review.close()

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
         description="Pixels the service decodes at once across all requests; others wait (memory stays bounded)",
     )
     decode_wait_seconds: float = Field(30.0, ge=0, description="How long a request waits for decode budget before 503")
+    calibration_wait_seconds: float = Field(
+        5.0, ge=0, description='How long an enrolment request waits for the recalibrated "unknown" threshold; the rest runs on in the background'
+    )
     answer_paths: Literal["relative", "absolute"] = Field(
         "relative", description="REST answers show paths relative to their catalog folder, or absolute server paths"
     )

@@ -49,8 +49,8 @@ def delete_images(
 ) -> DeleteReport:
     """Delete the rows, and each row's file when the service stored it at upload (under `upload_dir`; catalog files
     are the user's). Uploads are content-named, so no other row shares such a file. Unknown ids are reported.
-    `recalibrate`: when labeled rows went, recompute the self-calibrated "unknown" threshold (the service's
-    one-image deletes leave it to the next enrolment: at 100k references it takes about a minute)."""
+    `recalibrate`: when labeled rows went, recompute the self-calibrated "unknown" threshold (the service does it
+    in the background instead: at 100k references it takes about a minute)."""
     wanted = list(dict.fromkeys(ids))
     for image_id in wanted:
         validate_id(image_id)

@@ -111,21 +111,23 @@ def select(review: MilvusStore | None, selection: list[str]) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
-def enroll_from_review(store: MilvusStore, label: str, selection: list[str], review: MilvusStore | None = None) -> dict[str, Any]:
+def enroll_from_review(
+    store: MilvusStore, label: str, selection: list[str], review: MilvusStore | None = None, *, recalibrate: bool = True
+) -> dict[str, Any]:
     """Make the selected kept queries references of `label` (their vectors are reused) and drop them from review;
-    then recalibrate "unknown" and check the enrolment, as any enrolment does. `review`: the review collection if
-    the caller holds it open (the service), else it is opened and closed here."""
+    then recalibrate "unknown" (unless the caller does: the service) and check the enrolment, as any enrolment does.
+    `review`: the review collection if the caller holds it open (the service), else it is opened and closed here."""
     label = validate_label(label, required=True)
     opened_here = review is None
     review = review or review_store(store, create=False)
     try:
-        return _enroll(store, review, label, select(review, selection))
+        return _enroll(store, review, label, select(review, selection), recalibrate)
     finally:
         if opened_here and review is not None:
             review.close()
 
 
-def _enroll(store: MilvusStore, review: MilvusStore, label: str, ids: list[str]) -> dict[str, Any]:
+def _enroll(store: MilvusStore, review: MilvusStore, label: str, ids: list[str], recalibrate: bool) -> dict[str, Any]:
     from imgsearch.abstention import self_calibrate
     from imgsearch.enrolment_check import check_enrolment
 
@@ -136,7 +138,7 @@ def _enroll(store: MilvusStore, review: MilvusStore, label: str, ids: list[str])
     store.add_roots([row["path"] for row in rows.values() if Path(row["path"]).is_absolute()])
     store.flush()
     review.delete(list(rows))
-    calibration = self_calibrate(store)
+    calibration = self_calibrate(store) if recalibrate else None
     check = check_enrolment(store, label, list(rows))
     return {
         "label": label, "enrolled": len(rows), "ids": sorted(rows),

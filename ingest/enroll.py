@@ -70,6 +70,7 @@ def store_uploads(
         entries, encoder, store, relabel_duplicates=relabel, workers=0, batch_size=settings.batch_size,
         max_pixels=settings.max_image_pixels, hash_cache=settings.hash_cache,
         wait_for_index=False,  # Lite indexes in the background meanwhile
+        calibrate=False,  # the service recalibrates off the request (api/service.py: Recalibration)
     )
     if relabel and label:
         _checked(store, label, ids, report)

@@ -107,7 +107,7 @@ def ingest_entries(
         if progress:
             progress("index", 0, None)
         report.index_seconds = store.wait_for_index()  # else Lite searches the new rows without it, or builds at exit
-    if calibrate and (report.labeled_indexed or report.updated or report.pruned or report.replaced):
+    if calibrate and report.references_changed:
         from imgsearch.abstention import self_calibrate
 
         if progress:

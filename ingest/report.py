@@ -40,6 +40,11 @@ class IngestReport:
     in_flight_bound: int = 0
 
     @property
+    def references_changed(self) -> bool:
+        """Whether labeled rows may have changed: what makes the self-calibrated threshold stale."""
+        return bool(self.labeled_indexed or self.updated or self.pruned or self.replaced)
+
+    @property
     def images_per_second(self) -> float:
         return self.indexed / self.seconds if self.seconds > 0 else 0.0
 

@@ -94,6 +94,39 @@ def test_enroll_then_recognize(service, tmp_path):
     assert "handbag" in {n["label"] for item in items for n in item["neighbours"]}
 
 
+def test_a_slow_recalibration_runs_on_after_the_enrolment_answers(catalog, onnx_encoder):
+    """With no time to wait (at 100k references it takes about a minute), POST /enroll answers at once, says the
+    threshold is pending, and the recalibrated one is in effect soon after; an API deletion of a reference
+    recalibrates in the background too."""
+    root, folder = catalog
+    settings = load_settings(
+        milvus_uri=str(root / "pending.db"), upload_dir=root / "pending-uploads", device="cpu", calibration_wait_seconds=0,
+    )
+    from imgsearch.ingest.pipeline import ingest_catalog
+    from imgsearch.store import open_store
+
+    with open_store(settings, onnx_encoder) as store:
+        ingest_catalog(folder, onnx_encoder, store, workers=0)  # 10 labels x 3, calibrated by the ingest
+
+    def calibrated_references(client) -> int:
+        return client.get("/info").json()["self_calibration"]["references"]
+
+    def eventually(client, references: int) -> None:
+        deadline = time.monotonic() + 60
+        while calibrated_references(client) != references and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert calibrated_references(client) == references
+
+    bags = sorted((FASHION_DIR / "bag").glob("*.png"))[10:14]
+    with serve(settings) as client:
+        assert calibrated_references(client) == 30
+        body = client.post("/enroll", data={"label": "handbag"}, files=[("image", (p.name, p.read_bytes(), "image/png")) for p in bags]).json()
+        assert body["indexed"] == 4 and body["calibration"] is None and body["calibration_pending"] is True
+        eventually(client, 34)
+        assert client.delete(f"/images/{body['ids'][0]}").status_code == 200
+        eventually(client, 33)
+
+
 def test_review_through_the_api_keeps_lists_and_enrols_unknown_queries(service):
     from skimage import data
 
