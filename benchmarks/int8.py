@@ -80,6 +80,9 @@ def configurations(model: onnx.ModelProto) -> dict[str, dict]:
         "entropy, stem + last conv + tail in fp32": {"calibrate_method": CalibrationMethod.Entropy, "nodes_to_exclude": [convs[0], convs[-1], *tail]},
         "percentile, head conv + pooling in fp32": {**percentile, "nodes_to_exclude": head},
         "percentile, depthwise convs in fp32": {**percentile, "nodes_to_exclude": depthwise},
+        "percentile, 7-bit weights (reduce_range)": {**percentile, "reduce_range": True},
+        "percentile, uint8 weights (U8U8)": {**percentile, "weight_type": QuantType.QUInt8},
+        "percentile, per-tensor weights": {**percentile, "per_channel": False},
         "percentile, int8 symmetric activations": {
             "calibrate_method": CalibrationMethod.Percentile, "activation_type": QuantType.QInt8,
             "extra_options": {"CalibPercentile": 99.999, "ActivationSymmetric": True},
