@@ -27,8 +27,6 @@ log = logging.getLogger(__name__)
 WRITE_QUEUE_CHUNKS = 2
 WriterKind = Literal["auto", "process", "thread"]
 PARENT_POLL_SECONDS = 1.0  # how often an idle writer process checks that its parent is alive
-
-
 PROCESS_MIN_CHUNKS = 4  # `auto` starts a process (about a second of start-up, overlapping encoding) from this many
 
 
