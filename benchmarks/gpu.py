@@ -9,7 +9,8 @@
 2. Encoder only: Lite0 and ViT-B/32 on preprocessed batches already in host memory (copy in, vectors out).
 3. End to end: whole-process `imgsearch ingest` of camera-size JPEGs on CUDA, for Lite0 and ViT-B/32: JPEGs decoded
    by the CPU workers vs on the GPU, into a fresh Milvus Lite file and into a Milvus server (--server-uri, or one
-   started from .mv/bin/milvus-server when that exists), at --images and at --also images; with the peak memory
+   started from .mv/bin/milvus-server when that exists, else `milvus-lite server` in a process of its own), at
+   --images and at --also images; with the peak memory
    (PSS) of the ingest's process tree, which should stay flat from the smaller catalog to the larger.
 ViT-B/32 runs with RANDOM-INIT weights written here (timing only: no ViT weights exist offline); Lite0 with its
 real weights.
@@ -148,12 +149,14 @@ def main() -> None:
         del lite_gpu
 
     # 3. end to end
-    server = contextlib.nullcontext(args.server_uri) if args.server_uri else (
-        milvus_server() if SERVER_BINARY.exists() else contextlib.nullcontext(None))
+    if args.server_uri:
+        server = contextlib.nullcontext(args.server_uri)
+    else:  # the PyPI server where installed; else Milvus Lite's own server, in a process of its own
+        server = milvus_server("milvus" if SERVER_BINARY.exists() else "lite")
     rows = []
     with server as server_uri:
-        if server_uri is None:
-            print(f"no Milvus server (--server-uri, or {SERVER_BINARY}): Milvus Lite rows only", flush=True)
+        print(f"server rows: {args.server_uri or ('PyPI milvus-server' if SERVER_BINARY.exists() else 'milvus-lite server')}"
+              f" at {server_uri}", flush=True)
         models = [("Lite0", "efficientnet_lite0", args.lite0_weights, lite0_floor), ("ViT-B/32 (random init)", "open_clip:ViT-B-32", vit_weights, vit_floor)]
         runs = []
         for label, model, weights, floor in models:

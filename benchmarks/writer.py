@@ -7,7 +7,8 @@ A probe thread stands in for the thread that drives the GPU: it sleeps 1 ms in a
 unit vectors are upserted through ingest's writer (ingest/writer.py) into a fresh collection: first with no writes
 (the probe's floor), then from the writer thread, then from the writer process. On Milvus Lite (its engine runs
 inside the process that opened the file; the writer process reaches it over the loopback gRPC server pymilvus
-starts) and on the PyPI milvus server (started here from .mv/bin/milvus-server unless --server-uri is given).
+starts), on Milvus Lite served by `milvus-lite server` from a process of its own, and on the PyPI milvus server
+(started here from .mv/bin/milvus-server unless --server-uri is given).
 Prints the probe's median / p99 / worst lateness and the rows written per second.
 """
 
@@ -115,14 +116,20 @@ def run_backend(name: str, uri: str, rows: list[list[ImageRecord]], dim: int) ->
 
 
 @contextmanager
-def milvus_server():
+def milvus_server(kind: str = "milvus"):
+    """A Milvus on a free loopback port for the duration: `milvus`, the PyPI server (.mv/bin/milvus-server), or
+    `lite`, Milvus Lite's own gRPC server (`milvus-lite server`) in a process of its own."""
     data = Path(tempfile.mkdtemp(prefix="imgsearch-bench-milvus-"))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     log = open(data / "server.log", "wb")
-    process = subprocess.Popen([str(SERVER_BINARY), "--data", str(data), "--proxy-port", str(port)], stdout=log,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+    if kind == "milvus":
+        command = [str(SERVER_BINARY), "--data", str(data), "--proxy-port", str(port)]
+    else:
+        command = [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(data / "lite"), "--host", "127.0.0.1",
+                   "--port", str(port)]
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
         from pymilvus import MilvusClient
@@ -159,6 +166,8 @@ def main() -> None:
         run_backend("lite", str(work / "writer.db"), rows, args.dim)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    with milvus_server("lite") as uri:  # Lite's engine in a process of its own
+        run_backend("lite-srv", uri, rows, args.dim)
     if args.server_uri:
         run_backend("server", args.server_uri, rows, args.dim)
     elif not args.no_server:
