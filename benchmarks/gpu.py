@@ -1,7 +1,7 @@
 """The CUDA path, checked and timed in one run (needs a GPU; prints what it measured).
 
     python benchmarks/gpu.py [--images 8000] [--also 32000] [--batch-size 256] [--workers 15] [--lite0-weights PATH]
-                             [--server-uri URL]
+                             [--server-uri URL] [--models lite0,vit] [--stores lite,server] [--decodes cpu,gpu]
 
 1. Correctness: Lite0 vectors on the GPU (bf16 autocast, channels_last) against the CPU in float32, per image;
    JPEGs decoded by nvJPEG (encoders/jpeg_decoder.py) against the CPU decode path, per image; then rows stored by
@@ -74,6 +74,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "imgsearch-gpu")
     parser.add_argument("--device", default="cuda", help="cpu only to rehearse this script on a small catalog")
     parser.add_argument("--baseline-code", type=Path, default=None, help="an older checkout's root: its Lite0 ingest is timed too")
+    parser.add_argument("--models", default="lite0,vit", help="end-to-end runs for these (to fit a device budget)")
+    parser.add_argument("--stores", default="lite,server", help="end-to-end runs into these")
+    parser.add_argument("--decodes", default="cpu,gpu", help="end-to-end runs with JPEGs decoded here")
     args = parser.parse_args()
     args.lite0_weights = args.lite0_weights.resolve() if args.lite0_weights else None
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -149,7 +152,7 @@ def main() -> None:
         del lite_gpu
 
     # 3. end to end
-    if args.server_uri:
+    if args.server_uri or "server" not in args.stores.split(","):
         server = contextlib.nullcontext(args.server_uri)
     else:  # the PyPI server where installed; else Milvus Lite's own server, in a process of its own
         server = milvus_server("milvus" if SERVER_BINARY.exists() else "lite")
@@ -158,6 +161,7 @@ def main() -> None:
         print(f"server rows: {args.server_uri or ('PyPI milvus-server' if SERVER_BINARY.exists() else 'milvus-lite server')}"
               f" at {server_uri}", flush=True)
         models = [("Lite0", "efficientnet_lite0", args.lite0_weights, lite0_floor), ("ViT-B/32 (random init)", "open_clip:ViT-B-32", vit_weights, vit_floor)]
+        models = [model for model, key in zip(models, ("lite0", "vit")) if key in args.models.split(",")]
         runs = []
         for label, model, weights, floor in models:
             runs += [(label, model, weights, floor, args.images, "lite", "cpu"), (label, model, weights, floor, args.images, "lite", "gpu")]
@@ -165,6 +169,7 @@ def main() -> None:
                 runs += [(label, model, weights, floor, count, "server", decode) for count in catalogs for decode in ("cpu", "gpu")]
             elif args.also:
                 runs.append((label, model, weights, floor, args.also, "lite", "gpu"))
+        runs = [run for run in runs if run[5] in args.stores.split(",") and run[6] in args.decodes.split(",")]
         if args.baseline_code:
             runs.append(("Lite0, baseline code", "efficientnet_lite0", args.lite0_weights, lite0_floor, args.images, "lite", "cpu"))
         for label, model, weights, floor, count, backend, decode in runs:
