@@ -130,16 +130,23 @@ def describe_os_error(error: OSError) -> str:
     return f"cannot read file ({error.strerror or error})"
 
 
+def draft_request(width: int, height: int, min_side: int | None) -> tuple[int, int] | None:
+    """The size to ask a JPEG decoder for when the encoder needs a shorter side of `min_side` (the shorter side
+    becomes min_side, the longer in proportion, rounded up), or None when the image is not over twice that."""
+    if not min_side or min(width, height) <= 2 * min_side:
+        return None
+    scale = min(width, height) / min_side
+    return math.ceil(width / scale), math.ceil(height / scale)
+
+
 def _decode(handle: BinaryIO, max_pixels: int, min_side: int | None, label: str) -> Image.Image:
     image = Image.open(handle)
     width, height = image.size
     _check_size(width, height, max_pixels, label)
     if getattr(image, "is_animated", False):
         image.seek(0)  # animations: first frame only
-    if min_side and image.format == "JPEG" and min(width, height) > 2 * min_side:
-        # Decode at 1/2, 1/4 or 1/8 scale; Pillow keeps both sides >= the requested size.
-        scale = min(width, height) / min_side
-        image.draft(image.mode, (math.ceil(width / scale), math.ceil(height / scale)))
+    if image.format == "JPEG" and (requested := draft_request(width, height, min_side)) is not None:
+        image.draft(image.mode, requested)  # 1/2, 1/4 or 1/8 scale; Pillow keeps both sides >= the requested size
     image.load()
     image = ImageOps.exif_transpose(image) or image
     return to_rgb(image)

@@ -10,13 +10,12 @@ On the CPU the same code runs with libjpeg, which is how the tests check it with
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
 from imgsearch.encoders.preprocessing import ResizeCrop
+from imgsearch.images import draft_request
 
 DECODE_PIXELS = 256_000_000  # decoded pixels per decode call, 768 MB on the device (about 21 camera-size photos)
 
@@ -63,10 +62,10 @@ class DeviceJpegDecoder:
         """What Pillow's draft mode does to a JPEG load_image decodes for `min_side`: the largest of 1/8, 1/4, 1/2
         that keeps the shorter side >= min_side (sides rounded up), here by averaging blocks of the full decode."""
         height, width = image.shape[-2:]
-        if not self.min_side or min(width, height) <= 2 * self.min_side:
+        requested = draft_request(width, height, self.min_side)
+        if requested is None:
             return image
-        scale = min(width, height) / self.min_side
-        most = min(width // math.ceil(width / scale), height // math.ceil(height / scale))
+        most = min(width // requested[0], height // requested[1])  # Pillow's JPEG draft: the largest factor that fits
         factor = next(factor for factor in (8, 4, 2, 1) if most >= factor)
         if factor == 1:
             return image
@@ -76,20 +75,14 @@ class DeviceJpegDecoder:
     def resize_crop(self, image: torch.Tensor) -> torch.Tensor:
         """ResizeCrop.uint8 on a [3, H, W] uint8 tensor: shorter side to `resize` (antialiased, the longer side
         truncated as torchvision does), centre crop, uint8."""
-        spec = self.spec
         height, width = image.shape[-2:]
-        short, long = min(width, height), max(width, height)
-        if short != spec.resize:
-            new_long = int(spec.resize * long / short)
-            size = (new_long, spec.resize) if width <= height else (spec.resize, new_long)  # (height, width)
-            mode = spec.shrink if short > spec.resize else spec.enlarge
-            resized = F.interpolate(image[None].float(), size=size, mode=mode, antialias=True, align_corners=False)
-            image = resized[0].round_().clamp_(0, 255).to(torch.uint8)
-            height, width = size
-        if width < spec.crop or height < spec.crop:
-            raise ValueError(f"resize {spec.resize} is smaller than crop {spec.crop}")
-        top, left = int(round((height - spec.crop) / 2.0)), int(round((width - spec.crop) / 2.0))
-        return image[:, top : top + spec.crop, left : left + spec.crop]
+        if (resized := self.spec.resized(width, height)) is not None:
+            width, height, mode = resized
+            scaled = F.interpolate(image[None].float(), size=(height, width), mode=mode, antialias=True, align_corners=False)
+            image = scaled[0].round_().clamp_(0, 255).to(torch.uint8)
+        left, top = self.spec.crop_origin(width, height)
+        crop = self.spec.crop
+        return image[:, top : top + crop, left : left + crop]
 
 
 def _chunks(pixels: list[int], budget: int) -> list[list[int]]:

@@ -34,20 +34,29 @@ class ResizeCrop:
         if self.shrink not in FILTERS or self.enlarge not in FILTERS:
             raise ValueError(f"unknown resize filter in {self}")
 
+    def resized(self, width: int, height: int) -> tuple[int, int, str] | None:
+        """(width, height, filter) the resize makes of an image this size, or None when its shorter side already is
+        `resize`. The one geometry of this preprocessing: Pillow here, torch in encoders/jpeg_decoder.py."""
+        short, long = (width, height) if width <= height else (height, width)
+        if short == self.resize:
+            return None
+        new_short, new_long = self.resize, int(self.resize * long / short)  # torchvision's rule: truncate, never round
+        new_width, new_height = (new_short, new_long) if width <= height else (new_long, new_short)
+        return new_width, new_height, self.shrink if short > self.resize else self.enlarge
+
+    def crop_origin(self, width: int, height: int) -> tuple[int, int]:
+        """(left, top) of the centre crop of a resized image this size."""
+        if width < self.crop or height < self.crop:
+            raise ValueError(f"resize {self.resize} is smaller than crop {self.crop}")
+        return int(round((width - self.crop) / 2.0)), int(round((height - self.crop) / 2.0))
+
     def uint8(self, image: Image.Image) -> np.ndarray:
         """The resized and cropped pixels, [3, crop, crop] uint8: what is sent to a GPU, which normalises them."""
         image = image if image.mode == "RGB" else image.convert("RGB")
-        width, height = image.size
-        short, long = (width, height) if width <= height else (height, width)
-        if short != self.resize:
-            # torchvision's rule for the longer side: truncate, never round
-            new_short, new_long = self.resize, int(self.resize * long / short)
-            size = (new_short, new_long) if width <= height else (new_long, new_short)
-            image = image.resize(size, FILTERS[self.shrink if short > self.resize else self.enlarge])
-        width, height = image.size
-        if width < self.crop or height < self.crop:
-            raise ValueError(f"resize {self.resize} is smaller than crop {self.crop}")
-        top, left = int(round((height - self.crop) / 2.0)), int(round((width - self.crop) / 2.0))
+        if (resized := self.resized(*image.size)) is not None:
+            width, height, filter_name = resized
+            image = image.resize((width, height), FILTERS[filter_name])
+        left, top = self.crop_origin(*image.size)
         pixels = np.asarray(image.crop((left, top, left + self.crop, top + self.crop)), dtype=np.uint8)
         return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
