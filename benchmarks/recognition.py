@@ -223,7 +223,8 @@ def compare_models(args, options: EvalOptions, progress) -> None:
     compare = replace(options, shots=(5,), episodes=20, k_values=(DEFAULT_K,))
     rows, encoded = [], {}
     for name in args.compare:
-        encoder = load_encoder(name, device=args.device, runtime=args.runtime)
+        model, _, runtime = name.partition("@")  # efficientnet_lite0@onnx-int8: a runtime for this row only
+        encoder = load_encoder(model, device=args.device, runtime=runtime or args.runtime)
         reference_set, query_set = load_splits(args.dataset, options, encoder.input_size)
         started = time.perf_counter()
         references = encode_set(encoder, reference_set, progress, f"{name} references")
@@ -232,7 +233,7 @@ def compare_models(args, options: EvalOptions, progress) -> None:
         photo_vectors = encoder.encode_images([image for image, _ in photos])
         encoded[name] = (references, queries, photo_vectors)
         rows.append((name, evaluate_encoded(references, queries, compare), photo_accuracy(photo_vectors, photo_targets, is_reference), rate))
-    if len(args.compare) > 1:
+    if len({name.partition("@")[0] for name in args.compare}) > 1:
         first, second = args.compare[0], max(rows[1:], key=lambda row: row[1]["accuracy"])[0]
         joined = [concatenate(a, b) for a, b in zip(encoded[first], encoded[second])]
         references, queries = (replace(split, vectors=vectors) for split, vectors in zip(encoded[first][:2], joined[:2]))
@@ -308,7 +309,8 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="only the validation sweep that chose the prior's weight")
     parser.add_argument("--abstention-only", action="store_true", help="only the self-calibrated abstention rows")
     parser.add_argument("--compare", nargs="+", default=None, metavar="MODEL",
-                        help="only compare these models (e.g. efficientnet_lite0 efficientnet_lite1 efficientnet_lite2)")
+                        help="only compare these models (e.g. efficientnet_lite0 efficientnet_lite1 efficientnet_lite2); "
+                        "MODEL@RUNTIME runs one with its own runtime (efficientnet_lite0@onnx efficientnet_lite0@onnx-int8)")
     parser.add_argument("--weights", type=Path, default=None, help="Lite0 weights file [default: the installed package]")
     args = parser.parse_args()
 

@@ -28,6 +28,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log prog
     handler.setFormatter(VisibleFormatter("%(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
     logging.getLogger("huggingface_hub").setLevel(logging.INFO if verbose else logging.ERROR)
+    logging.getLogger("imgsearch.encoders").setLevel(logging.INFO)  # the one-off ONNX export and int8 quantisation take seconds
 
 
 @command(settings=MODEL + ("batch_size", "workers"))

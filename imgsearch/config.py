@@ -27,8 +27,8 @@ class Settings(BaseSettings):
     model: str = Field("efficientnet_lite0", description="Encoder name: efficientnet_lite0, torchvision/timm names, open_clip ARCH/TAG")
     weights: Path | None = Field(None, description="Local weights file for the encoder")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    runtime: Literal["auto", "torch", "onnx"] = Field(
-        "auto", description="auto: onnxruntime on a CPU (measured faster there), torch on CUDA"
+    runtime: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
+        "auto", description="auto: onnxruntime on a CPU (int8 for efficientnet_lite0, measured faster there), torch on CUDA"
     )
     cuda_graphs: bool = Field(True, description="On CUDA, run each full batch as one captured CUDA graph")
     onnx_cache: Path | None = Field(None, description="Where ONNX exports are cached; default ~/.cache/imgsearch/onnx")

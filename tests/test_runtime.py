@@ -65,9 +65,15 @@ def test_another_weights_file_is_another_export(tmp_path):
     assert len(stems) == 3
 
 
-def test_runtime_auto_picks_onnx_on_cpu(tmp_path):
+def test_runtime_auto_picks_int8_for_lite0_and_fp32_for_other_weights_on_cpu(tmp_path):
+    from imgsearch.encoders.lite import packaged_weights_path
+
     encoder = load_encoder("efficientnet_lite0", device="cpu", runtime="auto", onnx_cache=tmp_path)
-    assert isinstance(encoder, OnnxEncoder)
+    assert isinstance(encoder, OnnxEncoder) and encoder.model_path.name.endswith(".int8.onnx")
+    copy = tmp_path / "lite0.pth"  # weights of the user's own: not measured in int8, so fp32
+    copy.write_bytes(packaged_weights_path().read_bytes())
+    encoder = load_encoder("efficientnet_lite0", weights=copy, device="cpu", runtime="auto", onnx_cache=tmp_path)
+    assert isinstance(encoder, OnnxEncoder) and not encoder.model_path.name.endswith(".int8.onnx")
 
 
 def test_onnx_and_torch_ingest_store_the_same_vectors(tmp_path, encoder, onnx_encoder, make_store):

@@ -20,7 +20,10 @@ __all__ = [
 
 TORCHVISION_PREFIX = "torchvision:"
 TIMM_PREFIX = "timm:"
-RUNTIMES = ("auto", "torch", "onnx")
+RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
+# Models whose int8 quantisation `auto` picks on a CPU, with their packaged weights: measured within 0.5 points of
+# fp32 recognition accuracy at over 1.5x its speed (docs/benchmarks.md). Others run fp32 unless asked.
+INT8_BY_DEFAULT = frozenset({"efficientnet_lite0"})
 
 
 def load_encoder(
@@ -33,17 +36,21 @@ def load_encoder(
     cuda_graphs: bool = True,
     gpu_decode: bool = True,
 ) -> Encoder:
-    """The encoder `name`, run by `runtime`: torch, onnx (onnxruntime on the CPU), or auto (onnx on a CPU, torch on CUDA,
-    the faster of the two as measured by benchmarks/ingest.py). The ONNX runtime with a cached export imports no torch."""
+    """The encoder `name`, run by `runtime`: torch, onnx (onnxruntime on the CPU), onnx-int8 (the ONNX export quantised
+    to int8, on the CPU), or auto (on a CPU onnx-int8 for the INT8_BY_DEFAULT models and onnx for the others, torch
+    on CUDA: the fastest as measured by benchmarks/ingest.py and benchmarks/int8.py). The ONNX runtimes with a cached
+    export import no torch."""
     if runtime not in RUNTIMES:
         raise UnsupportedRuntimeError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     weights = Path(weights) if weights else None
-    if runtime == "onnx" or (runtime == "auto" and not _on_cuda(device)):
-        if runtime == "onnx" and _on_cuda(device):
-            raise UnsupportedRuntimeError("--runtime onnx runs on the CPU; use --device cpu, or --runtime torch on CUDA")
+    if runtime in ("onnx", "onnx-int8") or (runtime == "auto" and not _on_cuda(device)):
+        if runtime != "auto" and _on_cuda(device):
+            raise UnsupportedRuntimeError(f"--runtime {runtime} runs on the CPU; use --device cpu, or --runtime torch on CUDA")
         from imgsearch.encoders.onnx_runtime import onnx_encoder
 
-        return onnx_encoder(name, weights, onnx_cache, partial(load_torch_encoder, name, weights=weights, device="cpu"))
+        int8 = runtime == "onnx-int8" or (runtime == "auto" and name in INT8_BY_DEFAULT and weights is None)
+        load_torch = partial(load_torch_encoder, name, weights=weights, device="cpu")
+        return onnx_encoder(name, weights, onnx_cache, load_torch, int8=int8)
     encoder = load_torch_encoder(name, weights=weights, device=device)
     encoder.cuda_graphs = cuda_graphs
     if gpu_decode:

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OPSET = 17
-EXPORT_VERSION = "2"  # 2: named from the light key, with a JSON card
+EXPORT_VERSION = "3"  # 2: named from the light key, with a JSON card; 3: "same" padding folded to constants
 # Libraries whose version can change what a model name builds (or how it is exported).
 MODEL_LIBRARIES = (
     "torch", "torchvision", "timm", "open_clip_torch", "onnxruntime",
@@ -75,8 +75,9 @@ class OnnxExportError(ImgsearchError):
     """The model could not be exported to ONNX; use --runtime torch."""
 
 
-def export_onnx(encoder: TorchEncoder, path: Path) -> Path:
-    """Export `encoder` to `path` (and its card beside it) unless both are there already."""
+def export_onnx(encoder: TorchEncoder, path: Path, fold: bool = True) -> Path:
+    """Export `encoder` to `path` (and its card beside it) unless both are there already. `fold=False` keeps
+    computed padding (benchmarks/int8.py measures what folding gains)."""
     import torch
 
     card_path = path.with_suffix(".json")
@@ -85,7 +86,7 @@ def export_onnx(encoder: TorchEncoder, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(2, 3, encoder.input_size, encoder.input_size)
     temporary = path.with_suffix(f".tmp{os.getpid()}")
-    log.info("exporting %s to ONNX at %s", encoder.name, path)
+    log.info("exporting %s to ONNX at %s (once: it is cached)", encoder.name, path)
 
     class Embed(torch.nn.Module):  # what gets exported: the torch encoder's own embed()
         def __init__(self) -> None:
@@ -105,6 +106,8 @@ def export_onnx(encoder: TorchEncoder, path: Path) -> Path:
     except Exception as error:
         temporary.unlink(missing_ok=True)
         raise OnnxExportError(f"cannot export {encoder.name} to ONNX ({type(error).__name__}); use --runtime torch") from None
+    if fold:
+        fold_padding(temporary, encoder.input_size)
     card = {
         "name": encoder.name, "dim": encoder.dim, "input_size": encoder.input_size,
         "preprocess_version": encoder.preprocess_version, "supports_text": encoder.supports_text,
@@ -115,6 +118,51 @@ def export_onnx(encoder: TorchEncoder, path: Path) -> Path:
     os.replace(card_temporary, card_path)
     os.replace(temporary, path)  # last and atomic: a concurrent run never sees half a file, or a file without its card
     return path
+
+
+def fold_padding(path: Path, input_size: int) -> None:
+    """Replace `Pad` amounts computed from tensor shapes (TF-style "same" padding, as in the EfficientNet-Lite
+    models) with the constants they take at `input_size`, the only size the encoder is fed. The computation
+    blocks onnxruntime's Pad-into-Conv fusion (the export runs 1.7x faster without it, benchmarks/int8.py) and its
+    float arithmetic would otherwise be quantised by the int8 runtime, shifting feature maps by a pixel. The
+    file is kept unchanged unless the folded graph gives the same features on random input."""
+    import onnx
+    import onnxruntime
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    constants = {initializer.name for initializer in model.graph.initializer}
+    constants |= {output for node in model.graph.node if node.op_type == "Constant" for output in node.output}
+    computed = [node.input[1] for node in model.graph.node if node.op_type == "Pad" and len(node.input) > 1 and node.input[1] not in constants]
+    if not computed:
+        return
+    input_name = model.graph.input[0].name
+
+    def run(graph: onnx.ModelProto, outputs: list[str], images: np.ndarray) -> list[np.ndarray]:
+        session = onnxruntime.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(outputs, {input_name: images})
+
+    probe = onnx.load(str(path))
+    probe.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None) for name in computed)
+    pads = run(probe, computed, np.zeros((1, 3, input_size, input_size), np.float32))
+    model.graph.initializer.extend(numpy_helper.from_array(value.astype(np.int64), name) for name, value in zip(computed, pads))
+    needed = {output.name for output in model.graph.output}
+    kept = []
+    for node in reversed([node for node in model.graph.node if not set(node.output) & set(computed)]):
+        if set(node.output) & needed:  # what the outputs still depend on, walking back from them
+            kept.append(node)
+            needed |= set(node.input)
+    model.graph.ClearField("node")
+    model.graph.node.extend(reversed(kept))
+    initializers = [initializer for initializer in model.graph.initializer if initializer.name in needed]
+    model.graph.ClearField("initializer")
+    model.graph.initializer.extend(initializers)
+    images = np.random.default_rng(0).standard_normal((2, 3, input_size, input_size), dtype=np.float32)
+    output = model.graph.output[0].name
+    if not np.allclose(run(model, [output], images)[0], run(onnx.load(str(path)), [output], images)[0], atol=1e-5):
+        log.warning("kept the computed padding of %s: folding it changed the features", path.name)
+        return
+    onnx.save(model, str(path))
 
 
 class OnnxEncoder(Encoder):
@@ -155,12 +203,23 @@ class OnnxEncoder(Encoder):
 
 
 def onnx_encoder(
-    name: str, weights: Path | None, cache_dir: Path | None, load_torch: Callable[[], TorchEncoder]
+    name: str, weights: Path | None, cache_dir: Path | None, load_torch: Callable[[], TorchEncoder], int8: bool = False
 ) -> OnnxEncoder:
-    """The cached export of `name` run by onnxruntime; the first call builds the torch encoder and exports it."""
+    """The cached export of `name` run by onnxruntime; the first call builds the torch encoder and exports it.
+    With `int8`, the export quantised (imgsearch/encoders/int8.py), also cached."""
     path = (Path(cache_dir) if cache_dir else default_cache_dir()) / (cache_stem(name, weights) + ".onnx")
-    if path.is_file() and path.with_suffix(".json").is_file():
-        return OnnxEncoder(path, load_torch)
-    torch_encoder = load_torch()
-    export_onnx(torch_encoder, path)
-    return OnnxEncoder(path, load_torch, torch_encoder)
+    if int8:
+        from imgsearch.encoders.int8 import int8_path
+
+        if int8_path(path).is_file() and int8_path(path).with_suffix(".json").is_file():
+            return OnnxEncoder(int8_path(path), load_torch)
+    torch_encoder = None
+    if not (path.is_file() and path.with_suffix(".json").is_file()):
+        torch_encoder = load_torch()
+        export_onnx(torch_encoder, path)
+    encoder = OnnxEncoder(path, load_torch, torch_encoder)
+    if not int8:
+        return encoder
+    from imgsearch.encoders.int8 import quantize_export
+
+    return OnnxEncoder(quantize_export(path, encoder.preprocess, encoder.input_size), load_torch, torch_encoder)

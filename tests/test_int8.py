@@ -1,0 +1,135 @@
+"""The export's padding folded to constants, and the int8 runtime: close to fp32 on photos it was not calibrated on."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image, ImageEnhance, ImageOps
+
+from helpers import fashion_images, run_cli
+from imgsearch.encoders import load_encoder
+from imgsearch.encoders.int8 import CALIBRATION_DIR
+from imgsearch.encoders.onnx_runtime import fold_padding
+
+HELD_OUT_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
+
+
+def _padded_model(amounts_from_values: bool) -> onnx.ModelProto:
+    """images -> Pad (amounts computed) -> ReduceMean: the amounts come from the input's shape (like TF "same"
+    padding: 1 at the end of each spatial axis when the size is even) or from its values."""
+    source = ["images"]
+    nodes = [helper.make_node("ReduceMax", source, ["peak"], keepdims=0)] if amounts_from_values else [
+        helper.make_node("Shape", source, ["shape"]),
+        helper.make_node("Gather", ["shape", "two"], ["height"]),
+        helper.make_node("Mod", ["height", "two"], ["odd"]),
+        helper.make_node("Sub", ["one", "odd"], ["peak"]),
+    ]
+    nodes += [
+        helper.make_node("Cast", ["peak"], ["peak_int"], to=TensorProto.INT64),
+        helper.make_node("Mul", ["pattern", "peak_int"], ["amounts"]),
+        helper.make_node("Pad", ["images", "amounts"], ["padded"]),
+        helper.make_node("ReduceMean", ["padded"], ["features"], axes=[2, 3], keepdims=0),
+    ]
+    constants = [
+        numpy_helper.from_array(np.array(2, np.int64), "two"), numpy_helper.from_array(np.array(1, np.int64), "one"),
+        numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64), "pattern"),
+    ]
+    graph = helper.make_graph(
+        nodes, "padded", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, "h", "w"])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 3])], constants,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _features(path, images: np.ndarray) -> np.ndarray:
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": images})[0]
+
+
+def test_padding_computed_from_the_shape_is_folded_and_padding_computed_from_values_is_kept(tmp_path):
+    images = np.random.default_rng(1).uniform(1, 2, (2, 3, 8, 8)).astype(np.float32)
+    for from_values in (False, True):
+        path = tmp_path / f"values{from_values}.onnx"
+        onnx.save(_padded_model(from_values), str(path))
+        before = _features(path, images)
+        fold_padding(path, 8)
+        ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+        assert ("Shape" in ops or "ReduceMax" in ops) == from_values, ops
+        assert ops[-2:] == ["Pad", "ReduceMean"]
+        assert np.allclose(_features(path, images), before, atol=1e-6)
+        assert not np.allclose(before, images.mean(axis=(2, 3)))  # the padding is there: it lowers the mean
+
+
+def test_the_lite0_export_pads_by_constants(onnx_encoder):
+    model = onnx.load(str(onnx_encoder.model_path))
+    constants = {initializer.name for initializer in model.graph.initializer}
+    pads = [node for node in model.graph.node if node.op_type == "Pad"]
+    assert len(pads) == 5 and all(node.input[1] in constants for node in pads)
+
+
+def _edited(photo: Image.Image) -> list[Image.Image]:
+    width, height = photo.size
+    return [
+        photo, ImageOps.mirror(photo), photo.crop((width // 4, height // 4, width * 3 // 4, height * 3 // 4)),
+        photo.rotate(90, expand=True), ImageEnhance.Color(photo).enhance(0.3), ImageEnhance.Brightness(photo).enhance(1.4),
+        photo.resize((width // 3, height // 3)),
+    ]
+
+
+@pytest.fixture(scope="module")
+def int8_encoder(onnx_encoder):
+    # the same cache folder: the fp32 export there is quantised, nothing is exported again
+    return load_encoder("efficientnet_lite0", device="cpu", runtime="onnx-int8", onnx_cache=onnx_encoder.model_path.parent)
+
+
+def test_int8_vectors_stay_close_to_fp32_on_images_it_was_not_calibrated_on(onnx_encoder, int8_encoder, photos):
+    calibrated_on = {path.stem for path in CALIBRATION_DIR.iterdir()}
+    assert len(calibrated_on) >= 50 and not calibrated_on & set(HELD_OUT_PHOTOS)
+    products = [path for path in fashion_images(4) if path.stem not in calibrated_on]
+    assert len(products) == 30
+    for images, least, mean in (
+        ([edit for name in HELD_OUT_PHOTOS for edit in _edited(photos[name])], 0.95, 0.98),
+        ([Image.open(path).convert("RGB") for path in products], 0.90, 0.97),  # 28-px greys, upscaled: harder
+    ):
+        fp32, int8 = onnx_encoder.encode_images(images), int8_encoder.encode_images(images)
+        cosines = (fp32 * int8).sum(axis=1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(int8, axis=1)
+        assert cosines.min() >= least and cosines.mean() >= mean, (cosines.min(), cosines.mean())
+    assert np.allclose(np.linalg.norm(int8, axis=1), 1.0, atol=1e-5)
+
+
+def test_the_int8_model_is_cached_with_its_card(onnx_encoder, int8_encoder):
+    assert int8_encoder.model_path != onnx_encoder.model_path and int8_encoder.model_path.parent == onnx_encoder.model_path.parent
+    card = json.loads(int8_encoder.model_path.with_suffix(".json").read_text())
+    assert card["quantization"]["weights"] == "int8, per channel"
+    assert (int8_encoder.name, int8_encoder.dim, int8_encoder.preprocess_version) == (
+        onnx_encoder.name, onnx_encoder.dim, onnx_encoder.preprocess_version,
+    )
+    quantized = onnx.load(str(int8_encoder.model_path))
+    assert sum(node.op_type == "QuantizeLinear" for node in quantized.graph.node) >= 49  # at least one per conv
+    stamp = int8_encoder.model_path.stat().st_mtime_ns
+    again = load_encoder("efficientnet_lite0", device="cpu", runtime="onnx-int8", onnx_cache=onnx_encoder.model_path.parent)
+    assert again.model_path == int8_encoder.model_path and again.model_path.stat().st_mtime_ns == stamp
+    assert "torch_encoder" not in again.__dict__
+
+
+@pytest.mark.slow
+def test_the_int8_runtime_through_the_cli_keeps_json_clean_and_imports_no_torch(tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "IMGSEARCH_MILVUS_URI": str(tmp_path / "int8.db"), "CUDA_VISIBLE_DEVICES": "",
+           "IMGSEARCH_ONNX_CACHE": str(tmp_path / "onnx")}
+    catalog = tmp_path / "catalog"
+    for path in fashion_images(1):
+        (catalog / path.parent.name).mkdir(parents=True)
+        (catalog / path.parent.name / path.name).write_bytes(path.read_bytes())
+    # the first run exports and quantises: onnxruntime's progress output must not reach stdout
+    ingested = run_cli(["ingest", str(catalog), "--runtime", "onnx-int8", "--json"], env_extra=env, check=True)
+    assert json.loads(ingested.stdout)["indexed"] == 10
+    assert len(list((tmp_path / "onnx").glob("*.int8.onnx"))) == 1
+    query = str(fashion_images(1)[3])
+    found = run_cli(["search", query, "-k", "1", "--runtime", "onnx-int8", "--json"], env_extra=env, python_flags=("-X", "importtime"), check=True)
+    assert json.loads(found.stdout)[0]["results"][0]["path"].endswith(query.rsplit("/", 1)[-1])
+    imported = {line.split("|")[-1].strip() for line in found.stderr.splitlines() if line.startswith("import time:")}
+    assert "onnxruntime" in imported and not imported & {"torch", "torchvision", "timm", "open_clip"}
