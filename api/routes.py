@@ -102,7 +102,7 @@ async def recognize(
     given = threshold if threshold is not None else service.settings.threshold
     rule = await asyncio.to_thread(resolve_abstention, service.store, given)
     results = await asyncio.to_thread(
-        recognize_vectors, service.store, vectors, k=k, threshold=rule.threshold, margin=rule.margin
+        recognize_vectors, service.store, vectors, k=k, threshold=rule.threshold, margin=rule.margin, reference_counts=rule.reference_counts
     )
     unknown = [(upload, vector, result) for upload, vector, result in zip(uploads, vectors, results) if result[0] is None and result[2]]
     if keep_unknown and unknown:

@@ -6,7 +6,7 @@ The Lite file holds the sample catalog ingested for real (307 rows, labeled Fash
 --rows with noisy copies of those vectors (so search scans a realistic number of rows). The first ingest exports
 the ONNX model into the user cache, as a user's first run does; every timed run finds it there.
 
-Floor: a bare script that imports onnxruntime, loads the same cached ONNX file, preprocesses the query with Pillow
+Floor: a bare script that imports onnxruntime, loads the same cached ONNX file (int8 for the CPU default), preprocesses the query with Pillow
 and numpy, opens MilvusClient on the same file and runs one search: what any tool built on these parts must pay.
 Each command runs --repeats times in a fresh process; it prints the median wall time and the median peak RSS of that
 process (Milvus Lite's own server process is not counted in either's RSS; its start is in both wall times).
@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--work", type=Path, default=None, help="folder for the Lite file (default: a temporary one)")
     args = parser.parse_args()
-    from imgsearch.encoders.onnx_runtime import cache_stem, default_cache_dir
+    from imgsearch.encoders import load_encoder
 
     env = {key: value for key, value in os.environ.items() if not key.startswith("IMGSEARCH_")}
     env.update({"HF_HUB_OFFLINE": "1", "COLUMNS": "200"})
@@ -108,7 +108,7 @@ def main() -> None:
             builder.join()
             if builder.exitcode != 0:
                 raise SystemExit(f"building {uri} failed")
-        onnx_path = default_cache_dir() / (cache_stem("efficientnet_lite0", None) + ".onnx")
+        onnx_path = load_encoder("efficientnet_lite0", device="cpu", runtime="auto").model_path  # what the commands run
         floor_script = work / "floor.py"
         floor_script.write_text(FLOOR)
         imgsearch = [sys.executable, "-m", "imgsearch.cli"]

@@ -24,13 +24,13 @@ import json
 import math
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from imgsearch.recognize import DEFAULT_K, DEFAULT_PER_CLASS, LABELED, load_calibration, score_labels, search_params
-from imgsearch.store import SELF_CALIBRATION_PROPERTY, MilvusStore, string_literal
+from imgsearch.store import REFERENCE_COUNTS_PROPERTY, SELF_CALIBRATION_PROPERTY, MilvusStore, string_literal
 
 SAMPLE_PER_LABEL = 50
 SAMPLE_MAX = 1000
@@ -40,6 +40,10 @@ MARGIN_KEEPS = 0.75  # the margin (and a head's threshold) never turns more than
 SEARCH_BATCH = 64  # references scored per search call
 WIDE_SEARCH = 200  # a label with at most this many references is left out by searching past all of them
 SEED = 0
+# Each label's reference count is stored with the calibration for collections of up to this many labels, so
+# recognising reads them with the collection's properties: a filtered count on Milvus Lite costs ~50 MB of peak
+# memory per process (docs/benchmarks.md). Larger label sets are counted per query, as are labels newer than it.
+COUNTS_MAX_LABELS = 5000
 
 
 @dataclass
@@ -50,6 +54,7 @@ class Abstention:
     threshold: float | None
     margin: float | None
     source: str
+    reference_counts: dict[str, int] | None = field(default=None, repr=False)  # stored with the self-calibration
 
     def to_dict(self) -> dict[str, Any]:
         return {"threshold": _round(self.threshold), "margin": _round(self.margin), "threshold_source": self.source}
@@ -74,26 +79,47 @@ class SelfCalibration:
 
 
 def resolve_abstention(store: MilvusStore, threshold: float | None) -> Abstention:
-    """The given threshold, else the one `eval` calibrated, else the self-calibrated one, else none."""
+    """The given threshold, else the one `eval` calibrated, else the self-calibrated one, else none; with the
+    reference counts stored at the last self-calibration."""
+    properties = store.properties()
+    counts = _reference_counts(properties)
     if threshold is not None:
-        return Abstention(threshold, None, "given")
+        return Abstention(threshold, None, "given", counts)
     calibration = load_calibration(store)
     if calibration is not None:
-        return Abstention(
-            calibration.threshold, None, f"eval on {calibration.dataset} at false-accept rate {calibration.false_accept_rate}"
-        )
-    own = load_self_calibration(store)
+        source = f"eval on {calibration.dataset} at false-accept rate {calibration.false_accept_rate}"
+        return Abstention(calibration.threshold, None, source, counts)
+    own = _self_calibration(properties)
     if own is not None:
-        return Abstention(own.threshold, own.margin, own.describe())
-    return Abstention(None, None, "none")
+        return Abstention(own.threshold, own.margin, own.describe(), counts)
+    return Abstention(None, None, "none", counts)
 
 
 def load_self_calibration(store: MilvusStore) -> SelfCalibration | None:
-    raw = store.properties().get(SELF_CALIBRATION_PROPERTY)
+    return _self_calibration(store.properties())
+
+
+def _self_calibration(properties: dict[str, str]) -> SelfCalibration | None:
+    raw = properties.get(SELF_CALIBRATION_PROPERTY)
     try:
         return SelfCalibration(**json.loads(raw)) if raw else None
     except (ValueError, TypeError):
         return None  # written by another version: the next ingest or enrolment recomputes it
+
+
+def _reference_counts(properties: dict[str, str]) -> dict[str, int] | None:
+    try:
+        counts = json.loads(properties.get(REFERENCE_COUNTS_PROPERTY) or "null")
+    except ValueError:
+        return None
+    if not isinstance(counts, dict) or not all(isinstance(n, int) for n in counts.values()):
+        return None
+    return counts
+
+
+def _store_calibration(store: MilvusStore, calibration: SelfCalibration | None, counts: dict[str, int]) -> None:
+    stored_counts = json.dumps(counts, ensure_ascii=False) if len(counts) <= COUNTS_MAX_LABELS else ""
+    store.set_properties({SELF_CALIBRATION_PROPERTY: calibration.to_json() if calibration else "", REFERENCE_COUNTS_PROPERTY: stored_counts})
 
 
 def self_calibrate(store: MilvusStore, *, k: int = DEFAULT_K) -> SelfCalibration | None:
@@ -103,10 +129,10 @@ def self_calibrate(store: MilvusStore, *, k: int = DEFAULT_K) -> SelfCalibration
     ids_by_label: dict[str, list[str]] = defaultdict(list)
     for row in store.iter_rows(("id", "label"), batch_size=4000, filter=LABELED):
         ids_by_label[row["label"]].append(row["id"])
-    if len(ids_by_label) < 2:
-        store.set_properties({SELF_CALIBRATION_PROPERTY: ""})
-        return None
     counts = {label: len(ids) for label, ids in ids_by_label.items()}
+    if len(ids_by_label) < 2:
+        _store_calibration(store, None, counts)
+        return None
     sample = _sample(ids_by_label)
     vectors: dict[str, np.ndarray] = {}  # every vector read, by id: neighbours of one label's references overlap
     fetch_vectors(store, [row_id for ids in sample.values() for row_id in ids], vectors)
@@ -143,7 +169,7 @@ def self_calibrate(store: MilvusStore, *, k: int = DEFAULT_K) -> SelfCalibration
                 known += score_left_out(query, hits, label, counts)
                 unknown += _unknown(query, other_hits, counts)
     if not known or not unknown:  # e.g. one reference per label: nothing to learn a known answer's score from
-        store.set_properties({SELF_CALIBRATION_PROPERTY: ""})
+        _store_calibration(store, None, counts)
         return None
     threshold, margin = choose_abstention(known, unknown)
     calibration = SelfCalibration(
@@ -151,7 +177,7 @@ def self_calibrate(store: MilvusStore, *, k: int = DEFAULT_K) -> SelfCalibration
         sample=len(known), leave_one_out_accuracy=round(float(np.mean([right for right, _, _ in known])), 4),
         seconds=round(time.perf_counter() - started, 2), k=k,
     )
-    store.set_properties({SELF_CALIBRATION_PROPERTY: calibration.to_json()})
+    _store_calibration(store, calibration, counts)
     return calibration
 
 

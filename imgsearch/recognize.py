@@ -155,14 +155,19 @@ def recognize_vectors(
     per_class: int = DEFAULT_PER_CLASS,
     power: float = DEFAULT_POWER,
     density: float = DEFAULT_DENSITY,
+    reference_counts: dict[str, int] | None = None,
 ) -> list[tuple[str | None, float, list[Neighbour]]]:
+    """Each query's label (None: unknown), confidence and neighbours. `reference_counts`: labels' reference counts
+    already known (stored with the self-calibration); the others are counted in Milvus."""
     results = store.search(vectors, k=k, filter=LABELED, search_params=search_params(k), with_vectors=True)
     if results and not any(results):
         raise NoReferencesError(
             f"collection {store.collection} has no labeled images to recognise against; "
             "`imgsearch enroll LABEL IMAGES...` or ingest a folder of class sub-folders"
         )
-    counts = store.label_counts({hit.label for hits in results for hit in hits})
+    labels = {hit.label for hits in results for hit in hits}
+    known = {label: reference_counts[label] for label in labels if label in (reference_counts or {})}
+    counts = known | store.label_counts(labels - known.keys())
     decided = []
     for query, hits in zip(vectors, results):
         neighbours = [Neighbour(id=hit.id, label=hit.label, score=hit.score, path=hit.path) for hit in hits]
@@ -201,7 +206,9 @@ def recognize_paths(
         vectors = encoder.encode_images(images)
         kept = []
         for name, vector, (label, confidence, neighbours) in zip(
-            names, vectors, recognize_vectors(store, vectors, k=k, threshold=abstention.threshold, margin=abstention.margin)
+            names, vectors, recognize_vectors(
+                store, vectors, k=k, threshold=abstention.threshold, margin=abstention.margin, reference_counts=abstention.reference_counts,
+            )
         ):
             recognitions.append(
                 Recognition(path=name, label=label, confidence=confidence, neighbours=neighbours, abstention=abstention.to_dict())

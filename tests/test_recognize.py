@@ -153,6 +153,30 @@ def test_the_references_calibrate_unknown_themselves_and_the_sources_take_turns(
     assert resolve_abstention(store, 0.5).to_dict() == {"threshold": 0.5, "margin": None, "threshold_source": "given"}
 
 
+def test_reference_counts_stored_with_the_calibration_spare_count_queries_until_a_label_is_new(make_store, vectors_by_class, monkeypatch):
+    from imgsearch.abstention import resolve_abstention, self_calibrate
+
+    store = make_store()
+    store_references(store, vectors_by_class, KNOWN, 12)
+    store_references(store, vectors_by_class, ["bag"], 4)
+    self_calibrate(store)
+    rule = resolve_abstention(store, None)
+    assert rule.reference_counts == {**dict.fromkeys(KNOWN, 12), "bag": 4}
+    assert resolve_abstention(store, 0.5).reference_counts == rule.reference_counts  # whichever threshold applies
+    counted: list[set] = []
+    count_in_milvus = store.label_counts
+    monkeypatch.setattr(store, "label_counts", lambda labels: counted.append(set(labels)) or count_in_milvus(labels))
+    queries = np.concatenate([vectors_by_class[name][1][20:23] for name in [*KNOWN, "bag", "coat"]])
+    stored = recognize_vectors(store, queries, threshold=rule.threshold, margin=rule.margin, reference_counts=rule.reference_counts)
+    queried = recognize_vectors(store, queries, threshold=rule.threshold, margin=rule.margin)
+    assert counted[0] == set() and counted[1] >= {"bag", "tshirt"}  # the census, then Milvus: the same answers
+    assert [(label, round(confidence, 6)) for label, confidence, _ in stored] == [(label, round(confidence, 6)) for label, confidence, _ in queried]
+    store_references(store, vectors_by_class, ["coat"], 5)  # enrolled after the calibration: counted in Milvus
+    counted.clear()
+    answers = recognize_vectors(store, vectors_by_class["coat"][1][25:], reference_counts=rule.reference_counts)
+    assert counted == [{"coat"}] and [label for label, _, _ in answers].count("coat") >= 3
+
+
 def test_a_margin_turns_a_close_call_into_unknown():
     from imgsearch.recognize import decide
 
