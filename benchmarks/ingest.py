@@ -166,7 +166,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--also", type=int, default=0, help="a second, larger catalog size for the RSS comparison")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"])
+    parser.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx", "onnx-int8"])
     parser.add_argument("--peer-images", type=int, default=100)
     parser.add_argument("--floor-images", type=int, default=256)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "imgsearch-bench")

@@ -33,19 +33,24 @@ def open_existing_store(settings: Settings) -> MilvusStore:
     return MilvusStore.open_existing(settings.milvus_uri, settings.collection_name, settings.milvus_token)
 
 
-def open_encoder(settings: Settings) -> Encoder:
+def open_encoder(settings: Settings, *, auto_int8: bool = True) -> Encoder:
     from imgsearch.encoders import encoder_from_settings
 
-    return encoder_from_settings(settings)
+    return encoder_from_settings(settings, auto_int8=auto_int8)
 
 
 def open_session(settings: Settings, *, create: bool = True) -> tuple[Encoder, MilvusStore]:
-    """The encoder and the settings' collection (created for this encoder when missing, unless create=False)."""
+    """The encoder and the settings' collection (created for this encoder when missing, unless create=False).
+    With runtime auto, a collection an fp32 encoder filled keeps being searched with fp32 vectors: int8 is the
+    default for new collections only."""
     if not create:
         check_store_exists(settings)
-    from imgsearch.store import open_store
+    from imgsearch.store import PRECISION_PROPERTY, check_model_name, collection_properties, open_store
 
-    encoder = open_encoder(settings)
+    stored = collection_properties(settings.milvus_uri, settings.collection_name, settings.milvus_token)
+    if stored is not None:
+        check_model_name(stored, settings.model, settings.collection_name)
+    encoder = open_encoder(settings, auto_int8=stored is None or stored.get(PRECISION_PROPERTY, "fp32") == "int8")
     return encoder, open_store(settings, encoder, create=create)
 
 

@@ -44,6 +44,7 @@ SCHEMA_VERSION = "1"
 MODEL_PROPERTY = "imgsearch.model"
 DIM_PROPERTY = "imgsearch.dim"
 PREPROCESS_PROPERTY = "imgsearch.preprocess"
+PRECISION_PROPERTY = "imgsearch.precision"  # the encoder's, "int8" or "fp32" (absent: fp32, made before int8 existed)
 SCHEMA_PROPERTY = "imgsearch.schema"
 RECOGNITION_PROPERTY = "imgsearch.recognition"  # the abstention threshold `imgsearch eval` calibrated
 SELF_CALIBRATION_PROPERTY = "imgsearch.self_calibration"  # the one the references calibrate (abstention.py)
@@ -146,6 +147,7 @@ class MilvusStore:
         model: str,
         dim: int,
         preprocess_version: str = "",
+        precision: str = "",
         token: str = "",
         create: bool = True,
     ) -> None:
@@ -154,6 +156,7 @@ class MilvusStore:
         self.model = model
         self.dim = dim
         self.preprocess_version = preprocess_version
+        self.precision = precision
         self.token = token
         self.client = self._connect(uri, token, create)
         with milvus_errors(f"opening collection {collection}"):
@@ -222,6 +225,7 @@ class MilvusStore:
                 MODEL_PROPERTY: self.model,
                 DIM_PROPERTY: str(self.dim),
                 PREPROCESS_PROPERTY: self.preprocess_version,
+                PRECISION_PROPERTY: self.precision or "fp32",
                 SCHEMA_PROPERTY: SCHEMA_VERSION,
             },
         )
@@ -237,11 +241,7 @@ class MilvusStore:
                 "choose another --collection"
             )
         if stored_model != self.model or stored_dim != str(self.dim):
-            raise ModelMismatchError(
-                f"collection {self.collection} holds vectors of model {stored_model} (dim {stored_dim}), "
-                f"but model {self.model} (dim {self.dim}) was asked for; use --model {stored_model}, "
-                "or another --collection"
-            )
+            raise _model_mismatch(self.collection, stored_model, stored_dim, self.model, self.dim)
         stored_preprocess = properties.get(PREPROCESS_PROPERTY, "")
         if self.preprocess_version and stored_preprocess != self.preprocess_version:
             log.warning(
@@ -249,6 +249,12 @@ class MilvusStore:
                 self.collection,
                 stored_preprocess,
                 self.preprocess_version,
+            )
+        stored_precision = properties.get(PRECISION_PROPERTY, "fp32")
+        if self.precision and stored_precision != self.precision:
+            log.warning(
+                "collection %s was filled by the %s encoder, this one is %s: scores shift by about 0.01 (--runtime %s matches it)",
+                self.collection, stored_precision, self.precision, "onnx-int8" if stored_precision == "int8" else "onnx",
             )
 
     # --- writes -------------------------------------------------------------------------------
@@ -473,8 +479,42 @@ def open_store(settings, encoder, *, create: bool = True) -> MilvusStore:
         model=encoder.name,
         dim=encoder.dim,
         preprocess_version=encoder.preprocess_version,
+        precision=encoder.precision,
         token=settings.milvus_token,
         create=create,
+    )
+
+
+def collection_properties(uri: str, collection: str, token: str = "") -> dict[str, str] | None:
+    """The properties `collection` was stored with, None if it does not exist yet; creates nothing."""
+    if is_lite_uri(uri) and not Path(uri).exists():
+        return None
+    client = MilvusStore._connect(uri, token, create=False)
+    try:
+        with milvus_errors("describe collection"):
+            if not client.has_collection(collection):
+                return None
+            return dict(client.describe_collection(collection).get("properties") or {})
+    finally:
+        client.close()
+
+
+def check_model_name(properties: dict[str, str], model: str, collection: str) -> None:
+    """ModelMismatchError when the collection records another model than `model` (a name as given): checked
+    before that model is loaded (or exported), so the mistake is one line at once."""
+    stored_model = properties.get(MODEL_PROPERTY)
+    if stored_model and stored_model != model:
+        from imgsearch.encoders import canonical_model_name
+
+        if stored_model != canonical_model_name(model):
+            raise _model_mismatch(collection, stored_model, properties.get(DIM_PROPERTY), canonical_model_name(model))
+
+
+def _model_mismatch(collection: str, stored_model: str, stored_dim: str | None, model: str, dim: int | None = None) -> ModelMismatchError:
+    asked = f"model {model}" + (f" (dim {dim})" if dim is not None else "")
+    return ModelMismatchError(
+        f"collection {collection} holds vectors of model {stored_model} (dim {stored_dim}), but {asked} was asked for; "
+        f"use --model {stored_model}, or another --collection"
     )
 
 
@@ -528,6 +568,7 @@ def describe_collection(uri: str, collection: str, token: str = "") -> dict[str,
             "model": store.model,
             "dim": store.dim,
             "preprocess": store.preprocess_version,
+            "precision": properties.get(PRECISION_PROPERTY, "fp32"),
             "recognition": _json_property(properties, RECOGNITION_PROPERTY),
             "self_calibration": _json_property(properties, SELF_CALIBRATION_PROPERTY),
         }

@@ -133,3 +133,27 @@ def test_the_int8_runtime_through_the_cli_keeps_json_clean_and_imports_no_torch(
     assert json.loads(found.stdout)[0]["results"][0]["path"].endswith(query.rsplit("/", 1)[-1])
     imported = {line.split("|")[-1].strip() for line in found.stderr.splitlines() if line.startswith("import time:")}
     assert "onnxruntime" in imported and not imported & {"torch", "torchvision", "timm", "open_clip"}
+
+
+def test_auto_keeps_a_collection_at_the_precision_that_filled_it(tmp_path, onnx_encoder, caplog):
+    from imgsearch.config import load_settings
+    from imgsearch.session import open_session
+    from imgsearch.store import PRECISION_PROPERTY, open_store
+
+    def settings(name: str, **extra):
+        return load_settings(milvus_uri=str(tmp_path / "precision.db"), collection=name, device="cpu",
+                             onnx_cache=onnx_encoder.model_path.parent, **extra)
+
+    for reopened in (False, True):  # a new collection gets int8, and keeps it
+        encoder, store = open_session(settings("new"))
+        with store:
+            assert encoder.precision == "int8" and store.properties()[PRECISION_PROPERTY] == "int8", reopened
+    with open_store(settings("by_fp32"), onnx_encoder) as store:  # filled by fp32 (as every collection before int8)
+        assert store.properties()[PRECISION_PROPERTY] == "fp32"
+    encoder, store = open_session(settings("by_fp32"))
+    with store:
+        assert encoder.precision == "fp32"
+    with caplog.at_level("WARNING"):
+        encoder, store = open_session(settings("by_fp32", runtime="onnx-int8"))  # asked for: allowed, and said
+        store.close()
+    assert encoder.precision == "int8" and "filled by the fp32 encoder, this one is int8" in caplog.text

@@ -35,11 +35,12 @@ def load_encoder(
     onnx_cache: Path | None = None,
     cuda_graphs: bool = True,
     gpu_decode: bool = True,
+    auto_int8: bool = True,
 ) -> Encoder:
     """The encoder `name`, run by `runtime`: torch, onnx (onnxruntime on the CPU), onnx-int8 (the ONNX export quantised
     to int8, on the CPU), or auto (on a CPU onnx-int8 for the INT8_BY_DEFAULT models and onnx for the others, torch
     on CUDA: the fastest as measured by benchmarks/ingest.py and benchmarks/int8.py). The ONNX runtimes with a cached
-    export import no torch."""
+    export import no torch. `auto_int8=False` keeps auto at fp32 (for a collection filled by an fp32 encoder)."""
     if runtime not in RUNTIMES:
         raise UnsupportedRuntimeError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     weights = Path(weights) if weights else None
@@ -48,7 +49,7 @@ def load_encoder(
             raise UnsupportedRuntimeError(f"--runtime {runtime} runs on the CPU; use --device cpu, or --runtime torch on CUDA")
         from imgsearch.encoders.onnx_runtime import onnx_encoder
 
-        int8 = runtime == "onnx-int8" or (runtime == "auto" and name in INT8_BY_DEFAULT and weights is None)
+        int8 = runtime == "onnx-int8" or (runtime == "auto" and auto_int8 and name in INT8_BY_DEFAULT and weights is None)
         load_torch = partial(load_torch_encoder, name, weights=weights, device="cpu")
         return onnx_encoder(name, weights, onnx_cache, load_torch, int8=int8)
     encoder = load_torch_encoder(name, weights=weights, device=device)
@@ -86,11 +87,11 @@ def _on_cuda(device: str) -> bool:
     return torch.cuda.is_available()
 
 
-def encoder_from_settings(settings) -> Encoder:
+def encoder_from_settings(settings, *, auto_int8: bool = True) -> Encoder:
     """The encoder the settings name: the one way the CLI and the API load it."""
     return load_encoder(
         settings.model, weights=settings.weights, device=settings.device, runtime=settings.runtime,
-        onnx_cache=settings.onnx_cache, cuda_graphs=settings.cuda_graphs, gpu_decode=settings.gpu_decode,
+        onnx_cache=settings.onnx_cache, cuda_graphs=settings.cuda_graphs, gpu_decode=settings.gpu_decode, auto_int8=auto_int8,
     )
 
 

@@ -178,6 +178,7 @@ class OnnxEncoder(Encoder):
         self.input_size = int(card["input_size"])
         self.preprocess_version = card["preprocess_version"]
         self.supports_text = bool(card["supports_text"])
+        self.precision = "int8" if card.get("quantization") else "fp32"
         self.model_path = model_path
         self._load_torch = load_torch
         if torch_encoder is not None:
