@@ -78,7 +78,7 @@ def search(
     if text and not queries:  # the text tower runs in torch: no ONNX export of the image tower for it
         settings = settings.model_copy(update={"runtime": "torch"})
     failed: list[dict[str, str]] = []
-    with opened(settings, create=False) as (encoder, store):
+    with opened(settings, create=False, encodes_images=bool(queries)) as (encoder, store):
         results = search_text(encoder, store, text, k=k, filter=filter) if text else []
         if queries:
             found, failed = search_paths(encoder, store, queries, k=k, filter=filter, max_pixels=settings.max_image_pixels)

@@ -39,7 +39,7 @@ def open_encoder(settings: Settings, *, auto_int8: bool = True) -> Encoder:
     return encoder_from_settings(settings, auto_int8=auto_int8)
 
 
-def open_session(settings: Settings, *, create: bool = True) -> tuple[Encoder, MilvusStore]:
+def open_session(settings: Settings, *, create: bool = True, encodes_images: bool = True) -> tuple[Encoder, MilvusStore]:
     """The encoder and the settings' collection (created for this encoder when missing, unless create=False).
     With runtime auto, a collection an fp32 encoder filled keeps being searched with fp32 vectors: int8 is the
     default for new collections only."""
@@ -51,13 +51,13 @@ def open_session(settings: Settings, *, create: bool = True) -> tuple[Encoder, M
     if stored is not None:
         check_model_name(stored, settings.model, settings.collection_name)
     encoder = open_encoder(settings, auto_int8=stored is None or stored.get(PRECISION_PROPERTY, "fp32") == "int8")
-    return encoder, open_store(settings, encoder, create=create)
+    return encoder, open_store(settings, encoder, create=create, encodes_images=encodes_images)
 
 
 @contextmanager
-def opened(settings: Settings, *, create: bool = True) -> Iterator[tuple[Encoder, MilvusStore]]:
+def opened(settings: Settings, *, create: bool = True, encodes_images: bool = True) -> Iterator[tuple[Encoder, MilvusStore]]:
     """open_session, with the store closed at the end."""
-    encoder, store = open_session(settings, create=create)
+    encoder, store = open_session(settings, create=create, encodes_images=encodes_images)
     with store:
         yield encoder, store
 

@@ -471,15 +471,16 @@ class MilvusStore:
         self.close()
 
 
-def open_store(settings, encoder, *, create: bool = True) -> MilvusStore:
-    """The store for `settings` with `encoder`'s identity; the one way CLI and API open it."""
+def open_store(settings, encoder, *, create: bool = True, encodes_images: bool = True) -> MilvusStore:
+    """The store for `settings` with `encoder`'s identity; the one way CLI and API open it. `encodes_images=False`
+    (a text-only search): the encoder's precision is not the collection's business."""
     return MilvusStore(
         settings.milvus_uri,
         settings.collection_name,
         model=encoder.name,
         dim=encoder.dim,
         preprocess_version=encoder.preprocess_version,
-        precision=encoder.precision,
+        precision=encoder.precision if encodes_images else "",
         token=settings.milvus_token,
         create=create,
     )

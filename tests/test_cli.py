@@ -83,6 +83,7 @@ def test_info_and_settings_precedence(ingested, tmp_path):
         "model": "efficientnet_lite0",
         "dim": 1280,
         "preprocess": from_env["preprocess"],
+        "precision": "int8",  # made by the CPU default
         "recognition": None,  # no eval yet
         "self_calibration": from_env["self_calibration"],
     }
