@@ -149,7 +149,7 @@ def info(settings: Settings) -> Output:
     from imgsearch.session import describe_store
 
     described = describe_store(settings)
-    keys = ("model", "dim", "collection", "uri", "count", "exists", "preprocess")
+    keys = ("model", "dim", "collection", "uri", "count", "exists", "preprocess", "precision")
     rows = [(key, described.get(key)) for key in keys]
     if described.get("recognition"):
         rows.append(("unknown below (eval)", f"{described['recognition']['threshold']:.4f} on {described['recognition']['dataset']}"))
