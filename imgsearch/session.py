@@ -44,10 +44,12 @@ def open_session(settings: Settings, *, create: bool = True, encodes_images: boo
     With runtime auto, a collection an fp32 encoder filled keeps being searched with fp32 vectors: int8 is the
     default for new collections only."""
     if not create:
-        check_store_exists(settings)
+        check_lite_database_exists(settings.milvus_uri)  # before pymilvus is even imported
     from imgsearch.store import PRECISION_PROPERTY, check_model_name, collection_properties, open_store
 
     stored = collection_properties(settings.milvus_uri, settings.collection_name, settings.milvus_token)
+    if stored is None and not create:
+        check_store_exists(settings)  # says which collection is missing where
     if stored is not None:
         check_model_name(stored, settings.model, settings.collection_name)
     encoder = open_encoder(settings, auto_int8=stored is None or stored.get(PRECISION_PROPERTY, "fp32") == "int8")

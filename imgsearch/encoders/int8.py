@@ -4,7 +4,8 @@ Weights int8 per channel, activations uint8 with ranges from a percentile (99.99
 shipped in `calibration/` (real photos and product images, examples/make_int8_calibration_set.py). Every node is
 quantised: keeping some in fp32 measured worse (docs/benchmarks.md). The result is cached beside the fp32 export
 with its own card; it needs neither torch nor the training data. Its vectors are close to the fp32 ones (cosine
-checked in tests), so both runtimes serve the same collection.
+checked in tests), but not equal: a collection records the precision that filled it (store.py) and runtime auto
+keeps to it.
 """
 
 from __future__ import annotations

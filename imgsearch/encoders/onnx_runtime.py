@@ -123,7 +123,7 @@ def export_onnx(encoder: TorchEncoder, path: Path, fold: bool = True) -> Path:
 def fold_padding(path: Path, input_size: int) -> None:
     """Replace `Pad` amounts computed from tensor shapes (TF-style "same" padding, as in the EfficientNet-Lite
     models) with the constants they take at `input_size`, the only size the encoder is fed. The computation
-    blocks onnxruntime's Pad-into-Conv fusion (the export runs 1.7x faster without it, benchmarks/int8.py) and its
+    blocks onnxruntime's Pad-into-Conv fusion (the export runs 1.6x faster without it, benchmarks/int8.py) and its
     float arithmetic would otherwise be quantised by the int8 runtime, shifting feature maps by a pixel. The
     file is kept unchanged unless the folded graph gives the same features on random input."""
     import onnx
