@@ -38,6 +38,9 @@ class RecognitionOut(BaseModel):
     threshold: float | None = Field(description="the least confidence accepted (null: none applied)")
     margin: float | None = Field(description="the least lead over the second label accepted (self-calibrated only)")
     threshold_source: str = Field(description='where they came from: "given", "eval on …", "self-calibrated on …" or "none"')
+    kept_for_review: bool | None = Field(
+        None, description='with keep_unknown, for an "unknown" answer: kept for GET /review (false: the review holds IMGSEARCH_REVIEW_MAX)'
+    )
     neighbours: list[NeighbourOut]
 
 

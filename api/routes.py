@@ -104,35 +104,44 @@ async def recognize(
     results = await asyncio.to_thread(
         recognize_vectors, service.store, vectors, k=k, threshold=rule.threshold, margin=rule.margin, reference_counts=rule.reference_counts
     )
-    unknown = [(upload, vector, result) for upload, vector, result in zip(uploads, vectors, results) if result[0] is None and result[2]]
+    unknown = {i: (upload, vector, result) for i, (upload, vector, result) in enumerate(zip(uploads, vectors, results)) if result[0] is None and result[2]}
+    kept: dict[int, bool] = {}  # by upload's index: kept for review, or not (the review is full)
     if keep_unknown and unknown:
         async with service.write_lock:
-            await asyncio.to_thread(keep_uploads, service, unknown)
+            kept = await asyncio.to_thread(keep_uploads, service, unknown)
 
     def answers() -> list[RecognitionOut]:
         return [
             RecognitionOut(
-                path=upload.name, label=label, confidence=confidence, **rule.to_dict(),
+                path=upload.name, label=label, confidence=confidence, **rule.to_dict(), kept_for_review=kept.get(i),
                 neighbours=[NeighbourOut(**{**vars(n), "path": service.files.shown(n.path)}) for n in neighbours],
             )
-            for upload, (label, confidence, neighbours) in zip(uploads, results)
+            for i, (upload, (label, confidence, neighbours)) in enumerate(zip(uploads, results))
         ]
 
     return await asyncio.to_thread(answers)
 
 
-def keep_uploads(service: Service, unknown: list) -> None:
-    """Unknown uploads are saved like uploads (content-named) and kept for review with their vector."""
-    from imgsearch.ingest.catalog import absolute
+def keep_uploads(service: Service, unknown: dict[int, tuple]) -> dict[int, bool]:
+    """Unknown uploads (by index: upload, vector, answer) are saved like uploads (content-named) and kept for review
+    with their vector, while the review holds fewer than IMGSEARCH_REVIEW_MAX; the others are not saved. Returns
+    kept or not, by index."""
+    from imgsearch.ingest.catalog import absolute, bytes_sha256
     from imgsearch.ingest.enroll import save_upload
-    from imgsearch.review import Kept, keep_unknown
+    from imgsearch.review import Kept, admit, keep_unknown
 
+    limit = service.settings.review_max
+    digests = {i: bytes_sha256(upload.data) for i, (upload, _, _) in unknown.items()}
+    admitted = admit(service.review(), list(digests.values()), limit)
     kept = []
-    for upload, vector, (_, confidence, neighbours) in unknown:
-        path, digest = save_upload(upload.data, upload.image_format, service.settings.upload_dir)
-        kept.append(Kept(digest, str(path), vector, confidence, neighbours[0].label))
-    service.store.add_roots([absolute(service.settings.upload_dir)])
-    keep_unknown(service.review(), kept)
+    for i, (upload, vector, (_, confidence, neighbours)) in unknown.items():
+        if (digest := digests[i]) in admitted:
+            path, _ = save_upload(upload.data, upload.image_format, service.settings.upload_dir)
+            kept.append(Kept(digest, str(path), vector, confidence, neighbours[0].label))
+    if kept:
+        service.store.add_roots([absolute(service.settings.upload_dir)])
+        keep_unknown(service.review(), kept, limit)
+    return {i: digest in admitted for i, digest in digests.items()}
 
 
 @images.get("/review", response_model=list[ReviewGroup])

@@ -273,6 +273,10 @@ def recognize(
     else:
         margin = f", margin {rule.margin:.4f}" if rule.margin else ""
         notes = [f"threshold {rule.threshold:.4f}{margin}: {rule.source}"]
+    if not_kept := sum(r.kept_for_review is False for r in recognitions):
+        from imgsearch.review import full_note
+
+        notes.append(full_note(not_kept, settings.review_max))
     return Output([r.to_dict() for r in recognitions], tables=tables, notes=notes, failed=failed)
 
 

@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     threshold: float | None = Field(
         None, description="Recognition abstains below this confidence; default: the one `imgsearch eval` stored"
     )
+    review_max: int = Field(
+        10_000, ge=0, description='Queries kept for review ("unknown" answers) at most; beyond it none are kept until some are enrolled or deleted',
+    )
 
     @property
     def collection_name(self) -> str:

@@ -64,13 +64,16 @@ class Recognition:
     confidence: float
     neighbours: list[Neighbour] = field(default_factory=list)
     abstention: dict[str, Any] = field(default_factory=dict)  # threshold, margin, threshold_source
+    kept_for_review: bool | None = None  # asked to keep unknowns: was this one kept (False: the review is full)
 
     def to_dict(self) -> dict[str, Any]:
+        kept = {} if self.kept_for_review is None else {"kept_for_review": self.kept_for_review}
         return {
             "path": self.path,
             "label": self.label,
             "confidence": round(self.confidence, 6),
             **self.abstention,
+            **kept,
             "neighbours": [asdict(neighbour) for neighbour in self.neighbours],
         }
 
@@ -192,9 +195,10 @@ def recognize_paths(
     abstention: Abstention | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     review: MilvusStore | None = None,
+    review_max: int = 0,
 ) -> tuple[list[Recognition], list[dict[str, str]]]:
     """Recognise every image under `paths`; unreadable ones are reported, not fatal. With `review` (the review
-    collection), the images answered "unknown" are kept there."""
+    collection), the images answered "unknown" are kept there while it holds fewer than `review_max`."""
     from imgsearch.abstention import Abstention
     from imgsearch.ingest.catalog import absolute, file_sha256
     from imgsearch.review import Kept, keep_unknown
@@ -204,7 +208,7 @@ def recognize_paths(
     failed: list[dict[str, str]] = []
     for names, images in decode_in_batches(paths, min_side=encoder.input_size, max_pixels=max_pixels, failed=failed):
         vectors = encoder.encode_images(images)
-        kept = []
+        kept, asked = [], []
         for name, vector, (label, confidence, neighbours) in zip(
             names, vectors, recognize_vectors(
                 store, vectors, k=k, threshold=abstention.threshold, margin=abstention.margin, reference_counts=abstention.reference_counts,
@@ -216,8 +220,11 @@ def recognize_paths(
             if review is not None and label is None and neighbours:
                 nearest = recognitions[-1].neighbours[0].label
                 kept.append(Kept(file_sha256(Path(name)), str(absolute(name)), vector, confidence, nearest))
+                asked.append(recognitions[-1])
         if kept:
-            keep_unknown(review, kept)
+            admitted = keep_unknown(review, kept, review_max)
+            for recognition, item in zip(asked, kept):
+                recognition.kept_for_review = item.id in admitted
     return recognitions, failed
 
 
@@ -349,7 +356,8 @@ def recognize_images(
         review = review_store(store)
     try:
         recognitions, failed = recognize_paths(
-            encoder, store, paths, k=k, abstention=abstention, max_pixels=settings.max_image_pixels, review=review
+            encoder, store, paths, k=k, abstention=abstention, max_pixels=settings.max_image_pixels, review=review,
+            review_max=settings.review_max,
         )
     finally:
         if review is not None:

@@ -44,17 +44,36 @@ class Kept:
     nearest: str  # the label that scored best, though not well enough
 
 
-def keep_unknown(review: MilvusStore, kept: list[Kept]) -> int:
-    """Store "unknown" queries for review (the same bytes again: one row)."""
+def admit(review: MilvusStore, ids: list[str], limit: int) -> set[str]:
+    """Which of `ids` the review collection takes: the ones it already holds (the same bytes again) and new ones
+    while it holds fewer than `limit`. The limit bounds what `GET /review` reads and the uploads the service keeps."""
+    ids = list(dict.fromkeys(ids))
+    held = set(review.get(ids, fields=("id",)))
+    room = max(0, limit - review.count())
+    return held | set([row_id for row_id in ids if row_id not in held][:room])
+
+
+def keep_unknown(review: MilvusStore, kept: list[Kept], limit: int) -> set[str]:
+    """Store "unknown" queries for review, up to `limit` in the collection; returns the ids kept."""
+    admitted = admit(review, [item.id for item in kept], limit)
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    review.upsert([
+    records = [
         ImageRecord(
             id=item.id, vector=item.vector, path=item.path, label="",
             metadata={"confidence": round(float(item.confidence), 6), "nearest": item.nearest, "kept_at": now},
         )
-        for item in kept
-    ])
-    return len(kept)
+        for item in kept if item.id in admitted
+    ]
+    if records:
+        review.upsert(records)
+    return admitted
+
+
+def full_note(not_kept: int, limit: int) -> str:
+    return (
+        f"{not_kept} unknown images not kept for review: it holds its limit of {limit} (IMGSEARCH_REVIEW_MAX); "
+        "enrol some (`imgsearch enroll LABEL --from-review N`) to make room"
+    )
 
 
 @dataclass

@@ -128,3 +128,18 @@ def test_review_keeps_unknown_queries_lists_them_in_groups_and_enrols_a_group(tm
     assert refused.returncode == 2 and "no review group 7" in refused.stderr
     both = run_cli(["enroll", "cat", str(third), "--from-review", "1", "--uri", uri])
     assert both.returncode == 2 and "one of the two" in both.stderr
+
+    # The review is bounded (IMGSEARCH_REVIEW_MAX): with room for one more, of two new unknown photos the first is
+    # kept, the second is not and the answer says so; the rocket, already kept, still is.
+    more = tmp_path / "more"
+    more.mkdir()
+    Image.fromarray(data.astronaut()).save(more / "a_astronaut.jpg")
+    Image.fromarray(data.coffee()).save(more / "b_coffee.jpg")
+    shutil.copy(queries / "rocket.jpg", more / "c_rocket.jpg")
+    full = run_cli(["recognize", str(more), "--keep-unknown", "--uri", uri, "--json"], env_extra={"IMGSEARCH_REVIEW_MAX": "2"}, check=True)
+    kept = {Path(answer["path"]).name: answer.get("kept_for_review") for answer in json.loads(full.stdout)}
+    assert kept == {"a_astronaut.jpg": True, "b_coffee.jpg": False, "c_rocket.jpg": True}
+    again = run_cli(["recognize", str(more), "--keep-unknown", "--uri", uri], env_extra={"IMGSEARCH_REVIEW_MAX": "2"}, check=True)
+    assert "1 unknown images not kept for review: it holds its limit of 2" in again.stderr  # the table's note
+    listed = json.loads(run_cli(["review", "--uri", uri, "--json"], check=True).stdout)
+    assert sorted(Path(m["path"]).name for g in listed for m in g["members"]) == ["a_astronaut.jpg", "c_rocket.jpg"]  # the same bytes: one row, its newest file

@@ -18,6 +18,7 @@ from imgsearch.config import load_settings
 from imgsearch.ingest.catalog import bytes_sha256, file_sha256
 
 pytestmark = pytest.mark.slow  # the REST service with the real model
+REVIEW_MAX = 3  # kept "unknown" queries the test service holds at most
 
 
 
@@ -34,7 +35,7 @@ def service(catalog, onnx_encoder):
     root, folder = catalog
     settings = load_settings(
         milvus_uri=str(root / "api.db"), upload_dir=root / "uploads", batch_wait_ms=50.0, device="cpu",
-        max_upload_bytes=2_000_000,
+        max_upload_bytes=2_000_000, review_max=REVIEW_MAX,
     )
     from imgsearch.ingest.pipeline import ingest_catalog
     from imgsearch.store import open_store
@@ -153,6 +154,32 @@ def test_review_through_the_api_keeps_lists_and_enrols_unknown_queries(service):
     assert answer["label"] == "cat"
     assert service.delete(f"/images/{bytes_sha256(shots[0])}").status_code == 200  # references like any other
     assert service.delete(f"/images/{bytes_sha256(shots[1])}").status_code == 200
+
+
+def test_the_review_holds_at_most_its_limit_and_saves_no_file_for_what_it_refuses(service, catalog):
+    from skimage import data
+
+    def png(pixels) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).convert("RGB").save(buffer, "PNG")
+        return buffer.getvalue()
+
+    photos = [png(data.astronaut()), png(data.coffee()), png(data.rocket()), png(data.camera())]
+    files = [("image", (f"photo{i}.png", photo, "image/png")) for i, photo in enumerate(photos)]
+    answers = service.post("/recognize", files=files, data={"keep_unknown": "true"}).json()
+    assert [answer["label"] for answer in answers] == [None] * 4  # street photos against a clothing catalog
+    assert [answer["kept_for_review"] for answer in answers] == [True] * REVIEW_MAX + [False] * (4 - REVIEW_MAX)
+    held = {m["id"] for g in service.get("/review").json() for m in g["members"]}
+    assert held == {bytes_sha256(photo) for photo in photos[:REVIEW_MAX]}
+    refused = bytes_sha256(photos[-1])
+    assert not list((catalog[0] / "uploads").rglob(f"{refused}*"))  # refused: its upload is not stored either
+    [again] = service.post("/recognize", files=[files[0]], data={"keep_unknown": "true"}).json()
+    assert again["kept_for_review"] is True  # the same bytes again: already held
+    [plain] = service.post("/recognize", files=[files[-1]]).json()
+    assert plain["kept_for_review"] is None  # not asked to keep
+    enrolled = service.post("/review/enroll", json={"label": "street", "select": sorted(held)}).json()
+    assert enrolled["enrolled"] == REVIEW_MAX  # leaves the review empty for the other tests, then the references go
+    assert all(service.delete(f"/images/{row_id}").status_code == 200 for row_id in held)
 
 
 def test_upload_get_thumbnail_and_delete(service, catalog):
