@@ -9,7 +9,7 @@ the ONNX model into the user cache, as a user's first run does; every timed run 
 Floor: a bare script that imports onnxruntime, loads the same cached ONNX file (int8 for the CPU default), preprocesses the query with Pillow
 and numpy, opens MilvusClient on the same file and runs one search: what any tool built on these parts must pay.
 Each command runs --repeats times in a fresh process; it prints the median wall time and the median peak RSS of that
-process (Milvus Lite's own server process is not counted in either's RSS; its start is in both wall times).
+process (Milvus Lite runs inside that process, no child of its own, so its memory and its start are in both).
 Targets (issue 12): search <= 1.3x the floor and <= 3 s; peak RSS <= 600 MB; a usage error <= 1 s.
 """
 
