@@ -5,6 +5,8 @@
     python benchmarks/recognition.py --milvus        # also recognise 1,000 queries through Milvus Lite
     python benchmarks/recognition.py --tune          # how the prior's weight was chosen (validation split)
     python benchmarks/recognition.py --abstention-only --queries-per-class 200   # only the self-calibrated "unknown"
+    python benchmarks/recognition.py --abstention-only --references-per-class 6000 --abstention-references 600,6000 --draws 3
+        # the same on all 10,000 test images: 3 draws of 600 per class from the whole training set, and all of it
     python benchmarks/recognition.py --compare efficientnet_lite0 efficientnet_lite1 efficientnet_lite2 --queries-per-class 200
 
 Needs Debian's dataset-fashion-mnist. Every figure comes from imgsearch.evaluation, the code behind
@@ -34,8 +36,10 @@ from imgsearch.evaluation import (  # noqa: E402
     late_enrolment,
     load_splits,
     load_validation,
+    parse_int_list,
     predict,
 )
+from imgsearch.evaluation.metrics import best_threshold_and_margin, predict_with_margins  # noqa: E402
 from imgsearch.recognize import DEFAULT_DENSITY, DEFAULT_K, DEFAULT_PER_CLASS, DEFAULT_POWER  # noqa: E402
 
 TARGETS = {
@@ -45,6 +49,7 @@ TARGETS = {
     "auroc": 0.85,
     "late": 0.70,
 }
+TARGET_UNKNOWN_RATIO = 4.0  # never-enrolled queries answered "unknown" at least this many times as often as known ones
 
 
 def softmax_vote(references, targets, queries, k: int, temperature: float) -> np.ndarray:
@@ -180,6 +185,16 @@ def self_calibrated(encoder, references, queries, unknown_classes: int, per_clas
         store.close()
     truth = [classes[t] for t in queries.targets]
     known = np.array([t not in unknown for t in queries.targets])
+    # What the best (threshold, margin) pair chosen with the test answers in hand would reach, with exact neighbours
+    # of the same references: the ceiling for any rule of this form on these vectors.
+    predicted, confidences, margins = predict_with_margins(
+        references.vectors[chosen], references.targets[chosen], queries.vectors,
+        k=DEFAULT_K, per_class=DEFAULT_PER_CLASS, power=DEFAULT_POWER, density=DEFAULT_DENSITY,
+    )
+    ceiling = best_threshold_and_margin(
+        predicted[known] == queries.targets[known], confidences[known], margins[known], confidences[~known], margins[~known],
+        min_ratio=TARGET_UNKNOWN_RATIO,
+    )
     answered = np.array([answer is not None for answer in answers])
     right = np.array([answer == name for answer, name in zip(answers, truth)])
     known_unknown = float(1 - answered[known].mean())
@@ -191,20 +206,35 @@ def self_calibrated(encoder, references, queries, unknown_classes: int, per_clas
         "accuracy_of_accepted": float(right[known & answered].mean()) if (known & answered).any() else float("nan"),
         "queries_known": int(known.sum()), "queries_never_enrolled": int((~known).sum()),
         "never_enrolled": [classes[c] for c in sorted(unknown)],
+        "ceiling": ceiling,
     }
 
 
 def print_abstention(args, encoder, options: EvalOptions, references, queries) -> None:
     print("\nself-calibrated abstention, no `eval` (through Milvus Lite; the threshold from the references alone):\n"
           "| references per class | never-enrolled answered unknown | known answered unknown | ratio (target ≥ 4) "
-          "| known accuracy among accepted (target ≥ 0.93) | threshold / margin | calibration |\n|---|---|---|---|---|---|---|")
-    for per_class in (args.references_per_class, 10):
-        result = self_calibrated(encoder, references, queries, options.unknown_classes, per_class)
-        calibration = result["calibration"]
-        print(f"| {per_class} ({result['references']} in all; {', '.join(result['never_enrolled'])} never enrolled) "
-              f"| {result['never_enrolled_unknown_rate']:.3f} | {result['known_unknown_rate']:.3f} | {result['ratio']:.2f} "
-              f"| {result['accuracy_of_accepted']:.4f} | {calibration.threshold:.4f} / {calibration.margin:.4f} "
-              f"| {calibration.sample} references scored in {calibration.seconds:.1f} s |", flush=True)
+          "| known accuracy among accepted (target ≥ 0.93) | threshold / margin | calibration "
+          "| ceiling: the best accuracy any threshold / margin reaches at ratio ≥ 4 |\n|---|---|---|---|---|---|---|---|")
+    pool = int(np.bincount(references.targets).min())  # references per class to draw from
+    for per_class in args.abstention_references or (args.references_per_class, 10):
+        draws = args.draws if per_class < pool else 1  # every reference of the pool: one draw is all there is
+        for seed in range(draws):
+            print_abstention_row(encoder, references, queries, options, per_class, seed, draws)
+
+
+def print_abstention_row(encoder, references, queries, options: EvalOptions, per_class: int, seed: int, draws: int) -> None:
+    result = self_calibrated(encoder, references, queries, options.unknown_classes, per_class, seed)
+    calibration, ceiling = result["calibration"], result["ceiling"]
+    ceiling_text = (
+        f"{ceiling['accuracy']:.4f} (at {ceiling['threshold']:.4f} / {ceiling['margin']:.4f}: "
+        f"{ceiling['never_enrolled_unknown_rate']:.3f} / {ceiling['known_unknown_rate']:.3f} unknown)"
+        if ceiling else "no pair reaches the ratio"
+    )
+    draw = f", draw {seed + 1}" if draws > 1 else ""
+    print(f"| {per_class} ({result['references']} in all{draw}; {', '.join(result['never_enrolled'])} never enrolled) "
+          f"| {result['never_enrolled_unknown_rate']:.3f} | {result['known_unknown_rate']:.3f} | {result['ratio']:.2f} "
+          f"| {result['accuracy_of_accepted']:.4f} | {calibration.threshold:.4f} / {calibration.margin:.4f} "
+          f"| {calibration.sample} references scored in {calibration.seconds:.1f} s | {ceiling_text} |", flush=True)
 
 
 def compare_models(args, options: EvalOptions, progress) -> None:
@@ -308,6 +338,10 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=3, help="backbone stages the fine-tune unfreezes")
     parser.add_argument("--tune", action="store_true", help="only the validation sweep that chose the prior's weight")
     parser.add_argument("--abstention-only", action="store_true", help="only the self-calibrated abstention rows")
+    parser.add_argument("--abstention-references", type=parse_int_list, default=None, metavar="N,N",
+                        help="abstention: references per class of each row [default: --references-per-class, then 10]")
+    parser.add_argument("--draws", type=int, default=1,
+                        help="abstention: rows for this many random draws of the references (from --references-per-class)")
     parser.add_argument("--compare", nargs="+", default=None, metavar="MODEL",
                         help="only compare these models (e.g. efficientnet_lite0 efficientnet_lite1 efficientnet_lite2); "
                         "MODEL@RUNTIME runs one with its own runtime (efficientnet_lite0@onnx efficientnet_lite0@onnx-int8)")

@@ -8,6 +8,7 @@ import pytest
 
 from helpers import FASHION_DIR
 from imgsearch.evaluation import EvalOptions, auroc, load_splits, load_validation, threshold_at_false_accept_rate
+from imgsearch.evaluation.metrics import best_threshold_and_margin
 from imgsearch.recognize import NoReferencesError, recognize_vectors, score_labels
 from imgsearch.store import Hit
 
@@ -69,6 +70,32 @@ def test_auroc_and_threshold():
     unknown = np.linspace(0, 1, 101)
     threshold = threshold_at_false_accept_rate(unknown, 0.05)
     assert np.mean(unknown >= threshold) <= 0.05 and np.mean(unknown >= threshold - 0.011) > 0.05
+
+
+def test_the_ceiling_of_threshold_and_margin_rules_rejects_small_leads_and_respects_the_ratio():
+    # 80 right answers (some alone among the neighbours: infinite margin), 20 wrong ones with a small lead over the
+    # second label, 50 never-enrolled queries with low confidence: a margin between the leads and a threshold above
+    # the never-enrolled confidences accept only right answers.
+    right = np.array([True] * 80 + [False] * 20)
+    confidences = np.full(100, 0.9)
+    margins = np.array([0.1] * 70 + [np.inf] * 10 + [0.01] * 20)
+    unknown_confidences, unknown_margins = np.full(50, 0.5), np.full(50, 0.05)
+    best = best_threshold_and_margin(right, confidences, margins, unknown_confidences, unknown_margins, min_ratio=4)
+    assert best["accuracy"] == 1.0
+    accepted = (confidences >= best["threshold"]) & (margins >= best["margin"])
+    assert accepted.tolist() == right.tolist()  # the pair it reports does what it says
+    assert not ((unknown_confidences >= best["threshold"]) & (unknown_margins >= best["margin"])).any()
+    assert best["known_unknown_rate"] == pytest.approx(0.2) and best["never_enrolled_unknown_rate"] == 1.0
+    # Never-enrolled queries that look exactly like the right answers: turning them away turns as many known ones
+    # away, so no rule reaches the ratio.
+    assert best_threshold_and_margin(right, confidences, margins, np.full(50, 0.9), np.full(50, 0.1), min_ratio=4) is None
+    # The ratio bounds what can be bought: with half the never-enrolled queries confident and leading by as much as
+    # the right answers, cutting the wrong answers (known 0.2 unknown) turns away only half of them (ratio 2.5), so
+    # at ratio 4 only the threshold can act, and the wrong answers stay.
+    mixed_confidences = np.array([0.5] * 25 + [0.9] * 25)
+    capped = best_threshold_and_margin(right, confidences, margins, mixed_confidences, np.full(50, 0.1), min_ratio=4)
+    assert capped["accuracy"] == pytest.approx(0.8) and capped["known_unknown_rate"] == 0.0
+    assert best_threshold_and_margin(right, confidences, margins, mixed_confidences, np.full(50, 0.1), min_ratio=2)["accuracy"] == 1.0
 
 
 def test_validation_queries_are_neither_references_nor_test_queries():
