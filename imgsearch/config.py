@@ -85,6 +85,15 @@ def is_lite_uri(uri: str) -> bool:
     return uri.endswith(".db") and "://" not in uri
 
 
+def shown_uri(uri: str) -> str:
+    """A Milvus URI as answers and messages show it: a user:password written into it is masked."""
+    scheme, separator, rest = uri.partition("://")
+    authority, slash, path = rest.partition("/")
+    if not separator or "@" not in authority:
+        return uri
+    return f"{scheme}://***@{authority.rsplit('@', 1)[1]}{slash}{path}"
+
+
 def check_lite_database_exists(uri: str) -> None:
     """Opening a missing Lite path would create an empty database: read-only commands stop here instead, before
     pymilvus is even imported."""

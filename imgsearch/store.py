@@ -28,7 +28,7 @@ from pymilvus.exceptions import (  # noqa: E402
     MilvusUnavailableException,
 )
 
-from imgsearch.config import check_lite_database_exists, is_lite_uri  # noqa: E402
+from imgsearch.config import check_lite_database_exists, is_lite_uri, shown_uri  # noqa: E402
 from imgsearch.errors import (  # noqa: E402
     CollectionNotFoundError,
     ModelMismatchError,
@@ -204,7 +204,7 @@ class MilvusStore:
         except MilvusException as error:
             if is_lite_uri(uri):
                 _check_lite_lock(uri)  # within one process pymilvus shares the database; only others are locked out
-            raise StoreError(f"cannot open Milvus at {uri}: {error.message}") from None
+            raise StoreError(f"cannot open Milvus at {shown_uri(uri)}: {error.message}") from None
 
     def _create(self) -> None:
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -237,7 +237,7 @@ class MilvusStore:
         stored_dim = properties.get(DIM_PROPERTY)
         if not stored_model:
             raise ModelMismatchError(
-                f"collection {self.collection} at {self.uri} was not created by imgsearch (no model recorded); "
+                f"collection {self.collection} at {shown_uri(self.uri)} was not created by imgsearch (no model recorded); "
                 "choose another --collection"
             )
         if stored_model != self.model or stored_dim != str(self.dim):
@@ -538,7 +538,7 @@ def quiet_milvus_logs() -> None:
 
 
 def _collection_not_found(collection: str, uri: str) -> CollectionNotFoundError:
-    return CollectionNotFoundError(f"collection {collection} does not exist at {uri}; run `imgsearch ingest` first")
+    return CollectionNotFoundError(f"collection {collection} does not exist at {shown_uri(uri)}; run `imgsearch ingest` first")
 
 
 def check_collection_exists(uri: str, collection: str, token: str = "") -> None:
@@ -558,12 +558,12 @@ def describe_collection(uri: str, collection: str, token: str = "") -> dict[str,
     try:
         store = MilvusStore.open_existing(uri, collection, token)
     except CollectionNotFoundError:
-        return {"collection": collection, "uri": uri, "exists": False, "count": 0, "model": None, "dim": None}
+        return {"collection": collection, "uri": shown_uri(uri), "exists": False, "count": 0, "model": None, "dim": None}
     with store:
         properties = store.properties()
         return {
             "collection": collection,
-            "uri": uri,
+            "uri": shown_uri(uri),
             "exists": True,
             "count": store.count(),
             "model": store.model,

@@ -14,8 +14,9 @@ import pytest
 from fastapi import HTTPException
 from rich.console import Console
 
+from helpers import free_port, run_cli
 from imgsearch.api.limits import PixelBudget
-from imgsearch.config import check_lite_database_exists, load_settings
+from imgsearch.config import check_lite_database_exists, load_settings, shown_uri
 from imgsearch.errors import CatalogError, CollectionNotFoundError, InvalidInputError, UsageError
 from imgsearch.ingest.catalog import CatalogEntry, read_manifest
 from imgsearch.terminal import json_line, markup_safe, plain, visible
@@ -251,3 +252,13 @@ def test_an_export_carries_recorded_copies_and_an_import_checks_them():
         _record({**row, "metadata": json.dumps({"imgsearch.copies": ["/c/\x00.jpg"]})}, 2)
     with pytest.raises(InvalidInputError):
         _record({**row, "metadata": "[1]"}, 2)
+
+
+def test_a_password_written_into_the_milvus_uri_is_never_shown():
+    assert shown_uri("http://root:s3cret@milvus.internal:19530/db") == "http://***@milvus.internal:19530/db"
+    assert shown_uri("https://user@host:19530") == "https://***@host:19530"
+    for plain_uri in ("http://milvus.internal:19530", "./imgsearch.db", "/data/a@b.db", "http://host:19530/path@x"):
+        assert shown_uri(plain_uri) == plain_uri
+    failed = run_cli(["info", "--uri", f"http://root:s3cret@127.0.0.1:{free_port()}"])  # nothing listens there
+    assert failed.returncode == 2 and "cannot open Milvus at http://***@127.0.0.1:" in failed.stderr
+    assert "s3cret" not in failed.stderr + failed.stdout
