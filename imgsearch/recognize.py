@@ -64,16 +64,15 @@ class Recognition:
     confidence: float
     neighbours: list[Neighbour] = field(default_factory=list)
     abstention: dict[str, Any] = field(default_factory=dict)  # threshold, margin, threshold_source
-    kept_for_review: bool | None = None  # asked to keep unknowns: was this one kept (False: the review is full)
+    kept_for_review: bool | None = None  # an unknown answer, asked to keep it: was it kept (False: the review is full)
 
     def to_dict(self) -> dict[str, Any]:
-        kept = {} if self.kept_for_review is None else {"kept_for_review": self.kept_for_review}
         return {
             "path": self.path,
             "label": self.label,
             "confidence": round(self.confidence, 6),
             **self.abstention,
-            **kept,
+            "kept_for_review": self.kept_for_review,
             "neighbours": [asdict(neighbour) for neighbour in self.neighbours],
         }
 

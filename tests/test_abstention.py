@@ -137,7 +137,7 @@ def test_review_keeps_unknown_queries_lists_them_in_groups_and_enrols_a_group(tm
     Image.fromarray(data.coffee()).save(more / "b_coffee.jpg")
     shutil.copy(queries / "rocket.jpg", more / "c_rocket.jpg")
     full = run_cli(["recognize", str(more), "--keep-unknown", "--uri", uri, "--json"], env_extra={"IMGSEARCH_REVIEW_MAX": "2"}, check=True)
-    kept = {Path(answer["path"]).name: answer.get("kept_for_review") for answer in json.loads(full.stdout)}
+    kept = {Path(answer["path"]).name: answer["kept_for_review"] for answer in json.loads(full.stdout)}
     assert kept == {"a_astronaut.jpg": True, "b_coffee.jpg": False, "c_rocket.jpg": True}
     again = run_cli(["recognize", str(more), "--keep-unknown", "--uri", uri], env_extra={"IMGSEARCH_REVIEW_MAX": "2"}, check=True)
     assert "1 unknown images not kept for review: it holds its limit of 2" in again.stderr  # the table's note

@@ -87,7 +87,7 @@ def test_enroll_then_recognize(service, tmp_path):
     assert response.status_code == 200, response.text
     items = response.json()
     assert [item["path"] for item in items] == [p.name for p in queries]
-    fields = {"path", "label", "confidence", "threshold", "margin", "threshold_source", "neighbours"}
+    fields = {"path", "label", "confidence", "threshold", "margin", "threshold_source", "kept_for_review", "neighbours"}
     assert all(set(item) == fields and len(item["neighbours"]) == 10 for item in items)
     assert all(item["threshold_source"].startswith("self-calibrated on") for item in items)  # the enrolment recalibrated
     given = service.post("/recognize", files=[("image", ("q.png", queries[0].read_bytes(), "image/png"))], data={"threshold": "0.99"})

@@ -202,10 +202,10 @@ def test_enroll_then_recognize_json_shape(ingested, tmp_path):
     items = json.loads(run(["recognize", *queries, "--uri", uri, "--json", "-k", "10"]).stdout)
     assert [item["path"] for item in items] == queries
     for item in items:
-        assert set(item) == {"path", "label", "confidence", "threshold", "margin", "threshold_source", "neighbours"}
+        assert set(item) == {"path", "label", "confidence", "threshold", "margin", "threshold_source", "kept_for_review", "neighbours"}
         assert item["threshold_source"].startswith("self-calibrated on 25 references")  # recomputed by the enrolment
         assert item["label"] in ("handbag", "bag", None) and isinstance(item["confidence"], float)  # None: too close to call
-        assert len(item["neighbours"]) == 10
+        assert len(item["neighbours"]) == 10 and item["kept_for_review"] is None  # not asked to keep unknowns
         assert all(set(n) == {"id", "label", "score", "path"} and n["label"] for n in item["neighbours"])
     assert "handbag" in {n["label"] for item in items for n in item["neighbours"]}
 
