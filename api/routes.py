@@ -128,7 +128,7 @@ def keep_uploads(service: Service, unknown: dict[int, tuple]) -> dict[int, bool]
     kept or not, by index."""
     from imgsearch.ingest.catalog import absolute, bytes_sha256
     from imgsearch.ingest.enroll import save_upload
-    from imgsearch.review import Kept, admit, keep_unknown
+    from imgsearch.review import Kept, admit, store_admitted
 
     limit = service.settings.review_max
     digests = {i: bytes_sha256(upload.data) for i, (upload, _, _) in unknown.items()}
@@ -140,7 +140,7 @@ def keep_uploads(service: Service, unknown: dict[int, tuple]) -> dict[int, bool]
             kept.append(Kept(digest, str(path), vector, confidence, neighbours[0].label))
     if kept:
         service.store.add_roots([absolute(service.settings.upload_dir)])
-        keep_unknown(service.review(), kept, limit)
+        store_admitted(service.review(), kept)
     return {i: digest in admitted for i, digest in digests.items()}
 
 

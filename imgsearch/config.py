@@ -12,6 +12,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from imgsearch.errors import CollectionNotFoundError, UsageError
 
+DEFAULT_REVIEW_MAX = 10_000  # queries kept for review (recognize --keep-unknown)
+
 
 class RecognitionMethod(str, Enum):
     knn = "knn"  # the labeled neighbours in Milvus
@@ -72,7 +74,7 @@ class Settings(BaseSettings):
         None, description="Recognition abstains below this confidence; default: the one `imgsearch eval` stored"
     )
     review_max: int = Field(
-        10_000, ge=0, description='Queries kept for review ("unknown" answers) at most; beyond it none are kept until some are enrolled or deleted',
+        DEFAULT_REVIEW_MAX, ge=0, description='Queries kept for review ("unknown" answers) at most; beyond it none are kept until some are enrolled or deleted',
     )
 
     @property

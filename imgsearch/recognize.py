@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from imgsearch.config import RecognitionMethod
+from imgsearch.config import DEFAULT_REVIEW_MAX, RecognitionMethod
 from imgsearch.errors import ImgsearchError
 from imgsearch.images import DEFAULT_MAX_PIXELS, decode_in_batches
 from imgsearch.store import RECOGNITION_PROPERTY, MilvusStore
@@ -194,7 +194,7 @@ def recognize_paths(
     abstention: Abstention | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     review: MilvusStore | None = None,
-    review_max: int = 0,
+    review_max: int = DEFAULT_REVIEW_MAX,
 ) -> tuple[list[Recognition], list[dict[str, str]]]:
     """Recognise every image under `paths`; unreadable ones are reported, not fatal. With `review` (the review
     collection), the images answered "unknown" are kept there while it holds fewer than `review_max`."""

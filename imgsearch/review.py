@@ -56,17 +56,22 @@ def admit(review: MilvusStore, ids: list[str], limit: int) -> set[str]:
 def keep_unknown(review: MilvusStore, kept: list[Kept], limit: int) -> set[str]:
     """Store "unknown" queries for review, up to `limit` in the collection; returns the ids kept."""
     admitted = admit(review, [item.id for item in kept], limit)
+    store_admitted(review, [item for item in kept if item.id in admitted])
+    return admitted
+
+
+def store_admitted(review: MilvusStore, kept: list[Kept]) -> None:
+    """Upsert kept queries that `admit` let in (the same bytes again: one row)."""
+    if not kept:
+        return
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    records = [
+    review.upsert([
         ImageRecord(
             id=item.id, vector=item.vector, path=item.path, label="",
             metadata={"confidence": round(float(item.confidence), 6), "nearest": item.nearest, "kept_at": now},
         )
-        for item in kept if item.id in admitted
-    ]
-    if records:
-        review.upsert(records)
-    return admitted
+        for item in kept
+    ])
 
 
 def full_note(not_kept: int, limit: int) -> str:

@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
 from imgsearch.recognize import power_normalize, score_labels
 
 
-def predict(
-    references: np.ndarray,
-    reference_targets: np.ndarray,
-    queries: np.ndarray,
-    *,
-    k: int,
-    per_class: int,
-    power: float,
-    density: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted target and confidence per query, scoring the k nearest references as `recognize` does."""
-    predictions, confidences, _ = predict_with_margins(
-        references, reference_targets, queries, k=k, per_class=per_class, power=power, density=density
-    )
+def predict(*args: Any, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted target and confidence per query: `predict_with_margins` without the margins."""
+    predictions, confidences, _ = predict_with_margins(*args, **kwargs)
     return predictions, confidences
 
 
@@ -36,8 +26,9 @@ def predict_with_margins(
     power: float,
     density: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`predict`, and each answer's lead over the second label (inf with one label among the neighbours): what the
-    self-calibrated margin is compared with."""
+    """Predicted target, confidence and lead over the second label (inf with one label among the neighbours) per
+    query, scoring the k nearest references as `recognize` does; the lead is what the self-calibrated margin is
+    compared with."""
     predictions = np.empty(len(queries), dtype=np.int64)
     confidences = np.empty(len(queries), dtype=np.float64)
     margins = np.empty(len(queries), dtype=np.float64)
