@@ -1,8 +1,10 @@
-"""The export's padding folded to constants, and the int8 runtime: close to fp32 on photos it was not calibrated on."""
+"""The export's padding folded to constants, the int8 runtime (close to fp32 on photos it was not calibrated on), and
+the export cache pruning what an upgrade left behind."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import onnx
@@ -14,7 +16,7 @@ from PIL import Image, ImageEnhance, ImageOps
 from helpers import fashion_images, run_cli
 from imgsearch.encoders import load_encoder
 from imgsearch.encoders.int8 import CALIBRATION_DIR
-from imgsearch.encoders.onnx_runtime import fold_padding
+from imgsearch.encoders.onnx_runtime import STALE_DAYS, fold_padding, prune_stale_exports
 
 HELD_OUT_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 
@@ -62,6 +64,41 @@ def test_padding_computed_from_the_shape_is_folded_and_padding_computed_from_val
         assert ops[-2:] == ["Pad", "ReduceMean"]
         assert np.allclose(_features(path, images), before, atol=1e-6)
         assert not np.allclose(before, images.mean(axis=(2, 3)))  # the padding is there: it lowers the mean
+
+
+def test_exports_of_the_same_model_unused_for_a_month_are_pruned_and_nothing_else(tmp_path):
+    now = 2_000_000_000.0
+    day = 86400
+
+    def export(stem: str, age_days: float, int8: bool = True) -> list:
+        files = [tmp_path / f"{stem}.onnx", tmp_path / f"{stem}.json"]
+        files += [tmp_path / f"{stem}.int8.onnx", tmp_path / f"{stem}.int8.json"] if int8 else []
+        for file in files:
+            file.write_bytes(b"x")
+            os.utime(file, (now - age_days * day, now - age_days * day))
+        return files
+
+    in_use = export("efficientnet_lite0-" + "a" * 16, 400)  # old, but in use now: its cards get touched
+    stale = export("efficientnet_lite0-" + "b" * 16, STALE_DAYS + 1)
+    stale.append(tmp_path / ("efficientnet_lite0-" + "b" * 16 + ".tmp4242"))  # an export interrupted long ago
+    stale[-1].write_bytes(b"x")
+    os.utime(stale[-1], (now - 90 * day, now - 90 * day))
+    recent = export("efficientnet_lite0-" + "c" * 16, STALE_DAYS - 1, int8=False)  # another weights file, still used
+    other_model = export("efficientnet_lite1-" + "d" * 16, 400)
+    prefix_model = export("efficientnet_lite0_x-" + "e" * 16, 400)  # a name that only starts like it
+    unrelated = tmp_path / "efficientnet_lite0-notes.json"
+    unrelated.write_text("{}")
+    os.utime(unrelated, (now - 400 * day, now - 400 * day))
+
+    deleted = prune_stale_exports(in_use[2], now=now)  # the int8 export is the one loaded
+
+    assert sorted(deleted) == sorted(stale)
+    assert not any(file.exists() for file in stale)
+    assert all(file.exists() for file in in_use + recent + other_model + prefix_model + [unrelated])
+    assert in_use[1].stat().st_mtime == now and in_use[3].stat().st_mtime == now  # both cards marked as used
+    # then the other weights file is the one in use: the first export goes once a month has passed since its use
+    assert prune_stale_exports(recent[0], now=now + (STALE_DAYS - 1) * day) == []
+    assert sorted(prune_stale_exports(recent[0], now=now + (STALE_DAYS + 1) * day)) == sorted(in_use)
 
 
 def test_the_lite0_export_pads_by_constants(onnx_encoder):

