@@ -177,7 +177,8 @@ async def duplicates(
     """Near-duplicate groups in the collection, as `imgsearch duplicates --json` gives them (paths as shown)."""
     from imgsearch.duplicates import find_duplicates
 
-    report = await asyncio.to_thread(find_duplicates, service.store, similar=threshold)
+    async with service.scan_lock:
+        report = await asyncio.to_thread(find_duplicates, service.store, similar=threshold)
 
     def answer() -> DuplicateGroups:  # showing paths may re-read the recorded folders: off the loop
         def shown(item: dict) -> dict:

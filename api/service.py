@@ -102,6 +102,7 @@ class Service:
         self.files = ServedFiles(self.store, settings.upload_dir, settings.answer_paths)
         self.batcher: MicroBatcher | None = None
         self.write_lock: asyncio.Lock | None = None  # uploads, enrolments and deletions are written one at a time
+        self.scan_lock: asyncio.Lock | None = None  # one whole-collection scan (duplicates) at a time: its memory is one scan's
         self.budget: PixelBudget | None = None
         self.recalibration: Recalibration | None = None
         self._review = None  # the review collection, opened on first use
@@ -112,6 +113,7 @@ class Service:
             self.encoder, max_batch=settings.batch_size, max_wait=settings.batch_wait_ms / 1000, observe=metrics.observe_batch
         )
         self.write_lock = asyncio.Lock()
+        self.scan_lock = asyncio.Lock()
         self.budget = PixelBudget(settings.decode_pixel_budget, settings.decode_wait_seconds)
         self.recalibration = Recalibration(self.store)
         self.batcher.start()

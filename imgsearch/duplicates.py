@@ -104,24 +104,34 @@ def find_duplicates(
 ) -> DuplicatesReport:
     """Near-duplicate groups among the rows whose path starts with `prefix` (all rows when empty)."""
     started = time.perf_counter()
+    # Only rows in a close pair or with recorded copies are kept (id, path, label), so memory follows the
+    # duplicates found, not the collection.
     rows: dict[str, dict[str, str]] = {}
     pairs: dict[tuple[str, str], float] = {}
     copies: dict[str, list[str]] = {}
     batch: list[dict] = []
+    scanned = 0
     for row in store.iter_rows(("id", "path", "label", "vector", "metadata"), batch_size=READ_BATCH):
         if row["path"].startswith(prefix):
             batch.append(row)
             found = [path for path in recorded_copies(row.get("metadata")) if path.startswith(prefix) and Path(path).is_file()]
             if found:
                 copies[row["id"]] = found
+                rows[row["id"]] = _shown(row)
         if len(batch) == SEARCH_BATCH:
             _close_pairs(store, batch, rows, pairs, prefix, similar, neighbours)
+            scanned += len(batch)
             batch = []
             if progress:
-                progress(len(rows))
+                progress(scanned)
     _close_pairs(store, batch, rows, pairs, prefix, similar, neighbours)
+    scanned += len(batch)
     groups = _with_copies(_stars(rows, pairs, near), rows, copies)
-    return DuplicatesReport(groups, len(rows), time.perf_counter() - started, near, similar)
+    return DuplicatesReport(groups, scanned, time.perf_counter() - started, near, similar)
+
+
+def _shown(row) -> dict[str, str]:
+    return {"id": row["id"], "path": row["path"], "label": row["label"]}
 
 
 def _with_copies(groups: list[Group], rows: dict[str, dict[str, str]], copies: dict[str, list[str]]) -> list[Group]:
@@ -156,12 +166,13 @@ def _close_pairs(store, batch, rows, pairs, prefix: str, similar: float, neighbo
         return
     vectors = np.array([row["vector"] for row in batch], dtype=np.float32)
     params = {"params": {"ef": max(SEARCH_EF, 2 * (neighbours + 1))}}
-    for row, hits in zip(batch, store.search(vectors, k=neighbours + 1, fields=("path",), search_params=params)):
-        rows[row["id"]] = {"id": row["id"], "path": row["path"], "label": row["label"]}
+    for row, hits in zip(batch, store.search(vectors, k=neighbours + 1, fields=("path", "label"), search_params=params)):
         for hit in hits:
             if hit.id != row["id"] and hit.score >= similar and hit.path.startswith(prefix):
                 key = (row["id"], hit.id) if row["id"] < hit.id else (hit.id, row["id"])
                 pairs[key] = max(pairs.get(key, -1.0), hit.score)
+                rows[row["id"]] = _shown(row)
+                rows.setdefault(hit.id, {"id": hit.id, "path": hit.path, "label": hit.label})
 
 
 def _stars(rows: dict[str, dict[str, str]], pairs: dict[tuple[str, str], float], near: float) -> list[Group]:

@@ -56,6 +56,36 @@ def test_health_info_and_openapi(service):
         assert endpoint in paths
 
 
+def test_duplicates_scans_run_one_at_a_time_across_requests(service, monkeypatch):
+    """Each GET /duplicates reads the whole collection; concurrent ones wait their turn, so the memory of scans in
+    flight is one scan's, and every request still gets its answer."""
+    import threading
+
+    import imgsearch.duplicates
+
+    scanning, most = [0], [0]
+    lock = threading.Lock()
+    real = imgsearch.duplicates.find_duplicates
+
+    def watched(*args, **kwargs):
+        with lock:
+            scanning[0] += 1
+            most[0] = max(most[0], scanning[0])
+        try:
+            time.sleep(0.3)  # long enough for the other requests to arrive meanwhile
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                scanning[0] -= 1
+
+    monkeypatch.setattr(imgsearch.duplicates, "find_duplicates", watched)
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda _: service.get("/duplicates", params={"threshold": 0.95}), range(3)))
+    assert [answer.status_code for answer in answers] == [200, 200, 200]
+    assert len({answer.text for answer in answers}) == 1 and answers[0].json()["rows"] == 30
+    assert most[0] == 1
+
+
 def test_search_by_image_finds_the_same_image_first(service, catalog):
     _, folder = catalog
     query = sorted((folder / "bag").glob("*.png"))[0]
