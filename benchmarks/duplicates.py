@@ -11,6 +11,8 @@ recall of "cosine >= T" over all pairs for a range of T, recall per kind of edit
 
 Timing: clustered random unit vectors (groups of 1-4 near copies) inserted into a fresh collection, then (on a
 server, once its index covers every row) one find_duplicates over all of them; prints rows, groups and seconds.
+With --memory, the scan runs a second time under tracemalloc and its peak of Python memory is printed (the time of
+that run is not the figure: tracemalloc slows allocation).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 import platform
 import tempfile
 import time
+import tracemalloc
 import uuid
 from pathlib import Path
 
@@ -164,8 +167,14 @@ def timing(args) -> None:
             indexed = wait_for_index(store, len(vectors)) if args.uri else 0.0
             report = find_duplicates(store)
             waited = f", index built {indexed:.0f} s later" if args.uri else ""
+            peak = ""
+            if args.memory:
+                tracemalloc.start()
+                find_duplicates(store)
+                peak = f", Python memory peak {tracemalloc.get_traced_memory()[1] / 1e6:.0f} MB"
+                tracemalloc.stop()
             print(f"{'server' if args.uri else 'Milvus Lite'}: {len(vectors)} rows (inserted in {inserted:.0f} s{waited}): "
-                  f"find_duplicates {report.seconds:.1f} s, {len(report.groups)} groups")
+                  f"find_duplicates {report.seconds:.1f} s, {len(report.groups)} groups{peak}")
             if args.uri:
                 store.client.drop_collection(store.collection)
             store.close()
@@ -185,6 +194,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--uri", help="a Milvus server URI; default: a temporary Milvus Lite file")
     parser.add_argument("--timing", type=int, nargs="*", help="time find_duplicates at these row counts instead")
+    parser.add_argument("--memory", action="store_true", help="with --timing: also the scan's peak of Python memory")
     args = parser.parse_args()
     timing(args) if args.timing else calibrate(args)
 

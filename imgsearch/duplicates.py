@@ -33,7 +33,7 @@ IDENTICAL = "identical content"
 NEAR_IDENTICAL = 0.90
 SIMILAR = 0.85
 NEIGHBOURS = 16  # per image: a group larger than this is found from several of its members
-READ_BATCH = 4000  # rows (with vectors) per query-iterator call: its per-call cost dominated at 256
+READ_BATCH = 1000  # rows (with vectors) per query-iterator call: 256 cost time per call, 4,000 held ~330-390 MB of lists
 SEARCH_BATCH = 500  # query vectors per search call
 # HNSW's ef for these searches: the neighbours wanted are very close ones, which a small ef finds; on the 2.3.5
 # server at 100k rows a query took 4.7 ms at ef 64 and 2.9 ms at ef 32 (benchmarks/duplicates.py, docs/duplicates.md).
