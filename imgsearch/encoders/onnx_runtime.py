@@ -72,11 +72,8 @@ def cache_stem(name: str, weights: Path | None) -> str:
         digest.update(source.read_bytes())
     for part in parts:
         digest.update(part.encode() + b"\0")
-    return f"{_safe_name(name)}-{digest.hexdigest()[:16]}"
-
-
-def _safe_name(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name)[:80]
+    safe_name = "".join(c if c.isalnum() else "_" for c in name)[:80]
+    return f"{safe_name}-{digest.hexdigest()[:16]}"
 
 
 def prune_stale_exports(path: Path, now: float | None = None) -> list[Path]:
@@ -93,7 +90,11 @@ def prune_stale_exports(path: Path, now: float | None = None) -> list[Path]:
     model = own.rsplit("-", 1)[0]
     pattern = re.compile(re.escape(model) + r"-[0-9a-f]{16}(\.int8)?\.(onnx|json|tmp\d+j?)$")
     exports: dict[str, list[Path]] = {}
-    for candidate in path.parent.iterdir():
+    try:
+        names = list(path.parent.iterdir())
+    except OSError:
+        return []  # a cache folder that cannot be listed: nothing to prune
+    for candidate in names:
         if pattern.fullmatch(candidate.name) and not candidate.name.startswith(own + "."):
             exports.setdefault(candidate.name.split(".", 1)[0], []).append(candidate)
     deleted = []
