@@ -251,7 +251,7 @@ def within_class_whitening(vectors: np.ndarray, targets: np.ndarray, shrink: flo
     return vectors.mean(axis=0), (eigenvectors * scale) @ eigenvectors.T
 
 
-def print_whitening(args, encoder, options: EvalOptions, references, queries) -> None:
+def print_whitening(args, options: EvalOptions, references, queries) -> None:
     """An investigation, not the scoring `recognize` uses: known-class accuracy and the abstention ceiling (the best
     threshold / margin chosen with the test answers in hand, ratio >= 4) with exact neighbours, on the vectors as
     they are and after a within-class whitening learned from each draw's references."""
@@ -429,7 +429,10 @@ def main() -> None:
         return
     if args.abstention_only or args.whitening:
         queries = encode_set(encoder, query_set, progress, "queries")
-        (print_whitening if args.whitening else print_abstention)(args, encoder, options, references, queries)
+        if args.whitening:
+            print_whitening(args, options, references, queries)
+        else:
+            print_abstention(args, encoder, options, references, queries)
         return
     queries = encode_set(encoder, query_set, progress, "queries")
     encode_seconds = time.perf_counter() - started
