@@ -102,8 +102,7 @@ async def recognize(
     given = threshold if threshold is not None else service.settings.threshold
     rule = await asyncio.to_thread(resolve_abstention, service.store, given)
     results = await asyncio.to_thread(
-        recognize_vectors, service.store, vectors, k=k, threshold=rule.threshold, margin=rule.margin,
-        reference_counts=rule.reference_counts, metric=rule.metric,
+        recognize_vectors, service.store, vectors, k=k, threshold=rule.threshold, margin=rule.margin, reference_counts=rule.reference_counts
     )
     unknown = {i: (upload, vector, result) for i, (upload, vector, result) in enumerate(zip(uploads, vectors, results)) if result[0] is None and result[2]}
     kept: dict[int, bool] = {}  # by upload's index: kept for review, or not (the review is full)

@@ -8,7 +8,7 @@
     python benchmarks/recognition.py --abstention-only --references-per-class 6000 --abstention-references 600,6000 --draws 3
         # the same on all 10,000 test images: 3 draws of 600 per class from the whole training set, and all of it
     python benchmarks/recognition.py --whitening --references-per-class 6000 --abstention-references 600,6000 --draws 3
-        # the ceiling with no learned metric, recognize's, and a full within-class whitening (in memory)
+        # investigation: the ceiling after a within-class whitening learned from the references
     python benchmarks/recognition.py --compare efficientnet_lite0 efficientnet_lite1 efficientnet_lite2 --queries-per-class 200
 
 Needs Debian's dataset-fashion-mnist. Every figure comes from imgsearch.evaluation, the code behind
@@ -72,16 +72,12 @@ def softmax_vote(references, targets, queries, k: int, temperature: float) -> np
 def ablation(references, queries, options: EvalOptions, rng) -> list[tuple[str, float, float]]:
     """(rule, accuracy with 600 per class, 5-shot accuracy over 20 episodes) for simpler scoring rules."""
     rules = [
-        ("1-NN", lambda r, t, q: predict(r, t, q, k=1, per_class=1, power=1.0, density=0.0, learned=False)[0]),
+        ("1-NN", lambda r, t, q: predict(r, t, q, k=1, per_class=1, power=1.0, density=0.0)[0]),
         ("softmax vote k=20 T=0.05 (DINOv2)", lambda r, t, q: softmax_vote(r, t, q, 20, 0.05)),
-        ("local prototypes k=20, no power, no prior", lambda r, t, q: predict(r, t, q, k=20, per_class=10, power=1.0, density=0.0, learned=False)[0]),
-        ("+ power 0.5", lambda r, t, q: predict(r, t, q, k=20, per_class=10, power=0.5, density=0.0, learned=False)[0]),
+        ("local prototypes k=20, no power, no prior", lambda r, t, q: predict(r, t, q, k=20, per_class=10, power=1.0, density=0.0)[0]),
+        ("+ power 0.5", lambda r, t, q: predict(r, t, q, k=20, per_class=10, power=0.5, density=0.0)[0]),
         (
-            f"+ k={DEFAULT_K} and log-count prior",
-            lambda r, t, q: predict(r, t, q, k=options.k, per_class=options.per_class, power=options.power, density=options.density, learned=False)[0],
-        ),
-        (
-            "+ learned within-class metric (default)",
+            f"+ k={DEFAULT_K} and log-count prior (default)",
             lambda r, t, q: predict(r, t, q, k=options.k, per_class=options.per_class, power=options.power, density=options.density)[0],
         ),
     ]
@@ -131,9 +127,7 @@ def tune(args, encoder, options: EvalOptions, references, progress) -> None:
 
 def through_milvus(encoder, references, queries, count: int = 1000) -> tuple[float, float]:
     """Recognise `count` queries against the references stored in a fresh Milvus Lite collection:
-    (accuracy, agreement with the exact in-memory neighbours; the stored metric is fitted without the references
-    the calibration samples, the in-memory one on all of them)."""
-    from imgsearch.abstention import load_metric, self_calibrate
+    (accuracy, agreement with the exact in-memory neighbours)."""
     from imgsearch.recognize import recognize_vectors
     from imgsearch.store import ImageRecord, MilvusStore
 
@@ -147,13 +141,10 @@ def through_milvus(encoder, references, queries, count: int = 1000) -> tuple[flo
         for start in range(0, len(records), 1000):
             store.upsert(records[start : start + 1000])
         store.flush()
-        store.wait_for_index()
-        self_calibrate(store)  # learns the metric, as every ingest does
-        metric = load_metric(store)
         sample = np.arange(min(count, len(queries.targets)))
         found = []
         for start in range(0, len(sample), 64):
-            found += [label for label, _, _ in recognize_vectors(store, queries.vectors[sample[start : start + 64]], metric=metric)]
+            found += [label for label, _, _ in recognize_vectors(store, queries.vectors[sample[start : start + 64]])]
         store.close()
     predicted_exact, _ = predict(
         references.vectors, references.targets, queries.vectors[sample],
@@ -193,7 +184,7 @@ def self_calibrated(encoder, references, queries, unknown_classes: int, per_clas
         answers = []
         for start in range(0, len(queries.targets), 64):
             batch = queries.vectors[start : start + 64]
-            answers += [label for label, _, _ in recognize_vectors(store, batch, threshold=rule.threshold, margin=rule.margin, metric=rule.metric)]
+            answers += [label for label, _, _ in recognize_vectors(store, batch, threshold=rule.threshold, margin=rule.margin)]
         store.close()
     truth = [classes[t] for t in queries.targets]
     known = np.array([t not in unknown for t in queries.targets])
@@ -261,15 +252,14 @@ def within_class_whitening(vectors: np.ndarray, targets: np.ndarray, shrink: flo
 
 
 def print_whitening(args, options: EvalOptions, references, queries) -> None:
-    """Known-class accuracy and the abstention ceiling (the best threshold / margin chosen with the test answers in
-    hand, ratio >= 4), in memory: with no learned metric; with the one `recognize` learns (rank 64, exact
-    neighbours of the vectors as stored, re-ranked under it); and with a full within-class whitening learned from
-    each draw's references, exact neighbours of the whitened vectors (an investigation, not what `recognize` does)."""
+    """An investigation, not the scoring `recognize` uses: known-class accuracy and the abstention ceiling (the best
+    threshold / margin chosen with the test answers in hand, ratio >= 4) with exact neighbours, on the vectors as
+    they are and after a within-class whitening learned from each draw's references."""
     classes = int(references.targets.max()) + 1
     unknown = set(range(classes - options.unknown_classes, classes))
     known = ~np.isin(queries.targets, list(unknown))
-    print("\nlearned metrics, exact neighbours in memory:\n| references per class | no metric: known accuracy / ceiling "
-          "| learned metric (recognize's): known accuracy / ceiling | full whitening: known accuracy / ceiling |\n|---|---|---|---|")
+    print("\nwithin-class whitening of the references, exact neighbours (not what `recognize` does):\n"
+          "| references per class | as stored: known accuracy / ceiling | whitened: known accuracy / ceiling |\n|---|---|---|")
     pool = int(np.bincount(references.targets).min())
     for per_class in args.abstention_references or (args.references_per_class,):
         for seed in range(args.draws if per_class < pool else 1):
@@ -281,16 +271,14 @@ def print_whitening(args, options: EvalOptions, references, queries) -> None:
             vectors, targets = references.vectors[chosen], references.targets[chosen]
             mean, whitening = within_class_whitening(vectors, targets)
             cells = []
-            for power, learned, stored, asked in (
-                (DEFAULT_POWER, False, vectors, queries.vectors),
-                (DEFAULT_POWER, True, vectors, queries.vectors),
-                (1.0, False, (power_normalize(vectors) - mean) @ whitening, (power_normalize(queries.vectors) - mean) @ whitening),
+            for power, stored, asked in (
+                (DEFAULT_POWER, vectors, queries.vectors),
+                (1.0, (power_normalize(vectors) - mean) @ whitening, (power_normalize(queries.vectors) - mean) @ whitening),
             ):
                 stored = stored / np.linalg.norm(stored, axis=1, keepdims=True)
                 asked = asked / np.linalg.norm(asked, axis=1, keepdims=True)
                 predicted, confidences, margins = predict_with_margins(
                     stored, targets, asked, k=DEFAULT_K, per_class=DEFAULT_PER_CLASS, power=power, density=DEFAULT_DENSITY,
-                    learned=learned,
                 )
                 right = predicted == queries.targets
                 ceiling = best_threshold_and_margin(
@@ -298,7 +286,7 @@ def print_whitening(args, options: EvalOptions, references, queries) -> None:
                     min_ratio=TARGET_UNKNOWN_RATIO,
                 )
                 cells.append(f"{right[known].mean():.4f} / {ceiling['accuracy']:.4f}" if ceiling else f"{right[known].mean():.4f} / -")
-            print(f"| {per_class}, draw {seed + 1} | {' | '.join(cells)} |", flush=True)
+            print(f"| {per_class}, draw {seed + 1} | {cells[0]} | {cells[1]} |", flush=True)
 
 
 def compare_models(args, options: EvalOptions, progress) -> None:

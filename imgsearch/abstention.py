@@ -29,9 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from imgsearch.metric import LearnedMetric, fit_selection, learn_metric
 from imgsearch.recognize import DEFAULT_K, DEFAULT_PER_CLASS, LABELED, load_calibration, score_labels, search_params
-from imgsearch.store import METRIC_PROPERTY, REFERENCE_COUNTS_PROPERTY, SELF_CALIBRATION_PROPERTY, MilvusStore, string_literal
+from imgsearch.store import REFERENCE_COUNTS_PROPERTY, SELF_CALIBRATION_PROPERTY, MilvusStore, string_literal
 
 SAMPLE_PER_LABEL = 50
 SAMPLE_MAX = 1000
@@ -56,7 +55,6 @@ class Abstention:
     margin: float | None
     source: str
     reference_counts: dict[str, int] | None = field(default=None, repr=False)  # stored with the self-calibration
-    metric: LearnedMetric | None = field(default=None, repr=False)  # the learned metric, fitted with it
 
     def to_dict(self) -> dict[str, Any]:
         return {"threshold": _round(self.threshold), "margin": _round(self.margin), "threshold_source": self.source}
@@ -72,7 +70,6 @@ class SelfCalibration:
     leave_one_out_accuracy: float
     seconds: float
     k: int = DEFAULT_K
-    metric_references: int | None = None  # the learned metric (metric.py) was fitted on these; None: no metric
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -86,17 +83,16 @@ def resolve_abstention(store: MilvusStore, threshold: float | None) -> Abstentio
     reference counts stored at the last self-calibration."""
     properties = store.properties()
     counts = _reference_counts(properties)
-    metric = LearnedMetric.from_property(properties.get(METRIC_PROPERTY), store.dim)
     if threshold is not None:
-        return Abstention(threshold, None, "given", counts, metric)
+        return Abstention(threshold, None, "given", counts)
     calibration = load_calibration(store)
     if calibration is not None:
         source = f"eval on {calibration.dataset} at false-accept rate {calibration.false_accept_rate}"
-        return Abstention(calibration.threshold, None, source, counts, metric)
+        return Abstention(calibration.threshold, None, source, counts)
     own = _self_calibration(properties)
     if own is not None:
-        return Abstention(own.threshold, own.margin, own.describe(), counts, metric)
-    return Abstention(None, None, "none", counts, metric)
+        return Abstention(own.threshold, own.margin, own.describe(), counts)
+    return Abstention(None, None, "none", counts)
 
 
 def load_self_calibration(store: MilvusStore) -> SelfCalibration | None:
@@ -121,19 +117,9 @@ def _reference_counts(properties: dict[str, str]) -> dict[str, int] | None:
     return counts
 
 
-def load_metric(store: MilvusStore) -> LearnedMetric | None:
-    return LearnedMetric.from_property(store.properties().get(METRIC_PROPERTY), store.dim)
-
-
-def _store_calibration(
-    store: MilvusStore, calibration: SelfCalibration | None, counts: dict[str, int], metric: LearnedMetric | None = None
-) -> None:
+def _store_calibration(store: MilvusStore, calibration: SelfCalibration | None, counts: dict[str, int]) -> None:
     stored_counts = json.dumps(counts, ensure_ascii=False) if len(counts) <= COUNTS_MAX_LABELS else ""
-    store.set_properties({
-        SELF_CALIBRATION_PROPERTY: calibration.to_json() if calibration else "",
-        REFERENCE_COUNTS_PROPERTY: stored_counts,
-        METRIC_PROPERTY: metric.to_property() if metric else "",
-    })
+    store.set_properties({SELF_CALIBRATION_PROPERTY: calibration.to_json() if calibration else "", REFERENCE_COUNTS_PROPERTY: stored_counts})
 
 
 def self_calibrate(store: MilvusStore, *, k: int = DEFAULT_K) -> SelfCalibration | None:
@@ -150,7 +136,6 @@ def self_calibrate(store: MilvusStore, *, k: int = DEFAULT_K) -> SelfCalibration
     sample = _sample(ids_by_label)
     vectors: dict[str, np.ndarray] = {}  # every vector read, by id: neighbours of one label's references overlap
     fetch_vectors(store, [row_id for ids in sample.values() for row_id in ids], vectors)
-    metric, scored_with = _fit_metrics(store, ids_by_label, sample, vectors)
     known: list[tuple[bool, float, float]] = []  # (right, confidence, margin)
     unknown: list[float] = []
     # A label with few references: one search wide enough to pass all of them serves both scorings, and references
@@ -164,12 +149,12 @@ def self_calibrate(store: MilvusStore, *, k: int = DEFAULT_K) -> SelfCalibration
         width = k + max(counts[label] for label, _ in chunk)
         queries = np.stack([vectors[row_id] for _, row_id in chunk])
         results = store.search(queries, k=width, filter=LABELED, search_params=search_params(width), fields=("label",))
-        own_left_out = with_vectors(store, [[hit for hit in hits if hit.id != row_id][:k] for (_, row_id), hits in zip(chunk, results)], vectors, metric)
-        label_left_out = with_vectors(store, [[hit for hit in hits if hit.label != label][:k] for (label, _), hits in zip(chunk, results)], vectors, metric)
-        for (label, row_id), query, hits, other_hits in zip(chunk, queries, own_left_out, label_left_out):
+        own_left_out = with_vectors(store, [[hit for hit in hits if hit.id != row_id][:k] for (_, row_id), hits in zip(chunk, results)], vectors)
+        label_left_out = with_vectors(store, [[hit for hit in hits if hit.label != label][:k] for (label, _), hits in zip(chunk, results)], vectors)
+        for (label, _), query, hits, other_hits in zip(chunk, queries, own_left_out, label_left_out):
             if counts[label] > 1:  # a reference alone in its label cannot be left out of it and still be known
-                known += score_left_out(query, hits, label, counts, scored_with[row_id])
-            unknown += _unknown(query, other_hits, counts, scored_with[row_id])
+                known += score_left_out(query, hits, label, counts)
+            unknown += _unknown(query, other_hits, counts)
     for label, ids in sample.items():
         if counts[label] <= WIDE_SEARCH:
             continue
@@ -179,10 +164,10 @@ def self_calibrate(store: MilvusStore, *, k: int = DEFAULT_K) -> SelfCalibration
             results = store.search(queries, k=k + 1, filter=LABELED, search_params=search_params(k + 1), fields=("label",))
             others = f"{LABELED} and label != {string_literal(label)}"
             excluded = store.search(queries, k=k, filter=others, search_params=search_params(k), fields=("label",))
-            own_left_out = with_vectors(store, [[hit for hit in hits if hit.id != row_id][:k] for row_id, hits in zip(chunk, results)], vectors, metric)
-            for row_id, query, hits, other_hits in zip(chunk, queries, own_left_out, with_vectors(store, excluded, vectors, metric)):
-                known += score_left_out(query, hits, label, counts, scored_with[row_id])
-                unknown += _unknown(query, other_hits, counts, scored_with[row_id])
+            own_left_out = with_vectors(store, [[hit for hit in hits if hit.id != row_id][:k] for row_id, hits in zip(chunk, results)], vectors)
+            for query, hits, other_hits in zip(queries, own_left_out, with_vectors(store, excluded, vectors)):
+                known += score_left_out(query, hits, label, counts)
+                unknown += _unknown(query, other_hits, counts)
     if not known or not unknown:  # e.g. one reference per label: nothing to learn a known answer's score from
         _store_calibration(store, None, counts)
         return None
@@ -190,32 +175,10 @@ def self_calibrate(store: MilvusStore, *, k: int = DEFAULT_K) -> SelfCalibration
     calibration = SelfCalibration(
         threshold=round(threshold, 6), margin=round(margin, 6), references=sum(counts.values()), labels=len(counts),
         sample=len(known), leave_one_out_accuracy=round(float(np.mean([right for right, _, _ in known])), 4),
-        seconds=round(time.perf_counter() - started, 2), k=k, metric_references=metric.references if metric else None,
+        seconds=round(time.perf_counter() - started, 2), k=k,
     )
-    _store_calibration(store, calibration, counts, metric)
+    _store_calibration(store, calibration, counts)
     return calibration
-
-
-def _fit_metrics(
-    store, ids_by_label: dict[str, list[str]], sample: dict[str, list[str]], vectors: dict[str, np.ndarray]
-) -> tuple[LearnedMetric | None, dict[str, LearnedMetric | None]]:
-    """The learned metric to store, fitted on metric.fit_selection of the references, and for each sampled
-    reference the one to score it with: fitted on the same references less the half of the sample it is in, so
-    its leave-one-out answer is as a new photo's would be (a metric fitted on a photo brings its own class closer)."""
-    candidates = [(label, row_id) for label in sorted(ids_by_label) for row_id in sorted(ids_by_label[label])]
-    chosen = [candidates[index] for index in fit_selection([label for label, _ in candidates])]
-    fetch_vectors(store, [row_id for _, row_id in chosen if row_id not in vectors], vectors)
-    chosen = [(label, row_id) for label, row_id in chosen if row_id in vectors]
-    sampled = [row_id for ids in sample.values() for row_id in ids]
-    half = {row_id: index % 2 for index, row_id in enumerate(sampled)}
-
-    def fitted(rows: list[tuple[str, str]]) -> LearnedMetric | None:
-        return learn_metric(np.stack([vectors[row_id] for _, row_id in rows]), [label for label, _ in rows]) if rows else None
-
-    folds = [fitted([(label, row_id) for label, row_id in chosen if half.get(row_id) != fold]) for fold in (0, 1)]
-    if None in folds:  # too few references to fit one without half the sample: the threshold must be on one scale
-        return None, dict.fromkeys(half)
-    return fitted(chosen), {row_id: folds[fold] for row_id, fold in half.items()}
 
 
 def _sample(ids_by_label: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -233,31 +196,31 @@ def _sample(ids_by_label: dict[str, list[str]]) -> dict[str, list[str]]:
     return sample
 
 
-def score_left_out(query, hits, label, counts, metric: LearnedMetric | None = None) -> list[tuple[bool, float, float]]:
+def score_left_out(query, hits, label, counts) -> list[tuple[bool, float, float]]:
     """A reference of `label` recognised from `hits` (with vectors: `with_vectors`), its own row already left out,
     so its label counts one less: [(right, confidence, margin)], or [] with no neighbour."""
     if not hits:
         return []
-    best, confidence, margin = _best(_scores(query, hits, {**counts, label: counts[label] - 1}, metric))
+    best, confidence, margin = _best(_scores(query, hits, {**counts, label: counts[label] - 1}))
     return [(best == label, confidence, margin)]
 
 
-def _unknown(query, hits, counts, metric: LearnedMetric | None) -> list[float]:
+def _unknown(query, hits, counts) -> list[float]:
     """A reference recognised with its whole label left out, as a never-enrolled class would be: [confidence]."""
-    return [_best(_scores(query, hits, counts, metric))[1]] if hits else []
+    return [_best(_scores(query, hits, counts))[1]] if hits else []
 
 
-def with_vectors(store, results, vectors: dict[str, np.ndarray], metric: LearnedMetric | None = None):
-    """For each list of hits, the ones scoring reads with their vectors, fetched in one read and cached in
-    `vectors` by id: searches that return every neighbour's vector cost ~0.8 s per call on Milvus Lite. Without a
-    metric scoring reads each label's first DEFAULT_PER_CLASS; with one it re-ranks them all."""
+def with_vectors(store, results, vectors: dict[str, np.ndarray]):
+    """For each list of hits, the ones scoring reads (each label's first DEFAULT_PER_CLASS) with their vectors,
+    fetched in one read and cached in `vectors` by id: searches that return every neighbour's vector cost ~0.8 s
+    per call on Milvus Lite."""
     trimmed = []
     for hits in results:
         seen: Counter = Counter()
         kept = []
         for hit in hits:
             seen[hit.label] += 1
-            if metric is not None or seen[hit.label] <= DEFAULT_PER_CLASS:
+            if seen[hit.label] <= DEFAULT_PER_CLASS:
                 kept.append(hit)
         trimmed.append(kept)
     fetch_vectors(store, list({hit.id for hits in trimmed for hit in hits} - vectors.keys()), vectors)
@@ -269,9 +232,10 @@ def fetch_vectors(store, ids: list[str], vectors: dict[str, np.ndarray]) -> None
         vectors[row_id] = np.asarray(row["vector"], dtype=np.float32)
 
 
-def _scores(query: np.ndarray, hits, counts: dict[str, int], metric: LearnedMetric | None) -> dict[str, float]:
-    """The scoring `recognize` uses, on hits `with_vectors` kept (they score the same as all of them)."""
-    return score_labels(query, np.stack([hit.vector for hit in hits]), [hit.label for hit in hits], counts, metric=metric)
+def _scores(query: np.ndarray, hits, counts: dict[str, int]) -> dict[str, float]:
+    """The scoring `recognize` uses; it reads only each label's first DEFAULT_PER_CLASS neighbours, so the trimmed
+    hits score the same."""
+    return score_labels(query, np.stack([hit.vector for hit in hits]), [hit.label for hit in hits], counts)
 
 
 def _best(scores: dict[str, float]) -> tuple[str, float, float]:

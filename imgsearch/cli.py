@@ -157,8 +157,6 @@ def info(settings: Settings) -> Output:
         own = described["self_calibration"]
         text = f"{own['threshold']:.4f}, margin {own['margin']:.4f}, from {own['sample']} of {own['references']} references"
         rows.append(("unknown below (self-calibrated)", text))
-        fitted = own.get("metric_references")
-        rows.append(("learned metric", f"fitted on {fitted} references" if fitted else "none (too few references per label)"))
     return Output(described, tables=[Rows("", (), rows)])
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from imgsearch.abstention import fetch_vectors, load_metric, score_left_out, with_vectors
+from imgsearch.abstention import fetch_vectors, score_left_out, with_vectors
 from imgsearch.recognize import DEFAULT_K, LABELED, search_params
 from imgsearch.store import MilvusStore, string_literal
 from imgsearch.terminal import visible
@@ -97,12 +97,11 @@ def _effect(store: MilvusStore, affected: str, new_label: str, k: int) -> dict[s
     if not ids:
         return effect
     queries = np.stack([vectors[row_id] for row_id in ids])
-    metric = load_metric(store)  # recognition's scoring, as of the last calibration
     for when, where in (("before", f"{LABELED} and label != {string_literal(new_label)}"), ("after", LABELED)):
         results = store.search(queries, k=k + 1, filter=where, search_params=search_params(k + 1), fields=("label",))
         neighbours = [[hit for hit in hits if hit.id != row_id][:k] for row_id, hits in zip(ids, results)]
         counts = store.label_counts({hit.label for hits in neighbours for hit in hits} | {affected})
-        neighbours = with_vectors(store, neighbours, vectors, metric)
-        answers = [answer for query, hits in zip(queries, neighbours) for answer in score_left_out(query, hits, affected, counts, metric)]
+        neighbours = with_vectors(store, neighbours, vectors)
+        answers = [answer for query, hits in zip(queries, neighbours) for answer in score_left_out(query, hits, affected, counts)]
         effect[f"accuracy_{when}"] = round(float(np.mean([right for right, _, _ in answers])), 4) if answers else None
     return effect

@@ -32,7 +32,6 @@ from imgsearch.store import RECOGNITION_PROPERTY, MilvusStore
 if TYPE_CHECKING:  # torch is imported only when a model is loaded
     from imgsearch.abstention import Abstention
     from imgsearch.encoders import Encoder
-    from imgsearch.metric import LearnedMetric
 
 LABELED = 'label != ""'
 
@@ -111,23 +110,14 @@ def score_labels(
     per_class: int = DEFAULT_PER_CLASS,
     power: float = DEFAULT_POWER,
     density: float = DEFAULT_DENSITY,
-    metric: LearnedMetric | None = None,
 ) -> dict:
     """Each label's score: cosine of the query with its local prototype, less density * log(its reference count).
-    Neighbours come nearest first; `label_counts` holds every label's total references (None: the counts seen).
-    With the collection's learned `metric` (metric.py), the vectors are taken under it instead of the power
-    transform, and the neighbours re-ranked by their similarity under it."""
+    Neighbours come nearest first; `label_counts` holds every label's total references (None: the counts seen)."""
+    query = power_normalize(query[None], power)[0]
+    vectors = power_normalize(neighbour_vectors, power)
     labels = np.asarray(neighbour_labels)
-    if metric is None:
-        query = power_normalize(query[None], power)[0]
-        vectors = power_normalize(neighbour_vectors, power)
-    else:
-        query = metric.apply(query[None])[0]
-        vectors = metric.apply(neighbour_vectors)
-        order = np.argsort(-(vectors @ query), kind="stable")
-        vectors, labels = vectors[order], labels[order]
     scores = {}
-    for label in dict.fromkeys(labels.tolist()):  # first-seen order: nearest label first on ties
+    for label in dict.fromkeys(neighbour_labels):  # first-seen order: nearest label first on ties
         members = vectors[labels == label][:per_class]
         prototype = members.mean(axis=0)
         count = label_counts.get(label, len(members)) if label_counts else int((labels == label).sum())
@@ -168,11 +158,9 @@ def recognize_vectors(
     power: float = DEFAULT_POWER,
     density: float = DEFAULT_DENSITY,
     reference_counts: dict[str, int] | None = None,
-    metric: LearnedMetric | None = None,
 ) -> list[tuple[str | None, float, list[Neighbour]]]:
     """Each query's label (None: unknown), confidence and neighbours. `reference_counts`: labels' reference counts
-    already known (stored with the self-calibration); the others are counted in Milvus. `metric`: the collection's
-    learned one (stored with the self-calibration too)."""
+    already known (stored with the self-calibration); the others are counted in Milvus."""
     results = store.search(vectors, k=k, filter=LABELED, search_params=search_params(k), with_vectors=True)
     if results and not any(results):
         raise NoReferencesError(
@@ -188,7 +176,7 @@ def recognize_vectors(
         if hits:
             scores = score_labels(
                 query, np.stack([hit.vector for hit in hits]), [hit.label for hit in hits], counts,
-                per_class=per_class, power=power, density=density, metric=metric,
+                per_class=per_class, power=power, density=density,
             )
         else:
             scores = {}
@@ -222,8 +210,7 @@ def recognize_paths(
         kept, asked = [], []
         for name, vector, (label, confidence, neighbours) in zip(
             names, vectors, recognize_vectors(
-                store, vectors, k=k, threshold=abstention.threshold, margin=abstention.margin,
-                reference_counts=abstention.reference_counts, metric=abstention.metric,
+                store, vectors, k=k, threshold=abstention.threshold, margin=abstention.margin, reference_counts=abstention.reference_counts,
             )
         ):
             recognitions.append(

@@ -49,7 +49,6 @@ SCHEMA_PROPERTY = "imgsearch.schema"
 RECOGNITION_PROPERTY = "imgsearch.recognition"  # the abstention threshold `imgsearch eval` calibrated
 SELF_CALIBRATION_PROPERTY = "imgsearch.self_calibration"  # the one the references calibrate (abstention.py)
 REFERENCE_COUNTS_PROPERTY = "imgsearch.reference_counts"  # references per label, as of that calibration
-METRIC_PROPERTY = "imgsearch.metric"  # the metric learned with it (metric.py)
 ROOTS_PROPERTY = "imgsearch.roots"  # the folders ingested or enrolled from: the only files the API serves
 QUERY_CHUNK = 1000  # ids per `id in [...]` filter
 # Searches read with Session consistency: a client sees its own writes (the API enrols and recognises through one

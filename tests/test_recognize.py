@@ -137,46 +137,20 @@ def test_the_references_calibrate_unknown_themselves_and_the_sources_take_turns(
     own = self_calibrate(store)
     assert own.references == stored + 20 and own.labels == 6 and own.sample == stored + 20  # all of them: under 50 each
     assert 0 < own.threshold < 1 and 0 <= own.margin < 0.2 and 0.5 < own.leave_one_out_accuracy <= 1
-    assert own.metric_references is None  # 10 a label once half the sample is left out: too few to learn a metric
     again = self_calibrate(store)
     assert replace(again, seconds=0) == replace(own, seconds=0)  # a fixed sample: the same references, the same rule
     rule = resolve_abstention(store, None)
     assert (rule.threshold, rule.margin) == (own.threshold, own.margin) and rule.source.startswith(f"self-calibrated on {stored + 20} references")
-    assert rule.metric is None
     known = np.concatenate([vectors_by_class[name][1][20:] for name in KNOWN])
     unseen = np.concatenate([vectors_by_class[name][1] for name in ("coat", "ankle_boot")])
-    answers = {
-        name: recognize_vectors(store, queries, threshold=rule.threshold, margin=rule.margin, metric=rule.metric)
-        for name, queries in (("known", known), ("unseen", unseen))
-    }
-    known_null, unseen_null = (np.mean([label is None for label, _, _ in answers[name]]) for name in ("known", "unseen"))
+    known_null = np.mean([label is None for label, _, _ in recognize_vectors(store, known, threshold=rule.threshold, margin=rule.margin)])
+    unseen_null = np.mean([label is None for label, _, _ in recognize_vectors(store, unseen, threshold=rule.threshold, margin=rule.margin)])
     assert unseen_null > 2 * known_null and known_null < 0.4, (known_null, unseen_null)
     save_calibration(store, Calibration(threshold=0.73, false_accept_rate=0.05, dataset="fashion-mnist"))
     assert resolve_abstention(store, None).to_dict() == {
         "threshold": 0.73, "margin": None, "threshold_source": "eval on fashion-mnist at false-accept rate 0.05",
     }
     assert resolve_abstention(store, 0.5).to_dict() == {"threshold": 0.5, "margin": None, "threshold_source": "given"}
-
-
-def test_enough_references_learn_a_metric_that_recognition_and_its_threshold_share(make_store, vectors_by_class):
-    from imgsearch.abstention import resolve_abstention, self_calibrate
-
-    store = make_store()
-    classes = sorted(vectors_by_class)
-    stored = store_references(store, vectors_by_class, classes, 25)
-    own = self_calibrate(store)
-    rule = resolve_abstention(store, None)
-    assert own.metric_references == stored and rule.metric is not None and rule.metric.references == stored
-    held_out = np.concatenate([vectors_by_class[name][1][25:] for name in classes])
-    truth = [name for name in classes for _ in vectors_by_class[name][1][25:]]
-    learned = recognize_vectors(store, held_out, threshold=rule.threshold, margin=rule.margin, metric=rule.metric)
-    accepted = [(label, name) for (label, _, _), name in zip(learned, truth) if label is not None]
-    assert len(accepted) >= 0.5 * len(truth) and np.mean([label == name for label, name in accepted]) >= 0.8, accepted
-    # the threshold is on the metric's scale: the vectors as stored score well above it, so without the metric
-    # next to nothing would be "unknown"
-    plain = recognize_vectors(store, held_out)
-    assert np.mean([c for _, c, _ in plain]) > np.mean([c for _, c, _ in learned]) + 0.1 > rule.threshold + 0.1
-    assert own.threshold < np.median([c for _, c, _ in learned])
 
 
 def test_reference_counts_stored_with_the_calibration_spare_count_queries_until_a_label_is_new(make_store, vectors_by_class, monkeypatch):
@@ -193,13 +167,13 @@ def test_reference_counts_stored_with_the_calibration_spare_count_queries_until_
     count_in_milvus = store.label_counts
     monkeypatch.setattr(store, "label_counts", lambda labels: counted.append(set(labels)) or count_in_milvus(labels))
     queries = np.concatenate([vectors_by_class[name][1][20:23] for name in [*KNOWN, "bag", "coat"]])
-    stored = recognize_vectors(store, queries, threshold=rule.threshold, margin=rule.margin, reference_counts=rule.reference_counts, metric=rule.metric)
-    queried = recognize_vectors(store, queries, threshold=rule.threshold, margin=rule.margin, metric=rule.metric)
+    stored = recognize_vectors(store, queries, threshold=rule.threshold, margin=rule.margin, reference_counts=rule.reference_counts)
+    queried = recognize_vectors(store, queries, threshold=rule.threshold, margin=rule.margin)
     assert counted[0] == set() and counted[1] >= {"bag", "tshirt"}  # the census, then Milvus: the same answers
     assert [(label, round(confidence, 6)) for label, confidence, _ in stored] == [(label, round(confidence, 6)) for label, confidence, _ in queried]
     store_references(store, vectors_by_class, ["coat"], 5)  # enrolled after the calibration: counted in Milvus
     counted.clear()
-    answers = recognize_vectors(store, vectors_by_class["coat"][1][25:], reference_counts=rule.reference_counts, metric=rule.metric)
+    answers = recognize_vectors(store, vectors_by_class["coat"][1][25:], reference_counts=rule.reference_counts)
     assert counted == [{"coat"}] and [label for label, _, _ in answers].count("coat") >= 3
 
 

@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 
-from imgsearch.metric import learn_metric
 from imgsearch.recognize import power_normalize, score_labels
 
 
@@ -26,23 +25,18 @@ def predict_with_margins(
     per_class: int,
     power: float,
     density: float,
-    learned: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Predicted target, confidence and lead over the second label (inf with one label among the neighbours) per
-    query, scoring the k nearest references as `recognize` does, with the metric a collection of these references
-    would learn (metric.py; `learned` False: none); the lead is what the self-calibrated margin is compared with."""
+    query, scoring the k nearest references as `recognize` does; the lead is what the self-calibrated margin is
+    compared with."""
     predictions = np.empty(len(queries), dtype=np.int64)
     confidences = np.empty(len(queries), dtype=np.float64)
     margins = np.empty(len(queries), dtype=np.float64)
     k = min(k, len(references))
     counts = dict(zip(*np.unique(reference_targets, return_counts=True)))
     # Transform once here; score_labels with power 1 only re-normalises. Neighbours are found on the raw
-    # vectors, as Milvus finds them, and re-ranked under the metric as recognize does.
-    metric = learn_metric(references, reference_targets) if learned else None
-    if metric is None:
-        transformed_references, transformed_queries = power_normalize(references, power), power_normalize(queries, power)
-    else:
-        transformed_references, transformed_queries = metric.apply(references), metric.apply(queries)
+    # vectors, as Milvus finds them.
+    transformed_references, transformed_queries = power_normalize(references, power), power_normalize(queries, power)
     for start in range(0, len(queries), 1024):
         block = queries[start : start + 1024]
         similarity = block @ references.T
@@ -50,13 +44,9 @@ def predict_with_margins(
         order = np.take_along_axis(similarity, nearest, 1).argsort(axis=1)[:, ::-1]
         nearest = np.take_along_axis(nearest, order, 1)
         for row in range(len(block)):
-            neighbours = nearest[row]
-            if metric is not None:
-                under_metric = transformed_references[neighbours] @ transformed_queries[start + row]
-                neighbours = neighbours[np.argsort(-under_metric, kind="stable")]
-            labels = reference_targets[neighbours]
+            labels = reference_targets[nearest[row]]
             scores = score_labels(
-                transformed_queries[start + row], transformed_references[neighbours], labels.tolist(), counts,
+                transformed_queries[start + row], transformed_references[nearest[row]], labels.tolist(), counts,
                 per_class=per_class, power=1.0, density=density,
             )
             ranked = sorted(scores.items(), key=lambda item: -item[1])
