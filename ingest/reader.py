@@ -10,6 +10,7 @@ import json
 import multiprocessing
 import os
 import queue
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -122,17 +123,45 @@ def _batched(items: Iterator[dict[str, Any]], batch_size: int) -> Iterator[dict[
         yield collate(chunk)
 
 
-def _decode_worker(dataset: PlannedImages, batch_size: int, worker_id: int, workers: int, out: Any) -> None:
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int, *_: Any) -> None:
+    """In a worker: be killed with `parent`. A parent killed with SIGKILL (or by the OOM killer) runs no clean-up, and a
+    forked worker blocked on a full queue would live on holding the Milvus Lite LOCK it inherited, so the rerun is
+    refused. Linux's parent-death signal does it at once; elsewhere the worker's own polling of its parent does."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: put_while_parent_lives still notices within a second
+        pass
+    if os.getppid() != parent:  # it died before the signal was armed
+        os._exit(1)
+
+
+def put_while_parent_lives(out: Any, item: Any, parent: int) -> None:
+    while True:
+        try:
+            out.put(item, timeout=WORKER_POLL_SECONDS)
+            return
+        except queue.Full:
+            if os.getppid() != parent:
+                os._exit(1)
+
+
+def _decode_worker(dataset: PlannedImages, batch_size: int, worker_id: int, workers: int, out: Any, parent: int) -> None:
+    die_with_parent(parent)
     for batch in _batched(dataset.items(worker_id, workers), batch_size):
-        out.put(batch)
-    out.put(None)  # this worker is done
+        put_while_parent_lives(out, batch, parent)
+    put_while_parent_lives(out, None, parent)  # this worker is done
 
 
 def _from_worker_processes(dataset: PlannedImages, batch_size: int, workers: int) -> Iterator[dict[str, Any]]:
     context = multiprocessing.get_context(WORKER_START_METHOD)
     out = context.Queue(maxsize=workers * PREFETCH_BATCHES)  # bounds the batches alive at once
     processes = [
-        context.Process(target=_decode_worker, args=(dataset, batch_size, worker_id, workers, out), daemon=True,
+        context.Process(target=_decode_worker, args=(dataset, batch_size, worker_id, workers, out, os.getpid()), daemon=True,
                         name=f"imgsearch-decode-{worker_id}")
         for worker_id in range(workers)
     ]

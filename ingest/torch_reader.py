@@ -3,6 +3,7 @@ JPEGs the workers pass on undecoded are decoded on the encoder's device here."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from functools import partial
 from typing import Any
@@ -13,7 +14,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from imgsearch.encoders import Encoder
 from imgsearch.errors import ImageDecodeError
 from imgsearch.images import load_image
-from imgsearch.ingest.reader import PREFETCH_BATCHES, WORKER_START_METHOD, PlannedImages, collate
+from imgsearch.ingest.reader import PREFETCH_BATCHES, WORKER_START_METHOD, PlannedImages, collate, die_with_parent
 
 
 class _PlannedTensors(IterableDataset):
@@ -34,6 +35,7 @@ def batch_loader(dataset: PlannedImages, batch_size: int, workers: int, pin_memo
         pin_memory=pin_memory,
         prefetch_factor=PREFETCH_BATCHES if workers else None,
         multiprocessing_context=WORKER_START_METHOD if workers else None,
+        worker_init_fn=partial(die_with_parent, os.getpid()),  # a SIGKILLed ingest leaves no worker behind
     )
 
 

@@ -17,7 +17,9 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +117,48 @@ def test_ingest_killed_at_several_moments_then_rerun_stores_each_image_once(back
 
     again = json.loads(subprocess.run(command, capture_output=True, text=True, env=environment(), timeout=600).stdout)
     assert (again["indexed"], again["skipped"]) == (0, good + copies)
+
+
+def children_of(pid: int) -> list[int]:
+    """Live child processes of `pid` (zombies are dead)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_decode_workers_die_with_a_killed_ingest_and_the_rerun_is_not_locked_out(tmp_path):
+    """SIGKILL of the ingest (as the OOM killer does) runs no clean-up; its forked decode workers, blocked on a full
+    queue and holding the Milvus Lite LOCK they inherited, must die with it, or the rerun is refused."""
+    catalog = tmp_path / "catalog"
+    shutil.copytree(FASHION_DIR, catalog)
+    good = len({file_sha256(path) for path in catalog.rglob("*") if path.is_file()})
+    uri = str(tmp_path / "orphans.db")
+    command = CLI + ["ingest", str(catalog), "--uri", uri, "--collection", "orphans", "--json", "--batch-size", "8", "--workers", "2"]
+    process = subprocess.Popen(CLI + ["--verbose"] + command[len(CLI):], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=environment())
+    for line in process.stderr:
+        if "upserted" in line:  # the decode workers are running, and some rows are written
+            break
+    children = children_of(process.pid)
+    assert len(children) >= 3, children  # two decode workers and the writer process
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + 10
+    while any(alive(child) for child in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [child for child in children if alive(child)], "processes of the killed ingest outlived it by 10 s"
+    rerun = subprocess.run(command, capture_output=True, text=True, env=environment(), timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert stored_count(uri, "orphans") == good
