@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 
 import numpy as np
 import onnx
@@ -194,3 +195,46 @@ def test_auto_keeps_a_collection_at_the_precision_that_filled_it(tmp_path, onnx_
         encoder, store = open_session(settings("by_fp32", runtime="onnx-int8"))  # asked for: allowed, and said
         store.close()
     assert encoder.precision == "int8" and "filled by the fp32 encoder, this one is int8" in caplog.text
+
+
+def test_a_damaged_or_unusable_model_cache_is_rebuilt_or_one_line(tmp_path, onnx_encoder, int8_encoder):
+    """A truncated export (fp32 or int8) or an emptied card is rebuilt with a warning, and the rerun is clean; a cache
+    that cannot be created names the setting; a full disk says so, not that another runtime would help."""
+    import shutil
+    import subprocess
+
+    image = tmp_path / "one.png"
+    shutil.copy(fashion_images(1)[0], image)
+    source = onnx_encoder.model_path.parent
+
+    def run(cache, *extra, env=None):
+        env = {"IMGSEARCH_ONNX_CACHE": str(cache), **(env or {})} if cache else env
+        return run_cli(["ingest", str(image), "--uri", str(tmp_path / f"{uuid.uuid4().hex}.db"), *extra], env_extra=env)
+
+    stem = onnx_encoder.model_path.stem
+    for damaged, runtime in ((".onnx", "onnx"), (".json", "onnx"), (".int8.onnx", "onnx-int8")):
+        cache = tmp_path / f"cache{damaged.replace('.', '_')}"
+        shutil.copytree(source, cache)
+        target = cache / (stem + damaged)
+        target.write_bytes(target.read_bytes()[:1000] if target.suffix == ".onnx" else b"")  # truncated, or an emptied card
+        first = run(cache, "--runtime", runtime)
+        assert first.returncode == 0 and "damaged" in first.stderr and "Traceback" not in first.stderr, (damaged, first.stderr)
+        again = run(cache, "--runtime", runtime)
+        assert again.returncode == 0 and "damaged" not in again.stderr, damaged
+
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("")
+    for cache, env in ((a_file, None), (None, {"HOME": "/proc/no-home", "XDG_CACHE_HOME": ""})):
+        refused = run(cache, "--runtime", "onnx", env=env)
+        assert refused.returncode == 2 and "IMGSEARCH_ONNX_CACHE" in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+
+    full = tmp_path / "full"
+    full.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(full)], capture_output=True).returncode != 0:
+        pytest.skip("mounting a 1 MB tmpfs (the full disk) needs root")
+    try:
+        refused = run(full, "--runtime", "onnx")
+        assert refused.returncode == 2 and "no space left" in refused.stderr and "--runtime torch" not in refused.stderr, refused.stderr
+    finally:
+        subprocess.run(["umount", str(full)], check=True)

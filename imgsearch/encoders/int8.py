@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imgsearch.encoders.onnx_runtime import cache_error, disk_nearly_full, write_card_and_model
 from imgsearch.errors import ImgsearchError
 
 log = logging.getLogger(__name__)
@@ -84,12 +85,15 @@ def quantize_export(fp32_path: Path, preprocess, input_size: int) -> Path:
             )
     except Exception as error:
         temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError) or disk_nearly_full(path.parent):
+            raise cache_error(path.parent, error) from None
         raise QuantizationError(f"cannot quantise {fp32_path.name} to int8 ({type(error).__name__}: {error}); use --runtime onnx") from None
     card = json.loads(fp32_path.with_suffix(".json").read_text(encoding="utf-8")) | {"quantization": QUANTIZATION}
-    card_temporary = card_path.with_suffix(f".tmp{os.getpid()}j")
-    card_temporary.write_text(json.dumps(card, indent=1), encoding="utf-8")
-    os.replace(card_temporary, card_path)
-    os.replace(temporary, path)  # last and atomic, as for the fp32 export
+    try:
+        write_card_and_model(card, card_path, temporary, path)  # last and atomic, as for the fp32 export
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise cache_error(path.parent, error) from None
     return path
 
 

@@ -13,11 +13,13 @@ STALE_DAYS are deleted then, so the cache does not grow by an export per version
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -120,6 +122,63 @@ class OnnxExportError(ImgsearchError):
     """The model could not be exported to ONNX; use --runtime torch."""
 
 
+class ModelCacheError(ImgsearchError):
+    """The ONNX cache folder cannot hold an export: not a folder, not writable, or full."""
+
+
+def usable_cache_dir(cache_dir: Path | None) -> Path:
+    """The cache folder, created if missing; ModelCacheError naming the setting when it cannot be."""
+    folder = Path(cache_dir) if cache_dir else default_cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise cache_error(folder, error) from None
+    return folder
+
+
+def cache_error(folder: Path, error: BaseException) -> ModelCacheError:
+    """The one line for a cache that cannot be written: a full disk is not fixed by another runtime."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT) or disk_nearly_full(folder):
+        return ModelCacheError(f"no space left for the ONNX export in {folder}; free some there or set IMGSEARCH_ONNX_CACHE to another folder")
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else type(error).__name__
+    return ModelCacheError(f"the ONNX cache {folder} cannot be used ({reason}); set IMGSEARCH_ONNX_CACHE to a writable folder")
+
+
+FULL_BELOW_BYTES = 64 << 20  # an export is 13-20 MB (Lite0) and up to hundreds (ViT): less than this free is full
+
+
+def disk_nearly_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < FULL_BELOW_BYTES
+    except OSError:
+        return False
+
+
+# What a damaged cache entry raises when loaded: a truncated or emptied .onnx (onnxruntime's own exception
+# classes), or a card that is not the JSON written (ValueError, KeyError, TypeError).
+def _corrupt_entry_errors() -> tuple[type[BaseException], ...]:
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort
+
+    return (ValueError, KeyError, TypeError, ort.InvalidProtobuf, ort.Fail, ort.InvalidGraph, ort.NoSuchFile, ort.InvalidArgument)
+
+
+def load_cached(path: Path, load_torch: Callable[[], TorchEncoder]) -> OnnxEncoder | None:
+    """The cached export at `path`, or None when it is missing or damaged; a damaged one is deleted (with a warning)
+    so that it is rebuilt."""
+    if not (path.is_file() and path.with_suffix(".json").is_file()):
+        return None
+    try:
+        return OnnxEncoder(path, load_torch)
+    except _corrupt_entry_errors() as error:
+        log.warning("the cached export %s is damaged (%s); rebuilding it", path, type(error).__name__)
+        try:
+            path.unlink(missing_ok=True)
+            path.with_suffix(".json").unlink(missing_ok=True)
+        except OSError as unlink_error:
+            raise cache_error(path.parent, unlink_error) from None
+        return None
+
+
 def export_onnx(encoder: TorchEncoder, path: Path, fold: bool = True) -> Path:
     """Export `encoder` to `path` (and its card beside it) unless both are there already. `fold=False` keeps
     computed padding (benchmarks/int8.py measures what folding gains)."""
@@ -150,19 +209,34 @@ def export_onnx(encoder: TorchEncoder, path: Path, fold: bool = True) -> Path:
             )
     except Exception as error:
         temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError) or disk_nearly_full(path.parent):
+            raise cache_error(path.parent, error) from None
         raise OnnxExportError(f"cannot export {encoder.name} to ONNX ({type(error).__name__}); use --runtime torch") from None
-    if fold:
-        fold_padding(temporary, encoder.input_size)
     card = {
         "name": encoder.name, "dim": encoder.dim, "input_size": encoder.input_size,
         "preprocess_version": encoder.preprocess_version, "supports_text": encoder.supports_text,
         "preprocess": encoder.spec.to_dict() if encoder.spec is not None else None,
     }
-    card_temporary = card_path.with_suffix(f".tmp{os.getpid()}j")
-    card_temporary.write_text(json.dumps(card, indent=1), encoding="utf-8")
-    os.replace(card_temporary, card_path)
-    os.replace(temporary, path)  # last and atomic: a concurrent run never sees half a file, or a file without its card
+    try:
+        if fold:
+            fold_padding(temporary, encoder.input_size)
+        write_card_and_model(card, card_path, temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise cache_error(path.parent, error) from None
     return path
+
+
+def write_card_and_model(card: dict, card_path: Path, temporary: Path, path: Path) -> None:
+    """The card, then the model, each under its final name in one atomic step: a concurrent run never sees half a
+    file, or a file without its card."""
+    card_temporary = card_path.with_suffix(f".tmp{os.getpid()}j")
+    try:
+        card_temporary.write_text(json.dumps(card, indent=1), encoding="utf-8")
+        os.replace(card_temporary, card_path)
+    finally:
+        card_temporary.unlink(missing_ok=True)
+    os.replace(temporary, path)
 
 
 def fold_padding(path: Path, input_size: int) -> None:
@@ -253,18 +327,19 @@ def onnx_encoder(
 ) -> OnnxEncoder:
     """The cached export of `name` run by onnxruntime; the first call builds the torch encoder and exports it.
     With `int8`, the export quantised (imgsearch/encoders/int8.py), also cached."""
-    path = (Path(cache_dir) if cache_dir else default_cache_dir()) / (cache_stem(name, weights) + ".onnx")
+    path = usable_cache_dir(cache_dir) / (cache_stem(name, weights) + ".onnx")
     if int8:
         from imgsearch.encoders.int8 import int8_path
 
-        if int8_path(path).is_file() and int8_path(path).with_suffix(".json").is_file():
+        if (quantized := load_cached(int8_path(path), load_torch)) is not None:
             prune_stale_exports(int8_path(path))
-            return OnnxEncoder(int8_path(path), load_torch)
+            return quantized
     torch_encoder = None
-    if not (path.is_file() and path.with_suffix(".json").is_file()):
+    encoder = load_cached(path, load_torch)
+    if encoder is None:
         torch_encoder = load_torch()
         export_onnx(torch_encoder, path)
-    encoder = OnnxEncoder(path, load_torch, torch_encoder)
+        encoder = OnnxEncoder(path, load_torch, torch_encoder)
     prune_stale_exports(path)
     if not int8:
         return encoder
