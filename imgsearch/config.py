@@ -7,7 +7,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from imgsearch.errors import CollectionNotFoundError, UsageError
@@ -71,11 +71,18 @@ class Settings(BaseSettings):
         "during a forward pass join the next one anyway",
     )
     threshold: float | None = Field(
-        None, description="Recognition abstains below this confidence; default: the one `imgsearch eval` stored"
+        None, allow_inf_nan=False, description="Recognition abstains below this confidence; default: the one `imgsearch eval` stored"
     )
     review_max: int = Field(
         DEFAULT_REVIEW_MAX, ge=0, description='Queries kept for review ("unknown" answers) at most; beyond it none are kept until some are enrolled or deleted',
     )
+
+    @field_validator("milvus_uri")
+    @classmethod
+    def _lite_path_without_trailing_slash(cls, uri: str) -> str:
+        """`imgsearch.db/` (what tab completion gives: Lite's database is a folder) is the database imgsearch.db."""
+        stripped = uri.rstrip("/")
+        return stripped if "://" not in uri and stripped.endswith(".db") else uri
 
     @property
     def collection_name(self) -> str:

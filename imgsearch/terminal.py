@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import sys
+import unicodedata
 from collections.abc import Callable
 from typing import Any
 
@@ -29,11 +30,14 @@ def _escape_character(character: str) -> str:
 
 
 def visible(text: Any) -> str:
-    """`text` with every control, line-separator and bidi character written as an escape, e.g. ESC as \\x1b."""
+    """`text` with every control, line-separator and bidi character written as an escape, e.g. ESC as \\x1b. In text
+    that is not NFC, combining marks are escaped too: two file names spelled NFC and NFD ("é" and "e\\u0301") look
+    identical on screen but are different files."""
     text = str(text)
-    if not any(is_hidden(c) for c in text):
+    decomposed = not unicodedata.is_normalized("NFC", text)
+    if not decomposed and not any(is_hidden(c) for c in text):
         return text
-    return "".join(_escape_character(c) if is_hidden(c) else c for c in text)
+    return "".join(_escape_character(c) if is_hidden(c) or decomposed and unicodedata.combining(c) else c for c in text)
 
 
 def markup_safe(text: Any) -> str:

@@ -363,3 +363,43 @@ def test_generated_names_round_trip(tmp_path_factory, onnx_encoder, entries):
     finally:
         store.close()
         copy.close()
+
+
+def test_one_liners_instead_of_tracebacks_or_silent_answers(tmp_path):
+    """--html to a folder fails before the scan; --threshold nan is refused (it would turn abstention off and print
+    NaN, which is not JSON); a Lite path with a trailing slash is that database; `duplicates /` covers everything; a
+    relative prefix that does not exist is an error, not 0 images."""
+    catalog = tmp_path / "catalog"
+    copy_fashion_catalog(catalog, 1)
+    uri = str(tmp_path / "one.db")
+    run(["ingest", str(catalog), "--uri", uri + "/"], check=True)  # as tab completion writes it
+    assert (tmp_path / "one.db").is_dir() and not (tmp_path / "one.db" / "one.db").exists()
+    folder = run(["duplicates", "--html", str(tmp_path), "--uri", uri])
+    assert folder.returncode == EXIT_FAILED and "is a folder" in folder.stderr and "Traceback" not in folder.stderr
+    missing = run(["duplicates", "--html", str(tmp_path / "no" / "such" / "r.html"), "--uri", uri])
+    assert missing.returncode == EXIT_FAILED and "cannot write" in missing.stderr
+    for value in ("nan", "inf"):
+        refused = run(["recognize", str(catalog), "--threshold", value, "--uri", uri, "--json"])
+        assert refused.returncode == EXIT_FAILED and "threshold" in refused.stderr and refused.stdout == "", value
+    everything = json.loads(run(["duplicates", "/", "--threshold", "0", "--uri", uri + "/", "--json"], check=True).stdout)
+    assert everything["rows"] == 10
+    relative = run(["duplicates", "no/such/folder", "--uri", uri], cwd=tmp_path)
+    assert relative.returncode == EXIT_FAILED and "no such folder or file: no/such/folder" in relative.stderr
+    absent = run(["duplicates", "/no/such/folder", "--uri", uri])
+    assert absent.returncode == 0 and "no stored image's path starts with /no/such/folder" in absent.stderr
+
+
+def test_nfc_and_nfd_spellings_of_one_name_print_apart(tmp_path):
+    catalog = tmp_path / "catalog"
+    catalog.mkdir()
+    sources = sorted(FASHION_DIR.glob("*/*.png"))
+    composed, decomposed = unicodedata.normalize("NFC", "café.png"), unicodedata.normalize("NFD", "café.png")
+    shutil.copy(sources[0], catalog / composed)
+    shutil.copy(sources[40], catalog / decomposed)
+    uri = str(tmp_path / "nfd.db")
+    run(["ingest", str(catalog), "--uri", uri], check=True)
+    table = run(["duplicates", "--threshold", "-1", "--uri", uri], check=True).stdout
+    assert "café.png" in table and "cafe\\u0301.png" in table  # one as typed, the other with its accent escaped
+    paths = {Path(m["path"]).name for g in json.loads(run(["duplicates", "--threshold", "-1", "--uri", uri, "--json"], check=True).stdout)["groups"]
+             for m in [g["representative"], *g["members"]]}
+    assert paths == {composed, decomposed}  # JSON keeps the exact names
