@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
 
@@ -98,13 +98,16 @@ class DuplicateGroups(BaseModel):
 
 
 class ReviewGroup(BaseModel):
-    group: int
+    group: int = Field(description="the group's place in this listing; it changes as queries are kept")
+    key: str = Field(description="what POST /review/enroll selects the group by: g + 10 hex, changed when its members change")
     members: list[dict[str, Any]] = Field(description="kept queries: id, path, confidence, nearest label, kept_at")
 
 
 class ReviewEnroll(BaseModel):
     label: str = Field(min_length=1, max_length=2000)
-    select: list[str] = Field(min_length=1, max_length=1000, description="review group numbers or ids (8+ hex characters)")
+    select: list[Annotated[str, Field(max_length=100)]] = Field(
+        min_length=1, max_length=1000, description="review group keys (g + 10 hex, from GET /review) or ids (8+ hex characters)"
+    )
 
 
 class ReviewEnrolled(BaseModel):

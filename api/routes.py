@@ -127,8 +127,8 @@ def keep_uploads(service: Service, unknown: dict[int, tuple]) -> dict[int, bool]
     with their vector, while the review holds fewer than IMGSEARCH_REVIEW_MAX; the others are not saved. Returns
     kept or not, by index."""
     from imgsearch.ingest.catalog import absolute, bytes_sha256
-    from imgsearch.ingest.enroll import save_upload
     from imgsearch.review import Kept, admit, store_admitted
+    from imgsearch.uploads import save_upload
 
     limit = service.settings.review_max
     digests = {i: bytes_sha256(upload.data) for i, (upload, _, _) in unknown.items()}
@@ -137,7 +137,7 @@ def keep_uploads(service: Service, unknown: dict[int, tuple]) -> dict[int, bool]
     for i, (upload, vector, (_, confidence, neighbours)) in unknown.items():
         if (digest := digests[i]) in admitted:
             path, _ = save_upload(upload.data, upload.image_format, service.settings.upload_dir)
-            kept.append(Kept(digest, str(path), vector, confidence, neighbours[0].label))
+            kept.append(Kept(digest, str(path), vector, confidence, neighbours[0].label, upload=True))
     if kept:
         service.store.add_roots([absolute(service.settings.upload_dir)])
         store_admitted(service.review(), kept)
@@ -151,7 +151,7 @@ async def review(service: ServiceDep):
 
     def answer() -> list[ReviewGroup]:
         groups = review_groups(service.review(create=False))
-        return [ReviewGroup(group=g.number, members=[{**m, "path": service.files.shown(m["path"])} for m in g.members]) for g in groups]
+        return [ReviewGroup(group=g.number, key=g.key, members=[{**m, "path": service.files.shown(m["path"])} for m in g.members]) for g in groups]
 
     return await asyncio.to_thread(answer)
 
@@ -224,13 +224,13 @@ async def delete_image(service: ServiceDep, image_id: str):
     await asyncio.to_thread(stored_image, service.store, image_id)  # 404 for an unknown or malformed id
     async with service.write_lock:  # row and file go together, never while an upload is being ingested
         report = await asyncio.to_thread(
-            delete_images, service.store, [image_id], service.settings.upload_dir, recalibrate=False
+            lambda: delete_images(service.store, [image_id], service.settings.upload_dir, recalibrate=False, review=service.review(create=False))
         )
     if not report.deleted:  # deleted by someone else meanwhile
         raise HTTPException(404, "no stored image with that id")
     if report.deleted[0]["label"]:  # a reference went: recalibrate "unknown" in the background
         service.recalibration.request_in_background()
-    return Deleted(deleted=image_id, file_removed=report.deleted[0]["file_removed"])
+    return Deleted(deleted=report.deleted[0]["id"], file_removed=report.deleted[0]["file_removed"])
 
 
 @images.get("/images/{image_id}", response_class=Response)

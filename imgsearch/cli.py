@@ -45,6 +45,9 @@ def ingest(
     from imgsearch.ingest.catalog import Shard, check_catalog
 
     check_catalog(path, manifest)  # before loading a model or creating a collection
+    from imgsearch.uploads import warn_if_overlapping
+
+    warn_if_overlapping(path, settings.upload_dir)
     selected_shard = Shard.parse(shard) if shard else None
     from imgsearch.ingest.pipeline import ingest_catalog, ingest_options  # torch: once the arguments are usable
     from imgsearch.session import opened
@@ -99,23 +102,53 @@ def delete(
     filter: Annotated[Optional[str], option("--filter", help='Delete the rows this Milvus expression selects, e.g. label == "old"')] = None,
     from_json: Annotated[Optional[Path], option("--from-json", help="duplicates --json output (each group's members) or a list of ids")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be deleted; change nothing")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking when --filter or --from-json selects more than half the rows")] = False,
 ) -> Output:
     """Delete stored images (and the files the REST service stored for uploads; catalog files are kept)."""
     from imgsearch.errors import UsageError
 
     if sum(bool(given) for given in (ids, filter, from_json)) != 1:
         raise UsageError("delete needs exactly one of: IDS, --filter EXPR, --from-json FILE")
-    from imgsearch.deletion import delete_images, ids_from_json, ids_matching
+    from imgsearch.deletion import delete_images, ids_from_json, ids_matching, sweeping_selection
     from imgsearch.session import open_existing_store
 
     wanted, copies = ids_from_json(from_json) if from_json else (list(ids or []), 0)
     notes = [f"{copies} identical copies skipped: they are files sharing a kept row's bytes; delete those files yourself"] if copies else []
     with open_existing_store(settings) as store:
-        report = delete_images(store, ids_matching(store, filter) if filter else wanted, settings.upload_dir, dry_run=dry_run)
+        wanted = ids_matching(store, filter) if filter else wanted
+        if (filter or from_json) and not dry_run and not yes and (sweep := sweeping_selection(store, wanted)):
+            confirm_or_refuse(sweep)
+        report = delete_images(store, wanted, settings.upload_dir, dry_run=dry_run)
     rows = [(row["id"][:12], row["label"] or "-", row["path"], "yes" if row["file_removed"] else "no") for row in report.deleted]
     tables = [Rows("would delete" if dry_run else "deleted", ("id", "label", "path", "uploaded file too"), rows)]
     missing = [{"path": image_id, "error": "no stored image with this id"} for image_id in report.missing]
     return Output({**report.to_dict(), "copies_skipped": copies}, report.summary_line(), tables, notes=notes, failed=missing, what_failed="not deleted")
+
+
+def check_writable(path: Path) -> None:
+    """UsageError unless a file can be written at `path` (a folder, or a folder that is missing or read-only, fails)."""
+    import tempfile
+
+    from imgsearch.errors import UsageError
+
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder; give a file name, e.g. {path / 'duplicates.html'}")
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent or ".", prefix=".imgsearch-check-"):
+            pass
+    except OSError as error:
+        raise UsageError(f"cannot write {path}: {error.strerror or error}") from None
+
+
+def confirm_or_refuse(question: str) -> None:
+    """Ask on a terminal; anywhere else (a script, a pipe) refuse, naming --yes."""
+    from imgsearch.errors import UsageError
+
+    if sys.stdin.isatty() and sys.stderr.isatty():
+        if typer.confirm(f"{question}; delete them?", default=False, err=True):
+            return
+        raise UsageError("nothing deleted")
+    raise UsageError(f"{question}; add --yes to delete them (or --dry-run to list them)")
 
 
 @command(settings=STORE)
@@ -127,11 +160,17 @@ def duplicates(
 ) -> Output:
     """Groups of near-duplicate images, each copy graded near-identical or similar (pipe --json into delete)."""
     from imgsearch.duplicates import SIMILAR, find_duplicates, write_html
+    from imgsearch.errors import UsageError
     from imgsearch.ingest.catalog import absolute
     from imgsearch.session import open_existing_store
 
     if prefix and Path(prefix).exists():  # a folder or file on disk: as ingest stored it (absolute)
-        prefix = str(absolute(prefix)) + (os.sep if Path(prefix).is_dir() else "")
+        prefix = str(absolute(prefix))
+        prefix += os.sep if Path(prefix).is_dir() and not prefix.endswith(os.sep) else ""  # `/` stays `/`
+    elif prefix and not os.path.isabs(prefix):  # stored paths are absolute: a relative one can match nothing
+        raise UsageError(f"no such folder or file: {prefix} (or give the start of an absolute stored path)")
+    if html_report:
+        check_writable(html_report)  # before the scan, not after it
     with open_existing_store(settings) as store:
         report = find_duplicates(store, prefix=prefix, similar=SIMILAR if threshold is None else threshold)
     if html_report:
@@ -140,7 +179,8 @@ def duplicates(
         Rows("", ("", "score", "path"), [("representative", "", g.representative["path"])] + [(m.grade, f"{m.score:.4f}", m.path) for m in g.members])
         for g in report.groups
     ]
-    return Output(report.to_dict(), report.summary_line() + (f"; wrote {html_report}" if html_report else ""), tables)
+    notes = [f"no stored image's path starts with {prefix}"] if prefix and not report.rows else []
+    return Output(report.to_dict(), report.summary_line() + (f"; wrote {html_report}" if html_report else ""), tables, notes=notes)
 
 
 @command(settings=STORE)
@@ -191,7 +231,7 @@ def enroll(
     settings: Settings,
     label: Annotated[str, typer.Argument(help="The class these images show")],
     images: Annotated[Optional[list[Path]], typer.Argument(help="Reference images or folders of them", show_default=False)] = None,
-    from_review: Annotated[Optional[list[str]], option("--from-review", help="Kept unknown queries: group numbers or ids from `imgsearch review`")] = None,
+    from_review: Annotated[Optional[list[str]], option("--from-review", help="Kept unknown queries: group keys or ids from `imgsearch review`")] = None,
 ) -> Output:
     """Add labeled reference images; the class is recognised as soon as this returns (nothing is retrained)."""
     from imgsearch.errors import UsageError
@@ -234,12 +274,12 @@ def review(settings: Settings) -> Output:
         if kept is not None:
             kept.close()
     tables = [
-        Rows(f"group {group.number}", ("id", "confidence", "nearest", "path"),
+        Rows(f"group {group.number} · key {group.key}", ("id", "confidence", "nearest", "path"),
              [(m["id"][:12], f"{m['confidence']:.4f}" if m["confidence"] is not None else "", m["nearest"] or "", m["path"]) for m in group.members])
         for group in groups
     ]
     count = sum(len(group.members) for group in groups)
-    text = f"{count} kept unknown queries in {len(groups)} groups" + ("; name one: imgsearch enroll LABEL --from-review N" if groups else "")
+    text = f"{count} kept unknown queries in {len(groups)} groups" + (f"; name one: imgsearch enroll LABEL --from-review {groups[0].key}" if groups else "")
     return Output([group.to_dict() for group in groups], text, tables)
 
 

@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # reading --from-json needs no Milvus client
     from imgsearch.store import MilvusStore
 
 MAX_JSON_BYTES = 64 << 20  # a --from-json file is read whole
+CONFIRM_SHARE = 0.5  # a --filter or --from-json selection of more than this share of the rows is confirmed first
 
 
 @dataclass
@@ -35,7 +36,7 @@ class DeleteReport:
 
 def stored_image(store: MilvusStore, image_id: str) -> dict:
     try:
-        validate_id(image_id)
+        image_id = validate_id(image_id)
     except InvalidInputError:
         raise ImageNotFoundError("no stored image with that id") from None
     row = store.get([image_id]).get(image_id)
@@ -45,32 +46,66 @@ def stored_image(store: MilvusStore, image_id: str) -> dict:
 
 
 def delete_images(
-    store: MilvusStore, ids: Iterable[str], upload_dir: Path, *, dry_run: bool = False, recalibrate: bool = True
+    store: MilvusStore, ids: Iterable[str], upload_dir: Path, *, dry_run: bool = False, recalibrate: bool = True,
+    review: MilvusStore | None = None,
 ) -> DeleteReport:
-    """Delete the rows, and each row's file when the service stored it at upload (under `upload_dir`; catalog files
-    are the user's). Uploads are content-named, so no other row shares such a file. Unknown ids are reported.
+    """Delete the rows, and each row's file when the service stored it at upload (uploads.py: marked on the row and
+    content-named under `upload_dir`; every other file is the user's) and no kept review query still uses it.
+    Unknown ids are reported. `review`: the review collection if the caller holds it open (the service).
     `recalibrate`: when labeled rows went, recompute the self-calibrated "unknown" threshold (the service does it
     in the background instead: at 100k references it takes about a minute)."""
-    wanted = list(dict.fromkeys(ids))
-    for image_id in wanted:
-        validate_id(image_id)
+    from imgsearch.uploads import removable_upload
+
+    wanted = list(dict.fromkeys(validate_id(image_id) for image_id in ids))
     rows = store.get(wanted)
     report = DeleteReport(missing=[image_id for image_id in wanted if image_id not in rows], dry_run=dry_run)
-    uploads = upload_dir.resolve()
     found = [rows[image_id] for image_id in wanted if image_id in rows]
+    files = {row["id"]: removable_upload(row, upload_dir) for row in found}
+    in_review = _review_paths(store, review, [row_id for row_id, path in files.items() if path is not None])
     if found and not dry_run:
         store.delete([row["id"] for row in found])
     for row in found:
-        path = Path(row["path"]).resolve()
-        removable = path.is_relative_to(uploads) and path.is_file()
+        path = files[row["id"]]
+        removable = path is not None and str(path) not in in_review.get(row["id"], ())
         if removable and not dry_run:
-            path.unlink()
+            path.unlink(missing_ok=True)
         report.deleted.append({"id": row["id"], "path": row["path"], "label": row["label"], "file_removed": removable})
     if recalibrate and not dry_run and any(row["label"] for row in found):  # references went: recalibrate "unknown"
         from imgsearch.abstention import self_calibrate
 
         self_calibrate(store)
     return report
+
+
+def _review_paths(store: MilvusStore, review: MilvusStore | None, ids: list[str]) -> dict[str, set[str]]:
+    """The files kept review queries of these ids use (an upload kept for review shares the row's content-named file)."""
+    if not ids:
+        return {}
+    from imgsearch.review import review_store
+
+    opened = review is None
+    review = review or review_store(store, create=False)
+    if review is None:
+        return {}
+    try:
+        return {row_id: {row["path"]} for row_id, row in review.get(ids, fields=("id", "path")).items()}
+    finally:
+        if opened:
+            review.close()
+
+
+def sweeping_selection(store: MilvusStore, ids: list[str]) -> str | None:
+    """What to confirm when `ids` select every stored row or more than CONFIRM_SHARE of them (a filter like `true`,
+    a duplicates listing at threshold 0); None for a selection that needs no confirming."""
+    if not ids:
+        return None
+    total = store.count()
+    selected = len(store.get(list(dict.fromkeys(validate_id(image_id) for image_id in ids)), fields=("id",)))
+    if selected >= total and total:
+        return f"this selects all {total} stored images"
+    if selected > CONFIRM_SHARE * total:
+        return f"this selects {selected} of the {total} stored images"
+    return None
 
 
 def ids_matching(store: MilvusStore, filter: str) -> list[str]:
@@ -93,6 +128,8 @@ def ids_from_json(path: Path) -> tuple[list[str], int]:
         raise CatalogError(f"cannot read {path}: {error.strerror or error}") from None
     except ValueError as error:
         raise CatalogError(f"{path} is not JSON: {error}") from None
+    except RecursionError:
+        raise CatalogError(f"{path} is nested too deeply to be a list of ids or `duplicates --json` output") from None
     copies = 0
     if isinstance(data, dict) and isinstance(data.get("groups"), list):
         items = []

@@ -8,6 +8,7 @@ references, never recognised against. Their vector is kept, so enrolling them en
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,9 +18,11 @@ import numpy as np
 
 from imgsearch.errors import CollectionNotFoundError, InvalidInputError
 from imgsearch.store import ImageRecord, MilvusStore
-from imgsearch.validation import validate_label
+from imgsearch.validation import ID_LENGTH, UPLOAD_KEY, is_upload, validate_label
 
 REVIEW_SUFFIX = "_review"
+GROUP_KEY_PREFIX = "g"
+GROUP_KEY_HEX = 10
 GROUP_SIMILARITY = 0.80  # kept queries at least this similar to a group's first one are listed together
 MIN_ID_PREFIX = 8
 
@@ -42,6 +45,7 @@ class Kept:
     vector: np.ndarray
     confidence: float
     nearest: str  # the label that scored best, though not well enough
+    upload: bool = False  # the file is one the service stored (imgsearch/uploads.py)
 
 
 def admit(review: MilvusStore, ids: list[str], limit: int) -> set[str]:
@@ -68,7 +72,10 @@ def store_admitted(review: MilvusStore, kept: list[Kept]) -> None:
     review.upsert([
         ImageRecord(
             id=item.id, vector=item.vector, path=item.path, label="",
-            metadata={"confidence": round(float(item.confidence), 6), "nearest": item.nearest, "kept_at": now},
+            metadata={
+                "confidence": round(float(item.confidence), 6), "nearest": item.nearest, "kept_at": now,
+                **({UPLOAD_KEY: True} if item.upload else {}),
+            },
         )
         for item in kept
     ])
@@ -83,11 +90,16 @@ def full_note(not_kept: int, limit: int) -> str:
 
 @dataclass
 class ReviewGroup:
-    number: int  # 1-based, in the order listed: `--from-review 2` picks the second group
+    number: int  # 1-based, in the order listed: for reading only, it changes as queries are kept
+    key: str  # "g" + 10 hex of its members' ids: what `--from-review` selects; another listing of other members has another key
     members: list[dict[str, Any]] = field(default_factory=list)  # id, path, confidence, nearest, kept_at
 
     def to_dict(self) -> dict[str, Any]:
-        return {"group": self.number, "members": self.members}
+        return {"group": self.number, "key": self.key, "members": self.members}
+
+
+def group_key(ids: list[str]) -> str:
+    return GROUP_KEY_PREFIX + hashlib.sha256(",".join(sorted(ids)).encode()).hexdigest()[:GROUP_KEY_HEX]
 
 
 def review_groups(review: MilvusStore | None) -> list[ReviewGroup]:
@@ -106,7 +118,7 @@ def review_groups(review: MilvusStore | None) -> list[ReviewGroup]:
     grouped.sort(key=lambda ids: (-len(ids), rows[ids[0]]["path"]))
     seen = {row_id for ids in grouped for row_id in ids}
     grouped += [[row_id] for row_id in sorted(rows.keys() - seen, key=lambda row_id: rows[row_id]["path"])]
-    return [ReviewGroup(number, [_member(rows[row_id]) for row_id in ids]) for number, ids in enumerate(grouped, 1)]
+    return [ReviewGroup(number, group_key(ids), [_member(rows[row_id]) for row_id in ids]) for number, ids in enumerate(grouped, 1)]
 
 
 def _member(row: dict) -> dict[str, Any]:
@@ -114,25 +126,50 @@ def _member(row: dict) -> dict[str, Any]:
     return {"id": row["id"], "path": row["path"], **{key: metadata.get(key) for key in ("confidence", "nearest", "kept_at")}}
 
 
-def select(review: MilvusStore | None, selection: list[str]) -> list[str]:
-    """Ids of kept queries from group numbers (as `review` lists them) and ids (or unique prefixes of 8+ hex)."""
+def select(review: MilvusStore | None, selection: list[str], store: MilvusStore | None = None) -> list[str]:
+    """Ids of kept queries from group keys (as `review` lists them) and ids (or unique prefixes of 8+ hex).
+    Group numbers are refused: queries kept meanwhile renumber the groups, so a number may name other images than
+    the ones looked at; a key names its members, and a group that gained or lost members has another key.
+    `store`: the main collection, to say so when an id is a stored image's rather than a kept query's."""
     groups = review_groups(review)
+    by_key = {group.key: group for group in groups}
     ids: list[str] = []
-    for token in selection:
-        token = token.strip()
-        if token.isdigit():
-            number = int(token)
-            if not 1 <= number <= len(groups):
-                raise InvalidInputError(f"no review group {number}: `imgsearch review` lists {len(groups)}")
-            ids += [member["id"] for member in groups[number - 1].members]
+    for raw in selection:
+        token = raw.strip().lower()
+        if token.isascii() and token.isdigit():
+            raise InvalidInputError(
+                f"select a review group by its key, not its number ({shown(raw)}): numbers change as queries are kept; "
+                "`imgsearch review` lists each group's key (g + 10 hex)"
+            )
+        if len(token) == len(GROUP_KEY_PREFIX) + GROUP_KEY_HEX and token.startswith(GROUP_KEY_PREFIX) and is_hex(token[1:]):
+            if token not in by_key:
+                raise InvalidInputError(f"no review group {token}: its queries changed since it was listed; run `imgsearch review` again")
+            ids += [member["id"] for member in by_key[token].members]
             continue
-        if len(token) < MIN_ID_PREFIX or any(c not in "0123456789abcdef" for c in token):
-            raise InvalidInputError(f"{token!r} is neither a review group number nor an id (at least {MIN_ID_PREFIX} hex characters)")
+        if not MIN_ID_PREFIX <= len(token) <= ID_LENGTH or not is_hex(token):
+            raise InvalidInputError(
+                f"{shown(raw)} is neither a review group key (g + {GROUP_KEY_HEX} hex) nor an id (at least {MIN_ID_PREFIX} hex characters)"
+            )
         matches = [member["id"] for group in groups for member in group.members if member["id"].startswith(token)]
-        if len(matches) != 1:
+        if len(matches) > 1:
             raise InvalidInputError(f"{token} matches {len(matches)} kept queries; give more of the id")
+        if not matches:
+            stored = store is not None and bool(store.ids_starting_with(token))
+            raise InvalidInputError(
+                f"{token} matches no kept query" + (": it is a stored image's id, not a kept query's" if stored else "")
+                + "; `imgsearch review` lists the kept queries"
+            )
         ids += matches
     return list(dict.fromkeys(ids))
+
+
+def is_hex(text: str) -> bool:
+    return bool(text) and all(c in "0123456789abcdef" for c in text)
+
+
+def shown(text: str) -> str:
+    """A selection as given, quoted and short: it may be anything the user typed."""
+    return repr(text if len(text) <= 40 else text[:40] + "…")
 
 
 def enroll_from_review(
@@ -145,7 +182,7 @@ def enroll_from_review(
     opened_here = review is None
     review = review or review_store(store, create=False)
     try:
-        return _enroll(store, review, label, select(review, selection), recalibrate)
+        return _enroll(store, review, label, select(review, selection, store), recalibrate)
     finally:
         if opened_here and review is not None:
             review.close()
@@ -154,11 +191,21 @@ def enroll_from_review(
 def _enroll(store: MilvusStore, review: MilvusStore, label: str, ids: list[str], recalibrate: bool) -> dict[str, Any]:
     from imgsearch.abstention import self_calibrate
     from imgsearch.enrolment_check import check_enrolment
+    from imgsearch.ingest.catalog import CatalogEntry
+    from imgsearch.ingest.plan import update_moved
 
     if not ids:
         raise InvalidInputError("nothing selected: give review group numbers or ids (`imgsearch review` lists them)")
-    rows = review.get(ids, fields=("id", "vector", "path"))
-    store.upsert([ImageRecord(id=row_id, vector=row["vector"], path=row["path"], label=label) for row_id, row in rows.items()])
+    rows = review.get(ids, fields=("id", "vector", "path", "metadata"))
+    # Content already stored (a catalog row) takes the label and keeps its path, metadata and copies (update_moved);
+    # only new content becomes a row of the kept query's file.
+    stored = store.get(list(rows), fields=("id",))
+    uploads = {row_id for row_id, row in rows.items() if is_upload(row.get("metadata"))}
+    update_moved(store, [(CatalogEntry(Path(row["path"]), label, upload=row_id in uploads), row_id) for row_id, row in rows.items() if row_id in stored])
+    store.upsert([
+        ImageRecord(id=row_id, vector=row["vector"], path=row["path"], label=label, metadata={UPLOAD_KEY: True} if row_id in uploads else {})
+        for row_id, row in rows.items() if row_id not in stored
+    ])
     store.add_roots([row["path"] for row in rows.values() if Path(row["path"]).is_absolute()])
     store.flush()
     review.delete(list(rows))

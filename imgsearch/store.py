@@ -340,6 +340,12 @@ class MilvusStore:
                 found[row["id"]] = dict(row)
         return found
 
+    def ids_starting_with(self, prefix: str, limit: int = 2) -> list[str]:
+        """Up to `limit` stored ids that start with `prefix` (hex: the caller checks it)."""
+        with milvus_errors("reading rows"):
+            rows = self.client.query(self.collection, filter=f"id like {string_literal(prefix + '%')}", output_fields=["id"], limit=limit)
+        return [row["id"] for row in rows]
+
     def count(self) -> int:
         with milvus_errors("count"):
             result = self.client.query(self.collection, filter="", output_fields=["count(*)"])

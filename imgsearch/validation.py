@@ -20,6 +20,10 @@ METADATA_BYTES = 65_536  # Milvus's limit for one JSON value
 # Kept in a row's metadata by ingest, not by users: the other paths that held the row's exact bytes when they were
 # ingested (the store keeps one row per content). `imgsearch duplicates` reports them as identical content.
 COPIES_KEY = "imgsearch.copies"
+# Also imgsearch's own: true on a row whose file the REST service stored at upload (content-named under the upload
+# folder). Only such a file is ever removed with its row; every other file is the user's (docs/security.md).
+UPLOAD_KEY = "imgsearch.upload"
+RESERVED_KEYS = (COPIES_KEY, UPLOAD_KEY)
 # Invisible characters that reorder or hide text on screen: never part of a name a person typed on purpose.
 BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
@@ -56,11 +60,12 @@ def validate_path_text(path: str) -> str:
 
 
 def validate_metadata(metadata: Any) -> dict[str, Any]:
-    """A JSON object of at most METADATA_BYTES; NaN and infinity are not JSON; COPIES_KEY is imgsearch's own."""
+    """A JSON object of at most METADATA_BYTES; NaN and infinity are not JSON; RESERVED_KEYS are imgsearch's own."""
     if not isinstance(metadata, dict):
         raise InvalidInputError(f"metadata must be a JSON object, not {type(metadata).__name__}")
-    if COPIES_KEY in metadata:
-        raise InvalidInputError(f"metadata key {COPIES_KEY!r} is reserved (imgsearch records identical copies there)")
+    reserved = next((key for key in RESERVED_KEYS if key in metadata), None)
+    if reserved is not None:
+        raise InvalidInputError(f"metadata key {reserved!r} is reserved (imgsearch records its own facts about a row there)")
     try:
         text = json.dumps(metadata, allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError) as error:
@@ -70,8 +75,13 @@ def validate_metadata(metadata: Any) -> dict[str, Any]:
 
 
 def user_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
-    """A row's metadata as the user gave it (without the copies ingest recorded)."""
-    return {key: value for key, value in (metadata or {}).items() if key != COPIES_KEY}
+    """A row's metadata as the user gave it (without the copies ingest recorded or the upload mark)."""
+    return {key: value for key, value in (metadata or {}).items() if key not in RESERVED_KEYS}
+
+
+def is_upload(metadata: dict[str, Any] | None) -> bool:
+    """Whether the row's file is one the REST service stored at upload (UPLOAD_KEY)."""
+    return (metadata or {}).get(UPLOAD_KEY) is True
 
 
 def recorded_copies(metadata: dict[str, Any] | None) -> list[str]:
@@ -80,9 +90,12 @@ def recorded_copies(metadata: dict[str, Any] | None) -> list[str]:
     return [path for path in copies if isinstance(path, str)] if isinstance(copies, list) else []
 
 
-def with_copies(metadata: dict[str, Any] | None, copies: list[str]) -> tuple[dict[str, Any], int]:
-    """The user's metadata with `copies` recorded, as many as fit in METADATA_BYTES; (metadata, copies left out)."""
+def with_copies(metadata: dict[str, Any] | None, copies: list[str], *, upload: bool | None = None) -> tuple[dict[str, Any], int]:
+    """The user's metadata with `copies` recorded, as many as fit in METADATA_BYTES; (metadata, copies left out).
+    The upload mark is kept as `metadata` has it, unless `upload` says otherwise (the row's path changed)."""
     base = user_metadata(metadata)
+    if is_upload(metadata) if upload is None else upload:
+        base[UPLOAD_KEY] = True
     if not copies:
         return base, 0
     size = _json_bytes({**base, COPIES_KEY: []})  # json.dumps's own separators: ", " between items
@@ -111,9 +124,10 @@ def _check_utf8_size(text: str, what: str, limit: int) -> None:
 
 
 def validate_id(value: Any) -> str:
-    if not isinstance(value, str) or len(value) != ID_LENGTH or any(c not in "0123456789abcdef" for c in value):
-        raise InvalidInputError("id must be 64 lowercase hex characters (the SHA-256 of the file)")
-    return value
+    """The id as stored (lower case; an id copied in upper case names the same image)."""
+    if not isinstance(value, str) or len(value) != ID_LENGTH or any(c not in "0123456789abcdef" for c in value.lower()):
+        raise InvalidInputError("id must be 64 hex characters (the SHA-256 of the file)")
+    return value.lower()
 
 
 def validate_vector(vector: Any, dim: int) -> list[float]:

@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +22,19 @@ HASH_BLOCK = 1 << 20
 class CatalogEntry:
     path: Path  # absolute, as walked: a symlink keeps its own path, so removing the link prunes its row
     label: str = ""
-    metadata: dict[str, Any] = field(default_factory=dict)
+    # What a manifest gave; None where nothing does (a folder walk, an enrolment, an upload): a stored row keeps the
+    # metadata it has, so a plain re-ingest never wipes what a manifest once gave.
+    metadata: dict[str, Any] | None = None
     error: str | None = None  # a manifest row that cannot be used; reported as failed, never written
+    upload: bool = False  # the service stored this file (content-named under its upload folder): it may be removed with its row
 
     def validated(self) -> CatalogEntry:
         """This entry with its label normalised, or InvalidInputError saying what is wrong with it."""
         if self.error:
             raise InvalidInputError(self.error)
         validate_path_text(str(self.path))
-        return CatalogEntry(self.path, validate_label(self.label), validate_metadata(self.metadata))
+        metadata = None if self.metadata is None else validate_metadata(self.metadata)
+        return CatalogEntry(self.path, validate_label(self.label), metadata, upload=self.upload)
 
 
 def absolute(path: str | os.PathLike[str]) -> Path:

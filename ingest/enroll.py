@@ -3,17 +3,17 @@ uploads stored content-addressed (API)."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from imgsearch.config import Settings
 from imgsearch.encoders import Encoder
-from imgsearch.images import FORMAT_SUFFIXES, check_paths_exist, find_images
-from imgsearch.ingest.catalog import CatalogEntry, absolute, bytes_sha256
+from imgsearch.images import check_paths_exist, find_images
+from imgsearch.ingest.catalog import CatalogEntry, absolute
 from imgsearch.ingest.pipeline import IngestReport, ingest_entries, ingest_options
 from imgsearch.store import MilvusStore, string_literal
-from imgsearch.validation import validate_label
+from imgsearch.uploads import save_upload
+from imgsearch.validation import recorded_copies, validate_label
 
 
 def enroll_paths(
@@ -29,7 +29,9 @@ def enroll_paths(
         entries, encoder, store, relabel_duplicates=True, **ingest_options(settings)
     )
     enrolled = {str(entry.path) for entry in entries}
-    ids = [row["id"] for row in store.iter_rows(("id", "path"), filter=f"label == {string_literal(label)}") if row["path"] in enrolled]
+    rows = store.iter_rows(("id", "path", "metadata"), filter=f"label == {string_literal(label)}")
+    # stored content that was relabelled keeps its own path and records the enrolled file as a copy
+    ids = [row["id"] for row in rows if enrolled.intersection([row["path"], *recorded_copies(row.get("metadata"))])]
     return _checked(store, label, ids, report)
 
 
@@ -42,18 +44,6 @@ def _checked(store: MilvusStore, label: str, ids: list[str], report: IngestRepor
     return report
 
 
-def save_upload(data: bytes, image_format: str, upload_dir: Path) -> tuple[Path, str]:
-    """Content-addressed: upload_dir/ab/abcdef….png, whatever the label or the client's file name says."""
-    digest = bytes_sha256(data)
-    path = upload_dir.resolve() / digest[:2] / f"{digest}{FORMAT_SUFFIXES.get(image_format, '.img')}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")  # concurrent uploads of one content
-        partial.write_bytes(data)
-        partial.replace(path)  # a crash never leaves a half-written file under the final name
-    return path, digest
-
-
 def store_uploads(
     uploads: Sequence[tuple[bytes, str]], label: str, encoder: Encoder, store: MilvusStore, settings: Settings,
     *, relabel: bool,
@@ -63,7 +53,7 @@ def store_uploads(
     entries, ids = [], []
     for data, image_format in uploads:
         path, digest = save_upload(data, image_format, settings.upload_dir)
-        entries.append(CatalogEntry(path=path, label=label))
+        entries.append(CatalogEntry(path=path, label=label, upload=True))
         ids.append(digest)
     store.add_roots([absolute(settings.upload_dir)])
     report = ingest_entries(

@@ -23,6 +23,7 @@ from imgsearch.ingest.reader import PREFETCH_BATCHES, PlannedImages, auto_worker
 from imgsearch.ingest.report import IngestReport, ProgressCallback
 from imgsearch.ingest.writer import WRITE_QUEUE_CHUNKS, InFlight, WriterKind, WriterProcess, start_writer
 from imgsearch.store import ImageRecord, MilvusStore
+from imgsearch.validation import with_copies
 
 __all__ = ["IngestReport", "ingest_catalog", "ingest_entries", "ingest_options", "prune_missing"]
 
@@ -188,7 +189,7 @@ def encode_and_store(
                 report.encode_seconds += time.perf_counter() - encode_started
                 for item, vector in zip(items, vectors):
                     buffer.append(
-                        ImageRecord(id=item["id"], vector=vector, path=item["path"], label=item["label"], metadata=item["metadata"])
+                        ImageRecord(id=item["id"], vector=vector, path=item["path"], label=item["label"], metadata=new_row_metadata(item))
                     )
                 report.indexed += len(items)
                 report.labeled_indexed += sum(1 for item in items if item["label"])
@@ -214,13 +215,21 @@ def new_content(items: list[dict[str, Any]], inputs: Any, settler: Settler) -> t
     unsettled = [index for index, item in enumerate(items) if not item["settled"]]
     if not unsettled:
         return items, inputs
-    pairs = [(CatalogEntry(Path(items[i]["path"]), items[i]["label"], items[i]["metadata"]), items[i]["id"]) for i in unsettled]
+    pairs = [
+        (CatalogEntry(Path(items[i]["path"]), items[i]["label"], items[i]["metadata"], upload=items[i].get("upload", False)), items[i]["id"])
+        for i in unsettled
+    ]
     to_encode = {id(entry) for entry, _ in settler.settle(pairs)}
     dropped = {index for index, (entry, _) in zip(unsettled, pairs) if id(entry) not in to_encode}
     keep = [index for index in range(len(items)) if index not in dropped]
     if len(keep) == len(items):
         return items, inputs
     return [items[index] for index in keep], (inputs[keep] if keep else None)
+
+
+def new_row_metadata(item: dict[str, Any]) -> dict[str, Any]:
+    """A new row's metadata: what a manifest gave (nothing otherwise), and the upload mark for a file the service stored."""
+    return with_copies(item["metadata"] or {}, [], upload=bool(item.get("upload")))[0]
 
 
 RACY_SECONDS = 2.0  # a file changed this recently may change again within its mtime's granularity: not remembered

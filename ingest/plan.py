@@ -28,7 +28,7 @@ from imgsearch.ingest.catalog import CatalogEntry, Shard, file_sha256
 from imgsearch.ingest.hashes import FileStamp, HashCache
 from imgsearch.ingest.report import IngestReport, ProgressCallback
 from imgsearch.store import ImageRecord, MilvusStore
-from imgsearch.validation import recorded_copies, user_metadata, with_copies
+from imgsearch.validation import is_upload, recorded_copies, user_metadata, with_copies
 
 PLAN_CHUNK = 512  # catalog entries settled against the store at a time
 
@@ -53,17 +53,17 @@ class Settler:
         for entry, digest in pairs:
             if digest in known:
                 row = known[digest]
-                same = row["path"] == str(entry.path) and row["label"] == entry.label and user_metadata(
-                    row.get("metadata")
-                ) == entry.metadata
-                # A second copy of stored content is not a move while the stored file still exists.
+                # No metadata given (a folder walk, an enrolment): the row keeps what it has.
+                same_metadata = entry.metadata is None or user_metadata(row.get("metadata")) == entry.metadata
+                same = row["path"] == str(entry.path) and row["label"] == entry.label and same_metadata
                 relabel = self.relabel_duplicates and row["label"] != entry.label
+                elsewhere = row["path"] != str(entry.path) and Path(row["path"]).exists()
                 if same:
                     self.report.skipped += 1
-                elif not relabel and row["path"] != str(entry.path) and Path(row["path"]).exists():
+                elif elsewhere and not relabel:  # a second copy of stored content is not a move
                     self.report.skipped += 1
                     self.copies[digest].add(str(entry.path))
-                else:
+                else:  # moved, relabelled, or new manifest metadata (update_moved keeps a stored file's path)
                     moved.append((entry, digest))
             elif digest in self.planned_ids:
                 self.report.skipped += 1  # duplicate content within this run
@@ -106,7 +106,7 @@ def plan_entries(
             unread = [entry for entry, _ in stamped if str(entry.path) not in remembered]
             lines = [(entry, digest) for entry, digest in settler.settle(known)] + [(entry, None) for entry in unread]
             for entry, digest in lines:
-                item = {"id": digest, "path": str(entry.path), "label": entry.label, "metadata": entry.metadata}
+                item = {"id": digest, "path": str(entry.path), "label": entry.label, "metadata": entry.metadata, "upload": entry.upload}
                 if str(entry.path) in changed:  # the file changed since it was last read: its old row may go
                     item["previous"] = changed[str(entry.path)]
                 plan.write(json.dumps(item) + "\n")
@@ -139,18 +139,27 @@ def drop_replaced(store: MilvusStore, replaced: dict[str, str]) -> int:
 
 
 def update_moved(store: MilvusStore, moved: list[tuple[CatalogEntry, str]]) -> int:
-    """Renamed or relabelled files keep their vector: rewrite the row's fields without re-encoding (and keep the
-    copies recorded for it, less the path it moves to, plus the path it leaves when that file is still there: an
-    enrolment relabels stored content through another copy of it)."""
+    """Renamed or relabelled files keep their vector: rewrite the row's fields without re-encoding. An enrolment that
+    relabels stored content through another copy of it changes only the label: the row keeps its path, metadata and
+    copies, and the new file (if it still exists) is recorded as a copy. A move keeps the copies recorded, less the
+    path it moves to. Metadata changes only where a manifest gives it."""
     if not moved:
         return 0
     stored = store.get([digest for _, digest in moved], fields=("id", "vector", "path", "metadata"))
     records = []
     for entry, digest in moved:
-        left = [stored[digest]["path"]] if stored[digest]["path"] != str(entry.path) and Path(stored[digest]["path"]).exists() else []
-        copies = [copy for copy in recorded_copies(stored[digest].get("metadata")) + left if copy != str(entry.path)]
-        metadata, _ = with_copies(entry.metadata, copies)
-        records.append(ImageRecord(id=digest, vector=stored[digest]["vector"], path=str(entry.path), label=entry.label, metadata=metadata))
+        row = stored[digest]
+        new_path = str(entry.path)
+        keep_path = row["path"] != new_path and Path(row["path"]).exists()
+        copies = [copy for copy in recorded_copies(row.get("metadata")) if copy != (row["path"] if keep_path else new_path)]
+        if keep_path and new_path not in copies and Path(new_path).exists():
+            copies.append(new_path)
+        given = user_metadata(row.get("metadata")) if entry.metadata is None else entry.metadata
+        path = row["path"] if keep_path else new_path
+        # The upload mark describes the row's file: kept with its path, taken from the entry when the path changes.
+        upload = (path == row["path"] and is_upload(row.get("metadata"))) or (path == new_path and entry.upload)
+        metadata, _ = with_copies(given, copies, upload=upload)
+        records.append(ImageRecord(id=digest, vector=row["vector"], path=path, label=entry.label, metadata=metadata))
     store.upsert(records)
     return len(moved)
 
@@ -190,14 +199,14 @@ def _delete_or_move_to_copies(store: MilvusStore, rows: list[dict]) -> int:
         if survivor is None:
             gone.append(row["id"])
         else:
-            moved.append((row["id"], survivor, [copy for copy in copies if copy != survivor]))
+            moved.append((row["id"], survivor, [copy for copy in copies if copy != survivor]))  # a copy is never an upload
     if moved:
         full = store.get([digest for digest, _, _ in moved], fields=("id", "vector", "label", "metadata"))
         store.upsert(
             [
                 ImageRecord(
                     id=digest, vector=full[digest]["vector"], path=survivor, label=full[digest]["label"],
-                    metadata=with_copies(full[digest].get("metadata"), rest)[0],
+                    metadata=with_copies(full[digest].get("metadata"), rest, upload=False)[0],
                 )
                 for digest, survivor, rest in moved
                 if digest in full

@@ -116,7 +116,7 @@ def test_review_keeps_unknown_queries_lists_them_in_groups_and_enrols_a_group(tm
     assert groups[0]["group"] == 1 and all(m["nearest"] and m["confidence"] < 0.6 for g in groups for m in g["members"])
     assert json.loads(run_cli(["info", "--uri", uri, "--json"], check=True).stdout)["count"] == 80  # not references
 
-    enrolled = json.loads(run_cli(["enroll", "cat", "--from-review", "1", "--uri", uri, "--json"], check=True).stdout)
+    enrolled = json.loads(run_cli(["enroll", "cat", "--from-review", groups[0]["key"], "--uri", uri, "--json"], check=True).stdout)
     assert enrolled["enrolled"] == 2 and enrolled["calibration"]["labels"] == 5 and enrolled["check"]["references"] == 2
     left = json.loads(run_cli(["review", "--uri", uri, "--json"], check=True).stdout)
     assert [[Path(m["path"]).name for m in group["members"]] for group in left] == [["rocket.jpg"]]
@@ -124,9 +124,9 @@ def test_review_keeps_unknown_queries_lists_them_in_groups_and_enrols_a_group(tm
     cat.transpose(Image.Transpose.FLIP_LEFT_RIGHT).crop((0, 0, cat.width - 50, cat.height - 30)).save(third, quality=80)
     [answer] = json.loads(run_cli(["recognize", str(third), "--uri", uri, "--json"], check=True).stdout)
     assert answer["label"] == "cat"
-    refused = run_cli(["enroll", "cat", "--from-review", "7", "--uri", uri])
-    assert refused.returncode == 2 and "no review group 7" in refused.stderr
-    both = run_cli(["enroll", "cat", str(third), "--from-review", "1", "--uri", uri])
+    refused = run_cli(["enroll", "cat", "--from-review", groups[0]["key"], "--uri", uri])
+    assert refused.returncode == 2 and f"no review group {groups[0]['key']}" in refused.stderr  # enrolled: gone from the review
+    both = run_cli(["enroll", "cat", str(third), "--from-review", groups[1]["key"], "--uri", uri])
     assert both.returncode == 2 and "one of the two" in both.stderr
 
     # The review is bounded (IMGSEARCH_REVIEW_MAX): with room for one more, of two new unknown photos the first is
@@ -143,3 +143,47 @@ def test_review_keeps_unknown_queries_lists_them_in_groups_and_enrols_a_group(tm
     assert "1 unknown images not kept for review: it holds its limit of 2" in again.stderr  # the table's note
     listed = json.loads(run_cli(["review", "--uri", uri, "--json"], check=True).stdout)
     assert sorted(Path(m["path"]).name for g in listed for m in g["members"]) == ["a_astronaut.jpg", "c_rocket.jpg"]  # the same bytes: one row, its newest file
+
+
+def test_review_selections_are_stable_and_enrolling_stored_content_keeps_its_row(tmp_path):
+    """A group is selected by its key, which names its members: a query kept after the listing that joins the group
+    makes the old key refused instead of enrolling images nobody looked at. Numbers and malformed selections are
+    one line. A kept query whose content is a stored catalog row relabels that row and keeps its path and metadata."""
+    from PIL import Image
+    from skimage import data
+
+    uri = ingested_four_classes(tmp_path)
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    cat = Image.fromarray(data.chelsea())
+    cat.save(queries / "cat_a.jpg", quality=90)
+    Image.fromarray(data.rocket()).save(queries / "rocket.jpg")
+    run_cli(["recognize", str(queries), "--keep-unknown", "--uri", uri], check=True)
+    listed = json.loads(run_cli(["review", "--uri", uri, "--json"], check=True).stdout)
+    [cat_group] = [g for g in listed if Path(g["members"][0]["path"]).name == "cat_a.jpg"]
+    assert "--from-review g" in run_cli(["review", "--uri", uri], check=True).stderr + run_cli(["review", "--uri", uri], check=True).stdout
+    later = tmp_path / "later"
+    later.mkdir()
+    cat.crop((20, 10, cat.width - 30, cat.height - 20)).save(later / "cat_b.jpg", quality=70)
+    run_cli(["recognize", str(later), "--keep-unknown", "--uri", uri], check=True)  # joins the cat group
+    stale = run_cli(["enroll", "cat", "--from-review", cat_group["key"], "--uri", uri])
+    assert stale.returncode == 2 and "changed since it was listed" in stale.stderr
+    for selection, message in (("1", "not its number"), ("2" * 5000, "not its number"), ("²", "neither"), ("①", "neither"), ("g12", "neither")):
+        refused = run_cli(["enroll", "cat", "--from-review", selection, "--uri", uri])
+        assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr, selection
+        assert len(refused.stderr.strip().splitlines()) == 1 and len(refused.stderr) < 400, selection
+    stored_id = json.loads(run_cli(["search", str(queries / "rocket.jpg"), "--uri", uri, "-k", "1", "--json"], check=True).stdout)[0]["results"][0]["id"]
+    other = run_cli(["enroll", "cat", "--from-review", stored_id[:12], "--uri", uri])
+    assert other.returncode == 2 and "stored image's id, not a kept query's" in other.stderr
+
+    catalog = tmp_path / "more_catalog"
+    catalog.mkdir()
+    shutil.copy(queries / "rocket.jpg", catalog / "rocket.jpg")
+    (tmp_path / "m.csv").write_text("path,label,sku\nrocket.jpg,,R-1\n")
+    run_cli(["ingest", str(catalog), "--manifest", str(tmp_path / "m.csv"), "--uri", uri], check=True)
+    rocket_id = next(m["id"] for g in json.loads(run_cli(["review", "--uri", uri, "--json"], check=True).stdout) for m in g["members"]
+                     if Path(m["path"]).name == "rocket.jpg")
+    enrolled = json.loads(run_cli(["enroll", "space", "--from-review", rocket_id.upper()[:10], "--uri", uri, "--json"], check=True).stdout)
+    assert enrolled["ids"] == [rocket_id]
+    [hit] = json.loads(run_cli(["search", str(catalog / "rocket.jpg"), "--uri", uri, "-k", "1", "--json"], check=True).stdout)[0]["results"]
+    assert (hit["id"], hit["label"], hit["path"], hit["metadata"]) == (rocket_id, "space", str(catalog / "rocket.jpg"), {"sku": "R-1"})

@@ -175,8 +175,11 @@ def test_review_through_the_api_keeps_lists_and_enrols_unknown_queries(service):
     [group] = [g for g in groups if {m["id"] for m in g["members"]} == {bytes_sha256(shot) for shot in shots}]
     assert all(m["path"].endswith(f"{m['id']}.jpg") for m in group["members"])  # saved like uploads: named by content
     refused = service.post("/review/enroll", json={"label": "cat", "select": ["not-an-id"]})
-    assert refused.status_code == 422 and "neither a review group number nor an id" in refused.text
-    enrolled = service.post("/review/enroll", json={"label": "cat", "select": [str(group["group"])]}).json()
+    assert refused.status_code == 422 and "neither a review group key" in refused.text
+    for selection in (str(group["group"]), "²", "①", "9" * 99):  # numbers change as queries are kept; not even digits
+        refused = service.post("/review/enroll", json={"label": "cat", "select": [selection]})
+        assert refused.status_code == 422 and "review group" in refused.json()["detail"], selection
+    enrolled = service.post("/review/enroll", json={"label": "cat", "select": [group["key"]]}).json()
     assert enrolled["enrolled"] == 2 and sorted(enrolled["ids"]) == sorted(bytes_sha256(shot) for shot in shots)
     assert all(bytes_sha256(shot) not in {m["id"] for g in service.get("/review").json() for m in g["members"]} for shot in shots)
     mirrored = jpeg(cat.transpose(Image.Transpose.FLIP_LEFT_RIGHT).crop((0, 0, cat.width - 40, cat.height - 20)))
@@ -397,3 +400,42 @@ def test_cors_is_configurable(catalog, onnx_encoder):
         assert allowed.headers.get("access-control-allow-origin") == "https://shop.example"
         other = client.get("/health", headers={"Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in other.headers
+
+
+def test_uploads_kept_for_review_and_catalog_rows_keep_their_files(tmp_path, onnx_encoder):
+    """An upload's file goes with its row only when no kept review query uses it; enrolling a kept query whose
+    content is a catalog row relabels that row and leaves its path, metadata and file alone. The catalog lies inside
+    the upload folder here: its files are still the user's."""
+    from skimage import data
+
+    from imgsearch.ingest.pipeline import ingest_catalog
+    from imgsearch.store import open_store
+
+    catalog = tmp_path / "catalog"
+    copy_fashion_catalog(catalog, 2)
+    Image.fromarray(data.coffee()).save(catalog / "coffee.png")  # an unlabeled catalog photo
+    settings = load_settings(milvus_uri=str(tmp_path / "r.db"), upload_dir=tmp_path, batch_wait_ms=10.0, device="cpu")
+    with open_store(settings, onnx_encoder) as store:
+        ingest_catalog(catalog, onnx_encoder, store, workers=0)
+    buffer = io.BytesIO()
+    Image.fromarray(data.astronaut()).save(buffer, "PNG")
+    astronaut = buffer.getvalue()
+    with serve(settings) as client:
+        [upload_id] = client.post("/images", files={"image": ("a.png", astronaut, "image/png")}).json()["ids"]
+        upload_file = tmp_path / upload_id[:2] / f"{upload_id}.png"
+        photos = [("image", ("a.png", astronaut, "image/png")), ("image", ("c.png", (catalog / "coffee.png").read_bytes(), "image/png"))]
+        answers = client.post("/recognize", files=photos, data={"keep_unknown": "true"}).json()
+        assert [answer["kept_for_review"] for answer in answers] == [True, True]
+        assert client.delete(f"/images/{upload_id}").json() == {"deleted": upload_id, "file_removed": False}  # review uses it
+        assert upload_file.is_file()
+        coffee_id = file_sha256(catalog / "coffee.png")
+        for row_id, label in ((upload_id, "astronaut"), (coffee_id, "coffee")):
+            assert client.post("/review/enroll", json={"label": label, "select": [row_id[:16]]}).status_code == 200
+        assert client.get(f"/images/{upload_id}").content == astronaut  # the reference's image is still there
+        [hit] = client.post("/search", files={"image": ("c.png", (catalog / "coffee.png").read_bytes(), "image/png")}, data={"k": 1}).json()["results"]
+        assert (hit["id"], hit["label"], hit["path"]) == (coffee_id, "coffee", "coffee.png")  # still the catalog file
+        assert client.delete(f"/images/{coffee_id}").json()["file_removed"] is False and (catalog / "coffee.png").is_file()
+        bag = sorted((catalog / "bag").glob("*.png"))[0]
+        assert client.delete(f"/images/{file_sha256(bag)}").json()["file_removed"] is False and bag.is_file()
+        assert client.delete(f"/images/{upload_id.upper()}").json() == {"deleted": upload_id, "file_removed": True}
+        assert not upload_file.exists()  # nothing refers to it any more

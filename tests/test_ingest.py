@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import copy_fashion_catalog, cosine
+from helpers import copy_fashion_catalog, cosine, run_cli
 from imgsearch.ingest.catalog import file_sha256
 from imgsearch.ingest.pipeline import ingest_catalog
 
@@ -78,6 +78,33 @@ def test_manifest_gives_labels_and_metadata(tmp_path, encoder, make_store, kind)
     assert report.indexed == 3
     rows = sorted(_rows(store).values(), key=lambda row: row["label"])
     assert [(row["label"], row["metadata"]) for row in rows] == [(f"item{i}", {"sku": str(100 + i)}) for i in range(3)]
+
+
+def test_a_plain_reingest_keeps_what_the_manifest_gave(tmp_path):
+    """`ingest mcat --manifest m.csv` then `ingest mcat`: the walk gives no metadata, so the rows keep the manifest's,
+    nothing counts as moved, and alternating the two changes nothing; a manifest with new values does update them."""
+    catalog = tmp_path / "mcat"
+    files, others = (copied := copy_fashion_catalog(catalog, 1))[:2], copied[2:]
+    for other in others:
+        shutil.rmtree(other.parent)
+    manifest = tmp_path / "m.csv"
+    rows = "".join(f"{path.relative_to(catalog).as_posix()},{path.parent.name},{100 + i}\n" for i, path in enumerate(files))
+    manifest.write_text("path,label,sku\n" + rows)
+    uri = str(tmp_path / "m.db")
+
+    def ingest(*extra: str) -> dict:
+        return json.loads(run_cli(["ingest", str(catalog), "--uri", uri, "--json", *extra], check=True).stdout)
+
+    assert ingest("--manifest", str(manifest))["indexed"] == 2
+    for extra in ((), ("--manifest", str(manifest)), ()):
+        report = ingest(*extra)
+        assert (report["indexed"], report["updated"], report["skipped"]) == (0, 0, 2), extra
+    hits = json.loads(run_cli(["search", *map(str, files), "--uri", uri, "-k", "1", "--json"], check=True).stdout)
+    assert [result["results"][0]["metadata"] for result in hits] == [{"sku": "100"}, {"sku": "101"}]
+    manifest.write_text("path,label,sku\n" + rows.replace(",100", ",200"))
+    assert ingest("--manifest", str(manifest))["updated"] == 1  # the manifest is what changes metadata
+    hits = json.loads(run_cli(["search", str(files[0]), "--uri", uri, "-k", "1", "--json"], check=True).stdout)
+    assert hits[0]["results"][0]["metadata"] == {"sku": "200"}
 
 
 def test_reingest_is_idempotent_and_encodes_nothing(tmp_path, encoder, make_store, monkeypatch):

@@ -14,8 +14,9 @@ from helpers import FASHION_DIR
 from imgsearch.config import load_settings
 from imgsearch.evaluation import threshold_at_false_accept_rate
 from imgsearch.head import HeadError, head_paths, linear_probabilities, load_head, train_finetune
-from imgsearch.ingest.catalog import file_sha256
+from imgsearch.ingest.catalog import CatalogEntry, file_sha256
 from imgsearch.ingest.enroll import enroll_paths
+from imgsearch.ingest.plan import update_moved
 from imgsearch.recognize import (
     Calibration,
     load_calibration,
@@ -75,16 +76,27 @@ def test_a_class_enrolled_later_is_recognised_at_once(make_store, onnx_encoder, 
     assert after.count("bag") >= 8, after  # of 10 held-out bags, with no retraining
 
 
-def test_enrolling_stored_content_relabels_it_without_reencoding(make_store, onnx_encoder, vectors_by_class, tmp_path):
+def test_enrolling_stored_content_relabels_it_without_reencoding_and_keeps_its_row(make_store, onnx_encoder, vectors_by_class, tmp_path):
+    """Enrolling a copy of stored content changes the label only: the row keeps its own path (the copy may be a
+    temporary download), its manifest metadata and its recorded copies; the enrolled file becomes a copy."""
     store = make_store()
     store_references(store, vectors_by_class, ["sneaker"], 3)
+    original = class_files("sneaker")[0]
+    digest = file_sha256(original)
+    earlier_copy = str(tmp_path / "earlier.png")
+    [row] = store.get([digest], fields=("id", "vector", "path", "label")).values()
+    store.upsert([ImageRecord(digest, row["vector"], row["path"], "sneaker", {"sku": 7, "imgsearch.copies": [earlier_copy]})])
     copy = tmp_path / "copy.png"
-    copy.write_bytes(class_files("sneaker")[0].read_bytes())
+    copy.write_bytes(original.read_bytes())
     report = enroll_paths(onnx_encoder, store, "trainer", [copy], load_settings(workers=0))
     assert (report.indexed, report.updated) == (0, 1)
-    row = store.get([file_sha256(copy)])[file_sha256(copy)]
-    assert row["label"] == "trainer" and row["path"] == str(copy.resolve())
-    assert row["metadata"] == {"imgsearch.copies": [str(class_files("sneaker")[0])]}  # the file it left is still a copy
+    assert report.enrolment_check is not None and report.enrolment_check["references"] == 1  # the relabelled row counts
+    row = store.get([digest])[digest]
+    assert (row["label"], row["path"]) == ("trainer", str(original))
+    assert row["metadata"] == {"sku": 7, "imgsearch.copies": [earlier_copy, str(copy.resolve())]}
+    update_moved(store, [(CatalogEntry(tmp_path / "gone.png", "sneaker"), digest)])  # a file already gone is no copy
+    row = store.get([digest])[digest]
+    assert (row["label"], row["path"]) == ("sneaker", str(original)) and str(tmp_path / "gone.png") not in row["metadata"]["imgsearch.copies"]
 
 
 def test_unseen_classes_abstain_more_often_than_known_ones(make_store, vectors_by_class):

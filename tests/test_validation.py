@@ -63,14 +63,14 @@ def test_paths_metadata_ids_and_vectors():
         with pytest.raises(InvalidInputError):
             validate_path_text(bad)
     assert validate_metadata({"sku": "1", "tags": ["a"]}) == {"sku": "1", "tags": ["a"]}
-    for bad in ([1], {"x": float("nan")}, {"x": "y" * 70_000}, {"x": object()}, {"imgsearch.copies": ["/etc/passwd"]}):
+    for bad in ([1], {"x": float("nan")}, {"x": "y" * 70_000}, {"x": object()}, {"imgsearch.copies": ["/etc/passwd"]}, {"imgsearch.upload": True}):
         with pytest.raises(InvalidInputError):
             validate_metadata(bad)
     full, left_out = with_copies({"x": "y" * 60_000}, [f"/copies/{i:04}.jpg" for i in range(1000)])
     assert 0 < len(recorded_copies(full)) < 1000 and left_out == 1000 - len(recorded_copies(full))
     assert len(json.dumps(full).encode()) <= 65_536 and user_metadata(full) == {"x": "y" * 60_000}
-    assert validate_id("a" * 64) == "a" * 64
-    for bad in ("A" * 64, "a" * 63, "../../etc/passwd", None):
+    assert validate_id("a" * 64) == "a" * 64 and validate_id("A" * 64) == "a" * 64  # an id copied in upper case
+    for bad in ("g" * 64, "a" * 63, "../../etc/passwd", None):
         with pytest.raises(InvalidInputError):
             validate_id(bad)
     assert validate_vector([0.5, 1.0], 2) == [0.5, 1.0]

@@ -1,0 +1,61 @@
+"""Files the REST service stores at upload: content-named `<upload dir>/ab/<sha256>.<ext>` and marked as uploads on
+their rows. They are the only files imgsearch ever removes (with their row, when nothing else refers to them);
+every other file, a catalog under the upload folder included, is the user's."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import uuid
+from pathlib import Path
+
+from imgsearch.images import FORMAT_SUFFIXES
+from imgsearch.validation import is_upload
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_SUFFIX = ".img"
+UPLOAD_SUFFIXES = frozenset(FORMAT_SUFFIXES.values()) | {UNKNOWN_SUFFIX}
+
+
+def upload_path(upload_dir: Path, digest: str, image_format: str) -> Path:
+    return upload_dir.resolve() / digest[:2] / f"{digest}{FORMAT_SUFFIXES.get(image_format, UNKNOWN_SUFFIX)}"
+
+
+def save_upload(data: bytes, image_format: str, upload_dir: Path) -> tuple[Path, str]:
+    """Content-addressed: upload_dir/ab/abcdef….png, whatever the label or the client's file name says."""
+    digest = hashlib.sha256(data).hexdigest()
+    path = upload_path(upload_dir, digest, image_format)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")  # concurrent uploads of one content
+        partial.write_bytes(data)
+        partial.replace(path)  # a crash never leaves a half-written file under the final name
+    return path, digest
+
+
+def removable_upload(row: dict, upload_dir: Path) -> Path | None:
+    """The row's file if the service stored it: the row is marked as an upload and its path is exactly the
+    content-named file for its id under `upload_dir` (no link on the way). None for any other file."""
+    if not is_upload(row.get("metadata")) or not row.get("path"):
+        return None
+    path = Path(row["path"])
+    expected = upload_dir.resolve() / row["id"][:2]
+    if path.parent != expected or path.stem != row["id"] or path.suffix not in UPLOAD_SUFFIXES:
+        return None
+    if path.is_symlink() or path.resolve() != path or not path.is_file():
+        return None
+    return path
+
+
+def warn_if_overlapping(catalog: str | os.PathLike[str], upload_dir: Path) -> bool:
+    """Log a warning when a catalog and the upload folder overlap (either inside the other); True if they do."""
+    catalog_path, uploads = Path(catalog).resolve(), upload_dir.resolve()
+    if not (catalog_path.is_relative_to(uploads) or uploads.is_relative_to(catalog_path)):
+        return False
+    log.warning(
+        "%s overlaps the service's upload folder %s (IMGSEARCH_UPLOAD_DIR): its files are ingested as catalog files, "
+        "which imgsearch never deletes; keep catalogs and uploads apart", catalog, uploads,
+    )
+    return True
