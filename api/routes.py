@@ -158,7 +158,7 @@ async def review(service: ServiceDep):
 
 @images.post("/review/enroll", response_model=ReviewEnrolled)
 async def enroll_from_review(service: ServiceDep, body: ReviewEnroll):
-    """Kept queries (group numbers or ids) become references of `label`; nothing is encoded again."""
+    """Kept queries (group keys from GET /review, or ids) become references of `label`; nothing is encoded again."""
     from imgsearch.review import enroll_from_review as enroll
 
     label = validate_label(body.label, required=True)

@@ -84,7 +84,7 @@ def store_admitted(review: MilvusStore, kept: list[Kept]) -> None:
 def full_note(not_kept: int, limit: int) -> str:
     return (
         f"{not_kept} unknown images not kept for review: it holds its limit of {limit} (IMGSEARCH_REVIEW_MAX); "
-        "enrol some (`imgsearch enroll LABEL --from-review N`) to make room"
+        "enrol some (`imgsearch enroll LABEL --from-review KEY`) to make room"
     )
 
 
@@ -195,7 +195,7 @@ def _enroll(store: MilvusStore, review: MilvusStore, label: str, ids: list[str],
     from imgsearch.ingest.plan import update_moved
 
     if not ids:
-        raise InvalidInputError("nothing selected: give review group numbers or ids (`imgsearch review` lists them)")
+        raise InvalidInputError("nothing selected: give review group keys or ids (`imgsearch review` lists them)")
     rows = review.get(ids, fields=("id", "vector", "path", "metadata"))
     # Content already stored (a catalog row) takes the label and keeps its path, metadata and copies (update_moved);
     # only new content becomes a row of the kept query's file.
