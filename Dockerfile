@@ -3,7 +3,7 @@ FROM python:3.11-slim
 WORKDIR /app
 # CPU wheels of the pinned torch keep the image small.
 RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu torch==2.14.1 torchvision==0.29.1
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY imgsearch ./imgsearch
 COPY ingest ./ingest
 COPY api ./api
