@@ -46,6 +46,8 @@ DIM_PROPERTY = "imgsearch.dim"
 PREPROCESS_PROPERTY = "imgsearch.preprocess"
 PRECISION_PROPERTY = "imgsearch.precision"  # the encoder's, "int8" or "fp32" (absent: fp32, made before int8 existed)
 SCHEMA_PROPERTY = "imgsearch.schema"
+# What makes vectors comparable: carried with every export and restored by its import (transfer.py).
+IDENTITY_PROPERTIES = (MODEL_PROPERTY, DIM_PROPERTY, PREPROCESS_PROPERTY, PRECISION_PROPERTY)
 RECOGNITION_PROPERTY = "imgsearch.recognition"  # the abstention threshold `imgsearch eval` calibrated
 SELF_CALIBRATION_PROPERTY = "imgsearch.self_calibration"  # the one the references calibrate (abstention.py)
 REFERENCE_COUNTS_PROPERTY = "imgsearch.reference_counts"  # references per label, as of that calibration

@@ -11,7 +11,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgsearch.errors import CatalogError, InvalidInputError
-from imgsearch.store import ImageRecord, MilvusStore
+from imgsearch.store import (
+    DIM_PROPERTY,
+    IDENTITY_PROPERTIES,
+    MODEL_PROPERTY,
+    PRECISION_PROPERTY,
+    PREPROCESS_PROPERTY,
+    ImageRecord,
+    MilvusStore,
+)
 from imgsearch.validation import (
     recorded_copies,
     user_metadata,
@@ -24,12 +32,13 @@ from imgsearch.validation import (
 )
 
 FORMAT_VERSION = "1"
+FORMAT_PROPERTY = "imgsearch.format"
 ROWS_PER_BATCH = 2048
 COLUMNS = ("id", "vector", "label", "path", "metadata")
 MAX_DIM = 32_768  # Milvus's largest FLOAT_VECTOR
 
 
-def _schema(store: MilvusStore) -> pa.Schema:
+def _schema(store: MilvusStore, identity: dict[str, str]) -> pa.Schema:
     return pa.schema(
         [
             ("id", pa.string()),
@@ -38,12 +47,7 @@ def _schema(store: MilvusStore) -> pa.Schema:
             ("path", pa.string()),
             ("metadata", pa.string()),  # JSON text: Parquet has no free-form JSON type
         ],
-        metadata={
-            "imgsearch.format": FORMAT_VERSION,
-            "imgsearch.model": store.model,
-            "imgsearch.dim": str(store.dim),
-            "imgsearch.preprocess": store.preprocess_version,
-        },
+        metadata={FORMAT_PROPERTY: FORMAT_VERSION, **identity},
     )
 
 
@@ -55,7 +59,10 @@ def export_parquet(store: MilvusStore, out: Path, progress: Callable[[int], None
 
 
 def _export(store: MilvusStore, out: Path, progress: Callable[[int], None] | None) -> int:
-    schema = _schema(store)
+    properties = store.properties()
+    # a collection made before precision was recorded holds fp32 vectors (store.py)
+    identity = {key: properties.get(key, "fp32" if key == PRECISION_PROPERTY else "") for key in IDENTITY_PROPERTIES}
+    schema = _schema(store, identity)
     written = 0
     out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.with_name(out.name + ".partial")
@@ -103,10 +110,10 @@ def read_export_identity(path: Path) -> dict[str, str]:
         for key, value in metadata.items()
         if key.startswith(b"imgsearch.")
     }
-    if not identity.get("imgsearch.model") or "imgsearch.dim" not in identity:
+    if not identity.get(MODEL_PROPERTY) or DIM_PROPERTY not in identity:
         raise CatalogError(f"{path} was not written by `imgsearch export` (no model recorded)")
-    if not identity["imgsearch.dim"].isdigit() or not 1 <= int(identity["imgsearch.dim"]) <= MAX_DIM:
-        raise CatalogError(f"{path} records an unusable vector dimension {identity['imgsearch.dim']!r}")
+    if not identity[DIM_PROPERTY].isdigit() or not 1 <= int(identity[DIM_PROPERTY]) <= MAX_DIM:
+        raise CatalogError(f"{path} records an unusable vector dimension {identity[DIM_PROPERTY]!r}")
     return identity
 
 
@@ -169,11 +176,12 @@ def import_into(settings, path: Path) -> dict:
     from imgsearch.config import default_collection_name
 
     identity = read_export_identity(path)
-    model = identity["imgsearch.model"]
+    model = identity[MODEL_PROPERTY]
     name = settings.collection or default_collection_name(model)
     with MilvusStore(
-        settings.milvus_uri, name, model=model, dim=int(identity["imgsearch.dim"]),
-        preprocess_version=identity.get("imgsearch.preprocess", ""), token=settings.milvus_token,
+        settings.milvus_uri, name, model=model, dim=int(identity[DIM_PROPERTY]),
+        preprocess_version=identity.get(PREPROCESS_PROPERTY, ""), token=settings.milvus_token,
+        precision=identity.get(PRECISION_PROPERTY, "fp32"),  # an export older than this key: fp32 (store.py)
     ) as store:
         imported, failed = import_parquet(store, path, chunk=settings.upsert_chunk)
     return {"imported": imported, "failed": failed, "collection": name, "model": model}

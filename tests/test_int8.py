@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 
 import numpy as np
@@ -200,7 +201,6 @@ def test_auto_keeps_a_collection_at_the_precision_that_filled_it(tmp_path, onnx_
 def test_a_damaged_or_unusable_model_cache_is_rebuilt_or_one_line(tmp_path, onnx_encoder, int8_encoder):
     """A truncated export (fp32 or int8) or an emptied card is rebuilt with a warning, and the rerun is clean; a cache
     that cannot be created names the setting; a full disk says so, not that another runtime would help."""
-    import shutil
     import subprocess
 
     image = tmp_path / "one.png"
@@ -238,3 +238,20 @@ def test_a_damaged_or_unusable_model_cache_is_rebuilt_or_one_line(tmp_path, onnx
         assert refused.returncode == 2 and "no space left" in refused.stderr and "--runtime torch" not in refused.stderr, refused.stderr
     finally:
         subprocess.run(["umount", str(full)], check=True)
+
+
+def test_an_int8_collection_keeps_its_precision_through_export_and_import(tmp_path):
+    """The export carries every identity property; an int8 collection imported elsewhere is still int8, so `auto`
+    searches it with the int8 encoder and a stored image finds itself at 1.0 (recorded as fp32 it scored 0.989)."""
+    catalog = tmp_path / "catalog"
+    catalog.mkdir()
+    images = fashion_images(1)[:4]
+    for image in images:
+        shutil.copy(image, catalog / image.name)
+    source, target, out = str(tmp_path / "a.db"), str(tmp_path / "b.db"), str(tmp_path / "x.parquet")
+    run_cli(["ingest", str(catalog), "--uri", source, "--runtime", "onnx-int8"], check=True)
+    run_cli(["export", "--out", out, "--uri", source], check=True)
+    run_cli(["import", out, "--uri", target], check=True)
+    assert json.loads(run_cli(["info", "--uri", target, "--json"], check=True).stdout)["precision"] == "int8"
+    [result] = json.loads(run_cli(["search", str(catalog / images[0].name), "-k", "1", "--uri", target, "--json"], check=True).stdout)
+    assert result["results"][0]["score"] >= 0.9999
