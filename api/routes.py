@@ -26,6 +26,7 @@ from imgsearch.api.models import (
     TextQuery,
 )
 from imgsearch.api.service import Service, service_of
+from imgsearch.duplicates import SIMILAR
 from imgsearch.errors import ImageDecodeError
 from imgsearch.validation import validate_label
 
@@ -171,7 +172,7 @@ async def enroll_from_review(service: ServiceDep, body: ReviewEnroll):
 @search.get("/duplicates", response_model=DuplicateGroups)
 async def duplicates(
     service: ServiceDep,
-    threshold: Annotated[float, Query(ge=0, le=1)] = 0.9,
+    threshold: Annotated[float, Query(ge=0, le=1)] = SIMILAR,  # the CLI's default too: one place (duplicates.py)
     limit: Annotated[int, Query(ge=1, le=1000, description="At most this many groups, closest first")] = 100,
 ):
     """Near-duplicate groups in the collection, as `imgsearch duplicates --json` gives them (paths as shown)."""

@@ -54,6 +54,10 @@ def test_health_info_and_openapi(service):
     paths = service.get("/openapi.json").json()["paths"]
     for endpoint in ("/health", "/info", "/search", "/search/text", "/recognize", "/enroll", "/images", "/images/{image_id}", "/metrics"):
         assert endpoint in paths
+    from imgsearch.duplicates import SIMILAR  # the CLI's default: the two once disagreed (0.85 and 0.9)
+
+    [threshold] = [p for p in paths["/duplicates"]["get"]["parameters"] if p["name"] == "threshold"]
+    assert threshold["schema"]["default"] == SIMILAR == 0.85
 
 
 def test_duplicates_scans_run_one_at_a_time_across_requests(service, monkeypatch):
