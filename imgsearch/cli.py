@@ -109,16 +109,17 @@ def delete(
 
     if sum(bool(given) for given in (ids, filter, from_json)) != 1:
         raise UsageError("delete needs exactly one of: IDS, --filter EXPR, --from-json FILE")
-    from imgsearch.deletion import delete_images, ids_from_json, ids_matching, sweeping_selection
+    from imgsearch.deletion import delete_images, ids_from_json, ids_matching
     from imgsearch.session import open_existing_store
 
     wanted, copies = ids_from_json(from_json) if from_json else (list(ids or []), 0)
     notes = [f"{copies} identical copies skipped: they are files sharing a kept row's bytes; delete those files yourself"] if copies else []
     with open_existing_store(settings) as store:
-        wanted = ids_matching(store, filter) if filter else wanted
-        if (filter or from_json) and not dry_run and not yes and (sweep := sweeping_selection(store, wanted)):
-            confirm_or_refuse(sweep)
-        report = delete_images(store, wanted, settings.upload_dir, dry_run=dry_run)
+        sweeping = bool(filter or from_json) and not yes  # ids named one by one are never a sweep
+        report = delete_images(
+            store, ids_matching(store, filter) if filter else wanted, settings.upload_dir, dry_run=dry_run,
+            confirm=confirm_or_refuse if sweeping else None,
+        )
     rows = [(row["id"][:12], row["label"] or "-", row["path"], "yes" if row["file_removed"] else "no") for row in report.deleted]
     tables = [Rows("would delete" if dry_run else "deleted", ("id", "label", "path", "uploaded file too"), rows)]
     missing = [{"path": image_id, "error": "no stored image with this id"} for image_id in report.missing]
@@ -134,7 +135,7 @@ def check_writable(path: Path) -> None:
     if path.is_dir():
         raise UsageError(f"{path} is a folder; give a file name, e.g. {path / 'duplicates.html'}")
     try:
-        with tempfile.NamedTemporaryFile(dir=path.parent or ".", prefix=".imgsearch-check-"):
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".imgsearch-check-"):
             pass
     except OSError as error:
         raise UsageError(f"cannot write {path}: {error.strerror or error}") from None

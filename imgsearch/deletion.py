@@ -4,7 +4,7 @@ CLI's `delete` and the API's `DELETE /images/{id}` call `delete_images`."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,11 +47,12 @@ def stored_image(store: MilvusStore, image_id: str) -> dict:
 
 def delete_images(
     store: MilvusStore, ids: Iterable[str], upload_dir: Path, *, dry_run: bool = False, recalibrate: bool = True,
-    review: MilvusStore | None = None,
+    review: MilvusStore | None = None, confirm: Callable[[str], None] | None = None,
 ) -> DeleteReport:
     """Delete the rows, and each row's file when the service stored it at upload (uploads.py: marked on the row and
     content-named under `upload_dir`; every other file is the user's) and no kept review query still uses it.
     Unknown ids are reported. `review`: the review collection if the caller holds it open (the service).
+    `confirm`: called with a question before deleting a sweeping selection (sweeping_selection); it raises to refuse.
     `recalibrate`: when labeled rows went, recompute the self-calibrated "unknown" threshold (the service does it
     in the background instead: at 100k references it takes about a minute)."""
     from imgsearch.uploads import removable_upload
@@ -60,6 +61,8 @@ def delete_images(
     rows = store.get(wanted)
     report = DeleteReport(missing=[image_id for image_id in wanted if image_id not in rows], dry_run=dry_run)
     found = [rows[image_id] for image_id in wanted if image_id in rows]
+    if confirm is not None and not dry_run and (question := sweeping_selection(len(found), store.count())):
+        confirm(question)
     files = {row["id"]: removable_upload(row, upload_dir) for row in found}
     in_review = _review_paths(store, review, [row_id for row_id, path in files.items() if path is not None])
     if found and not dry_run:
@@ -94,14 +97,10 @@ def _review_paths(store: MilvusStore, review: MilvusStore | None, ids: list[str]
             review.close()
 
 
-def sweeping_selection(store: MilvusStore, ids: list[str]) -> str | None:
-    """What to confirm when `ids` select every stored row or more than CONFIRM_SHARE of them (a filter like `true`,
-    a duplicates listing at threshold 0); None for a selection that needs no confirming."""
-    if not ids:
-        return None
-    total = store.count()
-    selected = len(store.get(list(dict.fromkeys(validate_id(image_id) for image_id in ids)), fields=("id",)))
-    if selected >= total and total:
+def sweeping_selection(selected: int, total: int) -> str | None:
+    """What to confirm when a selection takes every stored row or more than CONFIRM_SHARE of them (a filter like
+    `true`, a duplicates listing at threshold 0); None for one that needs no confirming."""
+    if selected and selected >= total:
         return f"this selects all {total} stored images"
     if selected > CONFIRM_SHARE * total:
         return f"this selects {selected} of the {total} stored images"

@@ -4,13 +4,13 @@ every other file, a catalog under the upload folder included, is the user's."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import uuid
 from pathlib import Path
 
 from imgsearch.images import FORMAT_SUFFIXES
+from imgsearch.ingest.catalog import bytes_sha256
 from imgsearch.validation import is_upload
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ def upload_path(upload_dir: Path, digest: str, image_format: str) -> Path:
 
 def save_upload(data: bytes, image_format: str, upload_dir: Path) -> tuple[Path, str]:
     """Content-addressed: upload_dir/ab/abcdef….png, whatever the label or the client's file name says."""
-    digest = hashlib.sha256(data).hexdigest()
+    digest = bytes_sha256(data)
     path = upload_path(upload_dir, digest, image_format)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
