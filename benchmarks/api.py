@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
-import imgsearch.store  # noqa: E402
+import imgsearch.store.search_params  # noqa: E402
 from imgsearch.api.live import LiveServer  # noqa: E402  (the same loopback server the tests use)
 from imgsearch.config import load_settings  # noqa: E402
 from imgsearch.store import ImageRecord, MilvusStore  # noqa: E402
@@ -113,9 +113,9 @@ def main() -> None:
         print(f"{size} vectors inserted in {time.perf_counter() - started:.1f} s, of which {index_wait:.1f} s waiting for "
               "the index", flush=True)
         in_distribution = clustered_vectors(100, seed=10**9 + size, dim=encoder.dim)
-        default_ef = imgsearch.store.LITE_EF if uri.endswith(".db") else imgsearch.store.SERVER_EF
+        default_ef = imgsearch.store.search_params.LITE_EF if uri.endswith(".db") else imgsearch.store.search_params.SERVER_EF
         for ef in [int(ef) for ef in args.efs.split(",")] if args.efs else [default_ef]:
-            imgsearch.store.LITE_EF = imgsearch.store.SERVER_EF = ef  # what every search of the service (and here) asks for
+            imgsearch.store.search_params.LITE_EF = imgsearch.store.search_params.SERVER_EF = ef  # what every search of the service (and here) asks for
             with MilvusStore(uri, collection, model=encoder.name, dim=encoder.dim) as store:
                 found = store.search(in_distribution, k=10, fields=("path",))
             cluster_recall = recall_at_10([[hit.id for hit in hits] for hits in found], in_distribution, vectors)

@@ -6,11 +6,14 @@ typo in --uri or --collection is one line at once and nothing is created.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imgsearch.config import Settings, check_lite_database_exists
+from imgsearch.config import Settings, check_lite_database_exists, is_lite_uri, shown_uri
+from imgsearch.errors import CollectionNotFoundError
 
 if TYPE_CHECKING:  # torch and pymilvus are imported only when something is opened
     from imgsearch.encoders import Encoder
@@ -19,8 +22,6 @@ if TYPE_CHECKING:  # torch and pymilvus are imported only when something is open
 
 def check_store_exists(settings: Settings) -> None:
     check_lite_database_exists(settings.milvus_uri)  # before pymilvus is even imported
-    from imgsearch.store import check_collection_exists
-
     check_collection_exists(settings.milvus_uri, settings.collection_name, settings.milvus_token)
 
 
@@ -39,20 +40,37 @@ def open_encoder(settings: Settings, *, auto_int8: bool = True) -> Encoder:
     return encoder_from_settings(settings, auto_int8=auto_int8)
 
 
+def open_store(settings: Settings, encoder: Encoder, *, create: bool = True, encodes_images: bool = True) -> MilvusStore:
+    """The store for `settings` with `encoder`'s identity; the one way CLI and API open it. `encodes_images=False`
+    (a text-only search): the encoder's precision is not the collection's business."""
+    from imgsearch.store import MilvusStore
+
+    return MilvusStore(
+        settings.milvus_uri,
+        settings.collection_name,
+        model=encoder.name,
+        dim=encoder.dim,
+        preprocess_version=encoder.preprocess_version,
+        precision=encoder.precision if encodes_images else "",
+        token=settings.milvus_token,
+        create=create,
+    )
+
+
 def open_session(settings: Settings, *, create: bool = True, encodes_images: bool = True) -> tuple[Encoder, MilvusStore]:
     """The encoder and the settings' collection (created for this encoder when missing, unless create=False).
     With runtime auto, a collection an fp32 encoder filled keeps being searched with fp32 vectors: int8 is the
     default for new collections only."""
     if not create:
         check_lite_database_exists(settings.milvus_uri)  # before pymilvus is even imported
-    from imgsearch.store import PRECISION_PROPERTY, check_model_name, collection_properties, open_store
+    from imgsearch.store import PRECISION_PROPERTY, UNRECORDED_PRECISION, check_identity
 
     stored = collection_properties(settings.milvus_uri, settings.collection_name, settings.milvus_token)
     if stored is None and not create:
         check_store_exists(settings)  # says which collection is missing where
-    if stored is not None:
-        check_model_name(stored, settings.model, settings.collection_name)
-    encoder = open_encoder(settings, auto_int8=stored is None or stored.get(PRECISION_PROPERTY, "fp32") == "int8")
+    if stored is not None:  # the model named is checked before it is loaded: a mistake is one line at once
+        check_identity(stored, settings.collection_name, settings.milvus_uri, model=settings.model)
+    encoder = open_encoder(settings, auto_int8=stored is None or stored.get(PRECISION_PROPERTY, UNRECORDED_PRECISION) == "int8")
     return encoder, open_store(settings, encoder, create=create, encodes_images=encodes_images)
 
 
@@ -64,9 +82,65 @@ def opened(settings: Settings, *, create: bool = True, encodes_images: bool = Tr
         yield encoder, store
 
 
-def describe_store(settings: Settings) -> dict[str, Any]:
-    """Model, dim, collection, URI and count of an existing collection; nothing is created."""
-    check_store_exists(settings)
-    from imgsearch.store import describe_collection
+def collection_properties(uri: str, collection: str, token: str = "") -> dict[str, str] | None:
+    """The properties `collection` was stored with, None if it does not exist yet; creates nothing."""
+    if is_lite_uri(uri) and not Path(uri).exists():
+        return None
+    from imgsearch.store import connect, milvus_errors
 
-    return describe_collection(settings.milvus_uri, settings.collection_name, settings.milvus_token)
+    client = connect(uri, token, create=False)
+    try:
+        with milvus_errors("describe collection"):
+            if not client.has_collection(collection):
+                return None
+            return dict(client.describe_collection(collection).get("properties") or {})
+    finally:
+        client.close()
+
+
+def check_collection_exists(uri: str, collection: str, token: str = "") -> None:
+    """CollectionNotFoundError unless `collection` exists at `uri`; creates nothing (no Lite file either)."""
+    from imgsearch.store import collection_not_found, connect, milvus_errors
+
+    client = connect(uri, token, create=False)
+    try:
+        with milvus_errors("listing collections"):
+            exists = client.has_collection(collection)
+    finally:
+        client.close()
+    if not exists:
+        raise collection_not_found(collection, uri)
+
+
+def describe_store(settings: Settings) -> dict[str, Any]:
+    """Model, dim, collection, URI, count, precision and thresholds of an existing collection, without loading an
+    encoder (`imgsearch info`); nothing is created."""
+    check_store_exists(settings)
+    uri, collection = settings.milvus_uri, settings.collection_name
+    from imgsearch.store import PRECISION_PROPERTY, RECOGNITION_PROPERTY, SELF_CALIBRATION_PROPERTY, UNRECORDED_PRECISION, MilvusStore
+
+    try:
+        store = MilvusStore.open_existing(uri, collection, settings.milvus_token)
+    except CollectionNotFoundError:
+        return {"collection": collection, "uri": shown_uri(uri), "exists": False, "count": 0, "model": None, "dim": None}
+    with store:
+        properties = store.properties()
+        return {
+            "collection": collection,
+            "uri": shown_uri(uri),
+            "exists": True,
+            "count": store.count(),
+            "model": store.model,
+            "dim": store.dim,
+            "preprocess": store.preprocess_version,
+            "precision": properties.get(PRECISION_PROPERTY, UNRECORDED_PRECISION),
+            "recognition": _json_property(properties, RECOGNITION_PROPERTY),
+            "self_calibration": _json_property(properties, SELF_CALIBRATION_PROPERTY),
+        }
+
+
+def _json_property(properties: dict[str, str], key: str) -> Any:
+    try:
+        return json.loads(properties.get(key) or "null")
+    except ValueError:
+        return None

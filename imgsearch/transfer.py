@@ -13,10 +13,12 @@ import pyarrow.parquet as pq
 from imgsearch.errors import CatalogError, InvalidInputError
 from imgsearch.store import (
     DIM_PROPERTY,
+    FIELDS,
     IDENTITY_PROPERTIES,
     MODEL_PROPERTY,
     PRECISION_PROPERTY,
     PREPROCESS_PROPERTY,
+    UNRECORDED_PRECISION,
     ImageRecord,
     MilvusStore,
 )
@@ -34,7 +36,6 @@ from imgsearch.validation import (
 FORMAT_VERSION = "1"
 FORMAT_PROPERTY = "imgsearch.format"
 ROWS_PER_BATCH = 2048
-COLUMNS = ("id", "vector", "label", "path", "metadata")
 MAX_DIM = 32_768  # Milvus's largest FLOAT_VECTOR
 
 
@@ -60,15 +61,14 @@ def export_parquet(store: MilvusStore, out: Path, progress: Callable[[int], None
 
 def _export(store: MilvusStore, out: Path, progress: Callable[[int], None] | None) -> int:
     properties = store.properties()
-    # a collection made before precision was recorded holds fp32 vectors (store.py)
-    identity = {key: properties.get(key, "fp32" if key == PRECISION_PROPERTY else "") for key in IDENTITY_PROPERTIES}
+    identity = {key: properties.get(key, UNRECORDED_PRECISION if key == PRECISION_PROPERTY else "") for key in IDENTITY_PROPERTIES}
     schema = _schema(store, identity)
     written = 0
     out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.with_name(out.name + ".partial")
     with pq.ParquetWriter(temporary, schema) as writer:
         batch: list[dict] = []
-        for row in store.iter_rows(("id", "vector", "label", "path", "metadata")):
+        for row in store.iter_rows(FIELDS):
             batch.append(row)
             if len(batch) >= ROWS_PER_BATCH:
                 written += _write(writer, schema, batch)
@@ -127,11 +127,11 @@ def import_parquet(
     failed: list[dict[str, str]] = []
     try:
         parquet = pq.ParquetFile(path)
-        missing = [name for name in COLUMNS if name not in parquet.schema_arrow.names]
+        missing = [name for name in FIELDS if name not in parquet.schema_arrow.names]
         if missing:
             raise CatalogError(f"{path} has no column {', '.join(missing)}; was it written by `imgsearch export`?")
         row_number = 0
-        for batch in parquet.iter_batches(batch_size=chunk, columns=list(COLUMNS)):
+        for batch in parquet.iter_batches(batch_size=chunk, columns=list(FIELDS)):
             records = []
             for row in batch.to_pylist():
                 row_number += 1
@@ -181,7 +181,7 @@ def import_into(settings, path: Path) -> dict:
     with MilvusStore(
         settings.milvus_uri, name, model=model, dim=int(identity[DIM_PROPERTY]),
         preprocess_version=identity.get(PREPROCESS_PROPERTY, ""), token=settings.milvus_token,
-        precision=identity.get(PRECISION_PROPERTY, "fp32"),  # an export older than this key: fp32 (store.py)
+        precision=identity.get(PRECISION_PROPERTY, UNRECORDED_PRECISION),  # an export older than this key
     ) as store:
         imported, failed = import_parquet(store, path, chunk=settings.upsert_chunk)
     return {"imported": imported, "failed": failed, "collection": name, "model": model}

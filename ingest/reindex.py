@@ -16,7 +16,8 @@ from imgsearch.encoders import Encoder
 from imgsearch.errors import UsageError
 from imgsearch.ingest.catalog import CatalogEntry
 from imgsearch.ingest.pipeline import IngestReport, ingest_entries, ingest_options
-from imgsearch.store import MilvusStore, open_store
+from imgsearch.session import open_store
+from imgsearch.store import MilvusStore
 from imgsearch.validation import recorded_copies, user_metadata
 
 

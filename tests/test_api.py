@@ -38,7 +38,7 @@ def service(catalog, onnx_encoder):
         max_upload_bytes=2_000_000, review_max=REVIEW_MAX,
     )
     from imgsearch.ingest.pipeline import ingest_catalog
-    from imgsearch.store import open_store
+    from imgsearch.session import open_store
 
     encoder = onnx_encoder
     with open_store(settings, encoder) as store:
@@ -138,7 +138,7 @@ def test_a_slow_recalibration_runs_on_after_the_enrolment_answers(catalog, onnx_
         milvus_uri=str(root / "pending.db"), upload_dir=root / "pending-uploads", device="cpu", calibration_wait_seconds=0,
     )
     from imgsearch.ingest.pipeline import ingest_catalog
-    from imgsearch.store import open_store
+    from imgsearch.session import open_store
 
     with open_store(settings, onnx_encoder) as store:
         ingest_catalog(folder, onnx_encoder, store, workers=0)  # 10 labels x 3, calibrated by the ingest
@@ -359,7 +359,7 @@ def test_fuzzed_requests_never_get_a_5xx(service):
 def test_load_on_the_server_backend(milvus_server_uri, catalog, onnx_encoder, tmp_path):
     """8 clients x 200 searches against an `imgsearch serve` process on a real Milvus server: no errors."""
     from imgsearch.ingest.pipeline import ingest_catalog
-    from imgsearch.store import open_store
+    from imgsearch.session import open_store
 
     root, folder = catalog
     collection = f"load_{os.getpid()}"
@@ -413,7 +413,7 @@ def test_uploads_kept_for_review_and_catalog_rows_keep_their_files(tmp_path, onn
     from skimage import data
 
     from imgsearch.ingest.pipeline import ingest_catalog
-    from imgsearch.store import open_store
+    from imgsearch.session import open_store
 
     catalog = tmp_path / "catalog"
     copy_fashion_catalog(catalog, 2)

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from helpers import copy_fashion_catalog, free_port, healthy_client, serve
+from helpers import CuttableProxy, copy_fashion_catalog, free_port, healthy_client, serve
 from imgsearch.api.files import ServedFiles
 from imgsearch.config import load_settings
 from imgsearch.ingest.catalog import file_sha256
@@ -73,7 +73,7 @@ def api(site, onnx_encoder):
         max_upload_bytes=1_000_000, max_images_per_request=4,
     )
     from imgsearch.ingest.pipeline import ingest_catalog
-    from imgsearch.store import open_store
+    from imgsearch.session import open_store
 
     with open_store(settings, onnx_encoder) as store:
         ingest_catalog(catalog, onnx_encoder, store, workers=0)
@@ -264,7 +264,7 @@ def test_answers_show_absolute_paths_when_configured(site, onnx_encoder):
     root, catalog, _ = site
     settings = load_settings(milvus_uri=str(root / "absolute.db"), upload_dir=root / "uploads-abs", device="cpu", answer_paths="absolute")
     from imgsearch.ingest.pipeline import ingest_catalog
-    from imgsearch.store import open_store
+    from imgsearch.session import open_store
 
     with open_store(settings, onnx_encoder) as store:
         ingest_catalog(catalog / "coat", onnx_encoder, store, workers=0)
@@ -440,69 +440,6 @@ def test_hostile_requests_left_the_catalog_rows_intact(api, site):
             continue
         response = client.get(f"/images/{file_sha256(image)}?size=32")
         assert response.status_code == 200, image
-
-
-class CuttableProxy:
-    """A TCP forwarder on loopback between the service and Milvus, which the test can cut: a real outage of the
-    network path, with the Milvus server itself left running for the other tests."""
-
-    def __init__(self, target_port: int) -> None:
-        import socket
-        import threading
-
-        self.target_port = target_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.sockets: list = []
-        self.cut = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        import socket
-        import threading
-
-        while not self.cut:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if self.cut:
-                client.close()
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            self.sockets += [client, upstream]
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source, sink) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for end in (source, sink):
-                try:
-                    end.close()
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        import socket
-
-        self.cut = True
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() blocked in the other thread
-        except OSError:
-            pass
-        self.listener.close()
-        for connection in self.sockets:
-            try:
-                connection.shutdown(socket.SHUT_RDWR)
-                connection.close()
-            except OSError:
-                pass
 
 
 def test_a_milvus_outage_is_503_with_retry_after(milvus_server_uri, tmp_path, onnx_encoder):

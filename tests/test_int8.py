@@ -176,8 +176,8 @@ def test_the_int8_runtime_through_the_cli_keeps_json_clean_and_imports_no_torch(
 
 def test_auto_keeps_a_collection_at_the_precision_that_filled_it(tmp_path, onnx_encoder, caplog):
     from imgsearch.config import load_settings
-    from imgsearch.session import open_session
-    from imgsearch.store import PRECISION_PROPERTY, open_store
+    from imgsearch.session import open_session, open_store
+    from imgsearch.store import PRECISION_PROPERTY
 
     def settings(name: str, **extra):
         return load_settings(milvus_uri=str(tmp_path / "precision.db"), collection=name, device="cpu",

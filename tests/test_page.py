@@ -23,7 +23,7 @@ def service(tmp_path_factory, onnx_encoder):
 
     from imgsearch.config import load_settings
     from imgsearch.ingest.pipeline import ingest_catalog
-    from imgsearch.store import open_store
+    from imgsearch.session import open_store
 
     root = tmp_path_factory.mktemp("page")
     catalog = root / "catalog"

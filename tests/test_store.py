@@ -8,7 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from imgsearch.errors import ModelMismatchError
+from helpers import CuttableProxy, free_port
+from imgsearch.errors import ModelMismatchError, StoreUnavailableError
+from imgsearch.session import check_collection_exists, collection_properties
 from imgsearch.store import ImageRecord, MilvusStore
 
 pytestmark = pytest.mark.slow  # Milvus Lite
@@ -56,3 +58,51 @@ def test_second_process_gets_a_clear_lock_error(tmp_path):
     assert result.returncode != 0
     store.close()
     assert "StoreLockedError" in result.stderr and "milvus-lite server" in result.stderr
+
+
+def test_every_store_call_says_milvus_is_unreachable_when_it_is(tmp_path):
+    """The API answers 503 (not 500, not a 400 blaming the request) only for StoreUnavailableError: every call the
+    store makes to Milvus must raise it when the server cannot be reached. The server here is the gRPC server of
+    an in-process Milvus Lite, reached through a proxy that the test cuts."""
+    lite = MilvusStore(str(tmp_path / "reachable.db"), "cut", model="efficientnet_lite0", dim=4)
+    proxy = CuttableProxy(int(lite.writer_uri().rsplit(":", 1)[1]))
+    uri = f"http://127.0.0.1:{proxy.port}"
+    store = MilvusStore(uri, "cut", model="efficientnet_lite0", dim=4)
+    record = ImageRecord(id="a" * 64, vector=_unit(1, 4), path="/x/a.png", label="bag")
+    store.upsert([record])
+    proxy.close()
+    calls = {
+        "upsert": lambda: store.upsert([record]),
+        "delete": lambda: store.delete(["a" * 64]),
+        "flush": store.flush,
+        "get": lambda: store.get(["a" * 64]),
+        "ids_starting_with": lambda: store.ids_starting_with("aa"),
+        "count": store.count,
+        "label_counts": lambda: store.label_counts(["bag"]),
+        "iter_rows": lambda: list(store.iter_rows()),
+        "search": lambda: store.search(np.stack([_unit(1, 4)])),
+        "resolved_name": store.resolved_name,
+        "point_alias": lambda: store.point_alias("cut_alias"),
+        "properties": store.properties,
+        "roots": store.roots,
+        "add_roots": lambda: store.add_roots(["/catalog"]),
+        "set_properties": lambda: store.set_properties({"x": "1"}),
+    }
+    # every public method that talks to Milvus is here: a new one must be added (and routed through milvus_errors)
+    without_a_call = {"open_existing", "writer_uri", "wait_for_index", "index_coverage", "close"}
+    public = {name for name in vars(MilvusStore) if not name.startswith("_")} - without_a_call
+    assert public == calls.keys()
+    for name, call in calls.items():
+        with pytest.raises(StoreUnavailableError, match="unreachable"):
+            call()
+            pytest.fail(f"{name} answered with Milvus unreachable")
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(StoreUnavailableError):
+        MilvusStore(dead, "cut", model="efficientnet_lite0", dim=4)
+    with pytest.raises(StoreUnavailableError):
+        MilvusStore.open_existing(dead, "cut")
+    with pytest.raises(StoreUnavailableError):
+        collection_properties(dead, "cut")
+    with pytest.raises(StoreUnavailableError):
+        check_collection_exists(dead, "cut")
+    lite.close()

@@ -1,0 +1,341 @@
+"""MilvusStore: one collection per encoder, keyed by the SHA-256 of each image file's bytes.
+
+A URI ending in `.db` is an embedded Milvus Lite directory; `http://host:port` is a server or cluster. Every call to
+the client goes through `milvus_errors`, so an unreachable server is always StoreUnavailableError (503 in the API).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from pymilvus import DataType, MilvusClient
+
+from imgsearch.config import check_lite_database_exists, is_lite_uri, shown_uri
+from imgsearch.errors import CollectionNotFoundError, StoreError, StoreUnavailableError
+from imgsearch.store import lite
+from imgsearch.store.errors import milvus_errors
+from imgsearch.store.schema import (
+    DIM_PROPERTY,
+    MODEL_PROPERTY,
+    PRECISION_PROPERTY,
+    PREPROCESS_PROPERTY,
+    ROOTS_PROPERTY,
+    SCHEMA_PROPERTY,
+    SCHEMA_VERSION,
+    UNRECORDED_PRECISION,
+    Hit,
+    ImageRecord,
+    check_identity,
+    label_is,
+    string_literal,
+)
+from imgsearch.store.search_params import ef as ef_for
+from imgsearch.validation import ID_LENGTH, LABEL_BYTES, PATH_BYTES, user_metadata
+
+log = logging.getLogger(__name__)
+
+QUERY_CHUNK = 1000  # ids per `id in [...]` filter
+# Searches read with Session consistency: a client sees its own writes (the API enrols and recognises through one
+# client), and a server answers in ~2 ms instead of waiting ~200 ms for the next time tick as Strong does
+# (measured on the 2.3.5 server). Counts and gets keep the collection's Strong level.
+SEARCH_CONSISTENCY = "Session"
+
+
+def upsert_rows(client: MilvusClient, collection: str, records: Sequence[ImageRecord]) -> None:
+    """The one upsert, for MilvusStore and for ingest's writer process (its own client)."""
+    if records:
+        with milvus_errors("writing to Milvus"):
+            client.upsert(collection, [record.to_row() for record in records])
+
+
+def connect(uri: str, token: str, create: bool = True) -> MilvusClient:
+    """A client for `uri`; with create=False a missing Lite path is refused instead of made."""
+    quiet_milvus_logs()
+    if not create:
+        check_lite_database_exists(uri)
+    if is_lite_uri(uri):
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with milvus_errors(f"opening Milvus at {shown_uri(uri)}"):
+            return MilvusClient(uri=uri, token=token)
+    except StoreError as error:
+        if is_lite_uri(uri) and not isinstance(error, StoreUnavailableError):
+            lite.check_lock(uri)  # within one process pymilvus shares the database; only others are locked out
+        raise
+
+
+def quiet_milvus_logs() -> None:
+    """pymilvus logs every refused call with a traceback before raising; imgsearch reports the error itself
+    in one line. `imgsearch -v` turns them back on."""
+    verbose = logging.getLogger().level <= logging.INFO
+    for noisy in ("pymilvus", "milvus_lite", "grpc._server"):
+        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.CRITICAL)
+
+
+def collection_not_found(collection: str, uri: str) -> CollectionNotFoundError:
+    return CollectionNotFoundError(f"collection {collection} does not exist at {shown_uri(uri)}; run `imgsearch ingest` first")
+
+
+class MilvusStore:
+    def __init__(
+        self,
+        uri: str,
+        collection: str,
+        *,
+        model: str,
+        dim: int,
+        preprocess_version: str = "",
+        precision: str = "",
+        token: str = "",
+        create: bool = True,
+    ) -> None:
+        self.uri = uri
+        self.collection = collection
+        self.model = model
+        self.dim = dim
+        self.preprocess_version = preprocess_version
+        self.precision = precision
+        self.token = token
+        self.client = connect(uri, token, create)
+        with milvus_errors(f"opening collection {collection}"):
+            exists = self.client.has_collection(collection)
+            if exists:
+                check_identity(
+                    self.client.describe_collection(collection).get("properties") or {}, collection, uri,
+                    model=model, dim=dim, preprocess_version=preprocess_version, precision=precision,
+                )
+                self.client.load_collection(collection)
+            elif create:
+                self._create()
+        if not exists and not create:
+            raise collection_not_found(collection, uri)
+
+    @classmethod
+    def open_existing(cls, uri: str, collection: str, token: str = "") -> MilvusStore:
+        """Open a collection as the model it records, without loading an encoder (info, export)."""
+        client = connect(uri, token, create=False)
+        try:
+            with milvus_errors(f"opening collection {collection}"):
+                exists = client.has_collection(collection)
+                properties = (client.describe_collection(collection).get("properties") or {}) if exists else {}
+            if not exists:
+                raise collection_not_found(collection, uri)
+        finally:
+            client.close()
+        # A collection imgsearch did not create records no model; the constructor's guard says so.
+        return cls(
+            uri,
+            collection,
+            model=properties.get(MODEL_PROPERTY, ""),
+            dim=int(properties.get(DIM_PROPERTY, 0)),
+            preprocess_version=properties.get(PREPROCESS_PROPERTY, ""),
+            token=token,
+            create=False,
+        )
+
+    def _create(self) -> None:
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=ID_LENGTH)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
+        schema.add_field("label", DataType.VARCHAR, max_length=LABEL_BYTES)
+        schema.add_field("path", DataType.VARCHAR, max_length=PATH_BYTES)
+        schema.add_field("metadata", DataType.JSON)
+        index_params = self.client.prepare_index_params()
+        # AUTOINDEX with no build parameters: Lite ignores them, and a server picks its own (HNSW on 2.3.5).
+        index_params.add_index("vector", index_type="AUTOINDEX", metric_type="COSINE")
+        self.client.create_collection(
+            self.collection,
+            schema=schema,
+            index_params=index_params,
+            consistency_level="Strong",
+            properties={
+                MODEL_PROPERTY: self.model,
+                DIM_PROPERTY: str(self.dim),
+                PREPROCESS_PROPERTY: self.preprocess_version,
+                PRECISION_PROPERTY: self.precision or UNRECORDED_PRECISION,
+                SCHEMA_PROPERTY: SCHEMA_VERSION,
+            },
+        )
+        log.info("created collection %s for %s (dim %d)", self.collection, self.model, self.dim)
+
+    # --- writes -------------------------------------------------------------------------------
+    def upsert(self, records: Sequence[ImageRecord]) -> None:
+        upsert_rows(self.client, self.collection, records)
+
+    def writer_uri(self) -> str | None:
+        """Where another process can write to this collection: the server URI, or for Milvus Lite the loopback
+        address of the gRPC server pymilvus started for the file in this process; None if there is none."""
+        return lite.grpc_address(self.uri) if is_lite_uri(self.uri) else self.uri
+
+    def delete(self, ids: Sequence[str]) -> int:
+        deleted = 0
+        for start in range(0, len(ids), QUERY_CHUNK):
+            chunk = list(ids[start : start + QUERY_CHUNK])
+            with milvus_errors("delete"):
+                result = self.client.delete(self.collection, ids=chunk)
+            deleted += result.get("delete_count", len(chunk)) if isinstance(result, dict) else len(chunk)
+        return deleted
+
+    def flush(self) -> None:
+        """Seal what was written so a crash after this returns loses nothing on a server."""
+        with milvus_errors("flush"):
+            self.client.flush(self.collection)
+
+    def wait_for_index(self) -> float:
+        """Block until Milvus Lite's background index builds are done (lite.py); the seconds waited (0 on a server)."""
+        return lite.wait_for_index(self.uri, self.collection)
+
+    def index_coverage(self) -> tuple[int, int] | None:
+        """(rows that searches reach through an index, all rows, deleted included) on Milvus Lite; None elsewhere."""
+        return lite.index_coverage(self.uri, self.collection)
+
+    # --- reads --------------------------------------------------------------------------------
+    def get(self, ids: Sequence[str], fields: Sequence[str] = ("id", "path", "label", "metadata")) -> dict[str, dict]:
+        """Rows by id (missing ids are absent from the result)."""
+        found: dict[str, dict] = {}
+        for start in range(0, len(ids), QUERY_CHUNK):
+            chunk = list(ids[start : start + QUERY_CHUNK])
+            with milvus_errors("reading rows"):
+                rows = self.client.get(self.collection, ids=chunk, output_fields=list(fields))
+            for row in rows:
+                found[row["id"]] = dict(row)
+        return found
+
+    def ids_starting_with(self, prefix: str, limit: int = 2) -> list[str]:
+        """Up to `limit` stored ids that start with `prefix` (hex: the caller checks it)."""
+        with milvus_errors("reading rows"):
+            rows = self.client.query(self.collection, filter=f"id like {string_literal(prefix + '%')}", output_fields=["id"], limit=limit)
+        return [row["id"] for row in rows]
+
+    def count(self) -> int:
+        with milvus_errors("count"):
+            result = self.client.query(self.collection, filter="", output_fields=["count(*)"])
+        return int(result[0]["count(*)"])
+
+    def label_counts(self, labels: Iterable[str]) -> dict[str, int]:
+        """How many rows carry each of `labels`."""
+        counts = {}
+        for label in labels:
+            with milvus_errors("count"):
+                result = self.client.query(
+                    self.collection, filter=label_is(label), output_fields=["count(*)"]
+                )
+            counts[label] = int(result[0]["count(*)"])
+        return counts
+
+    def iter_rows(self, fields: Sequence[str] = ("id", "path"), batch_size: int = 1000, filter: str = "") -> Iterator[dict]:
+        with milvus_errors("reading rows"):
+            iterator = self.client.query_iterator(
+                self.collection, batch_size=batch_size, filter=filter, output_fields=list(fields)
+            )
+        try:
+            while True:
+                with milvus_errors("reading rows"):
+                    batch = iterator.next()
+                if not batch:
+                    break
+                yield from batch
+        finally:
+            iterator.close()
+
+    def search(
+        self,
+        vectors: np.ndarray,
+        k: int = 10,
+        filter: str = "",
+        search_params: dict | None = None,
+        with_vectors: bool = False,
+        fields: Sequence[str] = ("path", "label", "metadata"),
+    ) -> list[list[Hit]]:
+        """The k nearest rows to each vector, best first. `fields`: what each hit carries besides id and score
+        (fewer is faster: near-duplicate search asks only for paths; an empty list makes Milvus return every
+        field, vectors included). `search_params`: Milvus's, e.g. from store/search_params.py."""
+        fields = list(fields) + (["vector"] if with_vectors else [])
+        params = dict(search_params or {})
+        params["params"] = {**params.get("params", {})}
+        params["params"]["ef"] = ef_for(self.uri, k, params["params"].get("ef"))
+        with milvus_errors("search"):
+            results = self.client.search(
+                self.collection,
+                data=[np.asarray(vector, dtype=np.float32).tolist() for vector in vectors],
+                limit=k,
+                filter=filter,
+                output_fields=fields,
+                search_params=params,
+                consistency_level=SEARCH_CONSISTENCY,
+            )
+        return [
+            [
+                Hit(
+                    id=hit["id"],
+                    score=float(hit["distance"]),
+                    path=hit["entity"].get("path", ""),
+                    label=hit["entity"].get("label", ""),
+                    metadata=user_metadata(hit["entity"].get("metadata")),
+                    vector=np.asarray(hit["entity"]["vector"], dtype=np.float32) if with_vectors else None,
+                )
+                for hit in hits
+            ]
+            for hits in results
+        ]
+
+    def resolved_name(self) -> str:
+        """The collection behind this store's name (an alias resolves to its collection)."""
+        with milvus_errors("describe collection"):
+            return self.client.describe_collection(self.collection).get("collection_name", self.collection)
+
+    def point_alias(self, alias: str) -> None:
+        """Make `alias` name this collection, atomically moving it if it named another."""
+        hint = " (Milvus Lite has no aliases: use a Milvus server)" if is_lite_uri(self.uri) else ""
+        with milvus_errors(f"pointing alias {alias} at {self.collection}", hint):
+            if alias in self.client.list_aliases().get("aliases", []):
+                self.client.alter_alias(self.collection, alias)
+            else:
+                self.client.create_alias(self.collection, alias)
+
+    def properties(self) -> dict[str, str]:
+        with milvus_errors("describe collection"):
+            return dict(self.client.describe_collection(self.collection).get("properties") or {})
+
+    def roots(self) -> list[str]:
+        """The folders images were ingested or enrolled from (absolute, as walked)."""
+        try:
+            roots = json.loads(self.properties().get(ROOTS_PROPERTY) or "[]")
+        except ValueError:
+            return []
+        return [root for root in roots if isinstance(root, str)]
+
+    def add_roots(self, folders: Iterable[str | os.PathLike[str]]) -> None:
+        """Record catalog folders (or single files); one inside a root already recorded adds nothing."""
+        roots = self.roots()
+        changed = False
+        for folder in folders:
+            folder = os.path.abspath(folder)
+            if any(_is_within(folder, root) for root in roots):
+                continue
+            roots = [root for root in roots if not _is_within(root, folder)] + [folder]
+            changed = True
+        if changed:
+            self.set_properties({ROOTS_PROPERTY: json.dumps(sorted(roots))})
+
+    def set_properties(self, properties: dict[str, str]) -> None:
+        with milvus_errors(f"updating collection {self.collection} properties"):
+            self.client.alter_collection_properties(self.collection, properties=properties)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> MilvusStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _is_within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)

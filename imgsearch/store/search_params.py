@@ -1,0 +1,37 @@
+"""HNSW's `ef` (candidates walked per search; AUTOINDEX builds HNSW on Lite and on a server), the one place its
+rules live. HNSW returns at most `ef` hits, so every search asks for ef >= k."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from imgsearch.config import is_lite_uri
+
+# Lite's own default ef is 64, so a search for k = 300 gave 227 rows. On 100k clustered vectors, photo queries far
+# from every cluster had recall@10 0.933 through the service at ef 256 and 0.950 at 512 on Lite, for a p50 of 111.8
+# -> 116.3 ms (Lite's per-search overhead dwarfs the graph walk); on the 2.3.5 server ef 512 added ~6-8 ms to a
+# ~32 ms p50 (benchmarks/api.py --efs; docs/benchmarks.md).
+LITE_EF = 512
+SERVER_EF = 256
+# Filtered searches (the labeled references) lose recall at a low ef: 0.55 at ef 64, 0.87 at ef 256 on structured
+# 100k vectors, measured on Lite.
+FILTERED_EF = 256
+# Near-duplicate searches want very close neighbours, which a small ef finds: on the 2.3.5 server at 100k rows a
+# query took 4.7 ms at ef 64 and 2.9 ms at ef 32 (benchmarks/duplicates.py, docs/duplicates.md). 34 is twice the
+# default 16 neighbours and the row itself.
+CLOSE_EF = 34
+
+
+def ef(uri: str, k: int, asked: int | None = None) -> int:
+    """The ef a search for `k` hits runs with: `asked`, else the default for Lite or a server; never below k."""
+    return max(k, asked if asked is not None else LITE_EF if is_lite_uri(uri) else SERVER_EF)
+
+
+def filtered(k: int) -> dict[str, Any]:
+    """For a search among the labeled references."""
+    return {"params": {"ef": max(FILTERED_EF, 4 * k)}}
+
+
+def close_neighbours(k: int) -> dict[str, Any]:
+    """For a search of each stored vector's k nearest (itself included), looking for near-duplicates."""
+    return {"params": {"ef": max(CLOSE_EF, 2 * k)}}
