@@ -26,7 +26,7 @@ from imgsearch.api.models import (
     TextQuery,
 )
 from imgsearch.api.service import Service, service_of
-from imgsearch.duplicates import SIMILAR
+from imgsearch.config import RECOGNITION_K, RECOGNITION_K_MAX, SIMILAR
 from imgsearch.errors import ImageDecodeError
 from imgsearch.validation import validate_label
 
@@ -91,12 +91,12 @@ async def search_text(service: ServiceDep, query: TextQuery):
 async def recognize(
     service: ServiceDep,
     image: ImagesField,
-    k: Annotated[int, Form(ge=1, le=1024)] = 100,
+    k: Annotated[int, Form(ge=1, le=RECOGNITION_K_MAX)] = RECOGNITION_K,
     threshold: Annotated[float | None, Form(allow_inf_nan=False)] = None,
     keep_unknown: Annotated[bool, Form(description='keep the images answered "unknown" for GET /review')] = False,
 ):
-    from imgsearch.abstention import resolve_abstention
-    from imgsearch.recognize import recognize_vectors
+    from imgsearch.recognition.abstention import resolve_abstention
+    from imgsearch.recognition.knn import recognize_vectors
 
     uploads = await service.read_images(image)
     vectors = await service.batcher.encode([upload.tensor for upload in uploads])
@@ -128,7 +128,7 @@ def keep_uploads(service: Service, unknown: dict[int, tuple]) -> dict[int, bool]
     with their vector, while the review holds fewer than IMGSEARCH_REVIEW_MAX; the others are not saved. Returns
     kept or not, by index."""
     from imgsearch.ingest.catalog import absolute, bytes_sha256
-    from imgsearch.review import Kept, admit, store_admitted
+    from imgsearch.recognition.review import Kept, admit, store_admitted
     from imgsearch.uploads import save_upload
 
     limit = service.settings.review_max
@@ -148,7 +148,7 @@ def keep_uploads(service: Service, unknown: dict[int, tuple]) -> dict[int, bool]
 @images.get("/review", response_model=list[ReviewGroup])
 async def review(service: ServiceDep):
     """The kept "unknown" queries in groups of similar images, as `imgsearch review` lists them."""
-    from imgsearch.review import review_groups
+    from imgsearch.recognition.review import review_groups
 
     def answer() -> list[ReviewGroup]:
         groups = review_groups(service.review(create=False))
@@ -160,7 +160,7 @@ async def review(service: ServiceDep):
 @images.post("/review/enroll", response_model=ReviewEnrolled)
 async def enroll_from_review(service: ServiceDep, body: ReviewEnroll):
     """Kept queries (group keys from GET /review, or ids) become references of `label`; nothing is encoded again."""
-    from imgsearch.review import enroll_from_review as enroll
+    from imgsearch.recognition.review import enroll_from_review as enroll
 
     label = validate_label(body.label, required=True)
     async with service.write_lock:
@@ -172,7 +172,7 @@ async def enroll_from_review(service: ServiceDep, body: ReviewEnroll):
 @search.get("/duplicates", response_model=DuplicateGroups)
 async def duplicates(
     service: ServiceDep,
-    threshold: Annotated[float, Query(ge=0, le=1)] = SIMILAR,  # the CLI's default too: one place (duplicates.py)
+    threshold: Annotated[float, Query(ge=0, le=1)] = SIMILAR,  # the CLI's default too: one place (config.py)
     limit: Annotated[int, Query(ge=1, le=1000, description="At most this many groups, closest first")] = 100,
 ):
     """Near-duplicate groups in the collection, as `imgsearch duplicates --json` gives them (paths as shown)."""

@@ -49,7 +49,7 @@ def _log_failure(task: asyncio.Task) -> None:
 
 
 class Recalibration:
-    """The self-calibrated "unknown" threshold (imgsearch/abstention.py), recomputed off the request path after the
+    """The self-calibrated "unknown" threshold (imgsearch/recognition/abstention.py), recomputed off the request path after the
     service changes references: at 100k references it takes about a minute. One run at a time; requests that come
     while one runs are served by one more run after it, which all of them await."""
 
@@ -78,7 +78,7 @@ class Recalibration:
     async def _run(self) -> dict[str, Any] | None:
         from dataclasses import asdict
 
-        from imgsearch.abstention import self_calibrate
+        from imgsearch.recognition.abstention import self_calibrate
 
         while True:
             self.again = False
@@ -123,8 +123,8 @@ class Service:
         return await self.recalibration.request(self.settings.calibration_wait_seconds)
 
     def review(self, *, create: bool = True):
-        """The review collection (review.py), opened once it exists."""
-        from imgsearch.review import review_store
+        """The review collection (recognition/review.py), opened once it exists."""
+        from imgsearch.recognition.review import review_store
 
         if self._review is None:
             self._review = review_store(self.store, create=create)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgsearch.abstention import self_calibrate
+from imgsearch.recognition.abstention import self_calibrate
 from imgsearch.store import ImageRecord, MilvusStore
 
 DIM = 1280

@@ -42,7 +42,7 @@ from imgsearch.evaluation import (  # noqa: E402
     predict,
 )
 from imgsearch.evaluation.metrics import best_threshold_and_margin, predict_with_margins  # noqa: E402
-from imgsearch.recognize import DEFAULT_DENSITY, DEFAULT_K, DEFAULT_PER_CLASS, DEFAULT_POWER, power_normalize  # noqa: E402
+from imgsearch.recognition.scoring import DEFAULT_DENSITY, DEFAULT_K, DEFAULT_PER_CLASS, DEFAULT_POWER, power_normalize  # noqa: E402
 
 TARGETS = {
     "knn": 0.88,
@@ -128,7 +128,7 @@ def tune(args, encoder, options: EvalOptions, references, progress) -> None:
 def through_milvus(encoder, references, queries, count: int = 1000) -> tuple[float, float]:
     """Recognise `count` queries against the references stored in a fresh Milvus Lite collection:
     (accuracy, agreement with the exact in-memory neighbours)."""
-    from imgsearch.recognize import recognize_vectors
+    from imgsearch.recognition.knn import recognize_vectors
     from imgsearch.store import ImageRecord, MilvusStore
 
     classes = references.data.classes
@@ -158,10 +158,10 @@ def through_milvus(encoder, references, queries, count: int = 1000) -> tuple[flo
 
 def self_calibrated(encoder, references, queries, unknown_classes: int, per_class: int, seed: int = 0) -> dict:
     """The default a user gets without `eval`: `per_class` references of all but the last `unknown_classes` classes
-    stored in a fresh Milvus Lite collection, the threshold self-calibrated from them (abstention.py, the code every
+    stored in a fresh Milvus Lite collection, the threshold self-calibrated from them (recognition/abstention.py, the code every
     ingest runs), then every query recognised through Milvus with it."""
-    from imgsearch.abstention import resolve_abstention, self_calibrate
-    from imgsearch.recognize import recognize_vectors
+    from imgsearch.recognition.abstention import resolve_abstention, self_calibrate
+    from imgsearch.recognition.knn import recognize_vectors
     from imgsearch.store import ImageRecord, MilvusStore
 
     classes = references.data.classes

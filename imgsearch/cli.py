@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from imgsearch.config import RecognitionMethod, Settings
+from imgsearch.config import HEAD_EPOCHS, HEAD_STAGES, NEAR_IDENTICAL, RECOGNITION_K, RECOGNITION_K_MAX, SIMILAR, HeadMode, RecognitionMethod, Settings
 from imgsearch.shell import MODEL, STORE, JsonOption, Output, Rows, command_registrar, option
 from imgsearch.terminal import VisibleFormatter, markup_safe, progress_bar, progress_lines, stderr
 
@@ -156,11 +156,13 @@ def confirm_or_refuse(question: str) -> None:
 def duplicates(
     settings: Settings,
     prefix: Annotated[str, typer.Argument(help="Only images under this folder, or whose stored path starts with this [default: all]", show_default=False)] = "",
-    threshold: Annotated[Optional[float], option("--threshold", min=-1, max=1, help="Least similarity shown [default 0.85; 0.9: near-identical only]")] = None,
+    threshold: Annotated[
+        Optional[float], option("--threshold", min=-1, max=1, help=f"Least similarity shown [default {SIMILAR}; {NEAR_IDENTICAL}: near-identical only]")
+    ] = None,
     html_report: Annotated[Optional[Path], option("--html", help="Also write a page with each group's thumbnails")] = None,
 ) -> Output:
     """Groups of near-duplicate images, each copy graded near-identical or similar (pipe --json into delete)."""
-    from imgsearch.duplicates import SIMILAR, find_duplicates, write_html
+    from imgsearch.duplicates import find_duplicates, write_html
     from imgsearch.errors import UsageError
     from imgsearch.ingest.catalog import absolute
     from imgsearch.session import open_existing_store
@@ -243,7 +245,7 @@ def enroll(
     if bool(images) == bool(from_review):
         raise UsageError("enroll needs images or --from-review GROUP_OR_ID (one of the two)")
     if from_review:
-        from imgsearch.review import enroll_from_review
+        from imgsearch.recognition.review import enroll_from_review
         from imgsearch.session import open_existing_store
 
         with open_existing_store(settings) as store:
@@ -266,7 +268,7 @@ def enroll(
 @command(settings=STORE)
 def review(settings: Settings) -> Output:
     """The queries `recognize --keep-unknown` kept, in groups of similar images, for `enroll LABEL --from-review`."""
-    from imgsearch.review import review_groups, review_store
+    from imgsearch.recognition.review import review_groups, review_store
     from imgsearch.session import open_existing_store
 
     with open_existing_store(settings) as store:
@@ -288,7 +290,7 @@ def review(settings: Settings) -> Output:
 def recognize(
     settings: Settings,
     images: Annotated[list[Path], typer.Argument(help="Images or folders of them")],
-    k: Annotated[int, typer.Option("-k", "--top-k", min=1, max=1024, help="Labeled neighbours to score")] = 100,
+    k: Annotated[int, typer.Option("-k", "--top-k", min=1, max=RECOGNITION_K_MAX, help="Labeled neighbours to score")] = RECOGNITION_K,
     method: Annotated[RecognitionMethod, typer.Option("--method", help="knn: labeled neighbours in Milvus; head: a trained head")] = RecognitionMethod.knn,
     head: Annotated[Optional[Path], option("--head", help="Head file from train-head [default: heads/<collection>-linear]")] = None,
     keep_unknown: Annotated[bool, typer.Option("--keep-unknown", help="Keep the images answered unknown for `imgsearch review`")] = False,
@@ -300,7 +302,7 @@ def recognize(
     check_paths_exist(images)
     if keep_unknown and method is RecognitionMethod.head:
         raise UsageError("--keep-unknown works with --method knn: a head's labels are fixed when it is trained")
-    from imgsearch.recognize import recognize_images
+    from imgsearch.recognition import recognize_images
     from imgsearch.session import opened
 
     with opened(settings, create=False) as (encoder, store):
@@ -315,7 +317,7 @@ def recognize(
         margin = f", margin {rule.margin:.4f}" if rule.margin else ""
         notes = [f"threshold {rule.threshold:.4f}{margin}: {rule.source}"]
     if not_kept := sum(r.kept_for_review is False for r in recognitions):
-        from imgsearch.review import full_note
+        from imgsearch.recognition.review import full_note
 
         notes.append(full_note(not_kept, settings.review_max))
     return Output([r.to_dict() for r in recognitions], tables=tables, notes=notes, failed=failed)
@@ -324,21 +326,25 @@ def recognize(
 @command("train-head", settings=MODEL[:5] + ("workers",))
 def train_head(
     settings: Settings,
-    mode: Annotated[str, typer.Option("--mode", help="linear: on the stored vectors (seconds); finetune: the last backbone stages, from the files")] = "linear",
-    epochs: Annotated[Optional[int], option("--epochs", min=1, help="Training epochs [default: 300 linear, 10 finetune]")] = None,
-    stages: Annotated[int, typer.Option("--stages", min=0, help="finetune: how many last backbone stages to unfreeze")] = 3,
+    mode: Annotated[
+        HeadMode, typer.Option("--mode", help="linear: on the stored vectors (seconds); finetune: the last backbone stages, from the files")
+    ] = HeadMode.linear,
+    epochs: Annotated[
+        Optional[int], option("--epochs", min=1, help=f"Training epochs [default: {', '.join(f'{n} {m.value}' for m, n in HEAD_EPOCHS.items())}]")
+    ] = None,
+    stages: Annotated[int, typer.Option("--stages", min=0, help="finetune: how many last backbone stages to unfreeze")] = HEAD_STAGES,
     out: Annotated[Optional[Path], option("--out", help="Head file stem [default: heads/<collection>-<mode>]")] = None,
     json_output: JsonOption = False,
 ) -> Output:
     """Train a classifier head on the collection's labeled images, for `recognize --method head`."""
-    from imgsearch.recognize import train_head_for
+    from imgsearch.recognition.head import train_head_for
 
     head, weights_path, info_path = train_head_for(
         settings, mode, epochs=epochs, stages=stages, out=out, progress=progress_lines(not json_output)
     )
     summary = {"head": str(weights_path), "info": str(info_path), "labels": len(head.info.labels), **head.info.metrics}
     accuracy = head.info.metrics.get("validation_accuracy")
-    return Output(summary, f"trained {mode} head on {len(head.info.labels)} labels: validation accuracy {accuracy} -> {weights_path}")
+    return Output(summary, f"trained {mode.value} head on {len(head.info.labels)} labels: validation accuracy {accuracy} -> {weights_path}")
 
 
 @command("eval", settings=MODEL + ("workers",))

@@ -5,19 +5,42 @@ from __future__ import annotations
 import re
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from imgsearch.errors import CollectionNotFoundError, UsageError
 
+# Defaults the settings share with the library functions they feed (one place for each).
 DEFAULT_REVIEW_MAX = 10_000  # queries kept for review (recognize --keep-unknown)
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_MAX_PIXELS = 64_000_000  # a larger image is refused before it is decoded (decompression bombs)
+DEFAULT_UPSERT_CHUNK = 512
+WRITER_PROCESS_MIN_CHUNKS = 4  # writer auto: a process (about a second to start) from this many upsert chunks
+Runtime = Literal["auto", "torch", "onnx", "onnx-int8"]
+RUNTIMES = get_args(Runtime)
+WriterPlace = Literal["auto", "process", "thread"]
+# Recognition: the labeled neighbours scored per query (why 100: recognition/scoring.py), and the most a request may ask.
+RECOGNITION_K = 100
+RECOGNITION_K_MAX = 1024
+# Duplicates: pairs at or above SIMILAR are reported, near-identical from NEAR_IDENTICAL (why: duplicates.py).
+NEAR_IDENTICAL = 0.90
+SIMILAR = 0.85
 
 
 class RecognitionMethod(str, Enum):
     knn = "knn"  # the labeled neighbours in Milvus
     head = "head"  # a classifier head from train-head
+
+
+class HeadMode(str, Enum):
+    linear = "linear"  # softmax regression on the stored vectors (seconds)
+    finetune = "finetune"  # the last backbone stages and a new final layer, from the image files
+
+
+HEAD_EPOCHS = {HeadMode.linear: 300, HeadMode.finetune: 10}
+HEAD_STAGES = 3  # finetune: the last backbone stages unfrozen
 
 
 class Settings(BaseSettings):
@@ -29,7 +52,7 @@ class Settings(BaseSettings):
     model: str = Field("efficientnet_lite0", description="Encoder name: efficientnet_lite0, torchvision/timm names, open_clip ARCH/TAG")
     weights: Path | None = Field(None, description="Local weights file for the encoder")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    runtime: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
+    runtime: Runtime = Field(
         "auto", description="auto: onnxruntime on a CPU (int8 for efficientnet_lite0, measured faster there), torch on CUDA"
     )
     cuda_graphs: bool = Field(True, description="On CUDA, run each full batch as one captured CUDA graph")
@@ -38,12 +61,12 @@ class Settings(BaseSettings):
         None, description="SQLite file of content hashes by path, size and mtime, so a re-ingest reads only changed files; "
         "default ~/.cache/imgsearch/file-hashes.sqlite",
     )
-    batch_size: int = Field(32, ge=1, le=4096, description="Images per forward pass")
+    batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1, le=4096, description="Images per forward pass")
     workers: int | None = Field(None, ge=0, description="Decode worker processes; default: automatic")
-    max_image_pixels: int = Field(64_000_000, ge=1, description="Refuse images larger than this (decompression bombs)")
-    upsert_chunk: int = Field(512, ge=1, description="Rows per Milvus upsert call")
-    writer: Literal["auto", "process", "thread"] = Field(
-        "auto", description="Where ingest upserts run: a child process (auto: for 2,048 images or more) or a thread"
+    max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Refuse images larger than this (decompression bombs)")
+    upsert_chunk: int = Field(DEFAULT_UPSERT_CHUNK, ge=1, description="Rows per Milvus upsert call")
+    writer: WriterPlace = Field(
+        "auto", description=f"Where ingest upserts run: a child process (auto: for {WRITER_PROCESS_MIN_CHUNKS} upsert chunks of images or more) or a thread"
     )
     gpu_decode: bool = Field(True, description="On CUDA, decode baseline RGB JPEGs on the GPU (nvJPEG) during ingest")
     # The REST service (imgsearch serve)

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from imgsearch.config import DEFAULT_MAX_PIXELS
 from imgsearch.errors import CatalogError
-from imgsearch.images import DEFAULT_MAX_PIXELS, find_images, load_image
+from imgsearch.images import find_images, load_image
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot"]

@@ -74,7 +74,7 @@ def delete_images(
             path.unlink(missing_ok=True)
         report.deleted.append({"id": row["id"], "path": row["path"], "label": row["label"], "file_removed": removable})
     if recalibrate and not dry_run and any(row["label"] for row in found):  # references went: recalibrate "unknown"
-        from imgsearch.abstention import self_calibrate
+        from imgsearch.recognition.abstention import self_calibrate
 
         self_calibrate(store)
     return report
@@ -84,7 +84,7 @@ def _review_paths(store: MilvusStore, review: MilvusStore | None, ids: list[str]
     """The files kept review queries of these ids use (an upload kept for review shares the row's content-named file)."""
     if not ids:
         return {}
-    from imgsearch.review import review_store
+    from imgsearch.recognition.review import review_store
 
     opened = review is None
     review = review or review_store(store, create=False)

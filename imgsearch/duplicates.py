@@ -24,20 +24,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from imgsearch.config import NEAR_IDENTICAL, SIMILAR
+from imgsearch.store.search_params import close_neighbours
 from imgsearch.validation import recorded_copies
 
 if TYPE_CHECKING:
     from imgsearch.store import MilvusStore
 
 IDENTICAL = "identical content"
-NEAR_IDENTICAL = 0.90
-SIMILAR = 0.85
 NEIGHBOURS = 16  # per image: a group larger than this is found from several of its members
 READ_BATCH = 1000  # rows (with vectors) per query-iterator call: 256 cost time per call, 4,000 held ~330-390 MB of lists
 SEARCH_BATCH = 500  # query vectors per search call
-# HNSW's ef for these searches: the neighbours wanted are very close ones, which a small ef finds; on the 2.3.5
-# server at 100k rows a query took 4.7 ms at ef 64 and 2.9 ms at ef 32 (benchmarks/duplicates.py, docs/duplicates.md).
-SEARCH_EF = 2 * (NEIGHBOURS + 1)
 
 
 @dataclass
@@ -165,7 +162,7 @@ def _close_pairs(store, batch, rows, pairs, prefix: str, similar: float, neighbo
     if not batch:
         return
     vectors = np.array([row["vector"] for row in batch], dtype=np.float32)
-    params = {"params": {"ef": max(SEARCH_EF, 2 * (neighbours + 1))}}
+    params = close_neighbours(neighbours + 1)
     for row, hits in zip(batch, store.search(vectors, k=neighbours + 1, fields=("path", "label"), search_params=params)):
         for hit in hits:
             if hit.id != row["id"] and hit.score >= similar and hit.path.startswith(prefix):

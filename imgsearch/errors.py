@@ -73,6 +73,5 @@ class InvalidInputError(ImgsearchError):
 
 
 # Exit statuses of the `imgsearch` command, the same with and without --json.
-EXIT_OK = 0
 EXIT_FAILED = 2  # the command could not run (usage, missing path or collection, store refused)
 EXIT_PARTIAL = 3  # the command ran, but some files or rows failed; they are listed in the report

@@ -12,6 +12,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from imgsearch.config import DEFAULT_BATCH_SIZE, DEFAULT_MAX_PIXELS
 from imgsearch.errors import ImageDecodeError, UsageError
 
 try:  # HEIC/HEIF/AVIF when the optional plugin is installed
@@ -26,7 +27,6 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 )
 
-DEFAULT_MAX_PIXELS = 64_000_000
 # The pixel limit is imgsearch's setting (IMGSEARCH_MAX_IMAGE_PIXELS), checked from the header before any pixel
 # is decoded; Pillow's own global limit (89 MP) would otherwise refuse images the setting allows, or let
 # through images the setting refuses, with its own wording.
@@ -218,7 +218,7 @@ def decode_in_batches(
     min_side: int,
     max_pixels: int,
     failed: list[dict[str, str]],
-    batch_size: int = 32,
+    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> Iterator[tuple[list[str], list[Image.Image]]]:
     """Query images under `paths` in batches of (names, images); unreadable ones are appended to `failed`."""
     names: list[str] = []

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imgsearch.images import DEFAULT_MAX_PIXELS, decode_in_batches
-from imgsearch.store import Hit, MilvusStore
+from imgsearch.config import DEFAULT_MAX_PIXELS
+from imgsearch.images import decode_in_batches
+from imgsearch.store import Hit, MilvusStore, label_is
 
 if TYPE_CHECKING:  # torch is imported only when a model is loaded
     from imgsearch.encoders import Encoder
@@ -49,9 +50,7 @@ def search_text(encoder: Encoder, store: MilvusStore, texts: Sequence[str], *, k
 
 def with_label(filter: str, label: str) -> str:
     """`filter` narrowed to one label (a value, never parsed as an expression)."""
-    from imgsearch.store import string_literal
-
     if not label:
         return filter
-    only = f"label == {string_literal(label)}"
+    only = label_is(label)
     return f"({filter}) and {only}" if filter.strip() else only

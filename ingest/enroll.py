@@ -11,7 +11,7 @@ from imgsearch.encoders import Encoder
 from imgsearch.images import check_paths_exist, find_images
 from imgsearch.ingest.catalog import CatalogEntry, absolute
 from imgsearch.ingest.pipeline import IngestReport, ingest_entries, ingest_options
-from imgsearch.store import MilvusStore, string_literal
+from imgsearch.store import MilvusStore, label_is
 from imgsearch.uploads import save_upload
 from imgsearch.validation import recorded_copies, validate_label
 
@@ -29,15 +29,15 @@ def enroll_paths(
         entries, encoder, store, relabel_duplicates=True, **ingest_options(settings)
     )
     enrolled = {str(entry.path) for entry in entries}
-    rows = store.iter_rows(("id", "path", "metadata"), filter=f"label == {string_literal(label)}")
+    rows = store.iter_rows(("id", "path", "metadata"), filter=label_is(label))
     # stored content that was relabelled keeps its own path and records the enrolled file as a copy
     ids = [row["id"] for row in rows if enrolled.intersection([row["path"], *recorded_copies(row.get("metadata"))])]
     return _checked(store, label, ids, report)
 
 
 def _checked(store: MilvusStore, label: str, ids: list[str], report: IngestReport) -> IngestReport:
-    """The enrolment check (enrolment_check.py) of the references just enrolled, in the report."""
-    from imgsearch.enrolment_check import check_enrolment
+    """The enrolment check (recognition/enrolment_check.py) of the references just enrolled, in the report."""
+    from imgsearch.recognition.enrolment_check import check_enrolment
 
     check = check_enrolment(store, label, ids)
     report.enrolment_check = check.to_dict() if check else None

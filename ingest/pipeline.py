@@ -1,5 +1,5 @@
 """Ingest a catalog into Milvus: plan (plan.py: hash and diff), read (reader.py: decode in workers), encode in
-batches here, write (writer.py: upsert chunks on a background thread).
+batches here, write (writer.py: upsert chunks from a child process, or from a thread for jobs under a few chunks).
 
 Why this is safe to interrupt and rerun: ids are SHA-256 hashes of file bytes, so an image
 always maps to the same row and an upsert of it is idempotent; a rerun skips what is stored.
@@ -15,13 +15,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from imgsearch.config import DEFAULT_BATCH_SIZE, DEFAULT_MAX_PIXELS, DEFAULT_UPSERT_CHUNK, WriterPlace
 from imgsearch.encoders import Encoder
 from imgsearch.ingest.catalog import CatalogEntry, Shard, absolute, catalog_folder, check_catalog, scan_catalog
 from imgsearch.ingest.hashes import FileStamp, HashCache, default_hash_cache
 from imgsearch.ingest.plan import Settler, drop_replaced, plan_entries, prune_missing, record_copies
 from imgsearch.ingest.reader import PREFETCH_BATCHES, PlannedImages, auto_workers, batches
 from imgsearch.ingest.report import IngestReport, ProgressCallback
-from imgsearch.ingest.writer import WRITE_QUEUE_CHUNKS, InFlight, WriterKind, WriterProcess, start_writer
+from imgsearch.ingest.writer import WRITE_QUEUE_CHUNKS, InFlight, WriterProcess, start_writer
 from imgsearch.store import ImageRecord, MilvusStore
 from imgsearch.validation import with_copies
 
@@ -60,21 +61,21 @@ def ingest_entries(
     prune: bool = False,
     relabel_duplicates: bool = False,
     shard: Shard | None = None,
-    batch_size: int = 32,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     workers: int | None = None,
-    max_pixels: int = 64_000_000,
-    upsert_chunk: int = 512,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    upsert_chunk: int = DEFAULT_UPSERT_CHUNK,
     progress: ProgressCallback | None = None,
     wait_for_index: bool = True,
     hash_cache: Path | None = None,
     calibrate: bool = True,
-    writer: WriterKind = "auto",
+    writer: WriterPlace = "auto",
 ) -> IngestReport:
     """Settle what is stored, read each other file once in decode workers, encode in batches and upsert; enrolment
     uses it too. `wait_for_index`: return once Milvus Lite has indexed the new rows (the service does not wait: it
     answers while Lite builds in the background). `hash_cache`: the SQLite file of remembered hashes (default
     ~/.cache/imgsearch/file-hashes.sqlite). `calibrate`: when labeled rows changed, recompute the collection's own
-    abstention threshold (abstention.py) afterwards. `writer`: upsert from a child process or a thread (writer.py)."""
+    abstention threshold (recognition/abstention.py) afterwards. `writer`: upsert from a child process or a thread (writer.py)."""
     started = time.perf_counter()
     report = IngestReport()
     settler = Settler(store, report, relabel_duplicates)
@@ -92,8 +93,8 @@ def ingest_entries(
                     plan_path, preprocess, max_pixels, encoder.input_size, shard, device_jpegs=encoder.jpeg_decoder is not None
                 )
                 encode_and_store(
-                    dataset, pending, encoder, store, report, settler, hashes, batch_size, workers, upsert_chunk, progress,
-                    writer,
+                    dataset, encoder, store, pending=pending, report=report, settler=settler, hashes=hashes, batch_size=batch_size,
+                    workers=workers, upsert_chunk=upsert_chunk, progress=progress, writer_kind=writer,
                 )
     finally:
         hashes.close()
@@ -109,7 +110,7 @@ def ingest_entries(
             progress("index", 0, None)
         report.index_seconds = store.wait_for_index()  # else Lite searches the new rows without it, or builds at exit
     if calibrate and report.references_changed:
-        from imgsearch.abstention import self_calibrate
+        from imgsearch.recognition.abstention import self_calibrate
 
         if progress:
             progress("calibrate", 0, None)
@@ -142,9 +143,10 @@ def in_flight_bound(batch_size: int, workers: int, upsert_chunk: int) -> int:
 
 def encode_and_store(
     dataset: PlannedImages,
-    pending: int,
     encoder: Encoder,
     store: MilvusStore,
+    *,
+    pending: int,
     report: IngestReport,
     settler: Settler,
     hashes: HashCache,
@@ -152,12 +154,18 @@ def encode_and_store(
     workers: int | None,
     upsert_chunk: int,
     progress: ProgressCallback | None,
-    writer_kind: WriterKind = "auto",
+    writer_kind: WriterPlace,
 ) -> None:
+    """Encode the `pending` planned files that hold new content, in batches, and hand the rows to a writer in chunks."""
     num_workers = auto_workers(pending, batch_size) if workers is None else workers
     report.workers = num_workers
     report.in_flight_bound = in_flight_bound(batch_size, num_workers, upsert_chunk)
-    loader = batches(dataset, batch_size, num_workers, tensors=encoder.tensor_batches, pin_memory=encoder.pin_memory)
+    if encoder.tensor_batches:
+        from imgsearch.ingest.torch_reader import batch_loader  # torch: only torch encoders need it
+
+        loader = batch_loader(dataset, batch_size, num_workers, encoder.pin_memory)
+    else:
+        loader = batches(dataset, batch_size, num_workers)
     in_flight = InFlight()
     writer = start_writer(store, in_flight, writer_kind, rows=pending, chunk=upsert_chunk)
     report.writer = "process" if isinstance(writer, WriterProcess) else "thread"
@@ -167,36 +175,17 @@ def encode_and_store(
         waited = time.perf_counter()
         for batch in loader:
             report.wait_seconds += time.perf_counter() - waited
-            report.failed.extend(batch["failed"])
-            report.other_shards += len(batch["other_shards"])
-            report.decode_seconds += batch["decode_seconds"]
+            done += report.add_read(batch)
             remember_hashes(hashes, batch["items"] + batch["other_shards"])
             for item in batch["items"]:
                 if item.get("previous") not in (None, item["id"]):
                     settler.replaced[item["path"]] = item["previous"]
-            items, inputs = batch["items"], batch["batch"]
-            encode_started = time.perf_counter()
-            if batch["jpegs"]:  # the encode stage's time includes decoding them on the device
-                from imgsearch.ingest.torch_reader import decode_on_device
-
-                items, inputs, failed, device_decoded = decode_on_device(batch, encoder, dataset)
-                report.failed.extend(failed)
-                report.gpu_decoded += device_decoded
-            items, inputs = new_content(items, inputs, settler)
-            if items:
-                in_flight.add(len(items))
-                vectors = encoder.encode(inputs)
-                report.encode_seconds += time.perf_counter() - encode_started
-                for item, vector in zip(items, vectors):
-                    buffer.append(
-                        ImageRecord(id=item["id"], vector=vector, path=item["path"], label=item["label"], metadata=new_row_metadata(item))
-                    )
-                report.indexed += len(items)
-                report.labeled_indexed += sum(1 for item in items if item["label"])
+            records = encode_batch(batch, encoder, dataset, settler, report)
+            in_flight.add(len(records))
+            buffer += records
             if len(buffer) >= upsert_chunk:
                 writer.put(buffer)
                 buffer = []
-            done += len(batch["items"]) + len(batch["failed"]) + len(batch["other_shards"])
             if progress:
                 progress("encode", done, pending)
             waited = time.perf_counter()
@@ -207,6 +196,27 @@ def encode_and_store(
         report.max_in_flight = in_flight.peak
     if isinstance(writer, WriterProcess):
         store.count()  # one Strong read: this client's later Session searches (calibration) see the child's rows
+
+
+def encode_batch(batch: dict[str, Any], encoder: Encoder, dataset: PlannedImages, settler: Settler, report: IngestReport) -> list[ImageRecord]:
+    """The rows of a decoded batch's new content (JPEGs left to the device decoded there first)."""
+    items, inputs = batch["items"], batch["batch"]
+    started = time.perf_counter()
+    if batch["jpegs"]:  # the encode stage's time includes decoding them on the device
+        from imgsearch.ingest.torch_reader import decode_on_device  # torch: only CUDA encoders get JPEGs
+
+        items, inputs, failed, device_decoded = decode_on_device(batch, encoder, dataset)
+        report.failed.extend(failed)
+        report.gpu_decoded += device_decoded
+    items, inputs = new_content(items, inputs, settler)
+    if not items:
+        return []
+    vectors = encoder.encode(inputs)
+    report.add_encoded(items, time.perf_counter() - started)
+    return [
+        ImageRecord(id=item["id"], vector=vector, path=item["path"], label=item["label"], metadata=new_row_metadata(item))
+        for item, vector in zip(items, vectors)
+    ]
 
 
 def new_content(items: list[dict[str, Any]], inputs: Any, settler: Settler) -> tuple[list[dict[str, Any]], Any]:

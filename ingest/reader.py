@@ -106,13 +106,10 @@ def collate(items: list[dict[str, Any]], stack: Callable = np.stack, buffer: Cal
     }
 
 
-def batches(dataset: PlannedImages, batch_size: int, workers: int, *, tensors: bool, pin_memory: bool) -> Iterator[dict[str, Any]]:
-    """Batches of the plan, decoded by `workers` processes (0: in this one); torch tensors when `tensors`."""
-    if tensors:
-        from imgsearch.ingest.torch_reader import batch_loader
-
-        yield from batch_loader(dataset, batch_size, workers, pin_memory)
-    elif workers == 0:
+def batches(dataset: PlannedImages, batch_size: int, workers: int) -> Iterator[dict[str, Any]]:
+    """Batches of the plan as numpy arrays, decoded by `workers` processes (0: in this one); torch encoders read
+    through torch_reader.py instead."""
+    if workers == 0:
         yield from _batched(dataset.items(), batch_size)
     else:
         yield from _from_worker_processes(dataset, batch_size, workers)

@@ -39,6 +39,18 @@ class IngestReport:
     max_in_flight: int = 0
     in_flight_bound: int = 0
 
+    def add_read(self, batch: dict[str, Any]) -> int:
+        """Count a batch the decode workers read (reader.collate's dict); returns the files it accounts for."""
+        self.failed.extend(batch["failed"])
+        self.other_shards += len(batch["other_shards"])
+        self.decode_seconds += batch["decode_seconds"]
+        return len(batch["items"]) + len(batch["failed"]) + len(batch["other_shards"])
+
+    def add_encoded(self, items: list[dict[str, Any]], seconds: float) -> None:
+        self.indexed += len(items)
+        self.labeled_indexed += sum(1 for item in items if item["label"])
+        self.encode_seconds += seconds
+
     @property
     def references_changed(self) -> bool:
         """Whether labeled rows may have changed: what makes the self-calibrated threshold stale."""

@@ -17,27 +17,25 @@ import queue
 import signal
 import threading
 import time
-from typing import Literal
 
+from imgsearch.config import DEFAULT_UPSERT_CHUNK, WRITER_PROCESS_MIN_CHUNKS, WriterPlace
 from imgsearch.errors import StoreError
-from imgsearch.store import ImageRecord, MilvusStore, upsert_rows
+from imgsearch.store import ImageRecord, MilvusStore, connect, upsert_rows
 
 log = logging.getLogger(__name__)
 
 WRITE_QUEUE_CHUNKS = 2
-WriterKind = Literal["auto", "process", "thread"]
 PARENT_POLL_SECONDS = 1.0  # how often an idle writer process checks that its parent is alive
-PROCESS_MIN_CHUNKS = 4  # `auto` starts a process (about a second of start-up, overlapping encoding) from this many
 
 
 def start_writer(
-    store: MilvusStore, in_flight: InFlight, kind: WriterKind = "auto", *, rows: int = 0, chunk: int = 512
+    store: MilvusStore, in_flight: InFlight, kind: WriterPlace = "auto", *, rows: int = 0, chunk: int = DEFAULT_UPSERT_CHUNK
 ) -> Writer | WriterProcess:
     """`process` where another process can reach the collection (a server URI, or the loopback gRPC server pymilvus
     runs for a Lite file in this process), else a thread; `auto`: a process for `rows` of at least
-    PROCESS_MIN_CHUNKS chunks, a thread for small jobs such as an enrolment."""
+    WRITER_PROCESS_MIN_CHUNKS chunks, a thread for small jobs such as an enrolment."""
     if kind == "auto":
-        kind = "process" if rows >= PROCESS_MIN_CHUNKS * chunk else "thread"
+        kind = "process" if rows >= WRITER_PROCESS_MIN_CHUNKS * chunk else "thread"
     uri = store.writer_uri() if kind == "process" else None
     if uri is None:
         if kind == "process":
@@ -195,12 +193,7 @@ def write_from_pipe(connection, uri: str, token: str, collection: str, parent: i
     """The writer process: upsert each chunk received, answer ("written" | "failed", detail, seconds); stop at None,
     when the pipe closes, or when the parent is gone (SIGKILLed: nobody would read the answers)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides and closes
-    from pymilvus import MilvusClient
-
-    from imgsearch.store import quiet_milvus_logs
-
-    quiet_milvus_logs()
-    client = MilvusClient(uri=uri, token=token)
+    client = connect(uri, token)
     failed: str | None = None
     try:
         while True:

@@ -1,5 +1,5 @@
 """"unknown" out of the box: ingest, enrol and recognise through the CLI with no `eval`, and the threshold the
-references calibrate themselves (abstention.py) on the real sample catalog and Lite0."""
+references calibrate themselves (recognition/abstention.py) on the real sample catalog and Lite0."""
 
 from __future__ import annotations
 

@@ -317,7 +317,7 @@ def test_generated_names_round_trip(tmp_path_factory, onnx_encoder, entries):
     every invalid one as a failed row, and search, recognize, export and import carry the names unchanged."""
     from imgsearch.errors import InvalidInputError
     from imgsearch.ingest.pipeline import ingest_catalog
-    from imgsearch.recognize import recognize_vectors
+    from imgsearch.recognition.knn import recognize_vectors
     from imgsearch.store import MilvusStore
     from imgsearch.transfer import export_parquet, import_parquet
     from imgsearch.validation import validate_label

@@ -286,7 +286,7 @@ def test_a_decode_worker_that_dies_is_one_error_not_a_hang(tmp_path):
     plan.write_text("".join(json.dumps({"path": str(path), "label": "", "metadata": {}}) + "\n" for path in paths))
     dataset = PlannedImages(plan, _exit_at_once, 64_000_000, 224)
     with pytest.raises(DecodeWorkerError, match="died"):
-        list(batches(dataset, 4, 2, tensors=False, pin_memory=False))
+        list(batches(dataset, 4, 2))
 
 
 def _exit_at_once(image):

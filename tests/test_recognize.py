@@ -13,18 +13,12 @@ from PIL import Image
 from helpers import FASHION_DIR
 from imgsearch.config import load_settings
 from imgsearch.evaluation import threshold_at_false_accept_rate
-from imgsearch.head import HeadError, head_paths, linear_probabilities, load_head, train_finetune
 from imgsearch.ingest.catalog import CatalogEntry, file_sha256
 from imgsearch.ingest.enroll import enroll_paths
 from imgsearch.ingest.plan import update_moved
-from imgsearch.recognize import (
-    Calibration,
-    load_calibration,
-    recognize_paths,
-    recognize_vectors,
-    save_calibration,
-    train_head_on_store,
-)
+from imgsearch.recognition.abstention import Calibration, load_calibration, save_calibration
+from imgsearch.recognition.head import HeadError, head_paths, linear_probabilities, load_head, train_finetune, train_head_on_store
+from imgsearch.recognition.knn import recognize_paths, recognize_vectors
 from imgsearch.store import ImageRecord
 
 pytestmark = pytest.mark.slow  # real weights and Milvus Lite
@@ -136,7 +130,7 @@ def test_calibration_is_stored_with_the_collection(make_store):
 
 
 def test_the_references_calibrate_unknown_themselves_and_the_sources_take_turns(make_store, vectors_by_class):
-    from imgsearch.abstention import resolve_abstention, self_calibrate
+    from imgsearch.recognition.abstention import resolve_abstention, self_calibrate
 
     singles = make_store(collection="one_photo_each")
     store_references(singles, vectors_by_class, KNOWN, 1)
@@ -166,7 +160,7 @@ def test_the_references_calibrate_unknown_themselves_and_the_sources_take_turns(
 
 
 def test_reference_counts_stored_with_the_calibration_spare_count_queries_until_a_label_is_new(make_store, vectors_by_class, monkeypatch):
-    from imgsearch.abstention import resolve_abstention, self_calibrate
+    from imgsearch.recognition.abstention import resolve_abstention, self_calibrate
 
     store = make_store()
     store_references(store, vectors_by_class, KNOWN, 12)
@@ -190,7 +184,7 @@ def test_reference_counts_stored_with_the_calibration_spare_count_queries_until_
 
 
 def test_a_margin_turns_a_close_call_into_unknown():
-    from imgsearch.recognize import decide
+    from imgsearch.recognition.scoring import decide
 
     assert decide({"shirt": 0.80, "tshirt": 0.79}, 0.7) == ("shirt", 0.80)
     assert decide({"shirt": 0.80, "tshirt": 0.79}, 0.7, margin=0.02) == (None, 0.80)

@@ -9,7 +9,8 @@ import pytest
 from helpers import FASHION_DIR
 from imgsearch.evaluation import EvalOptions, auroc, load_splits, load_validation, threshold_at_false_accept_rate
 from imgsearch.evaluation.metrics import best_threshold_and_margin
-from imgsearch.recognize import NoReferencesError, recognize_vectors, score_labels
+from imgsearch.recognition.knn import NoReferencesError, recognize_vectors
+from imgsearch.recognition.scoring import score_labels
 from imgsearch.store import Hit
 
 

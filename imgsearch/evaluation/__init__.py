@@ -43,7 +43,7 @@ def evaluate_and_calibrate(
 ) -> tuple[dict[str, Any], Path, Path]:
     """Measure recognition on `dataset`; with `calibrate`, store the open-set threshold with the settings'
     collection (created when missing), where `recognize` finds it. Returns the report and the files written."""
-    from imgsearch.recognize import Calibration, save_calibration
+    from imgsearch.recognition.abstention import Calibration, save_calibration
     from imgsearch.session import open_encoder, open_session
 
     check_options(options)

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from imgsearch.recognize import power_normalize, score_labels
+from imgsearch.recognition.scoring import power_normalize, score_labels
 
 
 def predict(*args: Any, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -16,8 +16,8 @@ from imgsearch.datasets import FASHION_MNIST_PREFIX, LabeledSet, class_folders, 
 from imgsearch.encoders import Encoder
 from imgsearch.errors import CatalogError
 from imgsearch.evaluation.metrics import auroc, confusion_matrix, predict, threshold_at_false_accept_rate
-from imgsearch.head import linear_probabilities, stratified_split, train_linear
-from imgsearch.recognize import DEFAULT_DENSITY, DEFAULT_K, DEFAULT_PER_CLASS, DEFAULT_POWER
+from imgsearch.recognition.head import linear_probabilities, stratified_split, train_linear
+from imgsearch.recognition.scoring import DEFAULT_DENSITY, DEFAULT_K, DEFAULT_PER_CLASS, DEFAULT_POWER
 
 Progress = Callable[[str], None]
 ENCODE_BATCH = 64
@@ -255,7 +255,7 @@ def late_enrolment(references: EncodedSplit, queries: EncodedSplit, options: Eva
 def finetune_accuracy(
     encoder: Encoder, reference_set: LabeledSet, query_set: LabeledSet, options: EvalOptions, weights, progress
 ) -> dict[str, Any]:
-    from imgsearch.head import FinetunedClassifier, HeadInfo, TrainedHead, train_finetune
+    from imgsearch.recognition.head import FinetunedClassifier, HeadInfo, TrainedHead, train_finetune
 
     labels = [reference_set.classes[t] for t in reference_set.targets]
     state, head_classes, metrics = train_finetune(

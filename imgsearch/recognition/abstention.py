@@ -23,20 +23,34 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from imgsearch.recognize import DEFAULT_K, DEFAULT_PER_CLASS, LABELED, load_calibration, score_labels, search_params
-from imgsearch.store import REFERENCE_COUNTS_PROPERTY, SELF_CALIBRATION_PROPERTY, MilvusStore, string_literal
+from imgsearch.recognition.scoring import (
+    DEFAULT_K,
+    least_for_accuracy,
+    score_label_left_out,
+    score_left_out,
+    scored_neighbours,
+    without_labels,
+    without_own_rows,
+)
+from imgsearch.store import (
+    LABELED,
+    RECOGNITION_PROPERTY,
+    REFERENCE_COUNTS_PROPERTY,
+    SELF_CALIBRATION_PROPERTY,
+    MilvusStore,
+    labeled_except,
+)
+from imgsearch.store.search_params import filtered
 
 SAMPLE_PER_LABEL = 50
 SAMPLE_MAX = 1000
 FAR_WEIGHT = 0.3
-ACCEPTED_ACCURACY = 0.93
-MARGIN_KEEPS = 0.75  # the margin (and a head's threshold) never turns more than a quarter of the answers into "unknown"
 SEARCH_BATCH = 64  # references scored per search call
 WIDE_SEARCH = 200  # a label with at most this many references is left out by searching past all of them
 SEED = 0
@@ -58,6 +72,19 @@ class Abstention:
 
     def to_dict(self) -> dict[str, Any]:
         return {"threshold": _round(self.threshold), "margin": _round(self.margin), "threshold_source": self.source}
+
+
+@dataclass
+class Calibration:
+    """The abstention threshold `imgsearch eval` measured on labeled data."""
+
+    threshold: float
+    false_accept_rate: float
+    dataset: str
+    k: int = DEFAULT_K
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
 
 
 @dataclass
@@ -85,7 +112,7 @@ def resolve_abstention(store: MilvusStore, threshold: float | None) -> Abstentio
     counts = _reference_counts(properties)
     if threshold is not None:
         return Abstention(threshold, None, "given", counts)
-    calibration = load_calibration(store)
+    calibration = _calibration(properties)
     if calibration is not None:
         source = f"eval on {calibration.dataset} at false-accept rate {calibration.false_accept_rate}"
         return Abstention(calibration.threshold, None, source, counts)
@@ -95,8 +122,23 @@ def resolve_abstention(store: MilvusStore, threshold: float | None) -> Abstentio
     return Abstention(None, None, "none", counts)
 
 
-def load_self_calibration(store: MilvusStore) -> SelfCalibration | None:
-    return _self_calibration(store.properties())
+# --- the stored thresholds, read and written here only ---------------------------------------------
+def save_calibration(store: MilvusStore, calibration: Calibration) -> None:
+    if not math.isfinite(calibration.threshold):
+        raise ValueError(f"threshold must be finite, got {calibration.threshold}")
+    store.set_properties({RECOGNITION_PROPERTY: calibration.to_json()})
+
+
+def load_calibration(store: MilvusStore) -> Calibration | None:
+    return _calibration(store.properties())
+
+
+def _calibration(properties: dict[str, str]) -> Calibration | None:
+    raw = properties.get(RECOGNITION_PROPERTY)
+    try:
+        return Calibration(**json.loads(raw)) if raw else None
+    except (ValueError, TypeError):
+        return None  # written by another version; recalibrate with `imgsearch eval`
 
 
 def _self_calibration(properties: dict[str, str]) -> SelfCalibration | None:
@@ -148,26 +190,26 @@ def self_calibrate(store: MilvusStore, *, k: int = DEFAULT_K) -> SelfCalibration
         chunk = narrow[start : start + SEARCH_BATCH]
         width = k + max(counts[label] for label, _ in chunk)
         queries = np.stack([vectors[row_id] for _, row_id in chunk])
-        results = store.search(queries, k=width, filter=LABELED, search_params=search_params(width), fields=("label",))
-        own_left_out = with_vectors(store, [[hit for hit in hits if hit.id != row_id][:k] for (_, row_id), hits in zip(chunk, results)], vectors)
-        label_left_out = with_vectors(store, [[hit for hit in hits if hit.label != label][:k] for (label, _), hits in zip(chunk, results)], vectors)
-        for (label, _), query, hits, other_hits in zip(chunk, queries, own_left_out, label_left_out):
+        results = store.search(queries, k=width, filter=LABELED, search_params=filtered(width), fields=("label",))
+        labels, ids = [label for label, _ in chunk], [row_id for _, row_id in chunk]
+        own_left_out = with_vectors(store, without_own_rows(results, ids, k), vectors)
+        label_left_out = with_vectors(store, without_labels(results, labels, k), vectors)
+        for label, query, hits, other_hits in zip(labels, queries, own_left_out, label_left_out):
             if counts[label] > 1:  # a reference alone in its label cannot be left out of it and still be known
                 known += score_left_out(query, hits, label, counts)
-            unknown += _unknown(query, other_hits, counts)
+            unknown += score_label_left_out(query, other_hits, counts)
     for label, ids in sample.items():
         if counts[label] <= WIDE_SEARCH:
             continue
         for start in range(0, len(ids), SEARCH_BATCH):
             chunk = [row_id for row_id in ids[start : start + SEARCH_BATCH] if row_id in vectors]
             queries = np.stack([vectors[row_id] for row_id in chunk])
-            results = store.search(queries, k=k + 1, filter=LABELED, search_params=search_params(k + 1), fields=("label",))
-            others = f"{LABELED} and label != {string_literal(label)}"
-            excluded = store.search(queries, k=k, filter=others, search_params=search_params(k), fields=("label",))
-            own_left_out = with_vectors(store, [[hit for hit in hits if hit.id != row_id][:k] for row_id, hits in zip(chunk, results)], vectors)
+            results = store.search(queries, k=k + 1, filter=LABELED, search_params=filtered(k + 1), fields=("label",))
+            excluded = store.search(queries, k=k, filter=labeled_except(label), search_params=filtered(k), fields=("label",))
+            own_left_out = with_vectors(store, without_own_rows(results, chunk, k), vectors)
             for query, hits, other_hits in zip(queries, own_left_out, with_vectors(store, excluded, vectors)):
                 known += score_left_out(query, hits, label, counts)
-                unknown += _unknown(query, other_hits, counts)
+                unknown += score_label_left_out(query, other_hits, counts)
     if not known or not unknown:  # e.g. one reference per label: nothing to learn a known answer's score from
         _store_calibration(store, None, counts)
         return None
@@ -196,33 +238,11 @@ def _sample(ids_by_label: dict[str, list[str]]) -> dict[str, list[str]]:
     return sample
 
 
-def score_left_out(query, hits, label, counts) -> list[tuple[bool, float, float]]:
-    """A reference of `label` recognised from `hits` (with vectors: `with_vectors`), its own row already left out,
-    so its label counts one less: [(right, confidence, margin)], or [] with no neighbour."""
-    if not hits:
-        return []
-    best, confidence, margin = _best(_scores(query, hits, {**counts, label: counts[label] - 1}))
-    return [(best == label, confidence, margin)]
-
-
-def _unknown(query, hits, counts) -> list[float]:
-    """A reference recognised with its whole label left out, as a never-enrolled class would be: [confidence]."""
-    return [_best(_scores(query, hits, counts))[1]] if hits else []
-
-
 def with_vectors(store, results, vectors: dict[str, np.ndarray]):
     """For each list of hits, the ones scoring reads (each label's first DEFAULT_PER_CLASS) with their vectors,
     fetched in one read and cached in `vectors` by id: searches that return every neighbour's vector cost ~0.8 s
     per call on Milvus Lite."""
-    trimmed = []
-    for hits in results:
-        seen: Counter = Counter()
-        kept = []
-        for hit in hits:
-            seen[hit.label] += 1
-            if seen[hit.label] <= DEFAULT_PER_CLASS:
-                kept.append(hit)
-        trimmed.append(kept)
+    trimmed = [scored_neighbours(hits) for hits in results]
     fetch_vectors(store, list({hit.id for hits in trimmed for hit in hits} - vectors.keys()), vectors)
     return [[replace(hit, vector=vectors[hit.id]) for hit in hits if hit.id in vectors] for hits in trimmed]
 
@@ -230,18 +250,6 @@ def with_vectors(store, results, vectors: dict[str, np.ndarray]):
 def fetch_vectors(store, ids: list[str], vectors: dict[str, np.ndarray]) -> None:
     for row_id, row in store.get(ids, fields=("id", "vector")).items():
         vectors[row_id] = np.asarray(row["vector"], dtype=np.float32)
-
-
-def _scores(query: np.ndarray, hits, counts: dict[str, int]) -> dict[str, float]:
-    """The scoring `recognize` uses; it reads only each label's first DEFAULT_PER_CLASS neighbours, so the trimmed
-    hits score the same."""
-    return score_labels(query, np.stack([hit.vector for hit in hits]), [hit.label for hit in hits], counts)
-
-
-def _best(scores: dict[str, float]) -> tuple[str, float, float]:
-    ranked = sorted(scores.items(), key=lambda item: -item[1])
-    margin = ranked[0][1] - ranked[1][1] if len(ranked) > 1 else math.inf
-    return ranked[0][0], ranked[0][1], margin
 
 
 def choose_abstention(known: list[tuple[bool, float, float]], unknown: list[float]) -> tuple[float, float]:
@@ -256,24 +264,6 @@ def choose_abstention(known: list[tuple[bool, float, float]], unknown: list[floa
     accepted = [(ok, margin) for ok, confidence, margin in known if confidence >= threshold]
     margins = np.array([min(margin, 1e9) for _, margin in accepted])
     return threshold, least_for_accuracy(margins, np.array([ok for ok, _ in accepted], dtype=bool))
-
-
-def least_for_accuracy(values: np.ndarray, right: np.ndarray, target: float = ACCEPTED_ACCURACY, keeps: float = MARGIN_KEEPS) -> float:
-    """The smallest cut-off at which the answers with `values` at or above it are right `target` of the time,
-    never cutting more than 1 - `keeps` of them (answers this confusable cannot reach the target: the cut stops
-    there); 0 when there are none."""
-    if len(values) == 0:
-        return 0.0
-    order = np.argsort(values)
-    values, right = values[order], right[order]
-    cut = 0.0
-    for index in range(len(values)):
-        if len(values) - index < keeps * len(values):
-            break
-        cut = float(values[index])
-        if right[index:].mean() >= target:
-            break
-    return cut
 
 
 def _round(value: float | None) -> float | None:

@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from imgsearch.abstention import fetch_vectors, score_left_out, with_vectors
-from imgsearch.recognize import DEFAULT_K, LABELED, search_params
-from imgsearch.store import MilvusStore, string_literal
+from imgsearch.recognition.abstention import fetch_vectors, with_vectors
+from imgsearch.recognition.scoring import DEFAULT_K, score_left_out, without_own_rows
+from imgsearch.store import LABELED, MilvusStore, label_is, labeled_except
+from imgsearch.store.search_params import filtered
 from imgsearch.terminal import visible
 
 CHECKED = 200  # new references looked at (a sample beyond that)
@@ -64,8 +65,8 @@ def check_enrolment(store: MilvusStore, label: str, ids: list[str], *, k: int = 
             )
     # Each new photo's nearest other reference of its own label (new or enrolled before) against its nearest of
     # any other label; a photo alone in its label has nothing to be compared with.
-    own_hits = store.search(vectors, k=2, filter=f"label == {string_literal(label)}", fields=("label",))
-    other_hits = store.search(vectors, k=1, filter=f"{LABELED} and label != {string_literal(label)}", fields=("label",))
+    own_hits = store.search(vectors, k=2, filter=label_is(label), fields=("label",))
+    other_hits = store.search(vectors, k=1, filter=labeled_except(label), fields=("label",))
     nearer: Counter = Counter()
     for row_id, own, other in zip(order, own_hits, other_hits):
         fellows = [hit.score for hit in own if hit.id != row_id]
@@ -87,7 +88,7 @@ def check_enrolment(store: MilvusStore, label: str, ids: list[str], *, k: int = 
 
 def _effect(store: MilvusStore, affected: str, new_label: str, k: int) -> dict[str, Any]:
     """Leave-one-out accuracy of `affected`'s references without the new label's rows and with them."""
-    ids = sorted(row["id"] for row in store.iter_rows(("id",), filter=f"label == {string_literal(affected)}"))
+    ids = sorted(row["id"] for row in store.iter_rows(("id",), filter=label_is(affected)))
     if len(ids) > AFFECTED_SAMPLE:
         ids = sorted(np.random.default_rng(0).choice(ids, AFFECTED_SAMPLE, replace=False).tolist())
     vectors: dict[str, np.ndarray] = {}
@@ -97,9 +98,9 @@ def _effect(store: MilvusStore, affected: str, new_label: str, k: int) -> dict[s
     if not ids:
         return effect
     queries = np.stack([vectors[row_id] for row_id in ids])
-    for when, where in (("before", f"{LABELED} and label != {string_literal(new_label)}"), ("after", LABELED)):
-        results = store.search(queries, k=k + 1, filter=where, search_params=search_params(k + 1), fields=("label",))
-        neighbours = [[hit for hit in hits if hit.id != row_id][:k] for row_id, hits in zip(ids, results)]
+    for when, where in (("before", labeled_except(new_label)), ("after", LABELED)):
+        results = store.search(queries, k=k + 1, filter=where, search_params=filtered(k + 1), fields=("label",))
+        neighbours = without_own_rows(results, ids, k)
         counts = store.label_counts({hit.label for hits in neighbours for hit in hits} | {affected})
         neighbours = with_vectors(store, neighbours, vectors)
         answers = [answer for query, hits in zip(queries, neighbours) for answer in score_left_out(query, hits, affected, counts)]

@@ -16,7 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from imgsearch.duplicates import find_duplicates
 from imgsearch.errors import CollectionNotFoundError, InvalidInputError
+from imgsearch.ingest.catalog import CatalogEntry
+from imgsearch.ingest.plan import update_moved
+from imgsearch.recognition.abstention import self_calibrate
+from imgsearch.recognition.enrolment_check import check_enrolment
 from imgsearch.store import ImageRecord, MilvusStore
 from imgsearch.validation import ID_LENGTH, UPLOAD_KEY, is_upload, validate_label
 
@@ -106,8 +111,6 @@ def review_groups(review: MilvusStore | None) -> list[ReviewGroup]:
     """The kept queries in groups of similar images (largest first), then each one left alone (by path)."""
     if review is None:
         return []
-    from imgsearch.duplicates import find_duplicates
-
     rows = {row["id"]: row for row in review.iter_rows(("id", "path", "metadata"))}
     if not rows:
         return []
@@ -189,11 +192,6 @@ def enroll_from_review(
 
 
 def _enroll(store: MilvusStore, review: MilvusStore, label: str, ids: list[str], recalibrate: bool) -> dict[str, Any]:
-    from imgsearch.abstention import self_calibrate
-    from imgsearch.enrolment_check import check_enrolment
-    from imgsearch.ingest.catalog import CatalogEntry
-    from imgsearch.ingest.plan import update_moved
-
     if not ids:
         raise InvalidInputError("nothing selected: give review group keys or ids (`imgsearch review` lists them)")
     rows = review.get(ids, fields=("id", "vector", "path", "metadata"))

@@ -1,4 +1,5 @@
-"""Classifier heads for a closed label set: a linear probe on stored vectors, or a fine-tuned backbone.
+"""Classifier heads for a closed label set: a linear probe on stored vectors, or a fine-tuned backbone; training
+them on a collection, and recognising with them.
 
 A head is saved as PATH.safetensors (weights) plus PATH.json (labels, encoder, dim, mode, collection,
 metrics), and refuses to run for another encoder or collection.
@@ -10,7 +11,7 @@ import copy
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,20 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
-from imgsearch.encoders import Encoder, load_torch_encoder
+from imgsearch.config import DEFAULT_MAX_PIXELS, HEAD_EPOCHS, HEAD_STAGES, HeadMode
+from imgsearch.datasets import FileImage
+from imgsearch.encoders import Encoder, canonical_model_name, load_torch_encoder
 from imgsearch.encoders.torch_encoder import TorchEncoder
-from imgsearch.errors import ImgsearchError
+from imgsearch.errors import ImgsearchError, UsageError
+from imgsearch.images import decode_in_batches
+from imgsearch.recognition.abstention import Abstention
+from imgsearch.recognition.knn import NoReferencesError, Recognition
+from imgsearch.recognition.scoring import ACCEPTED_ACCURACY, least_for_accuracy
+from imgsearch.session import open_existing_store
+from imgsearch.store import LABELED, MilvusStore
 
 log = logging.getLogger(__name__)
 
-MODES = ("linear", "finetune")
 HEAD_FORMAT = "1"
 
 
@@ -62,8 +70,8 @@ class TrainedHead:
         return weights_path, info_path
 
 
-def default_head_path(collection: str, mode: str) -> Path:
-    return Path("heads") / f"{collection}-{mode}"
+def default_head_path(collection: str, mode: HeadMode | str) -> Path:
+    return Path("heads") / f"{collection}-{HeadMode(mode).value}"
 
 
 def head_paths(path: Path) -> tuple[Path, Path]:
@@ -101,7 +109,7 @@ def train_linear(
     vectors: np.ndarray,
     labels: Sequence[str],
     *,
-    epochs: int = 300,
+    epochs: int = HEAD_EPOCHS[HeadMode.linear],
     validation_fraction: float = 0.1,
     seed: int = 0,
 ) -> tuple[dict[str, torch.Tensor], list[str], dict[str, Any]]:
@@ -230,6 +238,21 @@ class LabeledImages(Dataset):
         return self.transform(self.sources[index]()), int(self.targets[index])
 
 
+@dataclass
+class FinetuneRun:
+    """What one fine-tuning run trains: the model on its device (its last stages unfrozen), the two splits, and the
+    optimiser with its schedule."""
+
+    encoder: TorchEncoder
+    model: FinetuneModel
+    trainable: int  # parameters
+    train: DataLoader
+    validation: DataLoader
+    validation_images: int
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+
 def train_finetune(
     encoder_name: str,
     sources: Sequence[ImageSource],
@@ -237,8 +260,8 @@ def train_finetune(
     *,
     weights: Path | None = None,
     device: str = "auto",
-    epochs: int = 10,
-    stages: int = 3,
+    epochs: int = HEAD_EPOCHS[HeadMode.finetune],
+    stages: int = HEAD_STAGES,
     batch_size: int | None = None,
     learning_rate: float = 1e-3,
     validation_fraction: float = 0.1,
@@ -249,74 +272,102 @@ def train_finetune(
 ) -> tuple[dict[str, torch.Tensor], list[str], dict[str, Any]]:
     """Fine-tune the last `stages` backbone stages and a new final layer from labeled images, with augmentation,
     early stopping on a held-out split, and CUDA autocast when a GPU is present."""
-    encoder = load_torch_encoder(encoder_name, weights=weights, device=device)
     classes = sorted(set(labels))
     if len(classes) < 2:
         raise HeadError(f"a head needs at least 2 labels, found {len(classes)}")
     targets = np.array([classes.index(label) for label in labels])
     train_index, validation_index = stratified_split(targets, validation_fraction, seed)
     torch.manual_seed(seed)
-    model = FinetuneModel(encoder.module, encoder.dim, len(classes)).to(encoder.device)
-    trainable = unfreeze_last_stages(model.backbone, stages)
-    on_cuda = encoder.device.type == "cuda"
-    batch_size = batch_size or (256 if on_cuda else 32)
-    loader_options = {"num_workers": workers, "pin_memory": on_cuda, "persistent_workers": workers > 0}
-    train_loader = DataLoader(
-        LabeledImages([sources[i] for i in train_index], targets[train_index], augmentation(encoder)),
-        batch_size=batch_size, shuffle=True, drop_last=len(train_index) > batch_size, **loader_options,
+    run = _prepare_finetune(
+        load_torch_encoder(encoder_name, weights=weights, device=device), sources, targets, train_index, validation_index,
+        classes=len(classes), stages=stages, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, workers=workers,
     )
-    validation_loader = DataLoader(
-        LabeledImages([sources[i] for i in validation_index], targets[validation_index], encoder.preprocess),
-        batch_size=batch_size, **loader_options,
-    )
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.05)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=learning_rate, total_steps=max(1, epochs * len(train_loader)), pct_start=0.15
-    )
-    best_accuracy, best_state, stale, history = -1.0, None, 0, []
     started = time.perf_counter()
-    for epoch in range(1, epochs + 1):
-        model.train()
-        _freeze_batchnorm_of_frozen(model.backbone)
-        seen, loss_sum = 0, 0.0
-        for images, batch_targets in train_loader:
-            images = images.to(encoder.device, non_blocking=True)
-            batch_targets = batch_targets.to(encoder.device, non_blocking=True)
-            with encoder.autocast():
-                loss = F.cross_entropy(model(images), batch_targets, label_smoothing=0.1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.detach() * len(images)  # a tensor: no device sync per step
-            seen += len(images)
-        accuracy = _accuracy(model, validation_loader, encoder) if len(validation_index) else float("nan")
-        history.append({"epoch": epoch, "loss": round(float(loss_sum) / max(seen, 1), 4), "validation_accuracy": round(accuracy, 4)})
-        if progress:
-            progress(f"epoch {epoch}/{epochs}: loss {history[-1]['loss']}, validation accuracy {accuracy:.4f}")
-        if not len(validation_index) or accuracy > best_accuracy:
-            best_accuracy, best_state, stale = accuracy, copy.deepcopy(model.state_dict()), 0
-        else:
-            stale += 1
-            if stale >= patience:
-                break
+    best_accuracy, best_state, history = _train_epochs(run, epochs=epochs, patience=patience, progress=progress)
     if best_state is not None:
-        model.load_state_dict(best_state)
-    probabilities, truth = _probabilities(model, validation_loader, encoder) if len(validation_index) else (np.zeros((0, len(classes))), np.zeros(0))
+        run.model.load_state_dict(best_state)
+    if len(validation_index):
+        probabilities, truth = _probabilities(run.model, run.validation, run.encoder)
+    else:
+        probabilities, truth = np.zeros((0, len(classes))), np.zeros(0)
     metrics = {
         "validation_accuracy": round(best_accuracy, 4),
         **head_threshold(probabilities, truth),
         "epochs_run": len(history),
         "history": history,
-        "trainable_parameters": trainable,
+        "trainable_parameters": run.trainable,
         "stages": stages,
-        "device": str(encoder.device),
+        "device": str(run.encoder.device),
         "train_images": len(train_index),
         "validation_images": len(validation_index),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    return best_state or model.state_dict(), classes, metrics
+    return best_state or run.model.state_dict(), classes, metrics
+
+
+def _prepare_finetune(
+    encoder: TorchEncoder, sources: Sequence[ImageSource], targets: np.ndarray, train_index: np.ndarray, validation_index: np.ndarray,
+    *, classes: int, stages: int, epochs: int, batch_size: int | None, learning_rate: float, workers: int,
+) -> FinetuneRun:
+    model = FinetuneModel(encoder.module, encoder.dim, classes).to(encoder.device)
+    trainable = unfreeze_last_stages(model.backbone, stages)
+    on_cuda = encoder.device.type == "cuda"
+    batch_size = batch_size or (256 if on_cuda else 32)
+    loader_options = {"num_workers": workers, "pin_memory": on_cuda, "persistent_workers": workers > 0}
+    train = DataLoader(
+        LabeledImages([sources[i] for i in train_index], targets[train_index], augmentation(encoder)),
+        batch_size=batch_size, shuffle=True, drop_last=len(train_index) > batch_size, **loader_options,
+    )
+    validation = DataLoader(
+        LabeledImages([sources[i] for i in validation_index], targets[validation_index], encoder.preprocess),
+        batch_size=batch_size, **loader_options,
+    )
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate, weight_decay=0.05)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=learning_rate, total_steps=max(1, epochs * len(train)), pct_start=0.15
+    )
+    return FinetuneRun(encoder, model, trainable, train, validation, len(validation_index), optimizer, scheduler)
+
+
+def _train_epochs(
+    run: FinetuneRun, *, epochs: int, patience: int, progress: Callable[[str], None] | None
+) -> tuple[float, dict[str, torch.Tensor] | None, list[dict[str, Any]]]:
+    """Train until `epochs` or `patience` epochs without a better validation accuracy; the best accuracy, its
+    weights (None if nothing was validated) and each epoch's loss and accuracy."""
+    model, encoder = run.model, run.encoder
+    best_accuracy, best_state, stale, history = -1.0, None, 0, []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        _freeze_batchnorm_of_frozen(model.backbone)
+        loss = _train_one_epoch(run)
+        accuracy = _accuracy(model, run.validation, encoder) if run.validation_images else float("nan")
+        history.append({"epoch": epoch, "loss": round(loss, 4), "validation_accuracy": round(accuracy, 4)})
+        if progress:
+            progress(f"epoch {epoch}/{epochs}: loss {history[-1]['loss']}, validation accuracy {accuracy:.4f}")
+        if not run.validation_images or accuracy > best_accuracy:
+            best_accuracy, best_state, stale = accuracy, copy.deepcopy(model.state_dict()), 0
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    return best_accuracy, best_state, history
+
+
+def _train_one_epoch(run: FinetuneRun) -> float:
+    """One pass over the training split; the mean loss."""
+    seen, loss_sum = 0, 0.0
+    for images, batch_targets in run.train:
+        images = images.to(run.encoder.device, non_blocking=True)
+        batch_targets = batch_targets.to(run.encoder.device, non_blocking=True)
+        with run.encoder.autocast():
+            loss = F.cross_entropy(run.model(images), batch_targets, label_smoothing=0.1)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        run.scheduler.step()
+        loss_sum += loss.detach() * len(images)  # a tensor: no device sync per step
+        seen += len(images)
+    return float(loss_sum) / max(seen, 1)
 
 
 def _freeze_batchnorm_of_frozen(backbone: torch.nn.Module) -> None:
@@ -345,8 +396,6 @@ def head_threshold(probabilities: np.ndarray, truth: np.ndarray) -> dict[str, An
     probability at which the accepted answers are right ACCEPTED_ACCURACY of the time (rejecting at most a quarter),
     and at least the 5th percentile of the right answers' probability, so an unfamiliar input can still be
     "unknown" when validation was all right. None without a validation split."""
-    from imgsearch.abstention import ACCEPTED_ACCURACY, least_for_accuracy
-
     if len(probabilities) == 0:
         return {"threshold": None}
     confidence = probabilities.max(axis=1)
@@ -387,3 +436,96 @@ class FinetunedClassifier:
         with self.encoder.autocast():
             logits = self.model(batch)
         return logits.float().softmax(dim=1).cpu().numpy()
+
+
+# --- heads on a collection ----------------------------------------------------------------------
+def labeled_rows(store: MilvusStore, fields: Sequence[str]) -> list[dict]:
+    rows = list(store.iter_rows(fields=fields, filter=LABELED))
+    if not rows:
+        raise NoReferencesError(f"collection {store.collection} has no labeled images to train on")
+    return rows
+
+
+def train_head_on_store(
+    store: MilvusStore,
+    mode: HeadMode | str,
+    *,
+    epochs: int | None = None,
+    stages: int = HEAD_STAGES,
+    weights: Path | None = None,
+    device: str = "auto",
+    workers: int = 0,
+    progress=None,
+) -> TrainedHead:
+    """linear: the stored labeled vectors, nothing re-encoded; finetune: the labeled image files."""
+    mode = HeadMode(mode)
+    epochs = epochs or HEAD_EPOCHS[mode]
+    if mode is HeadMode.linear:
+        rows = labeled_rows(store, ("vector", "label"))
+        vectors = np.array([row["vector"] for row in rows], dtype=np.float32)
+        state, labels, metrics = train_linear(vectors, [row["label"] for row in rows], epochs=epochs)
+    else:
+        rows = [row for row in labeled_rows(store, ("path", "label")) if Path(row["path"]).is_file()]
+        if not rows:
+            raise NoReferencesError(f"none of the labeled images of {store.collection} exist on disk any more")
+        sources = [FileImage(Path(row["path"])) for row in rows]
+        state, labels, metrics = train_finetune(
+            store.model, sources, [row["label"] for row in rows], weights=weights, device=device,
+            epochs=epochs, stages=stages, workers=workers, progress=progress,
+        )
+    return TrainedHead(HeadInfo(labels, store.model, store.dim, mode.value, store.collection, metrics), state)
+
+
+def train_head_for(
+    settings, mode: HeadMode | str, *, epochs: int | None = None, stages: int = HEAD_STAGES, out: Path | None = None, progress=None
+) -> tuple[TrainedHead, Path, Path]:
+    """Train a head on the settings' collection and save it (default: heads/<collection>-<mode>); a model given
+    in the settings must be the collection's. Returns the head and its two files."""
+    mode = HeadMode(mode)
+    with open_existing_store(settings) as store:
+        if "model" in settings.model_fields_set and store.model != canonical_model_name(settings.model):
+            raise UsageError(f"collection {settings.collection_name} holds model {store.model}, not {settings.model}")
+        head = train_head_on_store(
+            store, mode, epochs=epochs, stages=stages, weights=settings.weights, device=settings.device,
+            workers=settings.workers or 0, progress=progress,
+        )
+    weights_path, info_path = head.save(out or default_head_path(settings.collection_name, mode))
+    return head, weights_path, info_path
+
+
+def recognize_paths_with_head(
+    encoder: Encoder,
+    store: MilvusStore,
+    head_path: Path,
+    paths: Iterable[str | Path],
+    *,
+    threshold: float | None = None,
+    weights: Path | None = None,
+    device: str = "auto",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[list[Recognition], list[dict[str, str]], Abstention]:
+    """Classify with a trained head; confidence is the softmax probability, so the threshold is the head's own
+    (calibrated on its validation split when it was trained) unless one is given. Refuses a head made for another
+    encoder or collection."""
+    head = load_head(head_path, encoder_name=encoder.name, collection=store.collection)
+    own = head.info.metrics.get("threshold")
+    if threshold is not None:
+        abstention = Abstention(threshold, None, "given")
+    elif isinstance(own, (int, float)):
+        abstention = Abstention(float(own), None, f"the head's, calibrated on its validation split ({head_path.name})")
+    else:
+        abstention = Abstention(None, None, "none (a head trained before heads had thresholds: train it again)")
+    classifier = FinetunedClassifier(head, weights=weights, device=device) if head.info.mode == HeadMode.finetune else None
+    recognitions: list[Recognition] = []
+    failed: list[dict[str, str]] = []
+    for names, images in decode_in_batches(paths, min_side=encoder.input_size, max_pixels=max_pixels, failed=failed):
+        if classifier is not None:
+            probabilities = classifier.probabilities(images)
+        else:
+            probabilities = linear_probabilities(head.state, encoder.encode_images(images))
+        for name, row in zip(names, probabilities):
+            best = int(row.argmax())
+            confidence = float(row[best])
+            label = head.info.labels[best] if abstention.threshold is None or confidence >= abstention.threshold else None
+            recognitions.append(Recognition(path=name, label=label, confidence=confidence, abstention=abstention.to_dict()))
+    return recognitions, failed, abstention
