@@ -8,6 +8,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from imgsearch.config import RUNTIMES
 from imgsearch.encoders.base import Encoder
 from imgsearch.errors import UnknownModelError, UnsupportedRuntimeError
 
@@ -20,7 +21,6 @@ __all__ = [
 
 TORCHVISION_PREFIX = "torchvision:"
 TIMM_PREFIX = "timm:"
-RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
 # Models whose int8 quantisation `auto` picks on a CPU, with their packaged weights: measured within 0.5 points of
 # fp32 recognition accuracy at over 1.5x its speed (docs/benchmarks.md). Others run fp32 unless asked.
 INT8_BY_DEFAULT = frozenset({"efficientnet_lite0"})
@@ -47,11 +47,15 @@ def load_encoder(
     if runtime in ("onnx", "onnx-int8") or (runtime == "auto" and not _on_cuda(device)):
         if runtime != "auto" and _on_cuda(device):
             raise UnsupportedRuntimeError(f"--runtime {runtime} runs on the CPU; use --device cpu, or --runtime torch on CUDA")
-        from imgsearch.encoders.onnx_runtime import onnx_encoder
-
         int8 = runtime == "onnx-int8" or (runtime == "auto" and auto_int8 and name in INT8_BY_DEFAULT and weights is None)
         load_torch = partial(load_torch_encoder, name, weights=weights, device="cpu")
-        return onnx_encoder(name, weights, onnx_cache, load_torch, int8=int8)
+        if int8:
+            from imgsearch.encoders.int8 import int8_encoder
+
+            return int8_encoder(name, weights, onnx_cache, load_torch)
+        from imgsearch.encoders.onnx_runtime import onnx_encoder
+
+        return onnx_encoder(name, weights, onnx_cache, load_torch)
     encoder = load_torch_encoder(name, weights=weights, device=device)
     encoder.cuda_graphs = cuda_graphs
     if gpu_decode:

@@ -4,7 +4,7 @@ Weights int8 per channel, activations uint8 with ranges from a percentile (99.99
 shipped in `calibration/` (real photos and product images, examples/make_int8_calibration_set.py). Every node is
 quantised: keeping some in fp32 measured worse (docs/benchmarks.md). The result is cached beside the fp32 export
 with its own card; it needs neither torch nor the training data. Its vectors are close to the fp32 ones (cosine
-checked in tests), but not equal: a collection records the precision that filled it (store.py) and runtime auto
+checked in tests), but not equal: a collection records the precision that filled it (store/schema.py) and runtime auto
 keeps to it.
 """
 
@@ -20,7 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
-from imgsearch.encoders.onnx_runtime import cache_error, disk_nearly_full, write_card_and_model
+from imgsearch.encoders.onnx_runtime import (
+    OnnxEncoder,
+    cache_error,
+    disk_nearly_full,
+    export_path,
+    load_cached,
+    onnx_encoder,
+    prune_stale_exports,
+    write_card_and_model,
+)
 from imgsearch.errors import ImgsearchError
 
 log = logging.getLogger(__name__)
@@ -44,6 +53,16 @@ def calibration_batches(preprocess, input_size: int) -> list[np.ndarray]:
 
     paths = sorted(path for path in CALIBRATION_DIR.iterdir() if path.suffix in (".jpg", ".png"))
     return [np.asarray(preprocess(load_image(path, min_side=input_size)), dtype=np.float32)[None] for path in paths]
+
+
+def int8_encoder(name: str, weights: Path | None, cache_dir: Path | None, load_torch) -> OnnxEncoder:
+    """The ONNX export of `name` quantised to int8, cached beside the fp32 export it is made from."""
+    quantized_path = int8_path(export_path(name, weights, cache_dir))
+    if (quantized := load_cached(quantized_path, load_torch)) is not None:
+        prune_stale_exports(quantized_path)
+        return quantized
+    fp32 = onnx_encoder(name, weights, cache_dir, load_torch)
+    return OnnxEncoder(quantize_export(fp32.model_path, fp32.preprocess, fp32.input_size), load_torch, fp32.built_torch_encoder)
 
 
 def int8_path(fp32_path: Path) -> Path:

@@ -312,6 +312,11 @@ class OnnxEncoder(Encoder):
     def torch_encoder(self) -> TorchEncoder:
         return self._load_torch()
 
+    @property
+    def built_torch_encoder(self) -> TorchEncoder | None:
+        """The torch encoder if this process has built it already (an export does), else None; loads nothing."""
+        return self.__dict__.get("torch_encoder")
+
     def encode(self, batch: Any) -> np.ndarray:
         images = np.ascontiguousarray(batch, dtype=np.float32)  # an array, or a CPU tensor from torch preprocessing
         return self.session.run(["features"], {"images": images})[0].astype(np.float32, copy=False)
@@ -322,27 +327,18 @@ class OnnxEncoder(Encoder):
         return self.torch_encoder.encode_text(texts)  # text towers stay in torch
 
 
-def onnx_encoder(
-    name: str, weights: Path | None, cache_dir: Path | None, load_torch: Callable[[], TorchEncoder], int8: bool = False
-) -> OnnxEncoder:
-    """The cached export of `name` run by onnxruntime; the first call builds the torch encoder and exports it.
-    With `int8`, the export quantised (imgsearch/encoders/int8.py), also cached."""
-    path = usable_cache_dir(cache_dir) / (cache_stem(name, weights) + ".onnx")
-    if int8:
-        from imgsearch.encoders.int8 import int8_path
+def export_path(name: str, weights: Path | None, cache_dir: Path | None) -> Path:
+    return usable_cache_dir(cache_dir) / (cache_stem(name, weights) + ".onnx")
 
-        if (quantized := load_cached(int8_path(path), load_torch)) is not None:
-            prune_stale_exports(int8_path(path))
-            return quantized
-    torch_encoder = None
+
+def onnx_encoder(name: str, weights: Path | None, cache_dir: Path | None, load_torch: Callable[[], TorchEncoder]) -> OnnxEncoder:
+    """The cached export of `name` run by onnxruntime; the first call builds the torch encoder and exports it
+    (int8.py quantises this export)."""
+    path = export_path(name, weights, cache_dir)
     encoder = load_cached(path, load_torch)
     if encoder is None:
         torch_encoder = load_torch()
         export_onnx(torch_encoder, path)
         encoder = OnnxEncoder(path, load_torch, torch_encoder)
     prune_stale_exports(path)
-    if not int8:
-        return encoder
-    from imgsearch.encoders.int8 import quantize_export
-
-    return OnnxEncoder(quantize_export(path, encoder.preprocess, encoder.input_size), load_torch, torch_encoder)
+    return encoder
