@@ -359,7 +359,7 @@ def evaluate_command(
     unknown_classes: Annotated[int, typer.Option("--unknown-classes", min=1, help="Classes held out for open-set AUROC")] = 2,
     false_accept_rate: Annotated[float, typer.Option("--false-accept-rate", help="Calibrate the threshold to accept this share of unknowns")] = 0.05,
     finetune: Annotated[bool, typer.Option("--finetune", help="Also fine-tune a head (slow on CPU)")] = False,
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Fine-tuning epochs")] = 10,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Fine-tuning epochs")] = HEAD_EPOCHS[HeadMode.finetune],
     calibrate: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="Store the threshold with the collection")] = True,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     json_output: JsonOption = False,

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from imgsearch.config import NEAR_IDENTICAL, SIMILAR
-from imgsearch.store.search_params import close_neighbours
 from imgsearch.validation import recorded_copies
 
 if TYPE_CHECKING:
@@ -162,6 +161,8 @@ def _close_pairs(store, batch, rows, pairs, prefix: str, similar: float, neighbo
     if not batch:
         return
     vectors = np.array([row["vector"] for row in batch], dtype=np.float32)
+    from imgsearch.store.search_params import close_neighbours  # pymilvus: `duplicates` refuses a missing database first
+
     params = close_neighbours(neighbours + 1)
     for row, hits in zip(batch, store.search(vectors, k=neighbours + 1, fields=("path", "label"), search_params=params)):
         for hit in hits:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from imgsearch.config import HEAD_EPOCHS, HEAD_STAGES, HeadMode
 from imgsearch.datasets import FASHION_MNIST_PREFIX, LabeledSet, class_folders, fashion_mnist, parse_dataset
 from imgsearch.encoders import Encoder
 from imgsearch.errors import CatalogError
@@ -40,8 +41,8 @@ class EvalOptions:
     power: float = DEFAULT_POWER
     density: float = DEFAULT_DENSITY
     finetune: bool = False
-    finetune_epochs: int = 10
-    finetune_stages: int = 3
+    finetune_epochs: int = HEAD_EPOCHS[HeadMode.finetune]
+    finetune_stages: int = HEAD_STAGES
     workers: int = 0
     seed: int = 0
 
