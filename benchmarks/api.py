@@ -1,11 +1,15 @@
-"""Search-by-image latency and throughput of `imgsearch serve` over loopback HTTP.
+"""Search-by-image latency and throughput of `imgsearch serve` over loopback HTTP, on Milvus Lite and a server side by side.
 
-    python benchmarks/api.py [--sizes 1000,10000,100000] [--requests 100] [--clients 8] [--uri PATH_OR_URL] [--efs 256,512]
+    python benchmarks/api.py [--sizes 1000,10000,100000] [--requests 100] [--clients 8] [--uri PATH_OR_URL ...] [--efs 256,512]
 
-For each size, clustered unit vectors are inserted directly into a fresh collection (no encoding) and the index is
-awaited; the real service is started on it (uvicorn, the default Lite0 encoder), and real photos (scikit-image) are
-sent as queries: p50/p99 of sequential requests, then throughput with --clients concurrent clients. Recall@10 against
-exact search over the same rows, for the photo queries (through HTTP) and for 100 queries drawn from the clusters.
+For each size and each --uri (default: a temporary Lite file; give --uri twice, a Lite path and a server URI, to
+compare them in one run), clustered unit vectors are inserted directly into a fresh collection made for the service's
+encoder (no encoding) and the index is awaited; the real service is started on it (uvicorn, Lite0 at the precision the
+collection records), and real photos (scikit-image) are sent as queries: p50/p99 of sequential requests, then
+throughput with --clients concurrent clients. Recall@10 against exact search over the same rows, for the photo queries
+(through HTTP; their exact neighbours are computed from the vectors of the encoder the service opened for the
+collection, so both sides come from one encoder) and for 100 queries drawn from the clusters. With two URIs, a last
+table gives each one's p50 as a ratio to the first's.
 """
 
 from __future__ import annotations
@@ -24,10 +28,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
-import imgsearch.store.search_params  # noqa: E402
 from imgsearch.api.live import LiveServer  # noqa: E402  (the same loopback server the tests use)
 from imgsearch.config import load_settings  # noqa: E402
-from imgsearch.store import ImageRecord, MilvusStore  # noqa: E402
+from imgsearch.store import PRECISION_PROPERTY, ImageRecord, MilvusStore, search_params  # noqa: E402
+from imgsearch.store.search_params import LITE_EF, SERVER_EF  # noqa: E402  (the defaults, restored after each URI)
 
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "camera", "coins")
 
@@ -53,10 +57,12 @@ def clustered_vectors(count: int, seed: int, dim: int = 1280, clusters: int = 50
 
 
 def fill(uri: str, collection: str, size: int, encoder, reuse: bool = False) -> tuple[np.ndarray, float]:
-    """`size` clustered vectors inserted into a fresh collection made for `encoder` (with `reuse`, a collection that
-    already holds them is kept as it is); returns them, and the seconds spent waiting for the index to cover every
-    row (the steady state is what is measured)."""
-    store = MilvusStore(uri, collection, model=encoder.name, dim=encoder.dim, preprocess_version=encoder.preprocess_version)
+    """`size` clustered vectors inserted into a fresh collection made for `encoder` (it records the encoder's precision;
+    with `reuse`, a collection that already holds them is kept as it is); returns them, and the seconds spent waiting
+    for the index to cover every row (the steady state is what is measured)."""
+    store = MilvusStore(
+        uri, collection, model=encoder.name, dim=encoder.dim, preprocess_version=encoder.preprocess_version, precision=encoder.precision
+    )
     vectors = clustered_vectors(size, seed=size, dim=encoder.dim)
     for start in range(0, 0 if reuse and store.count() == size else size, 5000):
         chunk = vectors[start : start + 5000]
@@ -89,7 +95,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=100)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--per-client", type=int, default=50)
-    parser.add_argument("--uri", default=None, help="Milvus Lite path or server URI [default: a temporary Lite file]")
+    parser.add_argument("--uri", action="append", help="Milvus Lite path or server URI; repeat to compare [default: a temporary Lite file]")
     parser.add_argument("--batch-waits", default="0", help="IMGSEARCH_BATCH_WAIT_MS values to measure, e.g. 5,0")
     parser.add_argument("--efs", default="", help="HNSW ef values to measure (the store's LITE_EF and SERVER_EF, set for each run), e.g. 256,512")
     parser.add_argument("--reuse", action="store_true", help="keep a collection that already holds the vectors (a server "
@@ -97,40 +103,70 @@ def main() -> None:
     args = parser.parse_args()
     images = query_images()
     folder = Path(tempfile.mkdtemp(prefix="imgsearch-api-bench-"))
-    uri = args.uri or str(folder / "bench.db")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; Milvus at {uri}; Lite0 on the CPU (onnxruntime)\n", flush=True)
-    from PIL import Image
-
+    uris = args.uri or [str(folder / "bench.db")]
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; Milvus at {', '.join(uris)}; Lite0 on the CPU (onnxruntime)\n", flush=True)
     from imgsearch.encoders import load_encoder
 
-    encoder = load_encoder("efficientnet_lite0", device="cpu", runtime="auto")  # the service's own encoder
-    photo_vectors = encoder.encode_images([Image.open(io.BytesIO(image)).convert("RGB") for image in images])
+    encoder = load_encoder("efficientnet_lite0", device="cpu", runtime="auto")  # what the service makes a new collection for
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
-        collection = f"bench_{size}"
-        started = time.perf_counter()
-        vectors, index_wait = fill(uri, collection, size, encoder, args.reuse)
-        print(f"{size} vectors inserted in {time.perf_counter() - started:.1f} s, of which {index_wait:.1f} s waiting for "
-              "the index", flush=True)
-        in_distribution = clustered_vectors(100, seed=10**9 + size, dim=encoder.dim)
-        default_ef = imgsearch.store.search_params.LITE_EF if uri.endswith(".db") else imgsearch.store.search_params.SERVER_EF
-        for ef in [int(ef) for ef in args.efs.split(",")] if args.efs else [default_ef]:
-            imgsearch.store.search_params.LITE_EF = imgsearch.store.search_params.SERVER_EF = ef  # what every search of the service (and here) asks for
-            with MilvusStore(uri, collection, model=encoder.name, dim=encoder.dim) as store:
-                found = store.search(in_distribution, k=10, fields=("path",))
-            cluster_recall = recall_at_10([[hit.id for hit in hits] for hits in found], in_distribution, vectors)
-            for wait in (float(w) for w in args.batch_waits.split(",")):
-                p50, p99, throughput, c50, c99, answers = measure(uri, collection, wait, folder, images, args)
-                photo_recall = recall_at_10([answers[i] for i in range(len(images))], photo_vectors, vectors)
-                rows.append((size, ef, wait, p50, p99, throughput, c50, c99, photo_recall, cluster_recall))
-                print(f"{size} (ef {ef}, batch wait {wait:g} ms): p50 {p50:.1f} ms, p99 {p99:.1f} ms; {args.clients} clients: "
-                      f"{throughput:.1f} requests/s (p50 {c50:.0f} ms, p99 {c99:.0f} ms); recall@10 photos {photo_recall:.3f}, "
-                      f"in-cluster queries {cluster_recall:.3f}", flush=True)
-    print(f"\n| stored vectors | ef | batch wait ms | p50 ms | p99 ms | {args.clients} clients: requests/s | {args.clients} clients: "
-          "p50 / p99 ms | recall@10 (photos / in-cluster) |\n|---|---|---|---|---|---|---|---|")
-    for size, ef, wait, p50, p99, throughput, c50, c99, photo_recall, cluster_recall in rows:
-        print(f"| {size:,} | {ef} | {wait:g} | {p50:.1f} | {p99:.1f} | {throughput:.1f} | {c50:.0f} / {c99:.0f} "
-              f"| {photo_recall:.3f} / {cluster_recall:.3f} |")
+        for uri in uris:
+            rows += measure_collection(uri, size, encoder, images, folder, args)
+    print(f"\n| Milvus | stored vectors | ef | batch wait ms | p50 ms | p99 ms | {args.clients} clients: requests/s | {args.clients} clients: "
+          "p50 / p99 ms | recall@10 (photos / in-cluster) |\n|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {kind(row['uri'])} | {row['size']:,} | {row['ef']} | {row['wait']:g} | {row['p50']:.1f} | {row['p99']:.1f} | "
+              f"{row['throughput']:.1f} | {row['c50']:.0f} / {row['c99']:.0f} | {row['photo_recall']:.3f} / {row['cluster_recall']:.3f} |")
+    if len(uris) > 1:
+        print(f"\np50 as a ratio to {kind(uris[0])} at the same size, ef and batch wait:")
+        first = {(row["size"], row["ef"], row["wait"]): row for row in rows if row["uri"] == uris[0]}
+        for row in rows:
+            if row["uri"] != uris[0] and (base := first.get((row["size"], row["ef"], row["wait"]))):
+                print(f"  {row['size']:,} vectors, ef {row['ef']}: {kind(row['uri'])} {row['p50']:.1f} ms / {kind(uris[0])} "
+                      f"{base['p50']:.1f} ms = {row['p50'] / base['p50']:.2f}; {args.clients} clients {row['throughput']:.1f} / "
+                      f"{base['throughput']:.1f} requests/s = {row['throughput'] / base['throughput']:.2f}")
+
+
+def kind(uri: str) -> str:
+    return "Lite" if uri.endswith(".db") else "server"
+
+
+def measure_collection(uri: str, size: int, encoder, images: list[bytes], folder: Path, args) -> list[dict]:
+    """Fill a collection of `size` vectors at `uri`, then measure the service on it at each ef and batch wait."""
+    from PIL import Image
+
+    from imgsearch.session import open_session
+
+    collection = f"bench_{size}"
+    started = time.perf_counter()
+    vectors, index_wait = fill(uri, collection, size, encoder, args.reuse)
+    print(f"{kind(uri)}: {size} vectors inserted in {time.perf_counter() - started:.1f} s, of which {index_wait:.1f} s waiting "
+          "for the index", flush=True)
+    settings = load_settings(milvus_uri=uri, collection=collection, device="cpu")
+    service_encoder, store = open_session(settings, create=False)  # the encoder the service opens for this collection
+    with store:
+        recorded = store.properties().get(PRECISION_PROPERTY)
+    photo_vectors = service_encoder.encode_images([Image.open(io.BytesIO(image)).convert("RGB") for image in images])
+    print(f"  the collection records {recorded}; the service's encoder, which also gives the photos' exact neighbours: "
+          f"{service_encoder.name} {service_encoder.precision}", flush=True)
+    in_distribution = clustered_vectors(100, seed=10**9 + size, dim=encoder.dim)
+    default_ef = search_params.LITE_EF if kind(uri) == "Lite" else search_params.SERVER_EF
+    rows = []
+    for ef in [int(ef) for ef in args.efs.split(",")] if args.efs else [default_ef]:
+        search_params.LITE_EF = search_params.SERVER_EF = ef  # what every search of the service (and here) asks for
+        with MilvusStore(uri, collection, model=encoder.name, dim=encoder.dim) as store:
+            found = store.search(in_distribution, k=10, fields=("path",))
+        cluster_recall = recall_at_10([[hit.id for hit in hits] for hits in found], in_distribution, vectors)
+        for wait in (float(w) for w in args.batch_waits.split(",")):
+            p50, p99, throughput, c50, c99, answers = measure(uri, collection, wait, folder, images, args)
+            photo_recall = recall_at_10([answers[i] for i in range(len(images))], photo_vectors, vectors)
+            rows.append({"uri": uri, "size": size, "ef": ef, "wait": wait, "p50": p50, "p99": p99, "throughput": throughput,
+                         "c50": c50, "c99": c99, "photo_recall": photo_recall, "cluster_recall": cluster_recall})
+            print(f"  {kind(uri)} {size} (ef {ef}, batch wait {wait:g} ms): p50 {p50:.1f} ms, p99 {p99:.1f} ms; {args.clients} "
+                  f"clients: {throughput:.1f} requests/s (p50 {c50:.0f} ms, p99 {c99:.0f} ms); recall@10 photos {photo_recall:.3f}, "
+                  f"in-cluster queries {cluster_recall:.3f}", flush=True)
+    search_params.LITE_EF, search_params.SERVER_EF = LITE_EF, SERVER_EF
+    return rows
 
 
 def measure(uri: str, collection: str, wait: float, folder: Path, images: list[bytes], args) -> tuple:
@@ -158,6 +194,7 @@ def measure(uri: str, collection: str, wait: float, folder: Path, images: list[b
     p50, p99 = np.percentile(latencies, 50), np.percentile(latencies, 99)
     c50, c99 = np.percentile(np.array(concurrent) * 1000, [50, 99])
     return p50, p99, throughput, c50, c99, answers
+
 
 if __name__ == "__main__":
     main()

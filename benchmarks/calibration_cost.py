@@ -35,7 +35,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(args.labels, DIM)).astype(np.float32)
     with tempfile.TemporaryDirectory() as folder:
-        store = MilvusStore(str(Path(folder) / "cost.db"), "cost", model="synthetic", dim=DIM)
+        store = MilvusStore(str(Path(folder) / "cost.db"), "cost", model="synthetic", dim=DIM, precision="fp32")
         started = time.perf_counter()
         for start in range(0, args.rows, 2000):
             labels = np.arange(start, min(start + 2000, args.rows)) % args.labels

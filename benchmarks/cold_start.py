@@ -119,7 +119,8 @@ def main() -> None:
             "usage error (search a missing file)": [*imgsearch, "search", str(work / "missing.jpg"), "--uri", uri],
         }
         print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; Lite file of {args.rows} rows; "
-              f"median of {args.repeats} fresh processes each")
+              f"median of {args.repeats} fresh processes each; the floor runs {onnx_path.name}, the encoder runtime auto picks "
+              "here, which also filled the collection (`imgsearch ingest`) and which the commands follow")
         results = {}
         for name, command in commands.items():
             runs = [timed(command, env) for _ in range(args.repeats)]

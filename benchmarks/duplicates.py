@@ -98,6 +98,7 @@ def build_set() -> tuple[list[Image.Image], list[int], list[str]]:
 
 def calibrate(args) -> None:
     encoder = load_encoder("efficientnet_lite0", device="cpu", runtime="onnx")
+    print(f"encoder: {encoder.name} {encoder.precision} (onnxruntime) for every image, and the collection made here records it")
     images, sources, kinds = build_set()
     vectors = np.concatenate([encoder.encode_images(images[i : i + 64]) for i in range(0, len(images), 64)])
     sources_array = np.array(sources)
@@ -127,7 +128,7 @@ def calibrate(args) -> None:
 def through_milvus(encoder, vectors: np.ndarray, sources: list[int], kinds: list[str], uri: str | None) -> None:
     """The grades `imgsearch duplicates` gives with the default thresholds, through a real collection."""
     with tempfile.TemporaryDirectory() as tmp:
-        store = MilvusStore(uri or str(Path(tmp) / "dups.db"), f"dups_{uuid.uuid4().hex[:8]}", model=encoder.name, dim=encoder.dim)
+        store = MilvusStore(uri or str(Path(tmp) / "dups.db"), f"dups_{uuid.uuid4().hex[:8]}", model=encoder.name, dim=encoder.dim, precision=encoder.precision)
         ids = [f"{i:064x}" for i in range(len(vectors))]
         store.upsert([ImageRecord(id=ids[i], vector=vectors[i], path=f"/set/{i:04d}-{kinds[i]}.png") for i in range(len(vectors))])
         store.flush()
@@ -158,7 +159,7 @@ def timing(args) -> None:
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         with tempfile.TemporaryDirectory() as tmp:
             uri = args.uri or str(Path(tmp) / "timing.db")
-            store = MilvusStore(uri, f"dups_timing_{uuid.uuid4().hex[:8]}", model="random", dim=dim)
+            store = MilvusStore(uri, f"dups_timing_{uuid.uuid4().hex[:8]}", model="random", dim=dim, precision="fp32")
             started = time.perf_counter()
             for start in range(0, len(vectors), 2000):
                 store.upsert([ImageRecord(id=f"{i:064x}", vector=vectors[i], path=f"/t/{i}.jpg") for i in range(start, min(start + 2000, len(vectors)))])

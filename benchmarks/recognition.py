@@ -133,7 +133,7 @@ def through_milvus(encoder, references, queries, count: int = 1000) -> tuple[flo
 
     classes = references.data.classes
     with tempfile.TemporaryDirectory() as folder:
-        store = MilvusStore(str(Path(folder) / "bench.db"), "recognition", model=encoder.name, dim=encoder.dim)
+        store = MilvusStore(str(Path(folder) / "bench.db"), "recognition", model=encoder.name, dim=encoder.dim, precision=encoder.precision)
         records = [
             ImageRecord(id=f"{i:064x}", vector=vector, path=name, label=classes[target])
             for i, (vector, target, name) in enumerate(zip(references.vectors, references.targets, references.data.names))
@@ -172,7 +172,7 @@ def self_calibrated(encoder, references, queries, unknown_classes: int, per_clas
         for c in range(len(classes)) if c not in unknown
     ])
     with tempfile.TemporaryDirectory() as folder:
-        store = MilvusStore(str(Path(folder) / "bench.db"), "abstention", model=encoder.name, dim=encoder.dim)
+        store = MilvusStore(str(Path(folder) / "bench.db"), "abstention", model=encoder.name, dim=encoder.dim, precision=encoder.precision)
         store.upsert([
             ImageRecord(id=f"{i:064x}", vector=references.vectors[i], path=references.data.names[i], label=classes[references.targets[i]])
             for i in chosen
@@ -412,8 +412,8 @@ def main() -> None:
         compare_models(args, options, lambda line: print("  " + line, flush=True))
         return
     encoder = load_encoder("efficientnet_lite0", weights=args.weights, device=args.device, runtime=args.runtime)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, encoder {encoder.name} on {encoder.device_type} "
-          f"({type(encoder).__name__})", flush=True)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, encoder {encoder.name} {encoder.precision} on {encoder.device_type} "
+          f"({type(encoder).__name__}): references, queries and the collections filled here all come from it", flush=True)
     def progress(line: str) -> None:
         print("  " + line, flush=True)
 

@@ -104,7 +104,7 @@ def measure(store: MilvusStore, kind: str, rows: list[list[ImageRecord]]) -> tup
 def run_backend(name: str, uri: str, rows: list[list[ImageRecord]], dim: int) -> None:
     for kind in ("none", "thread", "process"):
         collection = f"writer_bench_{kind}_{uuid.uuid4().hex[:8]}"
-        store = MilvusStore(uri, collection, model="bench", dim=dim)
+        store = MilvusStore(uri, collection, model="bench", dim=dim, precision="fp32")
         try:
             lateness, rate = measure(store, kind, rows)
         finally:

@@ -133,6 +133,7 @@ def make_store(tmp_path, encoder, backend, request):
             model=encoder.name,
             dim=encoder.dim,
             preprocess_version=encoder.preprocess_version,
+            precision=encoder.precision,
         )
         stores.append(store)
         return store

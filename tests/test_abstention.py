@@ -114,7 +114,10 @@ def test_review_keeps_unknown_queries_lists_them_in_groups_and_enrols_a_group(tm
     groups = json.loads(run_cli(["review", "--uri", uri, "--json"], check=True).stdout)
     assert [sorted(Path(m["path"]).name for m in group["members"]) for group in groups] == [["cat_a.jpg", "cat_b.jpg"], ["rocket.jpg"]]
     assert groups[0]["group"] == 1 and all(m["nearest"] and m["confidence"] < 0.6 for g in groups for m in g["members"])
-    assert json.loads(run_cli(["info", "--uri", uri, "--json"], check=True).stdout)["count"] == 80  # not references
+    main = json.loads(run_cli(["info", "--uri", uri, "--json"], check=True).stdout)
+    assert main["count"] == 80  # not references
+    review = json.loads(run_cli(["info", "--uri", uri, "--collection", main["collection"] + "_review", "--json"], check=True).stdout)
+    assert review["precision"] == main["precision"] == "int8"  # made for the encoder the kept vectors came from
 
     enrolled = json.loads(run_cli(["enroll", "cat", "--from-review", groups[0]["key"], "--uri", uri, "--json"], check=True).stdout)
     assert enrolled["enrolled"] == 2 and enrolled["calibration"]["labels"] == 5 and enrolled["check"]["references"] == 2

@@ -178,7 +178,10 @@ def test_import_refuses_a_collection_of_another_model(ingested, tmp_path):
     out = tmp_path / "vectors.parquet"
     run(["export", "--out", str(out), "--uri", uri])
     other = str(tmp_path / "other.db")
-    create = f"from imgsearch.store import MilvusStore; MilvusStore({other!r}, 'imgsearch_efficientnet_lite0', model='timm:resnet10t', dim=512)"
+    create = (
+        f"from imgsearch.store import MilvusStore; "
+        f"MilvusStore({other!r}, 'imgsearch_efficientnet_lite0', model='timm:resnet10t', dim=512, precision='fp32')"
+    )
     subprocess.run([sys.executable, "-c", create], check=True, timeout=120)
     result = run(["import", str(out), "--uri", other], check=False)
     assert result.returncode == 2 and "timm:resnet10t" in result.stderr and "Traceback" not in result.stderr
@@ -370,7 +373,7 @@ def test_serve_on_a_locked_lite_file_fails_with_one_line(tmp_path):
     holder = subprocess.Popen(
         [
             sys.executable, "-c",
-            f"from imgsearch.store import MilvusStore; import time; MilvusStore({str(tmp_path / 'held.db')!r}, 'x', model='m', dim=4); "
+            f"from imgsearch.store import MilvusStore; import time; MilvusStore({str(tmp_path / 'held.db')!r}, 'x', model='m', dim=4, precision='fp32'); "
             "print('ready', flush=True); time.sleep(120)",
         ],
         stdout=subprocess.PIPE, text=True,

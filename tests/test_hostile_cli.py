@@ -336,8 +336,8 @@ def test_generated_names_round_trip(tmp_path_factory, onnx_encoder, entries):
             expected[str(path)] = validate_label(label)
         except InvalidInputError:
             invalid += 1
-    store = MilvusStore(str(root / "g.db"), "generated", model=onnx_encoder.name, dim=onnx_encoder.dim)
-    copy = MilvusStore(str(root / "g.db"), "imported", model=onnx_encoder.name, dim=onnx_encoder.dim)
+    store = MilvusStore(str(root / "g.db"), "generated", model=onnx_encoder.name, dim=onnx_encoder.dim, precision=onnx_encoder.precision)
+    copy = MilvusStore(str(root / "g.db"), "imported", model=onnx_encoder.name, dim=onnx_encoder.dim, precision=onnx_encoder.precision)
     try:
         before = tree(outer)
         report = ingest_catalog(catalog, onnx_encoder, store, workers=0)

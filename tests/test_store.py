@@ -11,7 +11,7 @@ import pytest
 from helpers import CuttableProxy, free_port
 from imgsearch.errors import ModelMismatchError, StoreUnavailableError
 from imgsearch.session import check_collection_exists, collection_properties
-from imgsearch.store import ImageRecord, MilvusStore
+from imgsearch.store import PRECISION_PROPERTY, PRECISIONS, ImageRecord, MilvusStore
 
 pytestmark = pytest.mark.slow  # Milvus Lite
 
@@ -48,11 +48,22 @@ def test_opening_with_another_model_names_both(make_store):
     assert "efficientnet_lite0" in message and "1280" in message and "resnet50" in message and "2048" in message
 
 
+def test_a_collection_records_the_precision_it_is_made_for_and_none_is_guessed(tmp_path):
+    uri = str(tmp_path / "precision.db")
+    for precision in PRECISIONS:
+        with MilvusStore(uri, f"made_{precision}", model="efficientnet_lite0", dim=4, precision=precision) as store:
+            assert store.properties()[PRECISION_PROPERTY] == precision
+    with pytest.raises(ValueError, match="give its precision"):
+        MilvusStore(uri, "unsaid", model="efficientnet_lite0", dim=4)
+    with MilvusStore(uri, "made_int8", model="efficientnet_lite0", dim=4, create=False) as opened:  # opening needs none
+        assert opened.properties()[PRECISION_PROPERTY] == "int8"
+
+
 def test_second_process_gets_a_clear_lock_error(tmp_path):
-    store = MilvusStore(str(tmp_path / "locked.db"), "test_images", model="efficientnet_lite0", dim=1280)
+    store = MilvusStore(str(tmp_path / "locked.db"), "test_images", model="efficientnet_lite0", dim=1280, precision="fp32")
     code = (
         "from imgsearch.store import MilvusStore\n"
-        f"MilvusStore({str(store.uri)!r}, 'test_images', model='efficientnet_lite0', dim=1280)\n"
+        f"MilvusStore({str(store.uri)!r}, 'test_images', model='efficientnet_lite0', dim=1280, precision='fp32')\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
@@ -64,10 +75,10 @@ def test_every_store_call_says_milvus_is_unreachable_when_it_is(tmp_path):
     """The API answers 503 (not 500, not a 400 blaming the request) only for StoreUnavailableError: every call the
     store makes to Milvus must raise it when the server cannot be reached. The server here is the gRPC server of
     an in-process Milvus Lite, reached through a proxy that the test cuts."""
-    lite = MilvusStore(str(tmp_path / "reachable.db"), "cut", model="efficientnet_lite0", dim=4)
+    lite = MilvusStore(str(tmp_path / "reachable.db"), "cut", model="efficientnet_lite0", dim=4, precision="fp32")
     proxy = CuttableProxy(int(lite.writer_uri().rsplit(":", 1)[1]))
     uri = f"http://127.0.0.1:{proxy.port}"
-    store = MilvusStore(uri, "cut", model="efficientnet_lite0", dim=4)
+    store = MilvusStore(uri, "cut", model="efficientnet_lite0", dim=4, precision="fp32")
     record = ImageRecord(id="a" * 64, vector=_unit(1, 4), path="/x/a.png", label="bag")
     store.upsert([record])
     proxy.close()
@@ -98,7 +109,7 @@ def test_every_store_call_says_milvus_is_unreachable_when_it_is(tmp_path):
             pytest.fail(f"{name} answered with Milvus unreachable")
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     with pytest.raises(StoreUnavailableError):
-        MilvusStore(dead, "cut", model="efficientnet_lite0", dim=4)
+        MilvusStore(dead, "cut", model="efficientnet_lite0", dim=4, precision="fp32")
     with pytest.raises(StoreUnavailableError):
         MilvusStore.open_existing(dead, "cut")
     with pytest.raises(StoreUnavailableError):

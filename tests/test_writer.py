@@ -41,7 +41,7 @@ def two_stores(request, tmp_path):
         names = [f"writer_{kind}_{uuid.uuid4().hex[:8]}" for kind in ("thread", "process")]
     else:
         uri, names = str(tmp_path / "writer.db"), ["by_thread", "by_process"]
-    stores = [MilvusStore(uri, name, model="test", dim=DIM) for name in names]
+    stores = [MilvusStore(uri, name, model="test", dim=DIM, precision="fp32") for name in names]
     yield stores
     for store in stores:
         if request.param == "server":
@@ -127,7 +127,7 @@ def test_the_writer_process_ends_when_the_ingesting_process_is_killed(tmp_path):
         from imgsearch.ingest.writer import InFlight, start_writer
         from imgsearch.store import MilvusStore
         from test_writer import records
-        store = MilvusStore({str(tmp_path / "parent.db")!r}, "rows", model="test", dim={DIM})
+        store = MilvusStore({str(tmp_path / "parent.db")!r}, "rows", model="test", dim={DIM}, precision="fp32")
         writer = start_writer(store, InFlight(), "process")
         writer.put(records(10, 1))
         while writer.written < 10:  # acknowledged: the child is up and idle

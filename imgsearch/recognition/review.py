@@ -22,7 +22,7 @@ from imgsearch.ingest.catalog import CatalogEntry
 from imgsearch.ingest.plan import update_moved
 from imgsearch.recognition.abstention import self_calibrate
 from imgsearch.recognition.enrolment_check import check_enrolment
-from imgsearch.store import ImageRecord, MilvusStore
+from imgsearch.store import PRECISION_PROPERTY, UNRECORDED_PRECISION, ImageRecord, MilvusStore
 from imgsearch.validation import ID_LENGTH, UPLOAD_KEY, is_upload, validate_label
 
 REVIEW_SUFFIX = "_review"
@@ -33,11 +33,13 @@ MIN_ID_PREFIX = 8
 
 
 def review_store(store: MilvusStore, *, create: bool = True) -> MilvusStore | None:
-    """The review collection beside `store` (None when it does not exist and `create` is False)."""
+    """The review collection beside `store` (None when it does not exist and `create` is False), made for the
+    encoder that recognises against `store`: its precision, else the one `store` records."""
+    precision = store.precision or store.properties().get(PRECISION_PROPERTY, UNRECORDED_PRECISION)
     try:
         return MilvusStore(
             store.uri, store.collection + REVIEW_SUFFIX, model=store.model, dim=store.dim,
-            preprocess_version=store.preprocess_version, token=store.token, create=create,
+            preprocess_version=store.preprocess_version, precision=precision, token=store.token, create=create,
         )
     except CollectionNotFoundError:
         return None

@@ -11,6 +11,7 @@ from imgsearch.store.schema import (
     LABELED,
     MODEL_PROPERTY,
     PRECISION_PROPERTY,
+    PRECISIONS,
     PREPROCESS_PROPERTY,
     RECOGNITION_PROPERTY,
     REFERENCE_COUNTS_PROPERTY,
@@ -28,7 +29,7 @@ from imgsearch.store.schema import (
 )
 
 __all__ = [
-    "DIM_PROPERTY", "FIELDS", "IDENTITY_PROPERTIES", "LABELED", "MODEL_PROPERTY", "PRECISION_PROPERTY", "PREPROCESS_PROPERTY",
+    "DIM_PROPERTY", "FIELDS", "IDENTITY_PROPERTIES", "LABELED", "MODEL_PROPERTY", "PRECISION_PROPERTY", "PRECISIONS", "PREPROCESS_PROPERTY",
     "QUERY_CHUNK", "RECOGNITION_PROPERTY", "REFERENCE_COUNTS_PROPERTY", "ROOTS_PROPERTY", "SCHEMA_PROPERTY", "SCHEMA_VERSION",
     "SELF_CALIBRATION_PROPERTY", "UNRECORDED_PRECISION", "Hit", "ImageRecord", "MilvusStore", "check_identity",
     "collection_not_found", "connect", "label_is", "labeled_except", "milvus_errors", "quiet_milvus_logs", "string_literal",

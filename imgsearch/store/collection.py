@@ -23,11 +23,11 @@ from imgsearch.store.schema import (
     DIM_PROPERTY,
     MODEL_PROPERTY,
     PRECISION_PROPERTY,
+    PRECISIONS,
     PREPROCESS_PROPERTY,
     ROOTS_PROPERTY,
     SCHEMA_PROPERTY,
     SCHEMA_VERSION,
-    UNRECORDED_PRECISION,
     Hit,
     ImageRecord,
     check_identity,
@@ -94,6 +94,8 @@ class MilvusStore:
         token: str = "",
         create: bool = True,
     ) -> None:
+        """`precision`: the encoder's, which a new collection records (there is no default to guess it from: a
+        collection made without it is refused); "" opens an existing collection without comparing it."""
         self.uri = uri
         self.collection = collection
         self.model = model
@@ -139,6 +141,10 @@ class MilvusStore:
         )
 
     def _create(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"collection {self.collection} is made for an encoder: give its precision ({' or '.join(PRECISIONS)}), not {self.precision!r}"
+            )
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=ID_LENGTH)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
@@ -157,7 +163,7 @@ class MilvusStore:
                 MODEL_PROPERTY: self.model,
                 DIM_PROPERTY: str(self.dim),
                 PREPROCESS_PROPERTY: self.preprocess_version,
-                PRECISION_PROPERTY: self.precision or UNRECORDED_PRECISION,
+                PRECISION_PROPERTY: self.precision,
                 SCHEMA_PROPERTY: SCHEMA_VERSION,
             },
         )

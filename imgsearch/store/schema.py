@@ -19,7 +19,8 @@ FIELDS = ("id", "vector", "label", "path", "metadata")  # as created (collection
 MODEL_PROPERTY = "imgsearch.model"
 DIM_PROPERTY = "imgsearch.dim"
 PREPROCESS_PROPERTY = "imgsearch.preprocess"
-PRECISION_PROPERTY = "imgsearch.precision"  # the encoder's, "int8" or "fp32"
+PRECISION_PROPERTY = "imgsearch.precision"  # the encoder's: one of PRECISIONS
+PRECISIONS = ("fp32", "int8")
 # A collection made before precision was recorded holds fp32 vectors: int8 did not exist yet.
 UNRECORDED_PRECISION = "fp32"
 SCHEMA_PROPERTY = "imgsearch.schema"
