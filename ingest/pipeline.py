@@ -180,9 +180,7 @@ def encode_and_store(
             for item in batch["items"]:
                 if item.get("previous") not in (None, item["id"]):
                     settler.replaced[item["path"]] = item["previous"]
-            records = encode_batch(batch, encoder, dataset, settler, report)
-            in_flight.add(len(records))
-            buffer += records
+            buffer += encode_batch(batch, encoder, dataset, settler, report, in_flight)
             if len(buffer) >= upsert_chunk:
                 writer.put(buffer)
                 buffer = []
@@ -198,8 +196,11 @@ def encode_and_store(
         store.count()  # one Strong read: this client's later Session searches (calibration) see the child's rows
 
 
-def encode_batch(batch: dict[str, Any], encoder: Encoder, dataset: PlannedImages, settler: Settler, report: IngestReport) -> list[ImageRecord]:
-    """The rows of a decoded batch's new content (JPEGs left to the device decoded there first)."""
+def encode_batch(
+    batch: dict[str, Any], encoder: Encoder, dataset: PlannedImages, settler: Settler, report: IngestReport, in_flight: InFlight
+) -> list[ImageRecord]:
+    """The rows of a decoded batch's new content (JPEGs left to the device decoded there first), counted in flight
+    from before they are encoded."""
     items, inputs = batch["items"], batch["batch"]
     started = time.perf_counter()
     if batch["jpegs"]:  # the encode stage's time includes decoding them on the device
@@ -211,6 +212,7 @@ def encode_batch(batch: dict[str, Any], encoder: Encoder, dataset: PlannedImages
     items, inputs = new_content(items, inputs, settler)
     if not items:
         return []
+    in_flight.add(len(items))
     vectors = encoder.encode(inputs)
     report.add_encoded(items, time.perf_counter() - started)
     return [

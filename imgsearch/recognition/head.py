@@ -275,11 +275,12 @@ def train_finetune(
     classes = sorted(set(labels))
     if len(classes) < 2:
         raise HeadError(f"a head needs at least 2 labels, found {len(classes)}")
+    encoder = load_torch_encoder(encoder_name, weights=weights, device=device)  # before the seed: building it draws
     targets = np.array([classes.index(label) for label in labels])
     train_index, validation_index = stratified_split(targets, validation_fraction, seed)
     torch.manual_seed(seed)
     run = _prepare_finetune(
-        load_torch_encoder(encoder_name, weights=weights, device=device), sources, targets, train_index, validation_index,
+        encoder, sources, targets, train_index, validation_index,
         classes=len(classes), stages=stages, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, workers=workers,
     )
     started = time.perf_counter()

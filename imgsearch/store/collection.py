@@ -16,7 +16,7 @@ import numpy as np
 from pymilvus import DataType, MilvusClient
 
 from imgsearch.config import check_lite_database_exists, is_lite_uri, shown_uri
-from imgsearch.errors import CollectionNotFoundError, StoreError, StoreUnavailableError
+from imgsearch.errors import CollectionNotFoundError, StoreError
 from imgsearch.store import lite
 from imgsearch.store.errors import milvus_errors
 from imgsearch.store.schema import (
@@ -63,8 +63,8 @@ def connect(uri: str, token: str, create: bool = True) -> MilvusClient:
     try:
         with milvus_errors(f"opening Milvus at {shown_uri(uri)}"):
             return MilvusClient(uri=uri, token=token)
-    except StoreError as error:
-        if is_lite_uri(uri) and not isinstance(error, StoreUnavailableError):
+    except StoreError:
+        if is_lite_uri(uri):
             lite.check_lock(uri)  # within one process pymilvus shares the database; only others are locked out
         raise
 
