@@ -4,10 +4,11 @@ to status codes in one place (app.py)."""
 from __future__ import annotations
 
 import asyncio
+import mimetypes
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from imgsearch.api.models import (
@@ -27,7 +28,7 @@ from imgsearch.api.models import (
 )
 from imgsearch.api.service import Service, service_of
 from imgsearch.config import RECOGNITION_K, RECOGNITION_K_MAX, SIMILAR
-from imgsearch.errors import ImageDecodeError
+from imgsearch.errors import ImageDecodeError, ObjectStoreUnavailableError
 from imgsearch.validation import validate_label
 
 ServiceDep = Annotated[Service, Depends(service_of)]
@@ -234,6 +235,34 @@ async def delete_image(service: ServiceDep, image_id: str):
     return Deleted(deleted=report.deleted[0]["id"], file_removed=report.deleted[0]["file_removed"])
 
 
+MAX_THUMBNAIL_SOURCE_BYTES = 100 << 20  # an object read whole to make a thumbnail (memory per request stays bounded)
+
+
+async def object_response(location: str) -> StreamingResponse:
+    """An object's bytes in blocks; a missing object is 404, an unreachable store 503 (before any byte is sent)."""
+    from imgsearch import storage
+
+    try:
+        size, blocks = await asyncio.to_thread(storage.open_blocks, location)
+    except FileNotFoundError:
+        raise HTTPException(404, "the file of this image is not available") from None
+    media_type = mimetypes.guess_type(location.rsplit("/", 1)[-1])[0] or "application/octet-stream"
+    return StreamingResponse(blocks, media_type=media_type, headers={"Content-Length": str(size)})
+
+
+def read_object_for_thumbnail(location: str) -> bytes:
+    from imgsearch import storage
+
+    try:
+        if storage.stat(location).size > MAX_THUMBNAIL_SOURCE_BYTES:
+            raise HTTPException(422, f"stored file is over {MAX_THUMBNAIL_SOURCE_BYTES >> 20} MiB: no thumbnail")
+        return storage.read_bytes(location)[0]
+    except FileNotFoundError:
+        raise HTTPException(404, "the file of this image is not available") from None
+    except storage.transport_errors() as error:
+        raise ObjectStoreUnavailableError(f"cannot reach the object store: {storage.describe_error(error)}") from None
+
+
 @images.get("/images/{image_id}", response_class=Response)
 async def get_image(service: ServiceDep, image_id: str, size: Annotated[int | None, Query(ge=16, le=1024)] = None):
     from imgsearch.deletion import stored_image
@@ -243,11 +272,17 @@ async def get_image(service: ServiceDep, image_id: str, size: Annotated[int | No
     path = await asyncio.to_thread(service.files.servable, row["path"])
     if path is None:  # gone, or outside every folder that was ingested, enrolled or uploaded to
         raise HTTPException(404, "the file of this image is not available")
-    if size is None:
-        return FileResponse(path)
     max_pixels = service.settings.max_image_pixels
+    if isinstance(path, str):  # an object: streamed in blocks, or read whole (up to a bound) for a thumbnail
+        if size is None:
+            return await object_response(path)
+        source = await asyncio.to_thread(read_object_for_thumbnail, path)
+    else:
+        if size is None:
+            return FileResponse(path)
+        source = path
     try:
-        async with service.budget.hold(await asyncio.to_thread(file_pixels, path, max_pixels=max_pixels)):
-            return Response(await asyncio.to_thread(thumbnail_jpeg, path, size, max_pixels=max_pixels), media_type="image/jpeg")
+        async with service.budget.hold(await asyncio.to_thread(file_pixels, source, max_pixels=max_pixels)):
+            return Response(await asyncio.to_thread(thumbnail_jpeg, source, size, max_pixels=max_pixels), media_type="image/jpeg")
     except ImageDecodeError as error:  # the reason only: the message would carry the server's path
         raise HTTPException(422, f"stored file cannot be decoded: {error.reason}") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -11,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from imgsearch.config import HEAD_EPOCHS, HEAD_STAGES, NEAR_IDENTICAL, RECOGNITION_K, RECOGNITION_K_MAX, SIMILAR, HeadMode, RecognitionMethod, Settings
-from imgsearch.shell import MODEL, STORE, JsonOption, Output, Rows, command_registrar, option
+from imgsearch.shell import MODEL, OBJECTS, STORE, JsonOption, Output, Rows, command_registrar, option
 from imgsearch.terminal import VisibleFormatter, markup_safe, progress_bar, progress_lines, stderr
 
 app = typer.Typer(
@@ -31,19 +32,20 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log prog
     logging.getLogger("imgsearch.encoders").setLevel(logging.INFO)  # the one-off ONNX export and int8 quantisation take seconds
 
 
-@command(settings=MODEL + ("batch_size", "workers"))
+@command(settings=MODEL + ("batch_size", "workers") + OBJECTS)
 def ingest(
     settings: Settings,
-    path: Annotated[Path, typer.Argument(help="Catalog folder (labels from sub-folder names) or one image")],
+    path: Annotated[str, typer.Argument(help="Catalog folder or bucket prefix (s3://bucket/catalog; labels from sub-folders or key prefixes), or one image")],
     no_labels: Annotated[bool, typer.Option("--no-labels", help="Do not take labels from folder names")] = False,
-    manifest: Annotated[Optional[Path], typer.Option("--manifest", help="CSV or JSONL with path,label and extra metadata columns")] = None,
+    manifest: Annotated[Optional[str], typer.Option("--manifest", help="CSV or JSONL (a file or an s3:// object): path,label and metadata columns")] = None,
     prune: Annotated[bool, typer.Option("--prune", help="Delete stored rows whose files are gone")] = False,
     shard: Annotated[Optional[str], option("--shard", help="I/N: only images whose content hash falls in shard I of N (0-based)")] = None,
     json_output: JsonOption = False,
 ) -> None:
     """Index a folder of images; unchanged content is skipped, bad files are reported."""
-    from imgsearch.ingest.catalog import Shard, check_catalog
+    from imgsearch.ingest.catalog import Shard, as_location, check_catalog
 
+    path, manifest = as_location(path), (as_location(manifest) if manifest else None)
     check_catalog(path, manifest)  # before loading a model or creating a collection
     from imgsearch.uploads import warn_if_overlapping
 
@@ -95,7 +97,7 @@ def search(
     return Output([r.to_dict() for r in results], tables=tables, notes=notes, failed=failed, what_failed="skipped query")
 
 
-@command(settings=STORE)
+@command(settings=STORE + OBJECTS)
 def delete(
     settings: Settings,
     ids: Annotated[Optional[list[str]], typer.Argument(help="Ids of stored images (from search --json)", show_default=False)] = None,
@@ -186,7 +188,7 @@ def duplicates(
     return Output(report.to_dict(), report.summary_line() + (f"; wrote {html_report}" if html_report else ""), tables, notes=notes)
 
 
-@command(settings=STORE)
+@command(settings=STORE + OBJECTS)
 def info(settings: Settings) -> Output:
     """What the collection holds: model, dim, collection, URI and count."""
     from imgsearch.session import describe_store
@@ -194,6 +196,8 @@ def info(settings: Settings) -> Output:
     described = describe_store(settings)
     keys = ("model", "dim", "collection", "uri", "count", "exists", "preprocess", "precision")
     rows = [(key, described.get(key)) for key in keys]
+    if described.get("storage_options"):
+        rows.append(("storage options", json.dumps(described["storage_options"])))
     if described.get("recognition"):
         rows.append(("unknown below (eval)", f"{described['recognition']['threshold']:.4f} on {described['recognition']['dataset']}"))
     if described.get("self_calibration"):
@@ -378,7 +382,7 @@ def evaluate_command(
     return Output(report, f"wrote {json_path} and {figure_path}", [Rows(f"eval {dataset} ({report['encoder']})", (), summary_rows(report))])
 
 
-@command(settings=MODEL + ("batch_size", "workers"))
+@command(settings=MODEL + ("batch_size", "workers") + OBJECTS)
 def reindex(
     settings: Settings,
     alias: Annotated[Optional[str], option("--alias", help="The name searches use; moved to the new collection at the end [default: --collection]")] = None,
@@ -397,7 +401,7 @@ def reindex(
     return Output(report.to_dict(), text, failed=report.ingest.failed)
 
 
-@command(json=False)
+@command(settings=MODEL + OBJECTS, json=False)
 def serve(
     settings: Settings,
     host: Annotated[str, typer.Option("--host", help="Address to listen on")] = "127.0.0.1",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from enum import Enum
 from pathlib import Path
@@ -11,6 +13,8 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from imgsearch.errors import CollectionNotFoundError, UsageError
+from imgsearch.storage import configure as configure_storage
+from imgsearch.storage import is_url, secret_option
 
 # Defaults the settings share with the library functions they feed (one place for each).
 DEFAULT_REVIEW_MAX = 10_000  # queries kept for review (recognize --keep-unknown)
@@ -88,7 +92,13 @@ class Settings(BaseSettings):
     public: list[Literal["docs", "metrics", "page"]] = Field(
         default_factory=list, description='With an API key set, parts served without it, e.g. ["page", "metrics"]'
     )
-    upload_dir: Path = Field(Path("./uploads"), description="Where POST /images and /enroll store uploaded files")
+    upload_dir: str = Field(
+        "./uploads", description="Where POST /images and /enroll store uploaded files: a folder, or an object-store URL shared by replicas (s3://bucket/uploads)"
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description='JSON handed to fsspec for s3:// locations, e.g. {"endpoint_url": "http://127.0.0.1:8333"}; '
+        "credentials come from the standard chain (AWS_* variables, profile, instance role), never from here",
+    )
     batch_wait_ms: float = Field(
         0.0, ge=0, description="How long the service waits for more requests to fill a batch; requests that queue "
         "during a forward pass join the next one anyway",
@@ -99,6 +109,34 @@ class Settings(BaseSettings):
     review_max: int = Field(
         DEFAULT_REVIEW_MAX, ge=0, description='Queries kept for review ("unknown" answers) at most; beyond it none are kept until some are enrolled or deleted',
     )
+
+    @field_validator("storage_options", mode="before")
+    @classmethod
+    def _options_from_json(cls, value: Any) -> Any:
+        """The flag gives JSON text, as the environment variable does."""
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except ValueError as error:
+                raise ValueError(f"not JSON ({error})") from None
+        if not isinstance(value, dict):
+            raise ValueError("must be a JSON object")
+        if key := secret_option(value):
+            raise ValueError(
+                f"holds credentials ({key!r}): they come from the standard chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                "AWS_PROFILE, or the instance role), never from a setting"
+            )
+        return value
+
+    @field_validator("upload_dir", mode="before")
+    @classmethod
+    def _absolute_upload_dir(cls, location: Any) -> Any:
+        """A folder is made absolute once (the service serves and removes files under exactly it); a URL stays."""
+        if isinstance(location, os.PathLike):
+            location = os.fspath(location)
+        if not isinstance(location, str):
+            return location
+        return location.rstrip("/") if is_url(location) else os.path.abspath(location)
 
     @field_validator("milvus_uri")
     @classmethod
@@ -117,15 +155,6 @@ def is_lite_uri(uri: str) -> bool:
     return uri.endswith(".db") and "://" not in uri
 
 
-def shown_uri(uri: str) -> str:
-    """A Milvus URI as answers and messages show it: a user:password written into it is masked."""
-    scheme, separator, rest = uri.partition("://")
-    authority, slash, path = rest.partition("/")
-    if not separator or "@" not in authority:
-        return uri
-    return f"{scheme}://***@{authority.rsplit('@', 1)[1]}{slash}{path}"
-
-
 def check_lite_database_exists(uri: str) -> None:
     """Opening a missing Lite path would create an empty database: read-only commands stop here instead, before
     pymilvus is even imported."""
@@ -142,7 +171,9 @@ def load_settings(**flags: Any) -> Settings:
     """Flags that were given (not None) are init arguments, which pydantic-settings ranks above the environment.
     A value that does not fit (a flag or an IMGSEARCH_* variable) is a UsageError naming the setting."""
     try:
-        return Settings(**{key: value for key, value in flags.items() if value is not None})
+        settings = Settings(**{key: value for key, value in flags.items() if value is not None})
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors())
         raise UsageError(f"invalid setting ({problems})") from None
+    configure_storage(settings.storage_options)  # fsspec's filesystems are process-wide, and so are their options
+    return settings

@@ -46,7 +46,7 @@ def stored_image(store: MilvusStore, image_id: str) -> dict:
 
 
 def delete_images(
-    store: MilvusStore, ids: Iterable[str], upload_dir: Path, *, dry_run: bool = False, recalibrate: bool = True,
+    store: MilvusStore, ids: Iterable[str], upload_dir: str | Path, *, dry_run: bool = False, recalibrate: bool = True,
     review: MilvusStore | None = None, confirm: Callable[[str], None] | None = None,
 ) -> DeleteReport:
     """Delete the rows, and each row's file when the service stored it at upload (uploads.py: marked on the row and
@@ -55,7 +55,7 @@ def delete_images(
     `confirm`: called with a question before deleting a sweeping selection (sweeping_selection); it raises to refuse.
     `recalibrate`: when labeled rows went, recompute the self-calibrated "unknown" threshold (the service does it
     in the background instead: at 100k references it takes about a minute)."""
-    from imgsearch.uploads import removable_upload
+    from imgsearch.uploads import removable_upload, remove_upload
 
     wanted = list(dict.fromkeys(validate_id(image_id) for image_id in ids))
     rows = store.get(wanted)
@@ -71,7 +71,7 @@ def delete_images(
         path = files[row["id"]]
         removable = path is not None and str(path) not in in_review.get(row["id"], ())
         if removable and not dry_run:
-            path.unlink(missing_ok=True)
+            remove_upload(path)
         report.deleted.append({"id": row["id"], "path": row["path"], "label": row["label"], "file_removed": removable})
     if recalibrate and not dry_run and any(row["label"] for row in found):  # references went: recalibrate "unknown"
         from imgsearch.recognition.abstention import self_calibrate

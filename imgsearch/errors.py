@@ -40,6 +40,10 @@ class StoreUnavailableError(StoreError):
     """Milvus could not be reached: retrying later may succeed (the API answers 503)."""
 
 
+class ObjectStoreUnavailableError(StoreUnavailableError):
+    """The object store holding the images could not be reached or refused the credentials (the API answers 503)."""
+
+
 class CatalogError(ImgsearchError):
     """The catalog folder or manifest is unusable."""
 

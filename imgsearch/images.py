@@ -14,6 +14,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from imgsearch.config import DEFAULT_BATCH_SIZE, DEFAULT_MAX_PIXELS
 from imgsearch.errors import ImageDecodeError, UsageError
+from imgsearch.storage import describe_os_error
 
 try:  # HEIC/HEIF/AVIF when the optional plugin is installed
     import pillow_heif
@@ -117,17 +118,6 @@ def _check_size(width: int, height: int, max_pixels: int, name: str) -> None:
         raise ImageDecodeError(name, "image has no pixels")
     if width * height > max_pixels:
         raise ImageDecodeError(name, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
-
-
-def describe_os_error(error: OSError) -> str:
-    """The one wording of file-system failures, for decoding, hashing and worker reads alike."""
-    if isinstance(error, FileNotFoundError):
-        return "file not found"
-    if isinstance(error, IsADirectoryError):
-        return "is a directory"
-    if isinstance(error, PermissionError):
-        return "permission denied"
-    return f"cannot read file ({error.strerror or error})"
 
 
 def draft_request(width: int, height: int, min_side: int | None) -> tuple[int, int] | None:
@@ -236,18 +226,20 @@ def decode_in_batches(
         yield names, images
 
 
-def file_pixels(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
-    """Pixels of the image file at `path` from its header (first MiB); max_pixels when that cannot tell, so a
-    caller budgeting memory assumes the worst."""
+def file_pixels(path: Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """Pixels of the image file at `path` (or in these bytes) from its header (first MiB); max_pixels when that
+    cannot tell, so a caller budgeting memory assumes the worst."""
     try:
+        if isinstance(path, bytes):
+            return read_header(path[: 1 << 20], max_pixels=max_pixels, name="image")[0]
         with open(path, "rb") as handle:
             return read_header(handle.read(1 << 20), max_pixels=max_pixels, name=path.name)[0]
     except (ImageDecodeError, OSError):
         return max_pixels
 
 
-def thumbnail_jpeg(path: Path, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
-    """The image at `path` scaled to fit size × size, as JPEG bytes."""
+def thumbnail_jpeg(path: Path | bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+    """The image at `path` (or in these bytes) scaled to fit size × size, as JPEG bytes."""
     image = load_image(path, max_pixels=max_pixels, min_side=size)
     image.thumbnail((size, size))
     buffer = io.BytesIO()

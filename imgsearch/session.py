@@ -12,8 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imgsearch.config import Settings, check_lite_database_exists, is_lite_uri, shown_uri
+from imgsearch.config import Settings, check_lite_database_exists, is_lite_uri
 from imgsearch.errors import CollectionNotFoundError
+from imgsearch.storage import shown_uri
 
 if TYPE_CHECKING:  # torch and pymilvus are imported only when something is opened
     from imgsearch.encoders import Encoder
@@ -123,9 +124,12 @@ def describe_store(settings: Settings) -> dict[str, Any]:
         store = MilvusStore.open_existing(uri, collection, settings.milvus_token)
     except CollectionNotFoundError:
         return {"collection": collection, "uri": shown_uri(uri), "exists": False, "count": 0, "model": None, "dim": None}
+    from imgsearch import storage
+
     with store:
         properties = store.properties()
         return {
+            "storage_options": storage.shown_options(),
             "collection": collection,
             "uri": shown_uri(uri),
             "exists": True,

@@ -35,9 +35,11 @@ SHARED_OPTIONS: dict[str, Any] = {
         ("milvus_uri", ("--uri",), str), ("collection", ("--collection",), str), ("model", ("--model", "-m"), str),
         ("weights", ("--weights",), Path), ("device", ("--device",), str), ("runtime", ("--runtime",), str),
         ("batch_size", ("--batch-size",), int), ("workers", ("--workers",), int), ("threshold", ("--threshold",), float),
+        ("storage_options", ("--storage-options",), str),
     )
 }
 STORE = ("milvus_uri", "collection", "model")
+OBJECTS = ("storage_options",)  # commands that read, serve or remove files in object storage
 MODEL = STORE + ("weights", "device", "runtime")
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout")]
 

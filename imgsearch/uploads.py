@@ -1,6 +1,7 @@
 """Files the REST service stores at upload: content-named `<upload dir>/ab/<sha256>.<ext>` and marked as uploads on
-their rows. They are the only files imgsearch ever removes (with their row, when nothing else refers to them);
-every other file, a catalog under the upload folder included, is the user's."""
+their rows. The upload dir is a folder, or an object-store URL that several service replicas share. They are the
+only files imgsearch ever removes (with their row, when nothing else refers to them); every other file, a catalog
+under the upload folder included, is the user's."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import os
 import uuid
 from pathlib import Path
 
+from imgsearch import storage
 from imgsearch.images import FORMAT_SUFFIXES
-from imgsearch.ingest.catalog import bytes_sha256
+from imgsearch.ingest.catalog import Location, bytes_sha256
 from imgsearch.validation import is_upload
 
 log = logging.getLogger(__name__)
@@ -19,14 +21,21 @@ UNKNOWN_SUFFIX = ".img"
 UPLOAD_SUFFIXES = frozenset(FORMAT_SUFFIXES.values()) | {UNKNOWN_SUFFIX}
 
 
-def upload_path(upload_dir: Path, digest: str, image_format: str) -> Path:
-    return upload_dir.resolve() / digest[:2] / f"{digest}{FORMAT_SUFFIXES.get(image_format, UNKNOWN_SUFFIX)}"
+def upload_path(upload_dir: str | Path, digest: str, image_format: str) -> Location:
+    name = f"{digest}{FORMAT_SUFFIXES.get(image_format, UNKNOWN_SUFFIX)}"
+    if storage.is_url(upload_dir):
+        return f"{str(upload_dir).rstrip('/')}/{digest[:2]}/{name}"
+    return Path(upload_dir).resolve() / digest[:2] / name
 
 
-def save_upload(data: bytes, image_format: str, upload_dir: Path) -> tuple[Path, str]:
+def save_upload(data: bytes, image_format: str, upload_dir: str | Path) -> tuple[Location, str]:
     """Content-addressed: upload_dir/ab/abcdef….png, whatever the label or the client's file name says."""
     digest = bytes_sha256(data)
     path = upload_path(upload_dir, digest, image_format)
+    if isinstance(path, str):  # an object: a PUT is whole or nothing, and the same content has the same name
+        with storage.reaching(str(upload_dir)):
+            storage.write_bytes(path, data)
+        return path, digest
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")  # concurrent uploads of one content
@@ -35,13 +44,16 @@ def save_upload(data: bytes, image_format: str, upload_dir: Path) -> tuple[Path,
     return path, digest
 
 
-def removable_upload(row: dict, upload_dir: Path) -> Path | None:
+def removable_upload(row: dict, upload_dir: str | Path) -> Location | None:
     """The row's file if the service stored it: the row is marked as an upload and its path is exactly the
     content-named file for its id under `upload_dir` (no link on the way). None for any other file."""
     if not is_upload(row.get("metadata")) or not row.get("path"):
         return None
+    if storage.is_url(upload_dir):
+        expected = {upload_path(upload_dir, row["id"], image_format) for image_format in FORMAT_SUFFIXES} | {upload_path(upload_dir, row["id"], "")}
+        return row["path"] if row["path"] in expected else None
     path = Path(row["path"])
-    expected = upload_dir.resolve() / row["id"][:2]
+    expected = Path(upload_dir).resolve() / row["id"][:2]
     if path.parent != expected or path.stem != row["id"] or path.suffix not in UPLOAD_SUFFIXES:
         return None
     if path.is_symlink() or path.resolve() != path or not path.is_file():
@@ -49,13 +61,26 @@ def removable_upload(row: dict, upload_dir: Path) -> Path | None:
     return path
 
 
-def warn_if_overlapping(catalog: str | os.PathLike[str], upload_dir: Path) -> bool:
+def remove_upload(path: Location) -> None:
+    """Remove a file removable_upload returned; one already gone is fine."""
+    try:
+        storage.remove(str(path))
+    except FileNotFoundError:
+        pass
+
+
+def warn_if_overlapping(catalog: str | os.PathLike[str], upload_dir: str | Path) -> bool:
     """Log a warning when a catalog and the upload folder overlap (either inside the other); True if they do."""
-    catalog_path, uploads = Path(catalog).resolve(), upload_dir.resolve()
-    if not (catalog_path.is_relative_to(uploads) or uploads.is_relative_to(catalog_path)):
+    if storage.is_url(catalog) or storage.is_url(upload_dir):
+        catalog_text, uploads_text = str(catalog).rstrip("/") + "/", str(upload_dir).rstrip("/") + "/"
+        overlapping = catalog_text.startswith(uploads_text) or uploads_text.startswith(catalog_text)
+    else:
+        catalog_path, uploads = Path(catalog).resolve(), Path(upload_dir).resolve()
+        overlapping = catalog_path.is_relative_to(uploads) or uploads.is_relative_to(catalog_path)
+    if not overlapping:
         return False
     log.warning(
         "%s overlaps the service's upload folder %s (IMGSEARCH_UPLOAD_DIR): its files are ingested as catalog files, "
-        "which imgsearch never deletes; keep catalogs and uploads apart", catalog, uploads,
+        "which imgsearch never deletes; keep catalogs and uploads apart", catalog, upload_dir,
     )
     return True

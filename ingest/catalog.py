@@ -1,4 +1,4 @@
-"""Walk a catalog folder or read a manifest; hash file contents for content-addressed ids."""
+"""Walk a catalog folder or bucket prefix, or read a manifest; hash file contents for content-addressed ids."""
 
 from __future__ import annotations
 
@@ -8,25 +8,31 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+from imgsearch import storage
 from imgsearch.errors import CatalogError, InvalidInputError
-from imgsearch.images import find_images
+from imgsearch.images import IMAGE_EXTENSIONS, find_images
+from imgsearch.storage import FileStamp
 from imgsearch.validation import validate_label, validate_metadata, validate_path_text
 
 HASH_BLOCK = 1 << 20
 
 
+Location = Path | str  # a local path, or an object's URL (imgsearch/storage.py)
+
+
 @dataclass
 class CatalogEntry:
-    path: Path  # absolute, as walked: a symlink keeps its own path, so removing the link prunes its row
+    path: Location  # absolute, as walked (a symlink keeps its own path, so removing the link prunes its row), or a URL
     label: str = ""
     # What a manifest gave; None where nothing does (a folder walk, an enrolment, an upload): a stored row keeps the
     # metadata it has, so a plain re-ingest never wipes what a manifest once gave.
     metadata: dict[str, Any] | None = None
     error: str | None = None  # a manifest row that cannot be used; reported as failed, never written
     upload: bool = False  # the service stored this file (content-named under its upload folder): it may be removed with its row
+    stamp: FileStamp | None = None  # an object's size and ETag from the listing that found it: the plan need not ask again
 
     def validated(self) -> CatalogEntry:
         """This entry with its label normalised, or InvalidInputError saying what is wrong with it."""
@@ -34,11 +40,18 @@ class CatalogEntry:
             raise InvalidInputError(self.error)
         validate_path_text(str(self.path))
         metadata = None if self.metadata is None else validate_metadata(self.metadata)
-        return CatalogEntry(self.path, validate_label(self.label), metadata, upload=self.upload)
+        return CatalogEntry(self.path, validate_label(self.label), metadata, upload=self.upload, stamp=self.stamp)
 
 
-def absolute(path: str | os.PathLike[str]) -> Path:
-    """The absolute form of a walked path: `..` removed, symlinks kept (unlike Path.resolve)."""
+def as_location(text: str) -> Location:
+    """A stored path as the catalog code takes it: a URL stays text, a local path becomes a Path."""
+    return text if storage.is_url(text) else Path(text)
+
+
+def absolute(path: str | os.PathLike[str]) -> Location:
+    """The absolute form of a walked path: `..` removed, symlinks kept (unlike Path.resolve); a URL as it is."""
+    if storage.is_url(path):
+        return str(path).rstrip("/")
     return Path(os.path.abspath(path))
 
 
@@ -84,18 +97,42 @@ def folder_label(path: Path, root: Path) -> str:
     return "" if parent == Path(".") else parent.as_posix()
 
 
-def check_catalog(root: Path, manifest: Path | None = None) -> None:
+def check_catalog(root: Location, manifest: Location | None = None) -> None:
+    """A missing folder, bucket or manifest, refused credentials or an unreachable store: one error, before any
+    model is loaded or collection created."""
+    for location in (root, manifest):
+        if location is not None and storage.is_url(location):
+            with storage.reaching(str(location)):
+                if location is manifest:
+                    storage.stat(str(location))
+                else:
+                    _list_first(str(location))
+    if storage.is_url(root):
+        if manifest is not None and not storage.is_url(manifest) and not Path(manifest).is_file():
+            raise CatalogError(f"manifest not found: {manifest}")
+        return
     if not Path(root).exists():
         raise CatalogError(f"catalog path not found: {Path(root).resolve()}")
-    if manifest is not None and not Path(manifest).is_file():
+    if manifest is not None and not storage.is_url(manifest) and not Path(manifest).is_file():
         raise CatalogError(f"manifest not found: {manifest}")
 
 
-def scan_catalog(root: Path, *, use_labels: bool = True, manifest: Path | None = None) -> Iterator[CatalogEntry]:
+def _list_first(url: str) -> None:
+    """Raises the store's error for a bucket or prefix that is missing or refused; an existing empty prefix passes."""
+    fs, path = storage.filesystem(url)
+    if not fs.exists(path):
+        raise FileNotFoundError(url)
+
+
+def scan_catalog(root: Location, *, use_labels: bool = True, manifest: Location | None = None) -> Iterator[CatalogEntry]:
     check_catalog(root, manifest)
     root = absolute(root)
     if manifest is not None:
-        yield from read_manifest(Path(manifest), catalog_folder(root))
+        yield from read_manifest(manifest, catalog_folder(root))
+        return
+    if isinstance(root, str):  # an object-store prefix (or one object)
+        for url, stamp in storage.list_images(root, IMAGE_EXTENSIONS):
+            yield CatalogEntry(path=url, label=storage.label_of(url, root) if use_labels and url != root else "", stamp=stamp)
         return
     if root.is_file():
         yield CatalogEntry(path=root)
@@ -104,15 +141,18 @@ def scan_catalog(root: Path, *, use_labels: bool = True, manifest: Path | None =
         yield CatalogEntry(path=absolute(path), label=folder_label(path, root) if use_labels else "")
 
 
-def catalog_folder(path: Path) -> Path:
-    """The folder a catalog argument stands for: itself, or the folder of a single file."""
+def catalog_folder(path: Location) -> Location:
+    """The folder a catalog argument stands for: itself, or the folder of a single file (a URL: the prefix itself)."""
     path = absolute(path)
+    if isinstance(path, str):
+        return path
     return path if path.is_dir() else path.parent
 
 
-def read_manifest(manifest: Path, root: Path) -> Iterator[CatalogEntry]:
-    """CSV with a header, or JSON lines: `path` (relative to the catalog root or absolute), `label`, extra fields -> metadata."""
-    suffix = manifest.suffix.lower()
+def read_manifest(manifest: Location, root: Location) -> Iterator[CatalogEntry]:
+    """CSV with a header, or JSON lines: `path` (relative to the catalog root, absolute, or an object's URL),
+    `label`, extra fields -> metadata. The manifest itself may be an object."""
+    suffix = PurePosixPath(str(manifest)).suffix.lower()
     if suffix == ".csv":
         rows = _csv_rows(manifest)
     elif suffix in (".jsonl", ".ndjson"):
@@ -129,13 +169,27 @@ def read_manifest(manifest: Path, root: Path) -> Iterator[CatalogEntry]:
             continue
         label = row.pop("label", "")
         label = "" if label is None else label if isinstance(label, str) else json.dumps(label)
-        yield CatalogEntry(path=absolute(root / raw_path), label=label, metadata=row)
+        location = manifest_location(root, raw_path)
+        if location is None:
+            yield CatalogEntry(path=f"{manifest}:{line}", error="an object's path must not hold '..', '//' or percent-encoding")
+            continue
+        yield CatalogEntry(path=location, label=label, metadata=row)
 
 
-def _csv_rows(manifest: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
+def manifest_location(root: Location, raw_path: str) -> Location | None:
+    """A manifest's `path` value: a URL as given, else relative to the catalog root (a folder or a URL prefix);
+    None for an object path with `..`, `//` or percent-encoding, which would name some other object."""
+    if storage.is_url(raw_path):
+        return storage.normalised_key(raw_path)
+    if isinstance(root, str):
+        return storage.normalised_key(f"{root}/{raw_path.lstrip('/')}")
+    return absolute(root / raw_path)
+
+
+def _csv_rows(manifest: Location) -> Iterator[tuple[int, dict[str, Any] | str]]:
     """(line number, row), or (line number, what is wrong with it) for a record the csv module refuses."""
     # Bytes that are not UTF-8 survive as surrogates, so validation fails that row alone.
-    with open(manifest, newline="", encoding="utf-8", errors="surrogateescape") as handle:
+    with storage.open_text(str(manifest)) as handle:
         reader = csv.DictReader(handle)
         try:
             fieldnames = reader.fieldnames
@@ -154,9 +208,9 @@ def _csv_rows(manifest: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
             yield reader.line_num, {key: value for key, value in row.items() if key is not None}
 
 
-def _jsonl_rows(manifest: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
+def _jsonl_rows(manifest: Location) -> Iterator[tuple[int, dict[str, Any] | str]]:
     """(line number, row), or (line number, what is wrong with it) for a line that is not a JSON object."""
-    with open(manifest, encoding="utf-8", errors="surrogateescape") as handle:
+    with storage.open_text(str(manifest)) as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue

@@ -2,8 +2,9 @@
 
 The id of a row stays the SHA-256 of the file's bytes. This cache only saves reading a file to learn it again: a
 path whose size, mtime (ns) and inode are those recorded when it was last read maps to the hash of what was read
-then. It describes files, not collections, so one cache serves every database. It is best effort: a cache that
-cannot be opened or written is reported once and the ingest goes on reading files.
+then; an object's URL, with the size and ETag its listing gives, likewise (the listing is all a re-ingest reads).
+It describes files, not collections, so one cache serves every database. It is best effort: a cache that cannot be
+opened or written is reported once and the ingest goes on reading files.
 """
 
 from __future__ import annotations
@@ -13,21 +14,12 @@ import os
 import sqlite3
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+
+from imgsearch.storage import FileStamp
 
 log = logging.getLogger(__name__)
 
 LOOKUP_CHUNK = 500  # paths per SELECT (SQLite allows 999 parameters in old builds)
-
-
-class FileStamp(NamedTuple):
-    size: int
-    mtime_ns: int
-    inode: int
-
-    @classmethod
-    def of(cls, stat: os.stat_result) -> FileStamp:
-        return cls(stat.st_size, stat.st_mtime_ns, stat.st_ino)
 
 
 def default_hash_cache() -> Path:
@@ -46,8 +38,11 @@ class HashCache:
             self.connection.execute("PRAGMA journal_mode=WAL")  # concurrent ingests into other databases
             self.connection.execute(
                 "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, inode INTEGER, "
-                "sha256 TEXT)"
+                "sha256 TEXT, tag TEXT NOT NULL DEFAULT '')"
             )
+            columns = {row[1] for row in self.connection.execute("PRAGMA table_info(files)")}
+            if "tag" not in columns:  # a cache written before objects were stamped by ETag
+                self.connection.execute("ALTER TABLE files ADD COLUMN tag TEXT NOT NULL DEFAULT ''")
         except (OSError, sqlite3.Error) as error:
             self._give_up(error)
 
@@ -64,10 +59,10 @@ class HashCache:
             for start in range(0, len(paths), LOOKUP_CHUNK):
                 chunk = paths[start : start + LOOKUP_CHUNK]
                 rows = self.connection.execute(
-                    f"SELECT path, size, mtime_ns, inode, sha256 FROM files WHERE path IN ({','.join('?' * len(chunk))})", chunk
+                    f"SELECT path, size, mtime_ns, inode, tag, sha256 FROM files WHERE path IN ({','.join('?' * len(chunk))})", chunk
                 )
-                for path, size, mtime_ns, inode, digest in rows:
-                    (found if wanted[path] == (size, mtime_ns, inode) else changed)[path] = digest
+                for path, size, mtime_ns, inode, tag, digest in rows:
+                    (found if wanted[path] == (size, mtime_ns, inode, tag) else changed)[path] = digest
         except sqlite3.Error as error:
             self._give_up(error)
         return found, changed
@@ -75,12 +70,12 @@ class HashCache:
     def remember(self, rows: Iterable[tuple[str, FileStamp, str]]) -> None:
         if self.connection is None:
             return
-        values = [(path, *stamp, digest) for path, stamp, digest in rows]
+        values = [(path, stamp.size, stamp.mtime_ns, stamp.inode, digest, stamp.tag) for path, stamp, digest in rows]
         if not values:
             return
         try:
             self.connection.execute("BEGIN")  # one transaction: one sync for the batch, not one per row
-            self.connection.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", values)
+            self.connection.executemany("INSERT OR REPLACE INTO files (path, size, mtime_ns, inode, sha256, tag) VALUES (?, ?, ?, ?, ?, ?)", values)
             self.connection.execute("COMMIT")
         except sqlite3.Error as error:
             self._give_up(error)

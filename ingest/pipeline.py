@@ -17,12 +17,13 @@ from typing import Any
 
 from imgsearch.config import DEFAULT_BATCH_SIZE, DEFAULT_MAX_PIXELS, DEFAULT_UPSERT_CHUNK, WriterPlace
 from imgsearch.encoders import Encoder
-from imgsearch.ingest.catalog import CatalogEntry, Shard, absolute, catalog_folder, check_catalog, scan_catalog
-from imgsearch.ingest.hashes import FileStamp, HashCache, default_hash_cache
+from imgsearch.ingest.catalog import CatalogEntry, Location, Shard, absolute, as_location, catalog_folder, check_catalog, scan_catalog
+from imgsearch.ingest.hashes import HashCache, default_hash_cache
 from imgsearch.ingest.plan import Settler, drop_replaced, plan_entries, prune_missing, record_copies
 from imgsearch.ingest.reader import PREFETCH_BATCHES, PlannedImages, auto_workers, batches
 from imgsearch.ingest.report import IngestReport, ProgressCallback
 from imgsearch.ingest.writer import WRITE_QUEUE_CHUNKS, InFlight, WriterProcess, start_writer
+from imgsearch.storage import FileStamp
 from imgsearch.store import ImageRecord, MilvusStore
 from imgsearch.validation import with_copies
 
@@ -38,16 +39,16 @@ def ingest_options(settings: Any) -> dict[str, Any]:
 
 
 def ingest_catalog(
-    root: Path,
+    root: Location,
     encoder: Encoder,
     store: MilvusStore,
     *,
     use_labels: bool = True,
-    manifest: Path | None = None,
+    manifest: Location | None = None,
     **options: Any,
 ) -> IngestReport:
-    """Index a catalog folder (labels from sub-folders), one image, or a manifest; the folder (or the one image) is
-    recorded with the collection as a root the REST service may serve files from."""
+    """Index a catalog folder or bucket prefix (labels from sub-folders or key prefixes), one image, or a manifest;
+    the folder (or the one image) is recorded with the collection as a root the REST service may serve files from."""
     check_catalog(root, manifest)
     store.add_roots([catalog_folder(root) if manifest is not None else absolute(root)])
     return ingest_entries(scan_catalog(root, use_labels=use_labels, manifest=manifest), encoder, store, **options)
@@ -228,7 +229,7 @@ def new_content(items: list[dict[str, Any]], inputs: Any, settler: Settler) -> t
     if not unsettled:
         return items, inputs
     pairs = [
-        (CatalogEntry(Path(items[i]["path"]), items[i]["label"], items[i]["metadata"], upload=items[i].get("upload", False)), items[i]["id"])
+        (CatalogEntry(as_location(items[i]["path"]), items[i]["label"], items[i]["metadata"], upload=items[i].get("upload", False)), items[i]["id"])
         for i in unsettled
     ]
     to_encode = {id(entry) for entry, _ in settler.settle(pairs)}

@@ -16,17 +16,17 @@ holds those bytes (`_delete_or_move_to_copies`) instead of being deleted.
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 
+from imgsearch import storage
 from imgsearch.errors import InvalidInputError
-from imgsearch.images import describe_os_error
-from imgsearch.ingest.catalog import CatalogEntry, Shard, file_sha256
-from imgsearch.ingest.hashes import FileStamp, HashCache
+from imgsearch.ingest.catalog import CatalogEntry, Shard, bytes_sha256
+from imgsearch.ingest.hashes import HashCache
 from imgsearch.ingest.report import IngestReport, ProgressCallback
+from imgsearch.storage import FileStamp
 from imgsearch.store import ImageRecord, MilvusStore
 from imgsearch.validation import is_upload, recorded_copies, user_metadata, with_copies
 
@@ -57,7 +57,7 @@ class Settler:
                 same_metadata = entry.metadata is None or user_metadata(row.get("metadata")) == entry.metadata
                 same = row["path"] == str(entry.path) and row["label"] == entry.label and same_metadata
                 relabel = self.relabel_duplicates and row["label"] != entry.label
-                elsewhere = row["path"] != str(entry.path) and Path(row["path"]).exists()
+                elsewhere = row["path"] != str(entry.path) and storage.exists(row["path"])
                 if same:
                     self.report.skipped += 1
                 elif elsewhere and not relabel:  # a second copy of stored content is not a move
@@ -92,11 +92,14 @@ def plan_entries(
         while chunk := list(islice(entries, PLAN_CHUNK)):
             chunk = valid_entries(chunk, report)
             stamped: list[tuple[CatalogEntry, FileStamp]] = []
+            unstamped = [entry for entry in chunk if entry.stamp is None]  # a bucket's listing stamped the others
+            stamps = dict(zip(map(id, unstamped), storage.stat_many([str(entry.path) for entry in unstamped])))
             for entry in chunk:
-                try:
-                    stamped.append((entry, FileStamp.of(os.stat(entry.path))))
-                except OSError as error:
-                    report.failed.append({"path": str(entry.path), "error": describe_os_error(error)})
+                stamp = entry.stamp or stamps[id(entry)]
+                if isinstance(stamp, BaseException):
+                    report.failed.append({"path": str(entry.path), "error": storage.describe_error(stamp)})
+                else:
+                    stamped.append((entry, stamp))
             remembered, changed = hash_cache.lookup([(str(entry.path), stamp) for entry, stamp in stamped])
             known = [(entry, remembered[str(entry.path)]) for entry, _ in stamped if str(entry.path) in remembered]
             if shard is not None:
@@ -105,8 +108,11 @@ def plan_entries(
                 known = mine
             unread = [entry for entry, _ in stamped if str(entry.path) not in remembered]
             lines = [(entry, digest) for entry, digest in settler.settle(known)] + [(entry, None) for entry in unread]
+            stamp_of = {str(entry.path): stamp for entry, stamp in stamped}
             for entry, digest in lines:
                 item = {"id": digest, "path": str(entry.path), "label": entry.label, "metadata": entry.metadata, "upload": entry.upload}
+                if storage.is_url(item["path"]):  # the reader cannot stamp an object: it keeps the listing's stamp
+                    item["stamp"] = stamp_of[item["path"]]
                 if str(entry.path) in changed:  # the file changed since it was last read: its old row may go
                     item["previous"] = changed[str(entry.path)]
                 plan.write(json.dumps(item) + "\n")
@@ -150,9 +156,9 @@ def update_moved(store: MilvusStore, moved: list[tuple[CatalogEntry, str]]) -> i
     for entry, digest in moved:
         row = stored[digest]
         new_path = str(entry.path)
-        keep_path = row["path"] != new_path and Path(row["path"]).exists()
+        keep_path = row["path"] != new_path and storage.exists(row["path"])
         copies = [copy for copy in recorded_copies(row.get("metadata")) if copy != (row["path"] if keep_path else new_path)]
-        if keep_path and new_path not in copies and Path(new_path).exists():
+        if keep_path and new_path not in copies and storage.exists(new_path):
             copies.append(new_path)
         given = user_metadata(row.get("metadata")) if entry.metadata is None else entry.metadata
         path = row["path"] if keep_path else new_path
@@ -217,17 +223,14 @@ def _delete_or_move_to_copies(store: MilvusStore, rows: list[dict]) -> int:
 
 def _holds(path: str, digest: str) -> bool:
     try:
-        return file_sha256(Path(path)) == digest
-    except OSError:
+        return bytes_sha256(storage.read_bytes(path)[0]) == digest
+    except storage.transport_errors():
         return False
 
 
 def prune_missing(store: MilvusStore, shard: Shard | None = None) -> int:
     """Delete rows whose file no longer exists (only this shard's rows, when sharded); a row with a recorded copy
     that still holds its bytes moves there instead."""
-    gone = [
-        row
-        for row in store.iter_rows(("id", "path", "metadata"))
-        if (shard is None or shard.contains(row["id"])) and not Path(row["path"]).exists()
-    ]
-    return _delete_or_move_to_copies(store, gone)
+    rows = [row for row in store.iter_rows(("id", "path", "metadata")) if shard is None or shard.contains(row["id"])]
+    gone = storage.missing(row["path"] for row in rows)  # objects: from one listing per prefix
+    return _delete_or_move_to_copies(store, [row for row in rows if row["path"] in gone])

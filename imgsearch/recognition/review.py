@@ -18,10 +18,11 @@ import numpy as np
 
 from imgsearch.duplicates import find_duplicates
 from imgsearch.errors import CollectionNotFoundError, InvalidInputError
-from imgsearch.ingest.catalog import CatalogEntry
+from imgsearch.ingest.catalog import CatalogEntry, as_location
 from imgsearch.ingest.plan import update_moved
 from imgsearch.recognition.abstention import self_calibrate
 from imgsearch.recognition.enrolment_check import check_enrolment
+from imgsearch.storage import is_url
 from imgsearch.store import PRECISION_PROPERTY, UNRECORDED_PRECISION, ImageRecord, MilvusStore
 from imgsearch.validation import ID_LENGTH, UPLOAD_KEY, is_upload, validate_label
 
@@ -201,12 +202,12 @@ def _enroll(store: MilvusStore, review: MilvusStore, label: str, ids: list[str],
     # only new content becomes a row of the kept query's file.
     stored = store.get(list(rows), fields=("id",))
     uploads = {row_id for row_id, row in rows.items() if is_upload(row.get("metadata"))}
-    update_moved(store, [(CatalogEntry(Path(row["path"]), label, upload=row_id in uploads), row_id) for row_id, row in rows.items() if row_id in stored])
+    update_moved(store, [(CatalogEntry(as_location(row["path"]), label, upload=row_id in uploads), row_id) for row_id, row in rows.items() if row_id in stored])
     store.upsert([
         ImageRecord(id=row_id, vector=row["vector"], path=row["path"], label=label, metadata={UPLOAD_KEY: True} if row_id in uploads else {})
         for row_id, row in rows.items() if row_id not in stored
     ])
-    store.add_roots([row["path"] for row in rows.values() if Path(row["path"]).is_absolute()])
+    store.add_roots([row["path"] for row in rows.values() if is_url(row["path"]) or Path(row["path"]).is_absolute()])
     store.flush()
     review.delete(list(rows))
     calibration = self_calibrate(store) if recalibrate else None

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 from pymilvus import DataType, MilvusClient
 
-from imgsearch.config import check_lite_database_exists, is_lite_uri, shown_uri
+from imgsearch.config import check_lite_database_exists, is_lite_uri
 from imgsearch.errors import CollectionNotFoundError, StoreError
+from imgsearch.storage import is_url, shown_uri
 from imgsearch.store import lite
 from imgsearch.store.errors import milvus_errors
 from imgsearch.store.schema import (
@@ -321,7 +322,7 @@ class MilvusStore:
         roots = self.roots()
         changed = False
         for folder in folders:
-            folder = os.path.abspath(folder)
+            folder = str(folder).rstrip("/") if is_url(folder) else os.path.abspath(folder)
             if any(_is_within(folder, root) for root in roots):
                 continue
             roots = [root for root in roots if not _is_within(root, folder)] + [folder]
@@ -344,4 +345,5 @@ class MilvusStore:
 
 
 def _is_within(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+    separator = "/" if is_url(folder) else os.sep
+    return path == folder or path.startswith(folder.rstrip(separator) + separator)

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from imgsearch.config import shown_uri
 from imgsearch.errors import ModelMismatchError
+from imgsearch.storage import shown_uri
 
 log = logging.getLogger(__name__)
 
