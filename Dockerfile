@@ -7,7 +7,7 @@ COPY pyproject.toml setup.py README.md ./
 COPY imgsearch ./imgsearch
 COPY ingest ./ingest
 COPY api ./api
-RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu .
+RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu ".[s3]"
 ENV IMGSEARCH_UPLOAD_DIR=/data/uploads IMGSEARCH_ONNX_CACHE=/data/onnx
 EXPOSE 8000
 CMD ["imgsearch", "serve", "--host", "0.0.0.0", "--port", "8000"]

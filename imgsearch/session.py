@@ -129,7 +129,7 @@ def describe_store(settings: Settings) -> dict[str, Any]:
     with store:
         properties = store.properties()
         return {
-            "storage_options": storage.shown_options(),
+            **({"storage_options": storage.shown_options()} if storage.shown_options() else {}),  # secrets are refused there
             "collection": collection,
             "uri": shown_uri(uri),
             "exists": True,

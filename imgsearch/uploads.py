@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 from imgsearch import storage
+from imgsearch.errors import CatalogError, ObjectStoreUnavailableError
 from imgsearch.images import FORMAT_SUFFIXES
 from imgsearch.ingest.catalog import Location, bytes_sha256
 from imgsearch.validation import is_upload
@@ -33,8 +34,11 @@ def save_upload(data: bytes, image_format: str, upload_dir: str | Path) -> tuple
     digest = bytes_sha256(data)
     path = upload_path(upload_dir, digest, image_format)
     if isinstance(path, str):  # an object: a PUT is whole or nothing, and the same content has the same name
-        with storage.reaching(str(upload_dir)):
-            storage.write_bytes(path, data)
+        try:
+            with storage.reaching(str(upload_dir)):
+                storage.write_bytes(path, data)
+        except CatalogError:  # the service's own upload bucket is missing: its setup, not the request, is wrong
+            raise ObjectStoreUnavailableError(f"the upload location {upload_dir} does not exist (IMGSEARCH_UPLOAD_DIR)") from None
         return path, digest
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():

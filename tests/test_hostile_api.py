@@ -100,7 +100,7 @@ def test_path_like_labels_are_stored_as_labels_and_files_go_under_uploads(api, s
     assert response.status_code == 200, response.text
     assert response.json()["label"] == label
     digest = file_sha256_bytes(data)
-    stored = settings.upload_dir.resolve() / digest[:2] / f"{digest}.png"
+    stored = Path(settings.upload_dir).resolve() / digest[:2] / f"{digest}.png"
     assert stored.read_bytes() == data
     new = tree(root) - before
     assert new and all(entry.startswith(("uploads", "api.db")) for entry in new), new
@@ -160,7 +160,7 @@ def test_concurrent_uploads_of_the_same_content_store_one_file_and_one_row(api):
         responses = list(pool.map(lambda i: client.post("/images", files={"image": (f"{i}.png", data, "image/png")}), range(8)))
     assert [response.status_code for response in responses] == [200] * 8
     digest = file_sha256_bytes(data)
-    folder = settings.upload_dir.resolve() / digest[:2]
+    folder = Path(settings.upload_dir).resolve() / digest[:2]
     assert [path.name for path in folder.iterdir() if digest in path.name] == [f"{digest}.png"]  # no partial left
     assert stored_count(client) == count + 1
 
