@@ -25,8 +25,11 @@ URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 # Requests in flight at once when the plan stats a manifest's objects, or a decode worker reads them: an object
 # store answers each in tens of ms, so a worker with one request out waits instead of decoding.
 REQUESTS_IN_FLIGHT = 16
-# Retries with backoff for throttling and dropped connections (botocore's standard mode), then the row fails.
-DEFAULT_S3_CONFIG = {"retries": {"max_attempts": 5, "mode": "standard"}, "connect_timeout": 5, "read_timeout": 30}
+# Retries with backoff for throttling and dropped connections, then the row fails. botocore's standard mode retries
+# each request (3 attempts, exponential backoff); s3fs wraps every call, and the read of a body, in retries of its own
+# (5 by default, nested twice: 125 attempts and 5 minutes for one object that never reads, measured here), cut to 2.
+DEFAULT_S3_CONFIG = {"retries": {"max_attempts": 3, "mode": "standard"}, "connect_timeout": 5, "read_timeout": 30}
+S3FS_RETRIES = 2
 SECRET_OPTION = re.compile(r"secret|password|token|access_key|credential|^key$", re.IGNORECASE)
 
 _options: dict[str, Any] = {}
@@ -100,11 +103,15 @@ def filesystem(url: str) -> tuple[Any, str]:
     options = dict(_options)
     if protocol in ("s3", "s3a"):
         options.setdefault("config_kwargs", DEFAULT_S3_CONFIG)
+    # No listing cache: a service or a second ingest in one process must see objects added or removed since.
+    options.setdefault("use_listings_cache", False)
     try:
         with _lock:
             fs, path = fsspec.core.url_to_fs(url, **options)
     except (ImportError, ValueError) as error:
         raise UsageError(f"cannot open {url.split('://', 1)[0]}:// locations ({error}); install imgsearch[s3] for s3://") from None
+    if protocol in ("s3", "s3a"):
+        fs.retries = S3FS_RETRIES  # a class attribute s3fs reads per call; no constructor argument sets it
     return fs, path
 
 
@@ -313,7 +320,6 @@ def open_blocks(url: str) -> tuple[int, Iterator[bytes]]:
     try:
         with reaching("the object store"):
             fs, path = filesystem(url)
-            fs.invalidate_cache(path)  # a listing cached by this process must not vouch for an object since deleted
             handle = fs.open(path, "rb", block_size=STREAM_BLOCK, cache_type="none")
             size = int(handle.size)
             first = handle.read(STREAM_BLOCK)

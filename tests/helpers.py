@@ -169,8 +169,9 @@ class ObservingProxy(CuttableProxy):
     OBJECT_GET = re.compile(rb"(?:^|\r\n)GET /[^?\s]+/[^?\s]+ HTTP/1\.1\r\n")
     REQUEST = re.compile(rb"(?:^|\r\n)(?:GET|PUT|HEAD|POST|DELETE) /")
 
-    def __init__(self, target_port: int, delay: float = 0.0) -> None:
+    def __init__(self, target_port: int, delay: float = 0.0, drop_object_gets: int = 0) -> None:
         self.delay = delay
+        self.drop_object_gets = drop_object_gets  # this many object GETs lose their connection before an answer
         self.object_gets = 0
         self.requests = 0
         super().__init__(target_port)
@@ -179,8 +180,12 @@ class ObservingProxy(CuttableProxy):
         if not requests:
             return
         started = len(self.REQUEST.findall(data))
+        gets = len(self.OBJECT_GET.findall(data))
         self.requests += started
-        self.object_gets += len(self.OBJECT_GET.findall(data))
+        self.object_gets += gets
+        if gets and self.drop_object_gets > 0:
+            self.drop_object_gets -= 1
+            raise ConnectionAbortedError("dropped by the test")  # the pipe closes both ends
         if started and self.delay:
             time.sleep(self.delay)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import time
 import uuid
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from helpers import FASHION_DIR, ObservingProxy, copy_fashion_catalog, cosine, run_cli, serve
 from imgsearch import storage
@@ -118,6 +120,51 @@ def test_a_manifest_of_urls_moves_without_reencoding_and_prunes_from_the_listing
     store.close()
 
 
+def test_dropped_connections_are_retried_then_fail_only_their_rows(tmp_path, object_store, bucket, onnx_encoder):
+    fs = object_store.filesystem()
+    shirts = sorted((FASHION_DIR / "shirt").glob("*.png"))[:3]
+    for path in shirts:
+        fs.pipe_file(f"{bucket}/shirts/{path.name}", path.read_bytes())
+    store = _lite(tmp_path, "flaky", onnx_encoder)
+    proxy = ObservingProxy(object_store.port, drop_object_gets=2)  # two reads lose their connection, once each
+    try:
+        storage.configure({"endpoint_url": f"http://127.0.0.1:{proxy.port}"})
+        report = ingest_catalog(f"s3://{bucket}/shirts", onnx_encoder, store, workers=0, hash_cache=tmp_path / "h.sqlite")
+        assert (report.indexed, report.failed) == (3, []) and proxy.object_gets >= 5  # retried, then read
+        fs.pipe_file(f"{bucket}/shirts/late.png", sorted((FASHION_DIR / "bag").glob("*.png"))[0].read_bytes())
+        proxy.drop_object_gets = 10_000  # a connection that never holds: that object fails, after the retries
+        gets_before, started = proxy.object_gets, time.monotonic()
+        failing = ingest_catalog(f"s3://{bucket}/shirts", onnx_encoder, store, workers=0, hash_cache=tmp_path / "h.sqlite")
+        seconds, attempts = time.monotonic() - started, proxy.object_gets - gets_before
+    finally:
+        proxy.close()
+    print(f"a read that never holds failed after {attempts} attempts in {seconds:.1f} s")
+    assert attempts >= 5  # botocore's standard mode: 5 attempts
+    assert failing.skipped == 3 and [failure["path"] for failure in failing.failed] == [f"s3://{bucket}/shirts/late.png"]
+    assert failing.indexed == 0 and store.count() == 3 and seconds < 120
+    store.close()
+
+
+def test_an_object_overwritten_between_listing_and_reading_is_stored_as_read(tmp_path, object_store, bucket, onnx_encoder, monkeypatch):
+    fs = object_store.filesystem()
+    first, second = sorted((FASHION_DIR / "sandal").glob("*.png"))[:2]
+    fs.pipe_file(f"{bucket}/sandals/x.png", first.read_bytes())
+    listing = storage.list_images
+
+    def overwritten_after_listing(*args, **kwargs):
+        yield from listing(*args, **kwargs)
+        fs.pipe_file(f"{bucket}/sandals/x.png", second.read_bytes())  # after the plan listed it, before a worker reads it
+
+    monkeypatch.setattr(storage, "list_images", overwritten_after_listing)
+    store = _lite(tmp_path, "changed", onnx_encoder)
+    report = ingest_catalog(f"s3://{bucket}/sandals", onnx_encoder, store, workers=0, hash_cache=tmp_path / "h.sqlite")
+    assert report.indexed == 1 and list(_rows(store)) == [bytes_sha256(second.read_bytes())]
+    monkeypatch.setattr(storage, "list_images", listing)
+    again = ingest_catalog(f"s3://{bucket}/sandals", onnx_encoder, store, workers=0, hash_cache=tmp_path / "h.sqlite")
+    assert (again.indexed, again.skipped) == (0, 1) and store.count() == 1
+    store.close()
+
+
 def test_wrong_keys_a_missing_bucket_and_a_stopped_store_are_one_line_and_exit_2(tmp_path, object_store, bucket):
     database = tmp_path / "never.db"
     cases = {
@@ -196,6 +243,19 @@ def test_two_replicas_on_one_server_and_one_upload_bucket_behave_as_one_service(
                 break
             time.sleep(0.5)
         assert answer["label"] == "trouser" and answer["threshold_source"].startswith("self-calibrated"), answer
+
+        from skimage import data as skimage_data  # a query no reference resembles, kept for review through A
+
+        buffer = io.BytesIO()
+        Image.fromarray(skimage_data.chelsea()).save(buffer, "JPEG", quality=85)
+        cat = buffer.getvalue()
+        kept = a.post("/recognize", files={"image": ("cat.jpg", cat, "image/jpeg")}, data={"keep_unknown": "true", "threshold": "0.999"})
+        assert kept.status_code == 200 and kept.json()[0]["kept_for_review"] is True, kept.text
+        assert object_store.filesystem().exists(f"{bucket}/uploads/{bytes_sha256(cat)[:2]}/{bytes_sha256(cat)}.jpg")
+        [group] = [g for g in b.get("/review").json() if bytes_sha256(cat) in {m["id"] for m in g["members"]}]
+        enrolled = b.post("/review/enroll", json={"label": "cat", "select": [group["key"]]})
+        assert enrolled.status_code == 200 and enrolled.json()["ids"] == [bytes_sha256(cat)], enrolled.text
+        assert a.get(f"/images/{bytes_sha256(cat)}").content == cat  # the kept query's file, through the other replica
 
         upload = classes["bag"][-1]
         stored = a.post("/images", files=[("image", (upload.name, upload.read_bytes(), "image/png"))])
