@@ -215,6 +215,11 @@ def test_the_service_serves_objects_only_under_their_recorded_prefix(tmp_path, o
         assert thumbnail.status_code == 200 and thumbnail.headers["content-type"] == "image/jpeg"
         for n, case in enumerate(escapes, 1):
             assert client.get(f"/images/{n:064x}").status_code == 404, case
+        storage.configure({"endpoint_url": "http://127.0.0.1:9"})  # the store stops answering (the options are process-wide)
+        for size in ("", "?size=32"):
+            down = client.get(f"/images/{bytes_sha256(coat.read_bytes())}{size}")
+            assert down.status_code == 503 and down.headers["retry-after"] and "cannot reach" in down.json()["detail"], down.text
+        storage.configure({"endpoint_url": object_store.endpoint})
         fs.rm_file(f"{bucket}/shop/coat/{coat.name}")
         assert client.get(f"/images/{bytes_sha256(coat.read_bytes())}").status_code == 404  # gone from the bucket
 
