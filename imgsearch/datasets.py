@@ -13,6 +13,7 @@ from PIL import Image
 from imgsearch.config import DEFAULT_MAX_PIXELS
 from imgsearch.errors import CatalogError
 from imgsearch.images import find_images, load_image
+from imgsearch.storage import image_source
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot"]
@@ -30,13 +31,15 @@ class ArrayImage:
 
 
 class FileImage:
-    def __init__(self, path: Path, min_side: int = 224, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """An image file, or an object in a bucket, decoded when called."""
+
+    def __init__(self, path: Path | str, min_side: int = 224, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.path = path
         self.min_side = min_side
         self.max_pixels = max_pixels
 
     def __call__(self) -> Image.Image:
-        return load_image(self.path, max_pixels=self.max_pixels, min_side=self.min_side)
+        return load_image(image_source(self.path), max_pixels=self.max_pixels, min_side=self.min_side, name=str(self.path))
 
 
 @dataclass

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from imgsearch import storage
 from imgsearch.config import NEAR_IDENTICAL, SIMILAR
 from imgsearch.validation import recorded_copies
 
@@ -110,7 +111,7 @@ def find_duplicates(
     for row in store.iter_rows(("id", "path", "label", "vector", "metadata"), batch_size=READ_BATCH):
         if row["path"].startswith(prefix):
             batch.append(row)
-            found = [path for path in recorded_copies(row.get("metadata")) if path.startswith(prefix) and Path(path).is_file()]
+            found = [path for path in recorded_copies(row.get("metadata")) if path.startswith(prefix) and storage.exists(path)]
             if found:
                 copies[row["id"]] = found
                 rows[row["id"]] = _shown(row)
@@ -220,9 +221,9 @@ def _figure(path: str, caption: str, size: int, representative: bool = False) ->
     from imgsearch.images import thumbnail_jpeg
 
     try:
-        source = "data:image/jpeg;base64," + base64.b64encode(thumbnail_jpeg(Path(path), size)).decode()
+        source = "data:image/jpeg;base64," + base64.b64encode(thumbnail_jpeg(storage.image_source(path), size)).decode()
         image = f"<img src='{source}' alt=''>"
-    except (ImageDecodeError, OSError):
+    except (ImageDecodeError, *storage.transport_errors()):
         image = "<div>(file not readable)</div>"
     css = " class='rep'" if representative else ""
     return f"<figure{css}>{image}<figcaption>{html.escape(caption)}<br>{html.escape(path)}</figcaption></figure>"

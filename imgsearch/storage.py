@@ -248,6 +248,11 @@ def read_ahead(items: Iterable[Any], location_of: Any) -> Iterator[tuple[Any, An
             pool.shutdown(wait=False, cancel_futures=True)
 
 
+def image_source(location: str | os.PathLike[str]) -> Path | bytes:
+    """What the image decoder takes for a location: a local path as it is, an object's bytes (read here)."""
+    return read_bytes(str(location))[0] if is_url(location) else Path(location)
+
+
 def exists(location: str) -> bool:
     if not is_url(location):
         return Path(location).exists()

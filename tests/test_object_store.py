@@ -273,3 +273,22 @@ def test_two_replicas_on_one_server_and_one_upload_bucket_behave_as_one_service(
         assert deleted.status_code == 200 and deleted.json()["file_removed"] is True
         assert not object_store.filesystem().exists(key)
         assert a.get(f"/images/{image_id}").status_code == 404
+
+
+def test_duplicates_of_bucket_rows_show_their_objects_and_copies(tmp_path, object_store, bucket, onnx_encoder):
+    from imgsearch.duplicates import find_duplicates, write_html
+
+    fs = object_store.filesystem()
+    dress = sorted((FASHION_DIR / "dress").glob("*.png"))[0]
+    for key in ("dresses/a.png", "dresses/copy-of-a.png"):  # the same bytes twice: one row, one recorded copy
+        fs.pipe_file(f"{bucket}/{key}", dress.read_bytes())
+    store = _lite(tmp_path, "dupes", onnx_encoder)
+    report = ingest_catalog(f"s3://{bucket}/dresses", onnx_encoder, store, workers=0, hash_cache=tmp_path / "h.sqlite")
+    assert (report.indexed, report.copies) == (1, 1)
+    found = find_duplicates(store, prefix=f"s3://{bucket}/")
+    [group] = found.groups
+    assert group.representative["path"] == f"s3://{bucket}/dresses/a.png"
+    assert [(member.path, member.copy_of) for member in group.members] == [(f"s3://{bucket}/dresses/copy-of-a.png", f"s3://{bucket}/dresses/a.png")]
+    page = write_html(found, tmp_path / "dupes.html").read_text()
+    assert page.count("data:image/jpeg;base64,") == 2 and "not readable" not in page  # thumbnails read from the bucket
+    store.close()

@@ -23,12 +23,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
+from imgsearch import storage
 from imgsearch.config import DEFAULT_MAX_PIXELS, HEAD_EPOCHS, HEAD_STAGES, HeadMode
 from imgsearch.datasets import FileImage
 from imgsearch.encoders import Encoder, canonical_model_name, load_torch_encoder
 from imgsearch.encoders.torch_encoder import TorchEncoder
 from imgsearch.errors import ImgsearchError, UsageError
 from imgsearch.images import decode_in_batches
+from imgsearch.ingest.catalog import as_location
 from imgsearch.recognition.abstention import Abstention
 from imgsearch.recognition.knn import NoReferencesError, Recognition
 from imgsearch.recognition.scoring import ACCEPTED_ACCURACY, least_for_accuracy
@@ -466,10 +468,12 @@ def train_head_on_store(
         vectors = np.array([row["vector"] for row in rows], dtype=np.float32)
         state, labels, metrics = train_linear(vectors, [row["label"] for row in rows], epochs=epochs)
     else:
-        rows = [row for row in labeled_rows(store, ("path", "label")) if Path(row["path"]).is_file()]
+        rows = labeled_rows(store, ("path", "label"))
+        gone = storage.missing(row["path"] for row in rows)  # objects: from one listing per prefix
+        rows = [row for row in rows if row["path"] not in gone]
         if not rows:
-            raise NoReferencesError(f"none of the labeled images of {store.collection} exist on disk any more")
-        sources = [FileImage(Path(row["path"])) for row in rows]
+            raise NoReferencesError(f"none of the labeled images of {store.collection} exist on disk or in their bucket any more")
+        sources = [FileImage(as_location(row["path"])) for row in rows]
         state, labels, metrics = train_finetune(
             store.model, sources, [row["label"] for row in rows], weights=weights, device=device,
             epochs=epochs, stages=stages, workers=workers, progress=progress,
