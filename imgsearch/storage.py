@@ -103,6 +103,9 @@ def filesystem(url: str) -> tuple[Any, str]:
     options = dict(_options)
     if protocol in ("s3", "s3a"):
         options.setdefault("config_kwargs", DEFAULT_S3_CONFIG)
+        # One GET per object: with more, s3fs asks each object's size first (a HEAD) to split large reads in parts,
+        # which doubles the requests for images a few MB at most.
+        options.setdefault("max_concurrency", 1)
     # No listing cache: a service or a second ingest in one process must see objects added or removed since.
     options.setdefault("use_listings_cache", False)
     try:

@@ -64,8 +64,14 @@ def test_a_bucket_ingests_like_the_same_folder_and_a_reingest_reads_no_object(tm
     local, remote = _lite(tmp_path, "local", onnx_encoder), _lite(tmp_path, "remote", onnx_encoder)
     cache = tmp_path / "hashes.sqlite"
     local_report = ingest_catalog(catalog, onnx_encoder, local, workers=0, hash_cache=cache)
-    remote_report = ingest_catalog(f"s3://{bucket}/shop", onnx_encoder, remote, workers=1, hash_cache=cache)
+    proxy = ObservingProxy(object_store.port)  # every request passes here, and is counted
+    try:
+        storage.configure({"endpoint_url": f"http://127.0.0.1:{proxy.port}"})
+        remote_report = ingest_catalog(f"s3://{bucket}/shop", onnx_encoder, remote, workers=1, hash_cache=cache)
+    finally:
+        proxy.close()
     assert remote_report.indexed == local_report.indexed == 21 and not remote_report.failed
+    assert proxy.object_gets == 21 and proxy.requests - proxy.object_gets <= 10  # one GET per object; the rest list (7 here)
     local_rows, remote_rows = _rows(local), _rows(remote)
     assert set(local_rows) == set(remote_rows)
     for digest, row in remote_rows.items():
