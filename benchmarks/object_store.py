@@ -29,6 +29,12 @@ from benchmarks.ingest import make_catalog, run_ingest  # noqa: E402
 from helpers import ObservingProxy, SeaweedFS  # noqa: E402
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its children so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=2000)
@@ -58,14 +64,16 @@ def main() -> None:
             shutil.copy(files[0], warm / files[0].name)
             run_ingest(warm, tmp / "warm.db", args.batch_size, args.runtime)
 
-            def timed(name: str, source: str | Path, endpoint: str | None = None, cache: str | None = None) -> tuple[float, dict, int]:
+            def timed(name: str, source: str | Path, endpoint: str | None = None, cache: str | None = None) -> tuple[float, dict, int, float]:
+                """(seconds, report, peak PSS, CPU seconds the SeaweedFS server spent meanwhile on the same cores)."""
                 env = server.env(endpoint) if isinstance(source, str) else {}
+                server_cpu = cpu_seconds(server.process.pid)
                 seconds, report, peak = run_ingest(
                     source, tmp / f"{name}.db", args.batch_size, args.runtime, env=env, hash_cache=tmp / f"{cache or name}.sqlite"
                 )
                 if report["failed"]:
                     raise SystemExit(f"{name}: {len(report['failed'])} failed, e.g. {report['failed'][0]}")
-                return seconds, report, peak
+                return seconds, report, peak, cpu_seconds(server.process.pid) - server_cpu
 
             local = timed("local", catalog)
             bucket = timed("bucket", url)
@@ -82,13 +90,14 @@ def main() -> None:
     count = len(files)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; {count} camera-size JPEGs "
           f"({sum(path.stat().st_size for path in files) / 1e6:.0f} MB), put in the bucket in {upload_seconds:.1f} s")
-    print(f"{'source':<40} {'images/s':>9} {'ratio':>6} {'seconds':>8} {'peak PSS':>9}")
-    for name, (seconds, report, peak) in (
+    print(f"{'source':<40} {'images/s':>9} {'ratio':>6} {'seconds':>8} {'peak PSS':>9} {'store CPU s':>12}")
+    for name, (seconds, report, peak, server_cpu) in (
         ("local folder", local), ("bucket (SeaweedFS on loopback)", bucket), (f"bucket + {args.latency_ms:.0f} ms per request", remote),
     ):
         assert report["indexed"] == count, (name, report["indexed"])
-        print(f"{name:<40} {count / seconds:9.1f} {local[0] / seconds:6.2f} {seconds:8.1f} {peak / 2**30:8.2f}G")
-    seconds, report, _ = again
+        print(f"{name:<40} {count / seconds:9.1f} {local[0] / seconds:6.2f} {seconds:8.1f} {peak / 2**30:8.2f}G {server_cpu:12.1f}")
+    print("(store CPU s: what the SeaweedFS server took from the same two cores during the run; a remote store takes none)")
+    seconds, report, _, _ = again
     print(f"{'re-ingest of the unchanged bucket':<40} {count / seconds:9.1f} objects/s whole process ({seconds:.1f} s, model load "
           f"included); {count / report['seconds']:.0f} objects/s in the ingest itself ({report['seconds']:.2f} s); "
           f"skipped {report['skipped']}, object GETs {proxy.object_gets}")
