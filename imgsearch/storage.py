@@ -27,7 +27,7 @@ URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 REQUESTS_IN_FLIGHT = 16
 # Retries with backoff for throttling and dropped connections, then the row fails. botocore's standard mode retries
 # each request (3 attempts, exponential backoff); s3fs wraps every call, and the read of a body, in retries of its own
-# (5 by default, nested twice: 125 attempts and 5 minutes for one object that never reads, measured here), cut to 2.
+# (5 by default, nested twice: 250 attempts over 308 s for one object that never read, measured here), cut to 2.
 DEFAULT_S3_CONFIG = {"retries": {"max_attempts": 3, "mode": "standard"}, "connect_timeout": 5, "read_timeout": 30}
 S3FS_RETRIES = 2
 SECRET_OPTION = re.compile(r"secret|password|token|access_key|credential|^key$", re.IGNORECASE)
