@@ -64,7 +64,8 @@ class ServedFiles:
         if storage.is_url(path):
             if storage.normalised_key(path) != path:
                 return None
-            return path if self._root_of(path) is not None and storage.is_url(self._root_of(path) or "") else None
+            root = self._root_of(path)
+            return path if root is not None and storage.is_url(root) else None
         if self._root_of(path) is None and time.monotonic() - self.loaded_at > self.REFRESH_SECONDS:
             self.refresh()
         real = Path(path).resolve()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from imgsearch import storage
 from imgsearch.errors import InvalidInputError
-from imgsearch.ingest.catalog import CatalogEntry, Shard, bytes_sha256
+from imgsearch.ingest.catalog import CatalogEntry, Shard, bytes_sha256, file_sha256
 from imgsearch.ingest.hashes import HashCache
 from imgsearch.ingest.report import IngestReport, ProgressCallback
 from imgsearch.storage import FileStamp
@@ -223,6 +223,8 @@ def _delete_or_move_to_copies(store: MilvusStore, rows: list[dict]) -> int:
 
 def _holds(path: str, digest: str) -> bool:
     try:
+        if not storage.is_url(path):  # a local file is hashed in blocks, never held whole
+            return file_sha256(Path(path)) == digest
         return bytes_sha256(storage.read_bytes(path)[0]) == digest
     except storage.transport_errors():
         return False
