@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -32,7 +33,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log prog
     logging.getLogger("imgsearch.encoders").setLevel(logging.INFO)  # the one-off ONNX export and int8 quantisation take seconds
 
 
-@command(settings=MODEL + ("batch_size", "workers") + OBJECTS)
+@command(settings=MODEL + ("batch_size", "workers", "ray_address") + OBJECTS)
 def ingest(
     settings: Settings,
     path: Annotated[str, typer.Argument(help="Catalog folder or bucket prefix (s3://bucket/catalog; labels from sub-folders or key prefixes), or one image")],
@@ -40,11 +41,18 @@ def ingest(
     manifest: Annotated[Optional[str], typer.Option("--manifest", help="CSV or JSONL (a file or an s3:// object): path,label and metadata columns")] = None,
     prune: Annotated[bool, typer.Option("--prune", help="Delete stored rows whose files are gone")] = False,
     shard: Annotated[Optional[str], option("--shard", help="I/N: only images whose content hash falls in shard I of N (0-based)")] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Read, encode and write on a Ray cluster (--ray-address; needs a Milvus server)")] = False,
     json_output: JsonOption = False,
 ) -> None:
     """Index a folder of images; unchanged content is skipped, bad files are reported."""
     from imgsearch.ingest.catalog import Shard, as_location, check_catalog
 
+    if ray:
+        from imgsearch.ingest.ray_pipeline import check_ray_ingest, on_ray
+
+        check_ray_ingest(settings.milvus_uri, shard)
+    else:
+        on_ray = None
     path, manifest = as_location(path), (as_location(manifest) if manifest else None)
     check_catalog(path, manifest)  # before loading a model or creating a collection
     from imgsearch.uploads import warn_if_overlapping
@@ -54,11 +62,12 @@ def ingest(
     from imgsearch.ingest.pipeline import ingest_catalog, ingest_options  # torch: once the arguments are usable
     from imgsearch.session import opened
 
-    with opened(settings) as (encoder, store), progress_bar(sys.stderr.isatty() and not json_output) as progress:
-        report = ingest_catalog(
-            path, encoder, store, use_labels=not no_labels, manifest=manifest, prune=prune, shard=selected_shard,
-            progress=progress, **ingest_options(settings),
-        )
+    with on_ray(settings) if ray else nullcontext() as ray_run:  # a bad address is one line before the model loads
+        with opened(settings) as (encoder, store), progress_bar(sys.stderr.isatty() and not json_output) as progress:
+            report = ingest_catalog(
+                path, encoder, store, use_labels=not no_labels, manifest=manifest, prune=prune, shard=selected_shard,
+                progress=progress, ray=ray_run(encoder) if ray_run else None, **ingest_options(settings),
+            )
     return Output(report.to_dict(), report.summary_line(), failed=report.failed)
 
 

@@ -72,6 +72,10 @@ class Settings(BaseSettings):
     writer: WriterPlace = Field(
         "auto", description=f"Where ingest upserts run: a child process (auto: for {WRITER_PROCESS_MIN_CHUNKS} upsert chunks of images or more) or a thread"
     )
+    ray_address: str = Field(
+        "", description='ingest --ray: the Ray cluster ("auto": the one running on this machine, or host:port); '
+        "default: start one on this machine for the run",
+    )
     gpu_decode: bool = Field(True, description="On CUDA, decode baseline RGB JPEGs on the GPU (nvJPEG) during ingest")
     # The REST service (imgsearch serve)
     api_key: str | None = Field(None, description="When set, requests must send it in the X-API-Key header")

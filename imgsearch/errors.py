@@ -44,6 +44,14 @@ class ObjectStoreUnavailableError(StoreUnavailableError):
     """The object store holding the images could not be reached or refused the credentials (the API answers 503)."""
 
 
+class RayUnavailableError(ImgsearchError):
+    """`--ray`: the cluster's address cannot be reached, or a local cluster cannot start."""
+
+
+class RayIngestError(ImgsearchError):
+    """The Ray run stopped: an actor could not load the encoder, or a task kept failing."""
+
+
 class CatalogError(ImgsearchError):
     """The catalog folder or manifest is unusable."""
 

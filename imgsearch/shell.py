@@ -35,7 +35,7 @@ SHARED_OPTIONS: dict[str, Any] = {
         ("milvus_uri", ("--uri",), str), ("collection", ("--collection",), str), ("model", ("--model", "-m"), str),
         ("weights", ("--weights",), Path), ("device", ("--device",), str), ("runtime", ("--runtime",), str),
         ("batch_size", ("--batch-size",), int), ("workers", ("--workers",), int), ("threshold", ("--threshold",), float),
-        ("storage_options", ("--storage-options",), str),
+        ("storage_options", ("--storage-options",), str), ("ray_address", ("--ray-address",), str),
     )
 }
 STORE = ("milvus_uri", "collection", "model")

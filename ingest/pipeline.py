@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imgsearch.config import DEFAULT_BATCH_SIZE, DEFAULT_MAX_PIXELS, DEFAULT_UPSERT_CHUNK, WriterPlace
 from imgsearch.encoders import Encoder
@@ -26,6 +26,9 @@ from imgsearch.ingest.writer import WRITE_QUEUE_CHUNKS, InFlight, WriterProcess,
 from imgsearch.storage import FileStamp
 from imgsearch.store import ImageRecord, MilvusStore
 from imgsearch.validation import with_copies
+
+if TYPE_CHECKING:  # ray: imported only for --ray
+    from imgsearch.ingest.ray_pipeline import RayIngest
 
 __all__ = ["IngestReport", "ingest_catalog", "ingest_entries", "ingest_options", "prune_missing"]
 
@@ -71,12 +74,14 @@ def ingest_entries(
     hash_cache: Path | None = None,
     calibrate: bool = True,
     writer: WriterPlace = "auto",
+    ray: RayIngest | None = None,
 ) -> IngestReport:
     """Settle what is stored, read each other file once in decode workers, encode in batches and upsert; enrolment
     uses it too. `wait_for_index`: return once Milvus Lite has indexed the new rows (the service does not wait: it
     answers while Lite builds in the background). `hash_cache`: the SQLite file of remembered hashes (default
     ~/.cache/imgsearch/file-hashes.sqlite). `calibrate`: when labeled rows changed, recompute the collection's own
-    abstention threshold (recognition/abstention.py) afterwards. `writer`: upsert from a child process or a thread (writer.py)."""
+    abstention threshold (recognition/abstention.py) afterwards. `writer`: upsert from a child process or a thread (writer.py).
+    `ray`: read, encode and upsert on a Ray cluster (ray_pipeline.py) instead of in this process's workers."""
     started = time.perf_counter()
     report = IngestReport()
     settler = Settler(store, report, relabel_duplicates)
@@ -88,7 +93,16 @@ def ingest_entries(
             pending = plan_entries(iter(entries), settler, hashes, plan_path, progress, shard)
             if warm_up is not None:
                 warm_up.join()
-            if pending:
+            if pending and ray is not None:  # the CPU tasks decode everything: no device JPEGs, no shards
+                from imgsearch.ingest.ray_pipeline import encode_and_store_on_ray
+
+                dataset = PlannedImages(plan_path, encoder.preprocess, max_pixels, encoder.input_size)
+                read = encode_and_store_on_ray(
+                    dataset, pending, encoder, store, ray_ingest=ray, report=report, settler=settler, batch_size=batch_size,
+                    upsert_chunk=upsert_chunk, progress=progress,
+                )
+                remember_hashes(hashes, read)
+            elif pending:
                 preprocess = encoder.transfer_preprocess or encoder.preprocess
                 dataset = PlannedImages(
                     plan_path, preprocess, max_pixels, encoder.input_size, shard, device_jpegs=encoder.jpeg_decoder is not None

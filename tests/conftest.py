@@ -26,7 +26,7 @@ PHOTO_NAMES = ("chelsea", "coffee", "astronaut", "rocket", "camera", "coins", "h
 
 
 # Fixtures that load the model or open Milvus: a test that uses one is in the slow tier.
-HEAVY_FIXTURES = {"encoder", "onnx_encoder", "make_store", "milvus_server_uri", "object_store"}
+HEAVY_FIXTURES = {"encoder", "onnx_encoder", "make_store", "milvus_server_uri", "object_store", "ray_cluster"}
 
 
 def pytest_collection_modifyitems(items):
@@ -37,6 +37,8 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.server)
         if "object_store" in fixtures:
             item.add_marker(pytest.mark.objectstore)
+        if "ray_cluster" in fixtures:
+            item.add_marker(pytest.mark.ray)
         if fixtures & HEAVY_FIXTURES:
             item.add_marker(pytest.mark.slow)
 
@@ -124,6 +126,33 @@ def object_store(tmp_path_factory):
         yield server
     finally:
         server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One local Ray cluster for the session, as `imgsearch ingest --ray` starts one: 2 CPUs, a small object store,
+    no dashboard, loopback, its files under pytest's temporary folder. Token authentication stays on, with a token
+    in the environment, so nothing is written to ~/.ray and the `imgsearch` processes the tests start can join.
+    Yields the address to join."""
+    import secrets
+
+    saved = {key: os.environ.get(key) for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)})
+    import ray  # after the variables: Ray reads its authentication mode once, when imported
+    folder = tmp_path_factory.getbasetemp() / "ray"  # short: Ray's socket paths must fit in 107 bytes
+    ray.init(
+        num_cpus=2, object_store_memory=256 << 20, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=str(folder),
+        logging_level="WARNING",
+    )
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

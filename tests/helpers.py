@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from PIL import Image
 
 from imgsearch.api.live import LiveServer, free_port, wait_until_healthy
 
@@ -48,6 +50,35 @@ def copy_fashion_catalog(folder: Path, per_class: int = 2) -> list[Path]:
         shutil.copy(source, target)
         copied.append(target)
     return copied
+
+
+def bad_catalog(root: Path, photos) -> dict[str, str]:
+    """Every awkward kind of file; value: 'stored' or 'failed'."""
+    root.mkdir()
+    cat = photos["chelsea"]
+    expected = {}
+
+    def put(name: str, outcome: str, writer) -> None:
+        writer(root / name)
+        expected[name] = outcome
+
+    put("empty.jpg", "failed", lambda p: p.write_bytes(b""))
+    put("notes.png", "failed", lambda p: p.write_text("this is not an image\n" * 20))
+    buffer = io.BytesIO()
+    cat.save(buffer, format="JPEG")
+    put("truncated.jpg", "failed", lambda p: p.write_bytes(buffer.getvalue()[:4000]))
+    put("bomb.png", "failed", lambda p: Image.new("L", (9000, 9000)).save(p))
+    put("cmyk.jpg", "stored", lambda p: cat.convert("CMYK").save(p, quality=95))
+    palette = cat.convert("P", palette=Image.Palette.ADAPTIVE)
+    put("palette_alpha.png", "stored", lambda p: palette.save(p, transparency=0))
+    put("deep16.png", "stored", lambda p: Image.fromarray(np.asarray(cat.convert("L"), dtype=np.uint16) * 257).save(p))
+    frames = [cat, photos["coffee"].resize(cat.size)]
+    put("animated.gif", "stored", lambda p: frames[0].save(p, save_all=True, append_images=frames[1:], duration=80))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    put("exif_rotated.jpg", "stored", lambda p: cat.transpose(Image.Transpose.ROTATE_90).save(p, exif=exif, quality=95))
+    put("png_named.jpg", "stored", lambda p: photos["coffee"].save(p, format="PNG"))
+    return expected
 
 
 def fashion_images(per_class: int = 2) -> list[Path]:

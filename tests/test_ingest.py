@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import copy_fashion_catalog, cosine, run_cli
+from helpers import bad_catalog, copy_fashion_catalog, cosine, run_cli
 from imgsearch.ingest.catalog import file_sha256
 from imgsearch.ingest.pipeline import ingest_catalog
 
@@ -211,37 +210,8 @@ def test_a_row_whose_file_changed_or_went_moves_to_an_identical_copy(tmp_path, e
     assert rows[file_sha256(edited)]["path"] == str(edited.resolve())
 
 
-def _bad_catalog(root: Path, photos) -> dict[str, str]:
-    """Every awkward kind of file; value: 'stored' or 'failed'."""
-    root.mkdir()
-    cat = photos["chelsea"]
-    expected = {}
-
-    def put(name: str, outcome: str, writer) -> None:
-        writer(root / name)
-        expected[name] = outcome
-
-    put("empty.jpg", "failed", lambda p: p.write_bytes(b""))
-    put("notes.png", "failed", lambda p: p.write_text("this is not an image\n" * 20))
-    buffer = io.BytesIO()
-    cat.save(buffer, format="JPEG")
-    put("truncated.jpg", "failed", lambda p: p.write_bytes(buffer.getvalue()[:4000]))
-    put("bomb.png", "failed", lambda p: Image.new("L", (9000, 9000)).save(p))
-    put("cmyk.jpg", "stored", lambda p: cat.convert("CMYK").save(p, quality=95))
-    palette = cat.convert("P", palette=Image.Palette.ADAPTIVE)
-    put("palette_alpha.png", "stored", lambda p: palette.save(p, transparency=0))
-    put("deep16.png", "stored", lambda p: Image.fromarray(np.asarray(cat.convert("L"), dtype=np.uint16) * 257).save(p))
-    frames = [cat, photos["coffee"].resize(cat.size)]
-    put("animated.gif", "stored", lambda p: frames[0].save(p, save_all=True, append_images=frames[1:], duration=80))
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    put("exif_rotated.jpg", "stored", lambda p: cat.transpose(Image.Transpose.ROTATE_90).save(p, exif=exif, quality=95))
-    put("png_named.jpg", "stored", lambda p: photos["coffee"].save(p, format="PNG"))
-    return expected
-
-
 def test_bad_inputs_are_stored_correctly_or_reported_and_the_run_goes_on(tmp_path, encoder, make_store, photos):
-    expected = _bad_catalog(tmp_path / "catalog", photos)
+    expected = bad_catalog(tmp_path / "catalog", photos)
     store = make_store()
     report = ingest_catalog(tmp_path / "catalog", encoder, store, workers=0, max_pixels=50_000_000)
     failed = {Path(item["path"]).name: item["error"] for item in report.failed}

