@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from imgsearch.config import HEAD_EPOCHS, HEAD_STAGES, NEAR_IDENTICAL, RECOGNITION_K, RECOGNITION_K_MAX, SIMILAR, HeadMode, RecognitionMethod, Settings
-from imgsearch.shell import MODEL, OBJECTS, STORE, JsonOption, Output, Rows, command_registrar, option
+from imgsearch.shell import CREATES, MODEL, OBJECTS, STORE, JsonOption, Output, Rows, command_registrar, option
 from imgsearch.terminal import VisibleFormatter, markup_safe, progress_bar, progress_lines, stderr
 
 app = typer.Typer(
@@ -33,7 +33,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log prog
     logging.getLogger("imgsearch.encoders").setLevel(logging.INFO)  # the one-off ONNX export and int8 quantisation take seconds
 
 
-@command(settings=MODEL + ("batch_size", "workers", "ray_address") + OBJECTS)
+@command(settings=MODEL + ("batch_size", "workers", "ray_address") + OBJECTS + CREATES)
 def ingest(
     settings: Settings,
     path: Annotated[str, typer.Argument(help="Catalog folder or bucket prefix (s3://bucket/catalog; labels from sub-folders or key prefixes), or one image")],
@@ -229,7 +229,7 @@ def export_vectors(settings: Settings, out: Annotated[Path, typer.Option("--out"
     return Output(summary, f"exported {written} rows to {out}")
 
 
-@command("import", settings=("milvus_uri", "collection"))
+@command("import", settings=("milvus_uri", "collection") + CREATES)
 def import_vectors(
     settings: Settings,
     source: Annotated[Path, typer.Argument(help="Parquet file written by `imgsearch export`")],
@@ -242,7 +242,7 @@ def import_vectors(
     return Output(summary, text, failed=summary["failed"], what_failed="skipped row")
 
 
-@command(settings=MODEL + ("batch_size", "workers"))
+@command(settings=MODEL + ("batch_size", "workers") + CREATES)
 def enroll(
     settings: Settings,
     label: Annotated[str, typer.Argument(help="The class these images show")],
@@ -391,7 +391,7 @@ def evaluate_command(
     return Output(report, f"wrote {json_path} and {figure_path}", [Rows(f"eval {dataset} ({report['encoder']})", (), summary_rows(report))])
 
 
-@command(settings=MODEL + ("batch_size", "workers") + OBJECTS)
+@command(settings=MODEL + ("batch_size", "workers") + OBJECTS + CREATES)
 def reindex(
     settings: Settings,
     alias: Annotated[Optional[str], option("--alias", help="The name searches use; moved to the new collection at the end [default: --collection]")] = None,
@@ -410,7 +410,7 @@ def reindex(
     return Output(report.to_dict(), text, failed=report.ingest.failed)
 
 
-@command(settings=MODEL + OBJECTS, json=False)
+@command(settings=MODEL + OBJECTS + CREATES, json=False)
 def serve(
     settings: Settings,
     host: Annotated[str, typer.Option("--host", help="Address to listen on")] = "127.0.0.1",

@@ -25,6 +25,8 @@ WRITER_PROCESS_MIN_CHUNKS = 4  # writer auto: a process (about a second to start
 Runtime = Literal["auto", "torch", "onnx", "onnx-int8"]
 RUNTIMES = get_args(Runtime)
 WriterPlace = Literal["auto", "process", "thread"]
+VectorIndex = Literal["auto", "hnsw", "ivf_sq8"]
+LARGE_COLLECTION_ROWS = 1_000_000  # from here `auto` builds IVF_SQ8 on a server (docs/scaling.md, benchmarks/scale.py)
 # Recognition: the labeled neighbours scored per query (why 100: recognition/scoring.py), and the most a request may ask.
 RECOGNITION_K = 100
 RECOGNITION_K_MAX = 1024
@@ -71,6 +73,11 @@ class Settings(BaseSettings):
     upsert_chunk: int = Field(DEFAULT_UPSERT_CHUNK, ge=1, description="Rows per Milvus upsert call")
     writer: WriterPlace = Field(
         "auto", description=f"Where ingest upserts run: a child process (auto: for {WRITER_PROCESS_MIN_CHUNKS} upsert chunks of images or more) or a thread"
+    )
+    index: VectorIndex = Field(
+        "auto", description="The vector index a new collection on a Milvus server is built with: hnsw, or ivf_sq8 for millions "
+        f"of rows (HNSW takes hours to build there on a few cores); auto: ivf_sq8 for an import of {LARGE_COLLECTION_ROWS:,} rows "
+        "or more, else hnsw. Milvus Lite builds its own",
     )
     ray_address: str = Field(
         "", description='ingest --ray: the Ray cluster ("auto": the one running on this machine, or host:port); '

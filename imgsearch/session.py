@@ -45,6 +45,7 @@ def open_store(settings: Settings, encoder: Encoder, *, create: bool = True, enc
     """The store for `settings` with `encoder`'s identity; the one way CLI and API open it. `encodes_images=False`
     (a text-only search): the encoder's precision is not the collection's business."""
     from imgsearch.store import MilvusStore
+    from imgsearch.store.search_params import chosen_index
 
     return MilvusStore(
         settings.milvus_uri,
@@ -55,6 +56,7 @@ def open_store(settings: Settings, encoder: Encoder, *, create: bool = True, enc
         precision=encoder.precision if encodes_images else "",
         token=settings.milvus_token,
         create=create,
+        index=chosen_index(settings.index),  # a catalog's size is not known before it is walked
     )
 
 

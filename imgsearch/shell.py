@@ -36,9 +36,11 @@ SHARED_OPTIONS: dict[str, Any] = {
         ("weights", ("--weights",), Path), ("device", ("--device",), str), ("runtime", ("--runtime",), str),
         ("batch_size", ("--batch-size",), int), ("workers", ("--workers",), int), ("threshold", ("--threshold",), float),
         ("storage_options", ("--storage-options",), str), ("ray_address", ("--ray-address",), str),
+        ("index", ("--index",), str),
     )
 }
 STORE = ("milvus_uri", "collection", "model")
+CREATES = ("index",)  # commands that may create a collection
 OBJECTS = ("storage_options",)  # commands that read, serve or remove files in object storage
 MODEL = STORE + ("weights", "device", "runtime")
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout")]

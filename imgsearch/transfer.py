@@ -174,14 +174,17 @@ def import_into(settings, path: Path) -> dict:
     """Import an export into the collection of its model: settings.collection, or imgsearch_<model> (created when
     missing; a collection of another model is refused). Returns imported, failed, collection and model."""
     from imgsearch.config import default_collection_name
+    from imgsearch.store.search_params import chosen_index
 
     identity = read_export_identity(path)
     model = identity[MODEL_PROPERTY]
     name = settings.collection or default_collection_name(model)
+    index = chosen_index(settings.index, pq.ParquetFile(path).metadata.num_rows)  # an export says how many rows it holds
     with MilvusStore(
         settings.milvus_uri, name, model=model, dim=int(identity[DIM_PROPERTY]),
         preprocess_version=identity.get(PREPROCESS_PROPERTY, ""), token=settings.milvus_token,
         precision=identity.get(PRECISION_PROPERTY, UNRECORDED_PRECISION),  # an export older than this key
+        index=index,
     ) as store:
         imported, failed = import_parquet(store, path, chunk=settings.upsert_chunk)
     return {"imported": imported, "failed": failed, "collection": name, "model": model}

@@ -11,7 +11,7 @@ from typing import Any
 from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 
-from imgsearch.ingest.pipeline import new_row_metadata
+from imgsearch.ingest.plan import new_row_metadata
 from imgsearch.store import ImageRecord, connect, upsert_rows
 
 

@@ -17,15 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 from imgsearch.config import DEFAULT_BATCH_SIZE, DEFAULT_MAX_PIXELS, DEFAULT_UPSERT_CHUNK, WriterPlace
 from imgsearch.encoders import Encoder
-from imgsearch.ingest.catalog import CatalogEntry, Location, Shard, absolute, as_location, catalog_folder, check_catalog, scan_catalog
+from imgsearch.ingest.catalog import CatalogEntry, Location, Shard, absolute, catalog_folder, check_catalog, scan_catalog
 from imgsearch.ingest.hashes import HashCache, default_hash_cache
-from imgsearch.ingest.plan import Settler, drop_replaced, plan_entries, prune_missing, record_copies
+from imgsearch.ingest.plan import Settler, drop_replaced, new_content, new_row_metadata, plan_entries, prune_missing, record_copies
 from imgsearch.ingest.reader import PREFETCH_BATCHES, PlannedImages, auto_workers, batches
 from imgsearch.ingest.report import IngestReport, ProgressCallback
 from imgsearch.ingest.writer import WRITE_QUEUE_CHUNKS, InFlight, WriterProcess, start_writer
 from imgsearch.storage import FileStamp
 from imgsearch.store import ImageRecord, MilvusStore
-from imgsearch.validation import with_copies
 
 if TYPE_CHECKING:  # ray: imported only for --ray
     from imgsearch.ingest.ray_pipeline import RayIngest
@@ -234,29 +233,6 @@ def encode_batch(
         ImageRecord(id=item["id"], vector=vector, path=item["path"], label=item["label"], metadata=new_row_metadata(item))
         for item, vector in zip(items, vectors)
     ]
-
-
-def new_content(items: list[dict[str, Any]], inputs: Any, settler: Settler) -> tuple[list[dict[str, Any]], Any]:
-    """The items of a decoded batch that need encoding, and their rows of `inputs`: files whose hash the plan did
-    not know are settled now (stored, moved, or a second copy in this run: not encoded)."""
-    unsettled = [index for index, item in enumerate(items) if not item["settled"]]
-    if not unsettled:
-        return items, inputs
-    pairs = [
-        (CatalogEntry(as_location(items[i]["path"]), items[i]["label"], items[i]["metadata"], upload=items[i].get("upload", False)), items[i]["id"])
-        for i in unsettled
-    ]
-    to_encode = {id(entry) for entry, _ in settler.settle(pairs)}
-    dropped = {index for index, (entry, _) in zip(unsettled, pairs) if id(entry) not in to_encode}
-    keep = [index for index in range(len(items)) if index not in dropped]
-    if len(keep) == len(items):
-        return items, inputs
-    return [items[index] for index in keep], (inputs[keep] if keep else None)
-
-
-def new_row_metadata(item: dict[str, Any]) -> dict[str, Any]:
-    """A new row's metadata: what a manifest gave (nothing otherwise), and the upload mark for a file the service stored."""
-    return with_copies(item["metadata"] or {}, [], upload=bool(item.get("upload")))[0]
 
 
 RACY_SECONDS = 2.0  # a file changed this recently may change again within its mtime's granularity: not remembered

@@ -16,14 +16,16 @@ holds those bytes (`_delete_or_move_to_copies`) instead of being deleted.
 from __future__ import annotations
 
 import json
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 from imgsearch import storage
 from imgsearch.errors import InvalidInputError
-from imgsearch.ingest.catalog import CatalogEntry, Shard, bytes_sha256, file_sha256
+from imgsearch.ingest.catalog import CatalogEntry, Shard, as_location, bytes_sha256, file_sha256
 from imgsearch.ingest.hashes import HashCache
 from imgsearch.ingest.report import IngestReport, ProgressCallback
 from imgsearch.storage import FileStamp
@@ -44,14 +46,19 @@ class Settler:
         self.planned_ids: set[str] = set()
         self.replaced: dict[str, str] = {}  # path -> the hash its file held before it changed
         self.copies: dict[str, set[str]] = defaultdict(set)  # hash -> other paths holding those bytes
+        # Reads see every row stored before the run began; this run's own are in planned_ids.
+        self.started = time.time()
 
     def settle(self, pairs: list[tuple[CatalogEntry, str]]) -> list[tuple[CatalogEntry, str]]:
         """The (entry, hash) pairs to encode; the others are counted and their rows updated."""
-        known = self.store.get([digest for _, digest in pairs], fields=("id", "path", "label", "metadata"))
+        known = self.store.get([digest for _, digest in pairs], fields=("id", "path", "label", "metadata"), as_of=self.started)
         new: list[tuple[CatalogEntry, str]] = []
         moved: list[tuple[CatalogEntry, str]] = []
         for entry, digest in pairs:
-            if digest in known:
+            if digest in self.planned_ids:  # new or moved earlier in this run: its row is this run's business
+                self.report.skipped += 1
+                self.copies[digest].add(str(entry.path))
+            elif digest in known:
                 row = known[digest]
                 # No metadata given (a folder walk, an enrolment): the row keeps what it has.
                 same_metadata = entry.metadata is None or user_metadata(row.get("metadata")) == entry.metadata
@@ -65,14 +72,35 @@ class Settler:
                     self.copies[digest].add(str(entry.path))
                 else:  # moved, relabelled, or new manifest metadata (update_moved keeps a stored file's path)
                     moved.append((entry, digest))
-            elif digest in self.planned_ids:
-                self.report.skipped += 1  # duplicate content within this run
-                self.copies[digest].add(str(entry.path))
+                    self.planned_ids.add(digest)  # reads see the row as it was before the run (as_of)
             else:
                 self.planned_ids.add(digest)
                 new.append((entry, digest))
         self.report.updated += update_moved(self.store, moved)
         return new
+
+
+def new_content(items: list[dict[str, Any]], inputs: Any, settler: Settler) -> tuple[list[dict[str, Any]], Any]:
+    """The items of a decoded batch that need encoding, and their rows of `inputs`: files whose hash the plan did
+    not know are settled now (stored, moved, or a second copy in this run: not encoded)."""
+    unsettled = [index for index, item in enumerate(items) if not item["settled"]]
+    if not unsettled:
+        return items, inputs
+    pairs = [
+        (CatalogEntry(as_location(items[i]["path"]), items[i]["label"], items[i]["metadata"], upload=items[i].get("upload", False)), items[i]["id"])
+        for i in unsettled
+    ]
+    to_encode = {id(entry) for entry, _ in settler.settle(pairs)}
+    dropped = {index for index, (entry, _) in zip(unsettled, pairs) if id(entry) not in to_encode}
+    keep = [index for index in range(len(items)) if index not in dropped]
+    if len(keep) == len(items):
+        return items, inputs
+    return [items[index] for index in keep], (inputs[keep] if keep else None)
+
+
+def new_row_metadata(item: dict[str, Any]) -> dict[str, Any]:
+    """A new row's metadata: what a manifest gave (nothing otherwise), and the upload mark for a file the service stored."""
+    return with_copies(item["metadata"] or {}, [], upload=bool(item.get("upload")))[0]
 
 
 def plan_entries(

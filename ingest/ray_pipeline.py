@@ -33,7 +33,7 @@ import numpy as np
 from imgsearch import storage
 from imgsearch.encoders import Encoder, encoder_from_settings
 from imgsearch.errors import ImgsearchError, RayIngestError, RayUnavailableError, UsageError
-from imgsearch.ingest.plan import Settler
+from imgsearch.ingest.plan import Settler, new_content
 from imgsearch.ingest.reader import PlannedImages
 from imgsearch.ingest.report import IngestReport, ProgressCallback
 from imgsearch.store import MilvusStore
@@ -51,11 +51,10 @@ EXIT_MARKER_VARIABLE = "IMGSEARCH_RAY_TEST_EXIT_MARKER"
 
 @dataclass
 class RayIngest:
-    """How an ingest runs on Ray. `address`: "" starts a local cluster on this machine, "auto" joins the one running
-    here, host:port joins that one. `load_encoder` is picklable and builds the driver's encoder in each actor (the
-    packaged weights, or a path every node can read)."""
+    """How an ingest runs on the cluster this process joined (start_ray). `load_encoder` is picklable and builds the
+    driver's encoder in each actor (the packaged weights, or a path every node can read); `storage_options` go to
+    every read task (fsspec's options are per process)."""
 
-    address: str
     load_encoder: Callable[[], Encoder]
     storage_options: dict[str, Any] = field(default_factory=dict)
 
@@ -124,9 +123,7 @@ def on_ray(settings: Any) -> Iterator[Callable[[Encoder], RayIngest]]:
     driver's encoder. A cluster started here stops at the end."""
     started = start_ray(settings.ray_address)
     try:
-        yield lambda encoder: RayIngest(
-            settings.ray_address, partial(encoder_from_settings, settings, auto_int8=encoder.precision == "int8"), settings.storage_options
-        )
+        yield lambda encoder: RayIngest(partial(encoder_from_settings, settings, auto_int8=encoder.precision == "int8"), settings.storage_options)
     finally:
         if started:
             import ray
@@ -181,7 +178,7 @@ def encode_and_store_on_ray(
     report.workers = pool.actors
     report.writer = "ray"
     ledger = ray.remote(num_cpus=0)(Ledger).remote(
-        store.uri, store.token, store.collection, settler.relabel_duplicates, sorted(settler.planned_ids)
+        store.uri, store.token, store.collection, settler.relabel_duplicates, sorted(settler.planned_ids), settler.started
     )
     with open(dataset.plan_path, encoding="utf-8") as plan:
         lines = [{"line": line} for line in plan]
@@ -212,7 +209,8 @@ def encode_and_store_on_ray(
         report.skipped += state["skipped"]
         report.updated += state["updated"]
         report.decode_seconds += state["decode_seconds"]
-        settler.copies.update({digest: set(paths) for digest, paths in state["copies"].items()})
+        for digest, paths in state["copies"].items():
+            settler.copies[digest].update(paths)
         settler.replaced.update(state["replaced"])
     written = sink.written
     report.indexed = len(written)
@@ -270,18 +268,17 @@ class Ledger:
     """The one place a Ray run settles new hashes (an actor: every read task asks it), so copies within the run are
     encoded once. Idempotent per path: a retried batch gets the answers its first attempt got."""
 
-    def __init__(self, uri: str, token: str, collection: str, relabel_duplicates: bool, planned_ids: list[str]) -> None:
+    def __init__(self, uri: str, token: str, collection: str, relabel_duplicates: bool, planned_ids: list[str], started: float) -> None:
         self.store = MilvusStore.open_existing(uri, collection, token)
         self.report = IngestReport()
         self.settler = Settler(self.store, self.report, relabel_duplicates)
-        self.settler.planned_ids = set(planned_ids)  # what the driver's plan already gave to the read tasks
+        self.settler.planned_ids = set(planned_ids)  # new or moved in the driver's plan
+        self.settler.started = started  # the driver's: reads see what was stored before the run
         self.answers: dict[str, bool] = {}  # path -> whether its content is encoded in this run
         self.failed: dict[str, str] = {}
         self.read: dict[str, dict[str, Any]] = {}  # path -> {path, stamp, id}: the driver's hash cache remembers them
 
     def settle(self, items: list[dict[str, Any]]) -> list[bool]:
-        from imgsearch.ingest.pipeline import new_content
-
         fresh = []
         for item in items:
             path = item["path"]

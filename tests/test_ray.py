@@ -76,7 +76,7 @@ def on_ray(onnx_encoder):
     from imgsearch.encoders import load_encoder
     from imgsearch.ingest.ray_pipeline import RayIngest
 
-    return RayIngest("", partial(load_encoder, onnx_encoder.name, device="cpu", runtime="onnx", onnx_cache=onnx_encoder.model_path.parent))
+    return RayIngest(partial(load_encoder, onnx_encoder.name, device="cpu", runtime="onnx", onnx_cache=onnx_encoder.model_path.parent))
 
 
 def rows(store) -> dict[str, dict]:

@@ -117,3 +117,32 @@ def test_every_store_call_says_milvus_is_unreachable_when_it_is(tmp_path):
     with pytest.raises(StoreUnavailableError):
         check_collection_exists(dead, "cut")
     lite.close()
+
+
+def test_the_index_setting_builds_ivf_sq8_for_millions_of_rows_on_a_server():
+    from imgsearch.store.search_params import IVF_NLIST, chosen_index, index_for
+
+    assert [chosen_index("auto"), chosen_index("auto", 999_999), chosen_index("auto", 1_000_000)] == ["hnsw", "hnsw", "ivf_sq8"]
+    assert chosen_index("hnsw", 5_000_000) == "hnsw" and chosen_index("ivf_sq8", 10) == "ivf_sq8"
+    assert index_for("http://milvus:19530", "ivf_sq8") == ("IVF_SQ8", {"nlist": IVF_NLIST})
+    assert index_for("http://milvus:19530", "hnsw") == ("AUTOINDEX", {})
+    assert index_for("images.db", "ivf_sq8") == ("AUTOINDEX", {})  # Milvus Lite builds its own
+    with pytest.raises(ValueError, match="index must be one of"):
+        index_for("http://milvus:19530", "flat")
+
+
+@pytest.mark.server
+def test_an_ivf_sq8_collection_on_the_server_finds_each_stored_vector(milvus_server_uri):
+    import uuid
+
+    store = MilvusStore(milvus_server_uri, f"ivf_{uuid.uuid4().hex[:8]}", model="m", dim=64, precision="fp32", index="ivf_sq8")
+    try:
+        vectors = np.stack([_unit(seed, 64) for seed in range(3000)])
+        store.upsert([ImageRecord(id=f"{i:064x}", vector=vector, path=f"/p/{i}.jpg") for i, vector in enumerate(vectors)])
+        store.flush()
+        assert store.client.describe_index(store.collection, "vector")["index_type"] == "IVF_SQ8"
+        found = store.search(vectors[::100], k=1, fields=("path",))
+        assert [hits[0].id for hits in found] == [f"{i:064x}" for i in range(0, 3000, 100)]
+    finally:
+        store.client.drop_collection(store.collection)
+        store.close()

@@ -1,11 +1,13 @@
-"""HNSW's `ef` (candidates walked per search; AUTOINDEX builds HNSW on Lite and on a server), the one place its
-rules live. HNSW returns at most `ef` hits, so every search asks for ef >= k."""
+"""The vector index a collection is built with, and what a search asks of it, the one place their rules live.
+HNSW's `ef` (candidates walked per search; AUTOINDEX builds HNSW on Lite and on a server): HNSW returns at most `ef`
+hits, so every search asks for ef >= k. IVF_SQ8's `nprobe` (clusters scanned per search): for large server
+collections, where HNSW takes too long to build (docs/scaling.md). Every search carries both; each index reads its own."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from imgsearch.config import is_lite_uri
+from imgsearch.config import LARGE_COLLECTION_ROWS, is_lite_uri
 
 # Lite's own default ef is 64, so a search for k = 300 gave 227 rows. On 100k clustered vectors, photo queries far
 # from every cluster had recall@10 0.933 through the service at ef 256 and 0.950 at 512 on Lite, for a p50 of 111.8
@@ -20,6 +22,29 @@ FILTERED_EF = 256
 # query took 4.7 ms at ef 64 and 2.9 ms at ef 32 (benchmarks/duplicates.py, docs/duplicates.md). 34 is twice the
 # default 16 neighbours and the row itself.
 CLOSE_EF = 34
+
+
+# An explicit index for server collections (`IMGSEARCH_INDEX`); Lite builds its own whatever is asked.
+INDEXES = ("auto", "hnsw", "ivf_sq8")  # auto and hnsw: AUTOINDEX, which is HNSW on the 2.3.5 server
+IVF_NLIST = 1024  # clusters per segment (a server seals segments of about 100k rows of 1,280 floats)
+SERVER_NPROBE = 32
+
+
+def chosen_index(setting: str, rows: int | None = None) -> str:
+    """The index the `index` setting means for a new collection that will hold `rows` (None: not known, as for a
+    catalog before it is walked): auto is ivf_sq8 from LARGE_COLLECTION_ROWS rows, else hnsw."""
+    if setting != "auto":
+        return setting
+    return "ivf_sq8" if rows is not None and rows >= LARGE_COLLECTION_ROWS else "hnsw"
+
+
+def index_for(uri: str, index: str = "auto") -> tuple[str, dict[str, Any]]:
+    """(index_type, build params) for a new collection."""
+    if index not in INDEXES:
+        raise ValueError(f"index must be one of {', '.join(INDEXES)}, not {index!r}")
+    if index == "ivf_sq8" and not is_lite_uri(uri):
+        return "IVF_SQ8", {"nlist": IVF_NLIST}
+    return "AUTOINDEX", {}  # no build parameters: Lite ignores them, and a server picks its own (HNSW on 2.3.5)
 
 
 def ef(uri: str, k: int, asked: int | None = None) -> int:
