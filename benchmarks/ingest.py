@@ -101,7 +101,7 @@ def _tree_pss_bytes(root_pid: int) -> int:
 
 def run_ingest(
     catalog: Path, db: Path | str, batch_size: int, runtime: str, extra: tuple[str, ...] = (), env: dict | None = None,
-    code: Path = ROOT, hash_cache: Path | None = None,
+    code: Path = ROOT, hash_cache: Path | None = None, sample_seconds: float = 0.05,
 ) -> tuple[float, dict, int]:
     """Whole-process `imgsearch ingest` (`extra` arguments and `env` added; `code`: the checkout whose imgsearch runs);
     returns wall seconds, its JSON report and the peak memory (PSS) of its process tree."""
@@ -119,7 +119,7 @@ def run_ingest(
         nonlocal peak
         while not stop.is_set():
             peak = max(peak, _tree_pss_bytes(process.pid))
-            stop.wait(0.05)
+            stop.wait(sample_seconds)  # reading every process's smaps costs CPU: sample less often for many processes
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()

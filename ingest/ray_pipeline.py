@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,9 +41,11 @@ from imgsearch.store import MilvusStore
 
 log = logging.getLogger(__name__)
 
-# A local cluster (no address): Ray's object store would take about 30% of RAM; the pipeline keeps a few batches of
-# preprocessed images alive per stage (a 64-image batch of 224 px float32 is 38 MB), so 1 GiB holds them with room.
-LOCAL_OBJECT_STORE_BYTES = 1 << 30
+# A local cluster (no address): Ray's object store would take about 30% of RAM. Ray Data budgets each stage's blocks
+# from it (a read task's block is BATCHES_PER_TASK batches of 32 preprocessed 224 px images: 154 MB); on 2,000 camera
+# JPEGs 1 GiB held the read tasks back (49-51 images/s in the ingest), 2 GiB did not (61), 4 GiB gained nothing (58).
+LOCAL_OBJECT_STORE_BYTES = 2 << 30
+BATCHES_PER_TASK = 8  # a read task reads this many batches: fewer, longer tasks spend less on scheduling
 ENCODER_THREADS_MAX = 4  # onnxruntime threads per CPU encoder actor: more actors rather than wider ones
 # Test hooks: an encoder actor exits after this many batches, once (the marker file records that it did).
 EXIT_AFTER_BATCHES_VARIABLE = "IMGSEARCH_RAY_TEST_EXIT_AFTER_BATCHES"
@@ -70,15 +73,18 @@ class EncoderPool:
 
 
 def encoder_pool(resources: dict[str, float]) -> EncoderPool:
-    """One actor per GPU; on CPU-only clusters half the cores encode (reading, hashing and decoding a photo cost
-    about what encoding it does: docs/benchmarks.md), in actors of up to ENCODER_THREADS_MAX threads, and the read
-    tasks take the other half."""
+    """One actor per GPU; on CPU-only clusters half the cores are reserved for encoding (reading, hashing and decoding
+    a photo cost about what encoding it does: docs/benchmarks.md), in actors of up to ENCODER_THREADS_MAX cores, and
+    the read tasks take the other half. Each actor runs twice as many onnxruntime threads as the cores it reserved,
+    so encoding takes up the cycles the read tasks leave while they wait on I/O and Ray, as a local ingest's encoder
+    shares the cores with its decode workers (with a 1 GiB object store, 1 thread per reserved core gave 44-48 images/s in
+    the ingest of 2,000 camera JPEGs here, 2 threads 49-51)."""
     gpus = int(resources.get("GPU", 0))
     if gpus:
         return EncoderPool(actors=gpus, num_cpus=1, num_gpus=1, threads=0)
     encoding_cores = max(1, int(resources.get("CPU", 1)) // 2)
     threads = min(ENCODER_THREADS_MAX, encoding_cores)
-    return EncoderPool(actors=max(1, encoding_cores // threads), num_cpus=threads, num_gpus=0, threads=threads)
+    return EncoderPool(actors=max(1, encoding_cores // threads), num_cpus=threads, num_gpus=0, threads=2 * threads)
 
 
 def check_ray_ingest(uri: str, shard: str | None = None) -> None:
@@ -171,7 +177,7 @@ def encode_and_store_on_ray(
     from imgsearch.ingest.milvus_sink import MilvusSink
 
     context = DataContext.get_current()
-    context.enable_progress_bars = progress is not None  # a TTY without --json: Ray's bars on stderr
+    context.enable_progress_bars = False  # imgsearch's own bar (a TTY without --json) counts the files the Ledger settled
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # its per-run INFO lines and the bars-disabled warning
     pool = encoder_pool(ray.cluster_resources())
@@ -185,9 +191,10 @@ def encode_and_store_on_ray(
     identity = {"name": encoder.name, "dim": encoder.dim, "preprocess_version": encoder.preprocess_version, "precision": encoder.precision}
     sink = MilvusSink(store.uri, store.token, store.collection, upsert_chunk)
     started = time.perf_counter()
+    reporter = report_progress(ledger, pending, progress) if progress else None
     try:
         (
-            ray.data.from_items(lines, override_num_blocks=max(1, min(math.ceil(pending / batch_size), 10_000)))
+            ray.data.from_items(lines, override_num_blocks=max(1, min(math.ceil(pending / (batch_size * BATCHES_PER_TASK)), 10_000)))
             .map_batches(
                 read_batch, batch_size=batch_size, batch_format="pyarrow", num_cpus=1,
                 fn_kwargs={"dataset": dataset, "ledger": ledger, "storage_options": ray_ingest.storage_options},
@@ -203,6 +210,8 @@ def encode_and_store_on_ray(
     except Exception as error:
         raise RayIngestError(f"the Ray run failed: {cause_of(error)}") from None
     finally:
+        if reporter is not None:
+            reporter.set()
         state = ray.get(ledger.state.remote())
         ray.kill(ledger)
         report.failed.extend({"path": path, "error": error} for path, error in state["failed"].items())
@@ -221,6 +230,26 @@ def encode_and_store_on_ray(
     if progress:
         progress("encode", len(written), pending)
     return state["read"]
+
+
+PROGRESS_SECONDS = 1.0
+
+
+def report_progress(ledger: Any, pending: int, progress: ProgressCallback) -> threading.Event:
+    """Ask the Ledger how many files it has settled, every PROGRESS_SECONDS, until the returned event is set."""
+    import ray
+
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.wait(PROGRESS_SECONDS):
+            try:
+                progress("encode", ray.get(ledger.settled.remote(), timeout=PROGRESS_SECONDS), pending)
+            except Exception:  # a slow or busy actor: the next poll tries again
+                continue
+
+    threading.Thread(target=poll, name="imgsearch-ray-progress", daemon=True).start()
+    return done
 
 
 def cause_of(error: BaseException) -> str:
@@ -298,6 +327,9 @@ class Ledger:
             encoded = {item["path"] for item in kept}
             self.answers.update({item["path"]: item["path"] in encoded for item in fresh})
         return [self.answers[item["path"]] for item in items]
+
+    def settled(self) -> int:
+        return len(self.answers)
 
     def state(self) -> dict[str, Any]:
         return {

@@ -19,9 +19,9 @@ from imgsearch.ingest.ray_pipeline import EncoderPool, encoder_pool
 
 def test_encoder_pool_is_one_actor_per_gpu_or_half_the_cores():
     assert encoder_pool({"CPU": 16.0, "GPU": 2.0}) == EncoderPool(actors=2, num_cpus=1, num_gpus=1, threads=0)
-    assert encoder_pool({"CPU": 2.0}) == EncoderPool(actors=1, num_cpus=1, num_gpus=0, threads=1)
-    assert encoder_pool({"CPU": 1.0}) == EncoderPool(actors=1, num_cpus=1, num_gpus=0, threads=1)
-    assert encoder_pool({"CPU": 32.0}) == EncoderPool(actors=4, num_cpus=4, num_gpus=0, threads=4)
+    assert encoder_pool({"CPU": 2.0}) == EncoderPool(actors=1, num_cpus=1, num_gpus=0, threads=2)
+    assert encoder_pool({"CPU": 1.0}) == EncoderPool(actors=1, num_cpus=1, num_gpus=0, threads=2)
+    assert encoder_pool({"CPU": 32.0}) == EncoderPool(actors=4, num_cpus=4, num_gpus=0, threads=8)
 
 
 def test_a_lite_file_is_refused_in_one_line_and_nothing_is_created(tmp_path):
@@ -135,9 +135,14 @@ def test_a_killed_encoder_actor_is_restarted_and_every_image_is_stored_once(ray_
     monkeypatch.setenv(EXIT_AFTER_BATCHES_VARIABLE, "2")
     monkeypatch.setenv(EXIT_MARKER_VARIABLE, str(marker))
     store = server_store()
-    first = ingest_catalog(tmp_path / "catalog", onnx_encoder, store, hash_cache=tmp_path / "cache.sqlite", batch_size=4, ray=on_ray(onnx_encoder))
+    progress = []
+    first = ingest_catalog(
+        tmp_path / "catalog", onnx_encoder, store, hash_cache=tmp_path / "cache.sqlite", batch_size=4, ray=on_ray(onnx_encoder),
+        progress=lambda *call: progress.append(call),
+    )
     assert marker.exists()  # the actor did exit mid-run; Ray restarted it and retried the batch it held
     assert first.indexed == 40 and not first.failed
+    assert [call for call in progress if call[0] == "encode"][-1] == ("encode", 40, 40)
     monkeypatch.delenv(EXIT_AFTER_BATCHES_VARIABLE)
     rerun = ingest_catalog(tmp_path / "catalog", onnx_encoder, store, hash_cache=tmp_path / "fresh.sqlite", batch_size=4, ray=on_ray(onnx_encoder))
     assert (rerun.indexed, rerun.skipped) == (0, 40)
@@ -163,14 +168,21 @@ def test_bad_files_in_a_ray_run_are_reported_per_file_as_locally(ray_cluster, se
 
 def test_the_command_joins_a_running_cluster(ray_cluster, milvus_server_uri, tmp_path):
     """`imgsearch ingest --ray --ray-address HOST:PORT` from another process: the report's shape is a local run's."""
+    from pymilvus import MilvusClient
+
     copy_fashion_catalog(tmp_path / "catalog", per_class=2)
-    args = ["ingest", str(tmp_path / "catalog"), "--ray", "--ray-address", ray_cluster, "--uri", milvus_server_uri,
-            "--collection", f"ray_cli_{uuid.uuid4().hex[:8]}", "--json"]
+    collection = f"ray_cli_{uuid.uuid4().hex[:8]}"
+    args = ["ingest", str(tmp_path / "catalog"), "--ray", "--ray-address", ray_cluster, "--uri", milvus_server_uri, "--collection", collection, "--json"]
     env = {"IMGSEARCH_HASH_CACHE": str(tmp_path / "cache.sqlite")}
-    result = run_cli(args, env_extra=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout)
-    assert report["indexed"] == 20 and report["writer"] == "ray" and report["failed"] == []
-    assert set(report) >= {"indexed", "skipped", "stages", "calibration", "workers"}
-    again = json.loads(run_cli(args, env_extra=env, check=True).stdout)
-    assert (again["indexed"], again["skipped"]) == (0, 20)
+    try:
+        result = run_cli(args, env_extra=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = json.loads(result.stdout)
+        assert report["indexed"] == 20 and report["writer"] == "ray" and report["failed"] == []
+        assert set(report) >= {"indexed", "skipped", "stages", "calibration", "workers"}
+        again = json.loads(run_cli(args, env_extra=env, check=True).stdout)
+        assert (again["indexed"], again["skipped"]) == (0, 20)
+    finally:
+        client = MilvusClient(uri=milvus_server_uri)
+        client.drop_collection(collection)
+        client.close()

@@ -185,7 +185,7 @@ class InMemoryStore:
         self.rows = rows
         self.upserted: list = []
 
-    def get(self, ids, fields=("id", "path", "label", "metadata")):
+    def get(self, ids, fields=("id", "path", "label", "metadata"), as_of=None):
         return {i: {"id": i, **self.rows[i]} for i in ids if i in self.rows}
 
     def upsert(self, records):
