@@ -12,6 +12,7 @@ os.environ.setdefault("IMGSEARCH_CALIBRATION_WAIT_SECONDS", "600")
 
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -41,6 +42,27 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.ray)
         if fixtures & HEAVY_FIXTURES:
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def release_lite_databases():
+    """pymilvus keeps each Milvus Lite file's gRPC server (3 threads, about 4 file descriptors) until the process
+    exits; at a 1,024-descriptor limit the session's ~300th Lite file failed to open. Each test's are stopped after
+    it (those of broader fixtures were opened before this runs, so they stay)."""
+    before = _open_lite_databases()
+    yield
+    for path in _open_lite_databases() - before:
+        from imgsearch.store import lite
+
+        lite.release(path)
+
+
+def _open_lite_databases() -> set[str]:
+    if "milvus_lite.server_manager" not in sys.modules:  # the fast tier never loads pymilvus for this
+        return set()
+    from imgsearch.store import lite
+
+    return set(lite.open_databases())
 
 
 @pytest.fixture(scope="session")

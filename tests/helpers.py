@@ -240,6 +240,10 @@ class SeaweedFS:
         log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             [str(binary), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
+             # Each bucket takes a volume of its own. Left to itself mini sizes volumes and their count from the
+             # free disk (2 volumes of 1 GiB at 2.9 GiB free, which refused the third bucket's writes); the tests'
+             # objects are kilobytes, so many small volumes, whatever the disk.
+             "-master.volumeSizeLimitMB=64", "-volume.max=100",
              *(f"-{name}={port}" for name, port in ports.items())],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.credentials()}, start_new_session=True,
         )

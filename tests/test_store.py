@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import subprocess
 import sys
 
@@ -11,7 +13,7 @@ import pytest
 from helpers import CuttableProxy, free_port
 from imgsearch.errors import ModelMismatchError, StoreUnavailableError
 from imgsearch.session import check_collection_exists, collection_properties
-from imgsearch.store import PRECISION_PROPERTY, PRECISIONS, ImageRecord, MilvusStore
+from imgsearch.store import PRECISION_PROPERTY, PRECISIONS, ImageRecord, MilvusStore, lite
 
 pytestmark = pytest.mark.slow  # Milvus Lite
 
@@ -69,6 +71,22 @@ def test_second_process_gets_a_clear_lock_error(tmp_path):
     assert result.returncode != 0
     store.close()
     assert "StoreLockedError" in result.stderr and "milvus-lite server" in result.stderr
+    assert f"(pid {os.getpid()})" in result.stderr
+
+
+def test_a_lock_this_process_holds_is_not_blamed_on_another_process(tmp_path):
+    """A Lite start that fails half-way (out of file descriptors, say) leaves this process holding the lock; the
+    error must then be the start's own, not "in use by another process"."""
+    database = tmp_path / "own.db"
+    database.mkdir()
+    with open(database / "LOCK", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        lite.check_lock(str(database))  # this process's own lock: nothing to report
+        code = f"from imgsearch.store import lite\nlite.check_lock({str(database)!r})\n"
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and f"in use by another process (pid {os.getpid()})" in result.stderr
+    unlocked = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert unlocked.returncode == 0, unlocked.stderr
 
 
 def test_every_store_call_says_milvus_is_unreachable_when_it_is(tmp_path):

@@ -67,7 +67,7 @@ def connect(uri: str, token: str, create: bool = True) -> MilvusClient:
             return MilvusClient(uri=uri, token=token)
     except StoreError:
         if is_lite_uri(uri):
-            lite.check_lock(uri)  # within one process pymilvus shares the database; only others are locked out
+            lite.check_lock(uri)  # another process's lock is the likely cause; this process's is not
         raise
 
 

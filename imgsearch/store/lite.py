@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,20 +21,57 @@ from imgsearch.errors import StoreLockedError
 
 
 def check_lock(uri: str) -> None:
-    """Milvus Lite allows one process per data directory; say so in one line instead of a traceback."""
+    """Milvus Lite allows one process per data directory; say so in one line instead of a traceback, when the lock on
+    `uri` is held by another process. Held by this one (a start that failed half-way, say, for lack of file
+    descriptors), it says nothing: the caller's own error is the true one."""
     lock_path = Path(uri) / "LOCK"
     if not lock_path.is_file():
         return
+    holders = _lock_holders(lock_path)
+    if holders is None:  # no /proc/locks: probe the lock instead
+        holders = set() if _can_lock(lock_path) else {0}
+    holders.discard(os.getpid())
+    if holders:
+        raise StoreLockedError(
+            f"{uri} is in use by another process{_pids(holders)} (Milvus Lite allows one process per .db). Stop that "
+            f"process, or share the data through a server: `milvus-lite server --data-dir {uri} --port 19540` and "
+            "IMGSEARCH_MILVUS_URI=http://127.0.0.1:19540, or a Milvus server URI"
+        )
+
+
+def _lock_holders(lock_path: Path) -> set[int] | None:
+    """The ids of the processes holding a lock on `lock_path`, read from Linux's /proc/locks without touching the
+    lock; None where there is no /proc/locks."""
+    try:
+        stat = lock_path.stat()
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    wanted = (os.major(stat.st_dev), os.minor(stat.st_dev), stat.st_ino)
+    holders = set()
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) < 6 or fields[1] == "->":  # "->" lines are waiters, not holders
+            continue
+        major, minor, inode = fields[5].split(":")
+        if (int(major, 16), int(minor, 16), int(inode)) == wanted:
+            holders.add(int(fields[4]))
+    return holders
+
+
+def _can_lock(lock_path: Path) -> bool:
     with open(lock_path, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise StoreLockedError(
-                f"{uri} is in use by another process (Milvus Lite allows one process per .db). Stop that process, "
-                f"or share the data through a server: `milvus-lite server --data-dir {uri} --port 19540` and "
-                "IMGSEARCH_MILVUS_URI=http://127.0.0.1:19540, or a Milvus server URI"
-            ) from None
+            return False
         fcntl.flock(handle, fcntl.LOCK_UN)
+        return True
+
+
+def _pids(pids: set[int]) -> str:
+    known = sorted(pid for pid in pids if pid > 0)
+    return f" (pid {', '.join(map(str, known))})" if known else ""
 
 
 def grpc_address(uri: str) -> str | None:
@@ -64,6 +102,26 @@ def index_coverage(uri: str, collection: str) -> tuple[int, int] | None:
         return None
 
 
+def open_databases() -> list[str]:
+    """The Lite files this process serves (pymilvus keeps each one's gRPC server, threads and files until exit)."""
+    manager = _manager()
+    return list(manager._servers) if manager else []
+
+
+def release(path: str) -> None:
+    """Stop this process's server for the Lite file `path`, unlocking it; clients still open on it stop working."""
+    manager = _manager()
+    if manager:
+        manager.release_server(path)
+
+
+def _manager() -> Any:
+    """pymilvus's Lite server manager when pymilvus has loaded it (this never imports milvus_lite), else None."""
+    module = sys.modules.get("milvus_lite.server_manager")
+    manager = getattr(module, "server_manager_instance", None)
+    return manager if isinstance(getattr(manager, "_servers", None), dict) else None
+
+
 def _collection(uri: str, collection: str) -> Any:
     entry = _server(uri)
     try:
@@ -74,12 +132,8 @@ def _collection(uri: str, collection: str) -> Any:
 
 def _server(uri: str) -> tuple | None:
     """(gRPC server, database, port) that pymilvus started in this process for a Lite file, or None."""
-    if not is_lite_uri(uri):
+    manager = _manager()
+    if manager is None or not is_lite_uri(uri):
         return None
-    try:
-        from milvus_lite.server_manager import server_manager_instance
-
-        entry = server_manager_instance._servers.get(os.path.abspath(uri))
-        return entry if isinstance(entry, tuple) and len(entry) == 3 else None
-    except Exception:  # another Lite's internals
-        return None
+    entry = manager._servers.get(os.path.abspath(uri))
+    return entry if isinstance(entry, tuple) and len(entry) == 3 else None
