@@ -10,7 +10,6 @@ import json
 import multiprocessing
 import os
 import queue
-import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from imgsearch import storage
 from imgsearch.errors import ImageDecodeError, ImgsearchError
 from imgsearch.images import device_decodable_jpeg, load_image
 from imgsearch.ingest.catalog import Shard, bytes_sha256
+from imgsearch.processes import die_with_parent
 
 PREFETCH_BATCHES = 4  # per worker
 # Forked workers start at once and share the parent's imported modules; they only read files and run
@@ -125,23 +125,6 @@ def batches(dataset: PlannedImages, batch_size: int, workers: int) -> Iterator[d
 def _batched(items: Iterator[dict[str, Any]], batch_size: int) -> Iterator[dict[str, Any]]:
     while chunk := list(islice(items, batch_size)):
         yield collate(chunk)
-
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def die_with_parent(parent: int, *_: Any) -> None:
-    """In a worker: be killed with `parent`. A parent killed with SIGKILL (or by the OOM killer) runs no clean-up, and a
-    forked worker blocked on a full queue would live on holding the Milvus Lite LOCK it inherited, so the rerun is
-    refused. Linux's parent-death signal does it at once; elsewhere the worker's own polling of its parent does."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: put_while_parent_lives still notices within a second
-        pass
-    if os.getppid() != parent:  # it died before the signal was armed
-        os._exit(1)
 
 
 def put_while_parent_lives(out: Any, item: Any, parent: int) -> None:

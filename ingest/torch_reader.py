@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from imgsearch.encoders import Encoder
 from imgsearch.errors import ImageDecodeError
 from imgsearch.images import load_image
-from imgsearch.ingest.reader import PREFETCH_BATCHES, WORKER_START_METHOD, PlannedImages, collate, die_with_parent
+from imgsearch.ingest.reader import PREFETCH_BATCHES, WORKER_START_METHOD, PlannedImages, collate
+from imgsearch.processes import die_with_parent
 
 
 class _PlannedTensors(IterableDataset):

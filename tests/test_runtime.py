@@ -70,6 +70,7 @@ def test_runtime_auto_picks_int8_for_lite0_and_fp32_for_other_weights_on_cpu(tmp
 
     encoder = load_encoder("efficientnet_lite0", device="cpu", runtime="auto", onnx_cache=tmp_path)
     assert isinstance(encoder, OnnxEncoder) and encoder.model_path.name.endswith(".int8.onnx")
+    assert encoder.built_torch_encoder is None  # exported in a child process: torch's memory went with it
     copy = tmp_path / "lite0.pth"  # weights of the user's own: not measured in int8, so fp32
     copy.write_bytes(packaged_weights_path().read_bytes())
     encoder = load_encoder("efficientnet_lite0", weights=copy, device="cpu", runtime="auto", onnx_cache=tmp_path)

@@ -52,10 +52,10 @@ def load_encoder(
         if int8:
             from imgsearch.encoders.int8 import int8_encoder
 
-            return int8_encoder(name, weights, onnx_cache, load_torch)
+            return int8_encoder(name, weights, onnx_cache, load_torch, in_child=True)
         from imgsearch.encoders.onnx_runtime import onnx_encoder
 
-        return onnx_encoder(name, weights, onnx_cache, load_torch)
+        return onnx_encoder(name, weights, onnx_cache, load_torch, in_child=True)
     encoder = load_torch_encoder(name, weights=weights, device=device)
     encoder.cuda_graphs = cuda_graphs
     if gpu_decode:

@@ -192,7 +192,6 @@ def export_onnx(encoder: TorchEncoder, path: Path, fold: bool = True) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(2, 3, encoder.input_size, encoder.input_size)
     temporary = path.with_suffix(f".tmp{os.getpid()}")
-    log.info("exporting %s to ONNX at %s (once: it is cached)", encoder.name, path)
 
     class Embed(torch.nn.Module):  # what gets exported: the torch encoder's own embed()
         def __init__(self) -> None:
@@ -334,14 +333,45 @@ def export_path(name: str, weights: Path | None, cache_dir: Path | None) -> Path
     return usable_cache_dir(cache_dir) / (cache_stem(name, weights) + ".onnx")
 
 
-def onnx_encoder(name: str, weights: Path | None, cache_dir: Path | None, load_torch: Callable[[], TorchEncoder]) -> OnnxEncoder:
+def onnx_encoder(
+    name: str, weights: Path | None, cache_dir: Path | None, load_torch: Callable[[], TorchEncoder], *, in_child: bool = False
+) -> OnnxEncoder:
     """The cached export of `name` run by onnxruntime; the first call builds the torch encoder and exports it
-    (int8.py quantises this export)."""
+    (int8.py quantises this export). `in_child`: export in a child process (`load_torch` must pickle), so that
+    torch's memory (about 1 GB for Lite0) goes back to the system when it exits."""
     path = export_path(name, weights, cache_dir)
     encoder = load_cached(path, load_torch)
     if encoder is None:
-        torch_encoder = load_torch()
-        export_onnx(torch_encoder, path)
+        started = time.perf_counter()
+        log.info("exporting %s to ONNX at %s (once: it is cached)", name, path)
+        torch_encoder = None
+        if not (in_child and export_in_child(load_torch, path)):
+            torch_encoder = load_torch()
+            export_onnx(torch_encoder, path)
+        log.info("exported %s in %.1f s", name, time.perf_counter() - started)
         encoder = OnnxEncoder(path, load_torch, torch_encoder)
     prune_stale_exports(path)
     return encoder
+
+
+def export_in_child(load_torch: Callable[[], TorchEncoder], path: Path) -> bool:
+    """Export in a spawned child process that dies with this one; its errors are raised here. False when no
+    child could run (a script without a `__main__` guard cannot spawn one): the caller exports itself."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from imgsearch.processes import die_with_parent
+
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: none of this process's threads or clients
+    with ProcessPoolExecutor(1, mp_context=context, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
+        try:
+            pool.submit(_export, load_torch, path).result()
+        except BrokenProcessPool:
+            log.warning("the export's child process did not run; exporting in this one")
+            return False
+    return True
+
+
+def _export(load_torch: Callable[[], TorchEncoder], path: Path) -> None:
+    export_onnx(load_torch(), path)

@@ -1,0 +1,23 @@
+"""Child processes die with their parent."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int, *_: Any) -> None:
+    """In a child: be killed with `parent`. A parent killed with SIGKILL (or by the OOM killer) runs no clean-up, and a
+    forked worker blocked on a full queue would live on holding the Milvus Lite LOCK it inherited, so the rerun is
+    refused. Linux's parent-death signal does it at once; elsewhere the child's own polling of its parent must."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the caller's polling of its parent notices instead
+        pass
+    if os.getppid() != parent:  # it died before the signal was armed
+        os._exit(1)
