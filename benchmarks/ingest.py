@@ -7,6 +7,10 @@
 (c) naive peer, the Milvus bootcamp quickstart's way: per image PIL open, transform, torch forward at batch 1,
     insert one row. Same Lite0 weights. Timed on the first --peer-images images.
 (d) re-ingest: (b) again on the unchanged catalog (and on --also), settled from the hash cache without reading files.
+(e) the machine bound: per image and single-threaded, read + hash, decode + preprocess, and encode (onnxruntime on
+    one thread), in core-ms, on the catalog's first --stage-images; the bound is cores / their sum, and (b) is
+    printed as a fraction of it. Also for --also and for --products small product images (Fashion-MNIST PNGs of
+    28-300 px, the sample catalog's kind), where decode is cheap and the encoder should be the limit.
 Prints (b)/(a), (b)/(c), the peak RSS of (b)'s process tree, and (b)'s stage split.
 """
 
@@ -63,6 +67,68 @@ def make_catalog(folder: Path, count: int, seed: int = 0) -> Path:
         image.save(folder / label / f"{index:05d}.jpg", quality=90)
     done.touch()
     return folder
+
+
+def make_product_catalog(folder: Path, count: int, seed: int = 0) -> Path:
+    """Fashion-MNIST images (Debian's dataset-fashion-mnist) as PNGs of 28-300 px in class folders; cached."""
+    from imgsearch.datasets import fashion_mnist
+
+    done = folder / f".complete-{count}"
+    if done.exists():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    dataset = fashion_mnist("train")
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+        side = int(rng.integers(28, 301))
+        label = dataset.classes[dataset.labels[index]]
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        image = Image.fromarray(np.asarray(dataset.images[index])).resize((side, side), Image.Resampling.BICUBIC)
+        image.save(folder / label / f"{index:05d}.png")
+    done.touch()
+    return folder
+
+
+def stage_costs(catalog: Path, runtime: str, count: int, batch_size: int) -> dict[str, float]:
+    """Core-ms per image of each stage, single-threaded, on the catalog's first `count` images."""
+    import hashlib
+
+    from imgsearch.encoders.onnx_runtime import THREADS_VARIABLE
+
+    paths = sorted(path for path in catalog.rglob("*") if path.suffix in (".jpg", ".png"))[:count]
+    os.environ[THREADS_VARIABLE] = "1"  # the encoder on one core
+    try:
+        encoder = load_encoder("efficientnet_lite0", runtime=runtime, device="cpu")
+    finally:
+        del os.environ[THREADS_VARIABLE]
+    torch.set_num_threads(1)  # for --runtime torch
+    started = time.process_time()
+    contents = []
+    for path in paths:
+        data = path.read_bytes()
+        hashlib.sha256(data).hexdigest()
+        contents.append(data)
+    read = time.process_time() - started
+    started = time.process_time()
+    tensors = [encoder.preprocess(load_image(data, min_side=encoder.input_size)) for data in contents]
+    decode = time.process_time() - started
+    batch = encoder.stack(tensors[:batch_size])
+    encoder.encode(batch)  # warm-up
+    started = time.process_time()
+    for start in range(0, len(tensors), batch_size):
+        encoder.encode(encoder.stack(tensors[start : start + batch_size]))
+    encode = time.process_time() - started
+    torch.set_num_threads(os.cpu_count() or 1)
+    return {"read + hash": 1000 * read / len(paths), "decode + preprocess": 1000 * decode / len(paths),
+            "encode": 1000 * encode / len(paths)}
+
+
+def print_bound(name: str, costs: dict[str, float], whole_process: float) -> None:
+    cores = os.cpu_count() or 1
+    bound = 1000 * cores / sum(costs.values())
+    split = ", ".join(f"{stage} {ms:.2f}" for stage, ms in costs.items())
+    print(f"(e) {name}: core-ms per image: {split}; machine bound {cores} cores / {sum(costs.values()):.2f} ms = "
+          f"{bound:.1f} images/s; whole process {whole_process:.1f} images/s = {whole_process / bound:.2f} of the bound")
 
 
 def floor_images_per_second(encoder, catalog: Path, batch_size: int, count: int) -> float:
@@ -169,6 +235,8 @@ def main() -> None:
     parser.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx", "onnx-int8"])
     parser.add_argument("--peer-images", type=int, default=100)
     parser.add_argument("--floor-images", type=int, default=256)
+    parser.add_argument("--products", type=int, default=0, help="also ingest this many small product images (PNG)")
+    parser.add_argument("--stage-images", type=int, default=200)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "imgsearch-bench")
     args = parser.parse_args()
 
@@ -204,6 +272,10 @@ def main() -> None:
     print(f"(b) stage split: read+decode {stages['decode_seconds']:.1f} s (summed over workers), "
           f"encoder waiting for decode {stages['wait_seconds']:.1f} s, encode {stages['encode_seconds']:.1f} s, "
           f"insert {stages['insert_seconds']:.1f} s (background thread), rest of {seconds:.1f} s wall is start-up and planning")
+    print_bound(f"{args.images} camera JPEGs", stage_costs(catalog, args.runtime, args.stage_images, args.batch_size), real)
+    outside = seconds - report["seconds"]  # imports, settings, model load, and the exit after the report
+    print(f"    start-up: {outside:.1f} s of wall outside the pipeline (imports, model load, exit) + "
+          f"{report['stages']['first_batch_seconds']:.1f} s inside it before the first batch reached the encoder")
     reingest(catalog, db, args)
     if args.also:
         big = make_catalog(args.work / f"catalog-{args.also}", args.also)
@@ -212,7 +284,21 @@ def main() -> None:
         print(f"peak memory (PSS) of (b), process tree: {big_peak / 2**20:.0f} MiB at {args.also} images "
               f"({big_report['indexed'] / big_seconds:.1f} images/s whole process, "
               f"{big_report['images_per_second']:.1f} pipeline-only); ratio {big_peak / peak:.2f}")
+        print_bound(f"{args.also} camera JPEGs", stage_costs(big, args.runtime, args.stage_images, args.batch_size),
+                    big_report["indexed"] / big_seconds)
         reingest(big, db, args)
+    if args.products:
+        products = make_product_catalog(args.work / f"products-{args.products}", args.products)
+        shutil.rmtree(db, ignore_errors=True)
+        product_seconds, product_report, product_peak = run_ingest(products, db, args.batch_size, args.runtime)
+        costs = stage_costs(products, args.runtime, args.stage_images, args.batch_size)
+        rate = product_report["indexed"] / product_seconds
+        print(f"{args.products} product PNGs: {rate:.1f} images/s whole process "
+              f"({product_report['images_per_second']:.1f} pipeline-only), peak PSS {product_peak / 2**20:.0f} MiB; "
+              f"the int8 encoder's floor on one core is {1000 / costs['encode']:.1f} images/s, on {os.cpu_count()} cores "
+              f"{1000 * (os.cpu_count() or 1) / costs['encode']:.1f}: whole process = "
+              f"{rate / (1000 * (os.cpu_count() or 1) / costs['encode']):.2f} of that")
+        print_bound(f"{args.products} product PNGs", costs, rate)
 
 
 def reingest(catalog: Path, db: Path, args: argparse.Namespace) -> None:

@@ -7,11 +7,13 @@ always maps to the same row and an upsert of it is idempotent; a rerun skips wha
 
 from __future__ import annotations
 
+import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +22,7 @@ from imgsearch.encoders import Encoder
 from imgsearch.ingest.catalog import CatalogEntry, Location, Shard, absolute, catalog_folder, check_catalog, scan_catalog
 from imgsearch.ingest.hashes import HashCache, default_hash_cache
 from imgsearch.ingest.plan import Settler, drop_replaced, new_content, new_row_metadata, plan_entries, prune_missing, record_copies
-from imgsearch.ingest.reader import PREFETCH_BATCHES, PlannedImages, auto_workers, batches
+from imgsearch.ingest.reader import MAX_AUTO_WORKERS, PREFETCH_BATCHES, PlannedImages, batches, collate, split_cores
 from imgsearch.ingest.report import IngestReport, ProgressCallback
 from imgsearch.ingest.writer import WRITE_QUEUE_CHUNKS, InFlight, WriterProcess, start_writer
 from imgsearch.storage import FileStamp
@@ -81,7 +83,6 @@ def ingest_entries(
     ~/.cache/imgsearch/file-hashes.sqlite). `calibrate`: when labeled rows changed, recompute the collection's own
     abstention threshold (recognition/abstention.py) afterwards. `writer`: upsert from a child process or a thread (writer.py).
     `ray`: read, encode and upsert on a Ray cluster (ray_pipeline.py) instead of in this process's workers."""
-    started = time.perf_counter()
     report = IngestReport()
     settler = Settler(store, report, relabel_duplicates)
     hashes = HashCache(hash_cache or default_hash_cache())
@@ -130,7 +131,7 @@ def ingest_entries(
             progress("calibrate", 0, None)
         calibration = self_calibrate(store)
         report.calibration = asdict(calibration) if calibration else None
-    report.seconds = time.perf_counter() - started
+    report.seconds = time.perf_counter() - report.started
     return report
 
 
@@ -170,16 +171,24 @@ def encode_and_store(
     progress: ProgressCallback | None,
     writer_kind: WriterPlace,
 ) -> None:
-    """Encode the `pending` planned files that hold new content, in batches, and hand the rows to a writer in chunks."""
-    num_workers = auto_workers(pending, batch_size) if workers is None else workers
-    report.workers = num_workers
-    report.in_flight_bound = in_flight_bound(batch_size, num_workers, upsert_chunk)
+    """Encode the `pending` planned files that hold new content, in batches, and hand the rows to a writer in chunks.
+    `workers` None: the cores are shared between decode workers and the encoder's threads (reader.split_cores)."""
+    cores = os.cpu_count() or 1
+    threads_before = getattr(encoder, "threads", None)
+    if workers is not None:
+        report.workers = workers
+    elif encoder.tensor_batches:  # the GPU (or torch's own threads) encodes: every core but one decodes
+        report.workers = split_cores(cores, decode_ms=1.0, encode_ms=0.0, pending=pending, batch_size=batch_size).decode_workers
+    report.in_flight_bound = in_flight_bound(batch_size, report.workers if workers is not None or encoder.tensor_batches
+                                             else min(cores - 1, MAX_AUTO_WORKERS), upsert_chunk)
     if encoder.tensor_batches:
         from imgsearch.ingest.torch_reader import batch_loader  # torch: only torch encoders need it
 
-        loader = batch_loader(dataset, batch_size, num_workers, encoder.pin_memory)
+        loader = batch_loader(dataset, batch_size, report.workers, encoder.pin_memory)
+    elif workers is None and threads_before is not None:
+        loader = balanced_batches(dataset, encoder, batch_size, pending, report)
     else:
-        loader = batches(dataset, batch_size, num_workers)
+        loader = batches(dataset, batch_size, report.workers)
     in_flight = InFlight()
     writer = start_writer(store, in_flight, writer_kind, rows=pending, chunk=upsert_chunk)
     report.writer = "process" if isinstance(writer, WriterProcess) else "thread"
@@ -189,6 +198,7 @@ def encode_and_store(
         waited = time.perf_counter()
         for batch in loader:
             report.wait_seconds += time.perf_counter() - waited
+            report.first_batch_seconds = report.first_batch_seconds or time.perf_counter() - report.started
             done += report.add_read(batch)
             remember_hashes(hashes, batch["items"] + batch["other_shards"])
             for item in batch["items"]:
@@ -206,8 +216,37 @@ def encode_and_store(
         writer.close()
         report.insert_seconds = writer.seconds
         report.max_in_flight = in_flight.peak
+        if threads_before is not None:
+            encoder.set_threads(threads_before)  # the service's encoder goes back to answering queries on every core
     if isinstance(writer, WriterProcess):
         store.count()  # one Strong read: this client's later Session searches (calibration) see the child's rows
+
+
+def balanced_batches(
+    dataset: PlannedImages, encoder: Encoder, batch_size: int, pending: int, report: IngestReport
+) -> Iterator[dict[str, Any]]:
+    """The plan's batches, with the cores shared by measurement: the first batch is decoded in this process and
+    encoded on one thread (its per-image costs, in core-ms), then reader.split_cores decides how many workers
+    decode the rest and how many threads the encoder runs on. Small jobs stay in this process, on every core."""
+    cores = os.cpu_count() or 1
+    first = split_cores(cores, 1.0, 1.0, pending, batch_size)
+    if first.decode_workers == 0:
+        report.workers, report.encoder_threads = 0, first.encoder_threads
+        yield from batches(dataset, batch_size, 0)
+        return
+    encoder.set_threads(1)
+    items = list(islice(dataset.items(), batch_size))
+    batch = collate(items)
+    decode_ms = 1000 * batch["decode_seconds"] / max(len(items), 1)
+    indexed, encode_seconds = report.indexed, report.encode_seconds
+    yield batch  # encoded by the caller, on the one thread
+    encoded = report.indexed - indexed
+    encode_ms = 1000 * (report.encode_seconds - encode_seconds) / encoded if encoded else decode_ms  # none new: alike
+    split = split_cores(cores, decode_ms, encode_ms, pending - len(items), batch_size)
+    report.workers, report.encoder_threads = split.decode_workers, split.encoder_threads
+    report.measured_ms = {"decode": round(decode_ms, 3), "encode": round(encode_ms, 3)}
+    encoder.set_threads(split.encoder_threads)
+    yield from batches(dataset, batch_size, split.decode_workers, start=len(items))
 
 
 def encode_batch(

@@ -38,11 +38,25 @@ class DecodeWorkerError(ImgsearchError):
     """A decode worker process died (killed, or out of memory)."""
 
 
-def auto_workers(pending: int, batch_size: int) -> int:
-    """Decode in the main process for tiny jobs (spawning workers costs more); else leave one core to encoding."""
-    if pending < 2 * batch_size:
-        return 0
-    return max(1, min(MAX_AUTO_WORKERS, (os.cpu_count() or 2) - 1))
+@dataclass(frozen=True)
+class CoreSplit:
+    decode_workers: int  # processes reading, hashing, decoding and preprocessing (0: the main process does it)
+    encoder_threads: int  # the encoder's intra-op threads
+
+
+def split_cores(cores: int, decode_ms: float, encode_ms: float, pending: int, batch_size: int) -> CoreSplit:
+    """How many decode workers and encoder threads, from each stage's cost per image in core-ms: one busy thread per
+    core in all (more made the encoder's spinning threads and the workers take turns), split where the slower side
+    is fastest; ties give the encoder the core. Tiny jobs decode in the main process: starting workers costs more."""
+    cores = max(1, cores)
+    if pending < 2 * batch_size or cores == 1:
+        return CoreSplit(0, cores)
+
+    def rate(workers: int) -> float:
+        return min(workers / max(decode_ms, 1e-6), (cores - workers) / max(encode_ms, 1e-6))
+
+    workers = max(range(1, min(cores, MAX_AUTO_WORKERS + 1)), key=lambda workers: (rate(workers), -workers))
+    return CoreSplit(workers, cores - workers)
 
 
 @dataclass
@@ -56,11 +70,11 @@ class PlannedImages:
     shard: Shard | None = None  # content of other shards is hashed, never decoded
     device_jpegs: bool = False  # pass baseline JPEGs' bytes on undecoded: the encoder's GPU decodes them
 
-    def items(self, worker_id: int = 0, num_workers: int = 1) -> Iterator[dict[str, Any]]:
-        """Every num_workers-th line from worker_id, read, hashed and preprocessed: no process holds the catalog.
-        Objects are fetched up to storage.REQUESTS_IN_FLIGHT ahead of the one being decoded."""
+    def items(self, worker_id: int = 0, num_workers: int = 1, start: int = 0) -> Iterator[dict[str, Any]]:
+        """Every num_workers-th line from line start + worker_id, read, hashed and preprocessed: no process holds the
+        catalog. Objects are fetched up to storage.REQUESTS_IN_FLIGHT ahead of the one being decoded."""
         with open(self.plan_path, encoding="utf-8") as plan:
-            items = (json.loads(line) for line in islice(plan, worker_id, None, num_workers))
+            items = (json.loads(line) for line in islice(plan, start + worker_id, None, num_workers))
             for item, fetched in storage.read_ahead(items, lambda item: item["path"]):
                 yield self.read(item, fetched)
 
@@ -113,13 +127,13 @@ def collate(items: list[dict[str, Any]], stack: Callable = np.stack, buffer: Cal
     }
 
 
-def batches(dataset: PlannedImages, batch_size: int, workers: int) -> Iterator[dict[str, Any]]:
-    """Batches of the plan as numpy arrays, decoded by `workers` processes (0: in this one); torch encoders read
-    through torch_reader.py instead."""
+def batches(dataset: PlannedImages, batch_size: int, workers: int, start: int = 0) -> Iterator[dict[str, Any]]:
+    """Batches of the plan from line `start` as numpy arrays, decoded by `workers` processes (0: in this one); torch
+    encoders read through torch_reader.py instead."""
     if workers == 0:
-        yield from _batched(dataset.items(), batch_size)
+        yield from _batched(dataset.items(start=start), batch_size)
     else:
-        yield from _from_worker_processes(dataset, batch_size, workers)
+        yield from _from_worker_processes(dataset, batch_size, workers, start)
 
 
 def _batched(items: Iterator[dict[str, Any]], batch_size: int) -> Iterator[dict[str, Any]]:
@@ -137,18 +151,20 @@ def put_while_parent_lives(out: Any, item: Any, parent: int) -> None:
                 os._exit(1)
 
 
-def _decode_worker(dataset: PlannedImages, batch_size: int, worker_id: int, workers: int, out: Any, parent: int) -> None:
+def _decode_worker(
+    dataset: PlannedImages, batch_size: int, worker_id: int, workers: int, start: int, out: Any, parent: int
+) -> None:
     die_with_parent(parent)
-    for batch in _batched(dataset.items(worker_id, workers), batch_size):
+    for batch in _batched(dataset.items(worker_id, workers, start), batch_size):
         put_while_parent_lives(out, batch, parent)
     put_while_parent_lives(out, None, parent)  # this worker is done
 
 
-def _from_worker_processes(dataset: PlannedImages, batch_size: int, workers: int) -> Iterator[dict[str, Any]]:
+def _from_worker_processes(dataset: PlannedImages, batch_size: int, workers: int, start: int) -> Iterator[dict[str, Any]]:
     context = multiprocessing.get_context(WORKER_START_METHOD)
     out = context.Queue(maxsize=workers * PREFETCH_BATCHES)  # bounds the batches alive at once
     processes = [
-        context.Process(target=_decode_worker, args=(dataset, batch_size, worker_id, workers, out, os.getpid()), daemon=True,
+        context.Process(target=_decode_worker, args=(dataset, batch_size, worker_id, workers, start, out, os.getpid()), daemon=True,
                         name=f"imgsearch-decode-{worker_id}")
         for worker_id in range(workers)
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,11 @@ class IngestReport:
     encode_seconds: float = 0.0
     insert_seconds: float = 0.0
     index_seconds: float = 0.0  # waiting for Milvus Lite's index builds after the writes (0 on a server)
+    first_batch_seconds: float = 0.0  # from the start to the first decoded batch reaching the encoder (start-up)
+    started: float = field(default_factory=time.perf_counter, repr=False, compare=False)
     workers: int = 0
+    encoder_threads: int = 0  # the encoder's threads when ingest chose them (0: the runtime's default)
+    measured_ms: dict[str, float] | None = None  # per-image core-ms of decode and encode that chose the split
     writer: str = ""  # "process" or "thread": where the upserts ran (writer.py)
     gpu_decoded: int = 0  # JPEGs decoded on the encoder's GPU rather than by the CPU workers
     max_in_flight: int = 0
@@ -104,10 +109,13 @@ class IngestReport:
                 "encode_seconds": round(self.encode_seconds, 3),
                 "insert_seconds": round(self.insert_seconds, 3),
                 "index_seconds": round(self.index_seconds, 3),
+                "first_batch_seconds": round(self.first_batch_seconds, 3),
             },
             "calibration": self.calibration,
             **({"check": self.enrolment_check} if self.enrolment_check is not None else {}),
             "workers": self.workers,
+            "encoder_threads": self.encoder_threads,
+            "measured_ms": self.measured_ms,
             "writer": self.writer,
             "gpu_decoded": self.gpu_decoded,
             "max_in_flight": self.max_in_flight,

@@ -241,11 +241,22 @@ def test_worker_processes_store_exactly_the_rows_of_a_single_process_run(tmp_pat
     report_parallel = ingest_catalog(tmp_path / "catalog", encoder, parallel, workers=2, batch_size=4)
     assert report_single.indexed == report_parallel.indexed == 30
     assert report_single.failed == report_parallel.failed
-    rows_single, rows_parallel = _rows(single), _rows(parallel)
-    assert rows_single.keys() == rows_parallel.keys()
-    for key, row in rows_single.items():
-        assert row["path"] == rows_parallel[key]["path"] and row["label"] == rows_parallel[key]["label"]
-        assert np.allclose(row["vector"], rows_parallel[key]["vector"], atol=1e-5)
+    others = [parallel]
+    if runtime == "onnx" and (os.cpu_count() or 1) > 1:  # workers None: the cores split by the measured stage costs
+        balanced, threads = make_store(collection="balanced"), encoder.threads
+        report = ingest_catalog(tmp_path / "catalog", encoder, balanced, batch_size=4)
+        assert report.indexed == 30 and report.failed == report_single.failed
+        assert report.measured_ms["decode"] > 0 and report.measured_ms["encode"] > 0
+        assert report.workers >= 1 and report.workers + report.encoder_threads == os.cpu_count()
+        assert encoder.threads == threads  # given back: a service's encoder answers queries on its own threads
+        others.append(balanced)
+    rows_single = _rows(single)
+    for other in others:
+        rows = _rows(other)
+        assert rows_single.keys() == rows.keys()
+        for key, row in rows_single.items():
+            assert row["path"] == rows[key]["path"] and row["label"] == rows[key]["label"]
+            assert np.allclose(row["vector"], rows[key]["vector"], atol=1e-5)
 
 
 def test_a_decode_worker_that_dies_is_one_error_not_a_hang(tmp_path):

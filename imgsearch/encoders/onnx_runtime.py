@@ -290,8 +290,6 @@ class OnnxEncoder(Encoder):
     preprocessing that has no numpy equivalent, or a CLIP model's text tower."""
 
     def __init__(self, model_path: Path, load_torch: Callable[[], TorchEncoder], torch_encoder: TorchEncoder | None = None):
-        import onnxruntime
-
         card = json.loads(model_path.with_suffix(".json").read_text(encoding="utf-8"))
         self.name = card["name"]
         self.dim = int(card["dim"])
@@ -305,10 +303,22 @@ class OnnxEncoder(Encoder):
             self.__dict__["torch_encoder"] = torch_encoder  # already built: the cached_property returns it
         spec = card.get("preprocess")
         self.preprocess = ResizeCrop.from_dict(spec) if spec else self.torch_encoder.preprocess
+        self.threads = int(os.environ.get(THREADS_VARIABLE) or 0)  # 0: onnxruntime's default, one per core
+        self.session = self._session(self.threads)
+
+    def _session(self, threads: int) -> Any:
+        import onnxruntime
+
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = int(os.environ.get(THREADS_VARIABLE) or 0)  # 0: one per core
-        self.session = onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        options.intra_op_num_threads = threads
+        return onnxruntime.InferenceSession(str(self.model_path), options, providers=["CPUExecutionProvider"])
+
+    def set_threads(self, threads: int) -> None:
+        """Run on `threads` intra-op threads (0: one per core) from the next batch: ingest shares the cores with its
+        decode workers. A new session (a few tenths of a second for Lite0); the old one ends with its last run."""
+        if threads != self.threads:
+            self.session, self.threads = self._session(threads), threads
 
     @cached_property
     def torch_encoder(self) -> TorchEncoder:
