@@ -45,16 +45,18 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(autouse=True)
-def release_lite_databases():
+def release_lite_databases(tmp_path):
     """pymilvus keeps each Milvus Lite file's gRPC server (3 threads, about 4 file descriptors) until the process
-    exits; at a 1,024-descriptor limit the session's ~300th Lite file failed to open. Each test's are stopped after
-    it (those of broader fixtures were opened before this runs, so they stay)."""
+    exits; at a 1,024-descriptor limit the session's ~300th Lite file failed to open. The files a test opened in its
+    own tmp_path are stopped after it; a broader fixture's (made under tmp_path_factory, even from inside a test
+    through request.getfixturevalue) stay open for the tests that share it."""
     before = _open_lite_databases()
     yield
     for path in _open_lite_databases() - before:
-        from imgsearch.store import lite
+        if Path(path).is_relative_to(tmp_path):
+            from imgsearch.store import lite
 
-        lite.release(path)
+            lite.release(path)
 
 
 def _open_lite_databases() -> set[str]:
