@@ -175,17 +175,18 @@ def encode_and_store(
     `workers` None: the cores are shared between decode workers and the encoder's threads (reader.split_cores)."""
     cores = os.cpu_count() or 1
     threads_before = getattr(encoder, "threads", None)
+    balanced = workers is None and threads_before is not None and not encoder.tensor_batches
     if workers is not None:
         report.workers = workers
-    elif encoder.tensor_batches:  # the GPU (or torch's own threads) encodes: every core but one decodes
+    elif not balanced:  # an encoder whose threads are not ours to set (torch's, a GPU's): every core but one decodes
         report.workers = split_cores(cores, decode_ms=1.0, encode_ms=0.0, pending=pending, batch_size=batch_size).decode_workers
-    report.in_flight_bound = in_flight_bound(batch_size, report.workers if workers is not None or encoder.tensor_batches
-                                             else min(cores - 1, MAX_AUTO_WORKERS), upsert_chunk)
+    most_workers = min(cores - 1, MAX_AUTO_WORKERS) if balanced else report.workers
+    report.in_flight_bound = in_flight_bound(batch_size, most_workers, upsert_chunk)
     if encoder.tensor_batches:
         from imgsearch.ingest.torch_reader import batch_loader  # torch: only torch encoders need it
 
         loader = batch_loader(dataset, batch_size, report.workers, encoder.pin_memory)
-    elif workers is None and threads_before is not None:
+    elif balanced:
         loader = balanced_batches(dataset, encoder, batch_size, pending, report)
     else:
         loader = batches(dataset, batch_size, report.workers)
