@@ -81,9 +81,9 @@ def make_product_catalog(folder: Path, count: int, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     for index in range(count):
         side = int(rng.integers(28, 301))
-        label = dataset.classes[dataset.labels[index]]
+        label = dataset.classes[dataset.targets[index]]
         (folder / label).mkdir(parents=True, exist_ok=True)
-        image = Image.fromarray(np.asarray(dataset.images[index])).resize((side, side), Image.Resampling.BICUBIC)
+        image = dataset.sources[index]().resize((side, side), Image.Resampling.BICUBIC)
         image.save(folder / label / f"{index:05d}.png")
     done.touch()
     return folder

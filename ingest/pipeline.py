@@ -175,7 +175,8 @@ def encode_and_store(
     `workers` None: the cores are shared between decode workers and the encoder's threads (reader.split_cores)."""
     cores = os.cpu_count() or 1
     threads_before = getattr(encoder, "threads", None)
-    balanced = workers is None and threads_before is not None and not encoder.tensor_batches
+    # a thread count pinned by IMGSEARCH_ONNX_THREADS (a Ray actor's, or the user's) is kept
+    balanced = workers is None and threads_before == 0 and not encoder.tensor_batches
     if workers is not None:
         report.workers = workers
     elif not balanced:  # an encoder whose threads are not ours to set (torch's, a GPU's): every core but one decodes
@@ -217,7 +218,7 @@ def encode_and_store(
         writer.close()
         report.insert_seconds = writer.seconds
         report.max_in_flight = in_flight.peak
-        if threads_before is not None:
+        if balanced:
             encoder.set_threads(threads_before)  # the service's encoder goes back to answering queries on every core
     if isinstance(writer, WriterProcess):
         store.count()  # one Strong read: this client's later Session searches (calibration) see the child's rows
