@@ -46,16 +46,21 @@ class CoreSplit:
 
 def split_cores(cores: int, decode_ms: float, encode_ms: float, pending: int, batch_size: int) -> CoreSplit:
     """How many decode workers and encoder threads, from each stage's cost per image in core-ms: one busy thread per
-    core in all (more made the encoder's spinning threads and the workers take turns), split where the slower side
-    is fastest; ties give the encoder the core. Tiny jobs decode in the main process: starting workers costs more."""
+    core in all (more made the encoder's spinning threads and the workers take turns). Either the main process
+    decodes between forward passes on every core (cheap decoding: a worker would idle beside an encoder on one
+    core fewer), or workers and threads split the cores where the slower side is fastest; ties give the encoder
+    the core. Tiny jobs decode in the main process: starting workers costs more."""
     cores = max(1, cores)
     if pending < 2 * batch_size or cores == 1:
         return CoreSplit(0, cores)
+    decode_ms, encode_ms = max(decode_ms, 1e-6), max(encode_ms, 1e-6)
 
     def rate(workers: int) -> float:
-        return min(workers / max(decode_ms, 1e-6), (cores - workers) / max(encode_ms, 1e-6))
+        if workers == 0:  # one after the other: decode on one core, then encode on all
+            return 1 / (decode_ms + encode_ms / cores)
+        return min(workers / decode_ms, (cores - workers) / encode_ms)
 
-    workers = max(range(1, min(cores, MAX_AUTO_WORKERS + 1)), key=lambda workers: (rate(workers), -workers))
+    workers = max(range(min(cores, MAX_AUTO_WORKERS + 1)), key=lambda workers: (rate(workers), -workers))
     return CoreSplit(workers, cores - workers)
 
 

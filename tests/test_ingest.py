@@ -247,7 +247,7 @@ def test_worker_processes_store_exactly_the_rows_of_a_single_process_run(tmp_pat
         report = ingest_catalog(tmp_path / "catalog", encoder, balanced, batch_size=4)
         assert report.indexed == 30 and report.failed == report_single.failed
         assert report.measured_ms["decode"] > 0 and report.measured_ms["encode"] > 0
-        assert report.workers >= 1 and report.workers + report.encoder_threads == os.cpu_count()
+        assert report.workers + report.encoder_threads == os.cpu_count()  # one busy thread per core
         assert encoder.threads == threads  # given back: a service's encoder answers queries on its own threads
         others.append(balanced)
     rows_single = _rows(single)
@@ -268,6 +268,23 @@ def test_a_decode_worker_that_dies_is_one_error_not_a_hang(tmp_path):
     dataset = PlannedImages(plan, _exit_at_once, 64_000_000, 224)
     with pytest.raises(DecodeWorkerError, match="died"):
         list(batches(dataset, 4, 2))
+
+
+def test_workers_read_the_plan_from_its_start_line_each_line_once(tmp_path):
+    """After the first batch measured the stages in the main process, the workers read the rest of the plan."""
+    from imgsearch.ingest.reader import PlannedImages, batches
+
+    paths = _catalog(tmp_path / "catalog")
+    plan = tmp_path / "plan.jsonl"
+    plan.write_text("".join(json.dumps({"path": str(path), "id": "", "label": "", "metadata": {}}) + "\n" for path in paths))
+    dataset = PlannedImages(plan, _tiny, 64_000_000, 224)
+    for workers in (0, 2):
+        read = [item["path"] for batch in batches(dataset, 4, workers, start=5) for item in batch["items"]]
+        assert sorted(read) == sorted(str(path) for path in paths[5:]), workers
+
+
+def _tiny(image):
+    return np.zeros((3, 2, 2), np.float32)
 
 
 def _exit_at_once(image):
