@@ -264,9 +264,9 @@ def test_a_decode_worker_that_dies_is_one_error_not_a_hang(tmp_path):
 
     paths = _catalog(tmp_path / "catalog")
     plan = tmp_path / "plan.jsonl"
-    plan.write_text("".join(json.dumps({"path": str(path), "label": "", "metadata": {}}) + "\n" for path in paths))
+    plan.write_text("".join(json.dumps({"path": str(path), "id": "", "label": "", "metadata": {}}) + "\n" for path in paths))
     dataset = PlannedImages(plan, _exit_at_once, 64_000_000, 224)
-    with pytest.raises(DecodeWorkerError, match="died"):
+    with pytest.raises(DecodeWorkerError, match=r"died \(exit code 3\)"):  # killed in the preprocess, as _exit_at_once does
         list(batches(dataset, 4, 2))
 
 
