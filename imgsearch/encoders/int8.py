@@ -94,7 +94,7 @@ def calibration_ranges(model_path: Path, batches: list[np.ndarray], folder: Path
             # numpy scalars, not Python floats: np.histogram then spaces the bins in float32, as it does from the data
             hist, edges[name] = np.histogram(np.abs(values), bins=calibrator.num_bins, range=tuple(extremes[name][2:]))
             counts[name] = counts[name] + hist if name in counts else hist
-    collector = calibrator.collector or _histogram_collector(calibrator)
+    collector = _histogram_collector(calibrator)  # the calibrator makes its own only inside collect_data
     collector.histogram_dict = {  # the symmetric percentile collector's entry: counts of |x|, edges, min, max
         name: (counts[name], edges[name].astype(batches[0].dtype), extremes[name][0], extremes[name][1]) for name in counts
     }
