@@ -84,6 +84,7 @@ class DuplicateMember(BaseModel):
     score: float
     grade: str
     copy_of: str | None = Field(None, description="for an identical copy: the path of the stored row it shares bytes (and id) with; not deletable on its own")
+    evidence: str | None = Field(None, description="for the same picture edited: how it was made from the representative, e.g. 'mirrored, resized to 50%'")
 
 
 class DuplicateGroup(BaseModel):
@@ -95,6 +96,9 @@ class DuplicateGroups(BaseModel):
     groups: list[DuplicateGroup]
     total: int = Field(description="groups found; `groups` holds at most `limit` of them")
     rows: int
+    similar: list[DuplicateGroup] | None = Field(
+        None, description="with ?similar=true: unverified look-alike groups (different pictures, maybe of one product)"
+    )
 
 
 class ReviewGroup(BaseModel):

@@ -27,7 +27,7 @@ from imgsearch.api.models import (
     TextQuery,
 )
 from imgsearch.api.service import Service, service_of
-from imgsearch.config import RECOGNITION_K, RECOGNITION_K_MAX, SIMILAR
+from imgsearch.config import DUPLICATES_THRESHOLD_HELP, RECOGNITION_K, RECOGNITION_K_MAX
 from imgsearch.errors import ImageDecodeError, ObjectStoreUnavailableError
 from imgsearch.validation import validate_label
 
@@ -173,22 +173,27 @@ async def enroll_from_review(service: ServiceDep, body: ReviewEnroll):
 @search.get("/duplicates", response_model=DuplicateGroups)
 async def duplicates(
     service: ServiceDep,
-    threshold: Annotated[float, Query(ge=0, le=1)] = SIMILAR,  # the CLI's default too: one place (config.py)
-    limit: Annotated[int, Query(ge=1, le=1000, description="At most this many groups, closest first")] = 100,
+    threshold: Annotated[float | None, Query(ge=0, le=1, description=DUPLICATES_THRESHOLD_HELP)] = None,
+    similar: Annotated[bool, Query(description="Also list unverified look-alikes (`similar`), apart from the groups")] = False,
+    limit: Annotated[int, Query(ge=1, le=1000, description="At most this many groups (and look-alike groups), closest first")] = 100,
 ):
-    """Near-duplicate groups in the collection, as `imgsearch duplicates --json` gives them (paths as shown)."""
+    """Duplicate groups in the collection (identical content, or the same picture edited: checked on the pixels), as
+    `imgsearch duplicates --json` gives them (paths as shown)."""
     from imgsearch.duplicates import find_duplicates
 
-    async with service.scan_lock:
-        report = await asyncio.to_thread(find_duplicates, service.store, similar=threshold)
+    async with service.scan_lock:  # the CLI's defaults too: one place (config.py)
+        report = await asyncio.to_thread(find_duplicates, service.store, threshold=threshold, include_similar=similar)
 
     def answer() -> DuplicateGroups:  # showing paths may re-read the recorded folders: off the loop
         def shown(item: dict) -> dict:
             copy_of = {"copy_of": service.files.shown(item["copy_of"])} if item.get("copy_of") else {}
             return {**item, "path": service.files.shown(item["path"]), **copy_of}
 
-        groups = [{"representative": shown(g.representative), "members": [shown(m.to_dict()) for m in g.members]} for g in report.groups[:limit]]
-        return DuplicateGroups(groups=groups, total=len(report.groups), rows=report.rows)
+        def listed(groups: list) -> list[dict]:
+            return [{"representative": shown(g.representative), "members": [shown(m.to_dict()) for m in g.members]} for g in groups[:limit]]
+
+        lookalikes = None if report.lookalikes is None else listed(report.lookalikes)
+        return DuplicateGroups(groups=listed(report.groups), total=len(report.groups), rows=report.rows, similar=lookalikes)
 
     return await asyncio.to_thread(answer)
 

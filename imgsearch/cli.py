@@ -12,7 +12,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from imgsearch.config import HEAD_EPOCHS, HEAD_STAGES, NEAR_IDENTICAL, RECOGNITION_K, RECOGNITION_K_MAX, SIMILAR, HeadMode, RecognitionMethod, Settings
+from imgsearch.config import (
+    DUPLICATES_THRESHOLD_HELP,
+    HEAD_EPOCHS,
+    HEAD_STAGES,
+    RECOGNITION_K,
+    RECOGNITION_K_MAX,
+    SIMILAR,
+    HeadMode,
+    RecognitionMethod,
+    Settings,
+)
 from imgsearch.shell import CREATES, MODEL, OBJECTS, STORE, JsonOption, Output, Rows, command_registrar, option
 from imgsearch.terminal import VisibleFormatter, markup_safe, progress_bar, progress_lines, stderr
 
@@ -113,6 +123,9 @@ def delete(
     from_json: Annotated[Optional[Path], option("--from-json", help="duplicates --json output (each group's members) or a list of ids")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be deleted; change nothing")] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking when --filter or --from-json selects more than half the rows")] = False,
+    include_similar: Annotated[
+        bool, typer.Option("--include-similar", help="With --from-json: also delete members graded similar (unverified look-alikes)")
+    ] = False,
 ) -> Output:
     """Delete stored images (and the files the REST service stored for uploads; catalog files are kept)."""
     from imgsearch.errors import UsageError
@@ -122,8 +135,10 @@ def delete(
     from imgsearch.deletion import delete_images, ids_from_json, ids_matching
     from imgsearch.session import open_existing_store
 
-    wanted, copies = ids_from_json(from_json) if from_json else (list(ids or []), 0)
+    wanted, copies, lookalikes = ids_from_json(from_json, include_similar) if from_json else (list(ids or []), 0, 0)
     notes = [f"{copies} identical copies skipped: they are files sharing a kept row's bytes; delete those files yourself"] if copies else []
+    if lookalikes:
+        notes.append(f"{lookalikes} similar look-alikes skipped: their pixels were not verified as copies (--include-similar deletes them)")
     with open_existing_store(settings) as store:
         sweeping = bool(filter or from_json) and not yes  # ids named one by one are never a sweep
         report = delete_images(
@@ -133,7 +148,8 @@ def delete(
     rows = [(row["id"][:12], row["label"] or "-", row["path"], "yes" if row["file_removed"] else "no") for row in report.deleted]
     tables = [Rows("would delete" if dry_run else "deleted", ("id", "label", "path", "uploaded file too"), rows)]
     missing = [{"path": image_id, "error": "no stored image with this id"} for image_id in report.missing]
-    return Output({**report.to_dict(), "copies_skipped": copies}, report.summary_line(), tables, notes=notes, failed=missing, what_failed="not deleted")
+    value = {**report.to_dict(), "copies_skipped": copies, "similar_skipped": lookalikes}
+    return Output(value, report.summary_line(), tables, notes=notes, failed=missing, what_failed="not deleted")
 
 
 def check_writable(path: Path) -> None:
@@ -167,11 +183,12 @@ def duplicates(
     settings: Settings,
     prefix: Annotated[str, typer.Argument(help="Only images under this folder, or whose stored path starts with this [default: all]", show_default=False)] = "",
     threshold: Annotated[
-        Optional[float], option("--threshold", min=-1, max=1, help=f"Least similarity shown [default {SIMILAR}; {NEAR_IDENTICAL}: near-identical only]")
+        Optional[float], option("--threshold", min=-1, max=1, help=DUPLICATES_THRESHOLD_HELP)
     ] = None,
+    similar: Annotated[bool, typer.Option("--similar", help=f"Also list unverified look-alikes (similarity >= {SIMILAR}), apart from the groups")] = False,
     html_report: Annotated[Optional[Path], option("--html", help="Also write a page with each group's thumbnails")] = None,
 ) -> Output:
-    """Groups of near-duplicate images, each copy graded near-identical or similar (pipe --json into delete)."""
+    """Groups of copies: identical content, or the same picture edited (checked on the pixels); pipe --json into delete."""
     from imgsearch.duplicates import find_duplicates, write_html
     from imgsearch.errors import UsageError
     from imgsearch.ingest.catalog import absolute
@@ -185,14 +202,17 @@ def duplicates(
     if html_report:
         check_writable(html_report)  # before the scan, not after it
     with open_existing_store(settings) as store:
-        report = find_duplicates(store, prefix=prefix, similar=SIMILAR if threshold is None else threshold)
+        report = find_duplicates(store, prefix=prefix, threshold=threshold, include_similar=similar)
     if html_report:
         write_html(report, html_report)
     tables = [
-        Rows("", ("", "score", "path"), [("representative", "", g.representative["path"])] + [(m.grade, f"{m.score:.4f}", m.path) for m in g.members])
-        for g in report.groups
+        Rows(title, ("", "score", "evidence", "path"),
+             [("representative", "", "", g.representative["path"])] + [(m.grade, f"{m.score:.4f}", m.evidence or "", m.path) for m in g.members])
+        for title, groups in (("", report.groups), ("similar look-alikes (not verified)", report.lookalikes or [])) for g in groups
     ]
     notes = [f"no stored image's path starts with {prefix}"] if prefix and not report.rows else []
+    if report.unreadable:
+        notes.append(f"{len(report.unreadable)} files could not be read to check their pixels (their pairs are unverified), e.g. {report.unreadable[0]}")
     return Output(report.to_dict(), report.summary_line() + (f"; wrote {html_report}" if html_report else ""), tables, notes=notes)
 
 

@@ -30,9 +30,11 @@ LARGE_COLLECTION_ROWS = 1_000_000  # from here `auto` builds IVF_SQ8 on a server
 # Recognition: the labeled neighbours scored per query (why 100: recognition/scoring.py), and the most a request may ask.
 RECOGNITION_K = 100
 RECOGNITION_K_MAX = 1024
-# Duplicates: pairs at or above SIMILAR are reported, near-identical from NEAR_IDENTICAL (why: duplicates.py).
-NEAR_IDENTICAL = 0.90
+# Duplicates: pairs at or above CANDIDATES have their pixels checked (verification.py); unverified pairs at or above
+# SIMILAR are the opt-in "similar" look-alikes (why these values: docs/duplicates.md).
+CANDIDATES = 0.50
 SIMILAR = 0.85
+DUPLICATES_THRESHOLD_HELP = f"Least similarity of any pair checked or listed [default: pairs from {CANDIDATES} are checked, look-alikes listed from {SIMILAR}]"
 
 
 class RecognitionMethod(str, Enum):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from imgsearch.duplicates import EDITED, IDENTICAL
 from imgsearch.errors import CatalogError, ImageNotFoundError, InvalidInputError
 from imgsearch.validation import validate_id
 
@@ -114,11 +115,12 @@ def ids_matching(store: MilvusStore, filter: str) -> list[str]:
     return [row["id"] for row in store.iter_rows(("id",), filter=filter)]
 
 
-def ids_from_json(path: Path) -> tuple[list[str], int]:
+def ids_from_json(path: Path, include_similar: bool = False) -> tuple[list[str], int, int]:
     """Ids to delete from a JSON file: `duplicates --json` output (every group's members, never its representative),
     a list of ids, or a list of objects with an "id". Identical copies (members with `copy_of`) are files that share
     a stored row's id, not rows: they are skipped, and counted (second value), so deleting them never deletes the
-    row they copy."""
+    row they copy. Unverified look-alikes (the `similar` list, or any member graded similar) are different pictures:
+    skipped and counted (third value) unless `include_similar`."""
     try:
         if path.stat().st_size > MAX_JSON_BYTES:
             raise CatalogError(f"{path} is larger than {MAX_JSON_BYTES >> 20} MiB")
@@ -129,10 +131,11 @@ def ids_from_json(path: Path) -> tuple[list[str], int]:
         raise CatalogError(f"{path} is not JSON: {error}") from None
     except RecursionError:
         raise CatalogError(f"{path} is nested too deeply to be a list of ids or `duplicates --json` output") from None
-    copies = 0
+    copies = lookalikes = 0
     if isinstance(data, dict) and isinstance(data.get("groups"), list):
         items = []
-        for group in data["groups"]:
+        similar = data.get("similar") if isinstance(data.get("similar"), list) else []
+        for group in data["groups"] + similar:
             if not isinstance(group, dict):
                 continue
             representative = group.get("representative")
@@ -140,6 +143,8 @@ def ids_from_json(path: Path) -> tuple[list[str], int]:
             for member in group.get("members") or []:
                 if isinstance(member, dict) and (member.get("copy_of") or member.get("id") == kept):
                     copies += 1
+                elif not include_similar and (not isinstance(member, dict) or member.get("grade") not in (IDENTICAL, EDITED)):
+                    lookalikes += 1
                 else:
                     items.append(member)
     elif isinstance(data, list):
@@ -150,4 +155,4 @@ def ids_from_json(path: Path) -> tuple[list[str], int]:
     bad = [item for item in ids if not isinstance(item, str)]
     if bad:
         raise CatalogError(f"{path}: {len(bad)} entries have no id")
-    return ids, copies
+    return ids, copies, lookalikes

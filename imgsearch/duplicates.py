@@ -1,22 +1,25 @@
-"""Groups of near-duplicate images in a collection, each pair graded.
+"""Groups of duplicate images in a collection, each copy graded by what the pixels prove.
 
-Every stored vector is searched against the collection in batches (k nearest, never an all-pairs matrix); pairs
-at or above the `similar` threshold are kept. Groups are stars, not chains: the image with the most close
-neighbours becomes a representative and takes its unassigned neighbours, so every member is within the threshold
-of its representative (single-linkage grouping would chain a catalog of one product line into one group).
+Two stages. **Candidates**: every stored vector is searched against the collection in batches (k nearest, never an
+all-pairs matrix); pairs at or above the loose `candidates` threshold are kept, so that rotated, flipped and cropped
+copies (whose embeddings move most) are not missed. **Verification**: both files of each candidate pair are read at
+a reduced size and compared (verification.py: flips and rotations by perceptual hash then gradient correlation, crops
+by sliding one over the other). An embedding alone says "looks alike": two shirts of one cut score like a copy.
 
-Grades: identical content (the same bytes under another path: one row, whose other paths ingest recorded), then,
-by cosine similarity to the representative, near-identical (re-encoded, resized, lightly cropped, rotated or flipped
-copies) at or above `near`, else similar (the same product in another shot). A copy is a file, not a row: it carries
-its row's id and `copy_of` (the row's path), and deleting from this output skips it. The default thresholds were chosen on edited copies of real photos by
-benchmarks/duplicates.py; docs/duplicates.md gives its precision and recall.
+Grades: *identical content* (the same bytes under another path: one row, whose other paths ingest recorded), *same
+picture edited* (verified, with the evidence, e.g. "mirrored, resized to 50%"), and, only when asked, *similar*:
+unverified pairs at or above `similar`, listed apart from the groups (`delete --from-json` skips them unless told).
+Groups are stars, not chains: the image with the most verified copies becomes a representative and takes its
+unassigned copies, so every member is verified against its representative. A copy is a file, not a row: it carries
+its row's id and `copy_of` (the row's path), and deleting from this output skips it. docs/duplicates.md gives the
+precision and recall of each stage (benchmarks/duplicates.py).
 """
 
 from __future__ import annotations
 
 import html
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,16 +28,21 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from imgsearch import storage
-from imgsearch.config import NEAR_IDENTICAL, SIMILAR
+from imgsearch.config import CANDIDATES, SIMILAR
 from imgsearch.validation import recorded_copies
 
 if TYPE_CHECKING:
     from imgsearch.store import MilvusStore
+    from imgsearch.verification import Match, Signature
 
 IDENTICAL = "identical content"
+EDITED = "same picture edited"
+LOOKALIKE = "similar"
 NEIGHBOURS = 16  # per image: a group larger than this is found from several of its members
 READ_BATCH = 1000  # rows (with vectors) per query-iterator call: 256 cost time per call, 4,000 held ~330-390 MB of lists
 SEARCH_BATCH = 500  # query vectors per search call
+SIGNATURES_KEPT = 1024  # decoded signatures held at once (~36 KB each); pairs are checked row by row, so few are re-read
+UNREADABLE_SHOWN = 100
 
 
 @dataclass
@@ -43,13 +51,14 @@ class Member:
     path: str
     label: str
     score: float  # cosine similarity to the representative
-    grade: str  # "identical content", "near-identical" or "similar"
+    grade: str  # IDENTICAL, EDITED or LOOKALIKE
     copy_of: str | None = None  # for a file with the same bytes as a stored row: that row's path (the id is its)
+    evidence: str | None = None  # for EDITED: how this was made from the representative (or it from this)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id, "path": self.path, "label": self.label, "score": round(self.score, 6), "grade": self.grade,
-            "copy_of": self.copy_of,
+            "copy_of": self.copy_of, "evidence": self.evidence,
         }
 
 
@@ -64,50 +73,64 @@ class Group:
 
 @dataclass
 class DuplicatesReport:
-    groups: list[Group]
+    groups: list[Group]  # identical and verified copies
     rows: int
     seconds: float
-    near: float
+    candidates: float
     similar: float
+    lookalikes: list[Group] | None = None  # unverified look-alikes, when asked for
+    candidate_pairs: int = 0
+    verified_pairs: int = 0
+    lookalike_pairs: int = 0
+    unreadable: list[str] = field(default_factory=list)  # files a candidate pair needed that could not be read
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        report = {
             "groups": [group.to_dict() for group in self.groups], "rows": self.rows, "seconds": round(self.seconds, 3),
-            "thresholds": {"near-identical": self.near, "similar": self.similar},
+            "thresholds": {"candidates": self.candidates, "similar": self.similar},
+            "pairs": {"candidates": self.candidate_pairs, "verified": self.verified_pairs, "similar": self.lookalike_pairs},
+            "unreadable": self.unreadable[:UNREADABLE_SHOWN], "unreadable_count": len(self.unreadable),
         }
+        if self.lookalikes is not None:
+            report["similar"] = [group.to_dict() for group in self.lookalikes]
+        return report
 
     def summary_line(self) -> str:
         members = [member for group in self.groups for member in group.members]
         identical = sum(member.grade == IDENTICAL for member in members)
-        near = sum(member.grade == "near-identical" for member in members)
+        shown = "listed" if self.lookalikes is not None else "not listed: --similar lists them"
         return (
-            f"{len(self.groups)} groups among {self.rows} images: {identical} identical, {near} near-identical and "
-            f"{len(members) - near - identical} similar copies ({self.seconds:.1f} s)"
+            f"{len(self.groups)} groups among {self.rows} images: {identical} identical and {len(members) - identical} "
+            f"edited copies ({self.verified_pairs} of {self.candidate_pairs} candidate pairs verified by their pixels); "
+            f"{self.lookalike_pairs} similar look-alike pairs ({shown}) ({self.seconds:.1f} s)"
         )
-
-
-def grade(score: float, near: float = NEAR_IDENTICAL) -> str:
-    return "near-identical" if score >= near else "similar"
 
 
 def find_duplicates(
     store: MilvusStore,
     *,
     prefix: str = "",
-    similar: float = SIMILAR,
-    near: float = NEAR_IDENTICAL,
+    threshold: float | None = None,
+    include_similar: bool = False,
+    verify: bool = True,
     neighbours: int = NEIGHBOURS,
     progress: Callable[[int], None] | None = None,
 ) -> DuplicatesReport:
-    """Near-duplicate groups among the rows whose path starts with `prefix` (all rows when empty)."""
+    """Duplicate groups among the rows whose path starts with `prefix` (all rows when empty). `threshold`: the least
+    similarity of any pair, checked or listed (default: pairs from CANDIDATES are checked on their pixels, look-alikes
+    listed from SIMILAR). `verify=False` groups by the embedding alone, every pair at or above `threshold` graded
+    similar: the review queue's grouping."""
     started = time.perf_counter()
-    # Only rows in a close pair or with recorded copies are kept (id, path, label), so memory follows the
-    # duplicates found, not the collection.
+    candidates, similar = (CANDIDATES, SIMILAR) if threshold is None else (threshold, threshold)
+    # Only rows in a kept pair or with recorded copies are kept (id, path, label), so memory follows the duplicates
+    # found, not the collection; candidate pairs are verified batch by batch and only the verified or similar kept.
     rows: dict[str, dict[str, str]] = {}
+    checker = _PairChecker(similar) if verify else None
     pairs: dict[tuple[str, str], float] = {}
     copies: dict[str, list[str]] = {}
     batch: list[dict] = []
     scanned = 0
+    threshold = candidates if verify else similar
     for row in store.iter_rows(("id", "path", "label", "vector", "metadata"), batch_size=READ_BATCH):
         if row["path"].startswith(prefix):
             batch.append(row)
@@ -116,15 +139,78 @@ def find_duplicates(
                 copies[row["id"]] = found
                 rows[row["id"]] = _shown(row)
         if len(batch) == SEARCH_BATCH:
-            _close_pairs(store, batch, rows, pairs, prefix, similar, neighbours)
+            _close_pairs(store, batch, rows, checker.pending if checker else pairs, prefix, threshold, neighbours)
+            if checker:
+                checker.check(rows)
             scanned += len(batch)
             batch = []
             if progress:
                 progress(scanned)
-    _close_pairs(store, batch, rows, pairs, prefix, similar, neighbours)
+    _close_pairs(store, batch, rows, checker.pending if checker else pairs, prefix, threshold, neighbours)
     scanned += len(batch)
-    groups = _with_copies(_stars(rows, pairs, near), rows, copies)
-    return DuplicatesReport(groups, scanned, time.perf_counter() - started, near, similar)
+    if checker is None:
+        groups = _with_copies(_stars(rows, pairs, LOOKALIKE), rows, copies)
+        return DuplicatesReport(groups, scanned, time.perf_counter() - started, threshold, similar)
+    checker.check(rows)
+    groups = _with_copies(_stars(rows, checker.verified, EDITED, checker.matches), rows, copies)
+    lookalikes = _stars(rows, checker.lookalikes, LOOKALIKE) if include_similar else None
+    return DuplicatesReport(
+        groups, scanned, time.perf_counter() - started, candidates, similar, lookalikes, checker.candidate_pairs,
+        len(checker.verified), len(checker.lookalikes), checker.unreadable,
+    )
+
+
+class _PairChecker:
+    """Verifies candidate pairs by their files' pixels, reading each file at a reduced size, at most SIGNATURES_KEPT
+    held at once; a pair found again (from its other side) is not checked twice."""
+
+    def __init__(self, similar: float) -> None:
+        self.similar = similar
+        self.pending: dict[tuple[str, str], float] = {}
+        self.verified: dict[tuple[str, str], float] = {}
+        self.matches: dict[tuple[str, str], Match] = {}
+        self.lookalikes: dict[tuple[str, str], float] = {}
+        self.checked: set[int] = set()  # hash() of each pair checked: a few bytes each, not two 64-character ids
+        self.signatures: OrderedDict[str, Signature | None] = OrderedDict()
+        self.unreadable: list[str] = []
+        self.candidate_pairs = 0
+
+    def check(self, rows: dict[str, dict[str, str]]) -> None:
+        from imgsearch.verification import verify
+
+        for key in sorted(self.pending):  # row by row: one side of a run of pairs stays decoded
+            score = self.pending[key]
+            if hash(key) in self.checked:
+                continue
+            self.checked.add(hash(key))
+            self.candidate_pairs += 1
+            first, second = (self._signature(rows[row_id]) for row_id in key)
+            match = verify(first, second) if first is not None and second is not None else None
+            if match is not None:
+                self.verified[key], self.matches[key] = score, match
+            elif score >= self.similar:
+                self.lookalikes[key] = score
+        self.pending.clear()
+
+    def _signature(self, row: dict[str, str]) -> Signature | None:
+        from imgsearch.errors import ImageDecodeError
+        from imgsearch.images import file_pixels, load_image
+        from imgsearch.verification import THUMB_SIDE, signature
+
+        if row["id"] in self.signatures:
+            self.signatures.move_to_end(row["id"])
+            return self.signatures[row["id"]]
+        try:
+            source = storage.image_source(row["path"])
+            image = load_image(source, min_side=2 * THUMB_SIDE, name=row["path"])  # a JPEG decodes at a reduced size
+            found = signature(image, file_pixels(source))
+        except (ImageDecodeError, *storage.transport_errors()):
+            found = None
+            self.unreadable.append(row["path"])
+        self.signatures[row["id"]] = found
+        if len(self.signatures) > SIGNATURES_KEPT:
+            self.signatures.popitem(last=False)
+        return found
 
 
 def _shown(row) -> dict[str, str]:
@@ -158,7 +244,7 @@ def _with_copies(groups: list[Group], rows: dict[str, dict[str, str]], copies: d
     return groups
 
 
-def _close_pairs(store, batch, rows, pairs, prefix: str, similar: float, neighbours: int) -> None:
+def _close_pairs(store, batch, rows, pairs, prefix: str, threshold: float, neighbours: int) -> None:
     if not batch:
         return
     vectors = np.array([row["vector"] for row in batch], dtype=np.float32)
@@ -167,14 +253,16 @@ def _close_pairs(store, batch, rows, pairs, prefix: str, similar: float, neighbo
     params = close_neighbours(neighbours + 1)
     for row, hits in zip(batch, store.search(vectors, k=neighbours + 1, fields=("path", "label"), search_params=params)):
         for hit in hits:
-            if hit.id != row["id"] and hit.score >= similar and hit.path.startswith(prefix):
+            if hit.id != row["id"] and hit.score >= threshold and hit.path.startswith(prefix):
                 key = (row["id"], hit.id) if row["id"] < hit.id else (hit.id, row["id"])
                 pairs[key] = max(pairs.get(key, -1.0), hit.score)
                 rows[row["id"]] = _shown(row)
                 rows.setdefault(hit.id, {"id": hit.id, "path": hit.path, "label": hit.label})
 
 
-def _stars(rows: dict[str, dict[str, str]], pairs: dict[tuple[str, str], float], near: float) -> list[Group]:
+def _stars(
+    rows: dict[str, dict[str, str]], pairs: dict[tuple[str, str], float], grade: str, matches: dict[tuple[str, str], Match] | None = None
+) -> list[Group]:
     linked: dict[str, dict[str, float]] = defaultdict(dict)
     for (a, b), score in pairs.items():
         if a in rows and b in rows:
@@ -191,10 +279,18 @@ def _stars(rows: dict[str, dict[str, str]], pairs: dict[tuple[str, str], float],
         assigned.add(centre)
         assigned.update(other for other, _ in members)
         members.sort(key=lambda pair: (-pair[1], rows[pair[0]]["path"]))
-        groups.append(
-            Group(rows[centre], [Member(**rows[other], score=score, grade=grade(score, near)) for other, score in members])
-        )
+        shown = [Member(**rows[other], score=score, grade=grade, evidence=_evidence(matches, centre, other)) for other, score in members]
+        groups.append(Group(rows[centre], shown))
     return groups
+
+
+def _evidence(matches: dict[tuple[str, str], Match] | None, representative: str, member: str) -> str | None:
+    """How the member was made from the representative (pairs are stored in id order)."""
+    if matches is None:
+        return None
+    if (representative, member) in matches:
+        return matches[representative, member].describe()
+    return matches[member, representative].describe(reverse=True)
 
 
 def write_html(report: DuplicatesReport, out: Path, thumbnail_size: int = 160) -> Path:
@@ -206,12 +302,19 @@ def write_html(report: DuplicatesReport, out: Path, thumbnail_size: int = 160) -
         "section{border-bottom:1px solid #ccc;padding:.5rem 0}.rep{outline:3px solid #36c}</style>",
         f"<h1>{html.escape(report.summary_line())}</h1>",
     ]
-    for group in report.groups:
-        figures = [_figure(group.representative["path"], "representative", thumbnail_size, representative=True)]
-        figures += [_figure(m.path, f"{m.grade} {m.score:.3f}", thumbnail_size) for m in group.members]
-        parts.append("<section>" + "".join(figures) + "</section>")
+    for title, groups in (("", report.groups), ("Similar look-alikes (not verified: different pictures, maybe of one product)", report.lookalikes or [])):
+        if title and groups:
+            parts.append(f"<h2>{html.escape(title)}</h2>")
+        for group in groups:
+            figures = [_figure(group.representative["path"], "representative", thumbnail_size, representative=True)]
+            figures += [_figure(m.path, _caption(m), thumbnail_size) for m in group.members]
+            parts.append("<section>" + "".join(figures) + "</section>")
     out.write_text("\n".join(parts) + "\n", encoding="utf-8")
     return out
+
+
+def _caption(member: Member) -> str:
+    return f"{member.grade} {member.score:.3f}" + (f": {member.evidence}" if member.evidence else "")
 
 
 def _figure(path: str, caption: str, size: int, representative: bool = False) -> str:

@@ -54,10 +54,10 @@ def test_health_info_and_openapi(service):
     paths = service.get("/openapi.json").json()["paths"]
     for endpoint in ("/health", "/info", "/search", "/search/text", "/recognize", "/enroll", "/images", "/images/{image_id}", "/metrics"):
         assert endpoint in paths
-    from imgsearch.duplicates import SIMILAR  # the CLI's default: the two once disagreed (0.85 and 0.9)
+    from imgsearch.config import DUPLICATES_THRESHOLD_HELP  # the CLI's defaults too: the two once disagreed (0.85 and 0.9)
 
     [threshold] = [p for p in paths["/duplicates"]["get"]["parameters"] if p["name"] == "threshold"]
-    assert threshold["schema"]["default"] == SIMILAR == 0.85
+    assert threshold["schema"].get("default") is None and threshold["description"] == DUPLICATES_THRESHOLD_HELP
 
 
 def test_duplicates_scans_run_one_at_a_time_across_requests(service, monkeypatch):
@@ -88,6 +88,29 @@ def test_duplicates_scans_run_one_at_a_time_across_requests(service, monkeypatch
     assert [answer.status_code for answer in answers] == [200, 200, 200]
     assert len({answer.text for answer in answers}) == 1 and answers[0].json()["rows"] == 30
     assert most[0] == 1
+
+
+def test_duplicates_grades_through_the_api(service, catalog):
+    """A mirrored upload of a stored product is the same picture edited, with its evidence; the other products are
+    never copies of each other, only look-alikes listed apart when asked."""
+    _, folder = catalog
+    product = sorted((folder / "sneaker").glob("*.png"))[0]
+    buffer = io.BytesIO()
+    Image.open(product).transpose(Image.FLIP_LEFT_RIGHT).save(buffer, "PNG")
+    [upload_id] = service.post("/images", files={"image": ("m.png", buffer.getvalue(), "image/png")}).json()["ids"]
+    try:
+        answer = service.get("/duplicates").json()
+        assert answer["similar"] is None
+        [group] = [g for g in answer["groups"] if upload_id in {g["representative"]["id"], *(m["id"] for m in g["members"])}]
+        names = {g["representative"]["path"] for g in answer["groups"]} | {m["path"] for g in answer["groups"] for m in g["members"]}
+        assert str(product.relative_to(folder)) in {group["representative"]["path"], *(m["path"] for m in group["members"])}
+        assert [(m["grade"], m["evidence"]) for m in group["members"]] == [("same picture edited", "mirrored")]
+        assert len(names) == 2  # no two of the 30 different products are called copies
+        asked = service.get("/duplicates", params={"similar": "true"}).json()
+        assert asked["groups"] == answer["groups"] and asked["similar"]
+        assert {(m["grade"], m["evidence"]) for g in asked["similar"] for m in g["members"]} == {("similar", None)}
+    finally:
+        assert service.delete(f"/images/{upload_id}").status_code == 200
 
 
 def test_search_by_image_finds_the_same_image_first(service, catalog):

@@ -80,8 +80,8 @@ def test_a_selection_of_every_row_or_most_rows_needs_yes(ingested, tmp_path):
     most = run_cli(["delete", "--filter", 'label != "bag"', "--uri", uri])
     assert most.returncode == 2 and "selects 18 of the 20 stored images" in most.stderr
     listing = tmp_path / "everything.json"
-    listing.write_text(run_cli(["duplicates", "--threshold", "0", "--uri", uri, "--json"], check=True).stdout)
-    piped = run_cli(["delete", "--from-json", str(listing), "--uri", uri])
+    listing.write_text(run_cli(["duplicates", "--threshold", "0", "--similar", "--uri", uri, "--json"], check=True).stdout)
+    piped = run_cli(["delete", "--from-json", str(listing), "--include-similar", "--uri", uri])
     assert piped.returncode == 2 and "of the 20 stored images" in piped.stderr
     assert count(uri) == 20  # nothing went
     assert "would delete 20 images" in run_cli(["delete", "--filter", "true", "--uri", uri, "--dry-run"], check=True).stdout

@@ -124,6 +124,8 @@ def test_the_duplicates_view_deletes_a_copy_after_confirmation(page, service):
     assert copy.locator("button").count() == 0  # deleting "it" would delete chelsea.jpg's row
 
     member = group.locator("[data-testid=member]", has=page.locator(".path", has_text="chelsea_small.jpg"))
+    assert member.locator(".score").inner_text().startswith("same picture edited")
+    assert member.locator(".evidence").inner_text() == "resized to 50%"  # what the pixel check found
     page.once("dialog", lambda dialog: dialog.dismiss())  # cancelled: nothing happens
     member.locator("button").click()
     assert client.get("/info").json()["count"] == before

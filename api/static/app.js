@@ -187,18 +187,27 @@ async function findDuplicates(event) {
   clearResults();
   setStatus("finding duplicates…");
   try {
-    const body = await call(`/duplicates?threshold=${encodeURIComponent($("#threshold").value || "0.9")}`);
-    for (const group of body.groups) {
-      const section = document.createElement("section");
-      section.className = "group";
-      section.dataset.testid = "group";
-      const grid = document.createElement("div");
-      grid.className = "grid";
-      const representative = card(group.representative, { testid: "representative" });
-      representative.classList.add("representative");
-      grid.append(representative, ...group.members.map((member) => memberCard(member)));
-      section.append(grid);
-      $("#groups").append(section);
+    const body = await call(`/duplicates?similar=${$("#similar").checked}`);
+    const show = (groups, kind) => {
+      for (const group of groups) {
+        const section = document.createElement("section");
+        section.className = `group ${kind}`;
+        section.dataset.testid = kind;
+        const grid = document.createElement("div");
+        grid.className = "grid";
+        const representative = card(group.representative, { testid: "representative" });
+        representative.classList.add("representative");
+        grid.append(representative, ...group.members.map((member) => memberCard(member)));
+        section.append(grid);
+        $("#groups").append(section);
+      }
+    };
+    show(body.groups, "group");
+    if (body.similar && body.similar.length) {
+      const heading = document.createElement("h2");
+      heading.textContent = "Look-alikes: not verified as copies (different pictures, maybe of one product)";
+      $("#groups").append(heading);
+      show(body.similar, "lookalike");
     }
     setStatus(`${body.total} groups among ${body.rows} images${body.total > body.groups.length ? ` (the first ${body.groups.length} shown)` : ""}`);
   } catch (error) {
@@ -208,6 +217,12 @@ async function findDuplicates(event) {
 
 function memberCard(member) {
   const figure = card(member, { testid: "member" });
+  if (member.evidence) {  // what the pixel check found, e.g. "mirrored, resized to 50%"
+    const evidence = document.createElement("div");
+    evidence.className = "evidence";
+    evidence.textContent = member.evidence;
+    figure.append(evidence);
+  }
   if (member.copy_of) {  // a file with a stored row's bytes: deleting "it" would delete that row
     const note = document.createElement("div");
     note.className = "copy-of";

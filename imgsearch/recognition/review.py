@@ -118,7 +118,7 @@ def review_groups(review: MilvusStore | None) -> list[ReviewGroup]:
     if not rows:
         return []
     grouped: list[list[str]] = []
-    for group in find_duplicates(review, similar=GROUP_SIMILARITY).groups:
+    for group in find_duplicates(review, threshold=GROUP_SIMILARITY, verify=False).groups:
         ids = [group.representative["id"]] + [member.id for member in group.members if member.copy_of is None]
         grouped.append([row_id for row_id in dict.fromkeys(ids) if row_id in rows])
     grouped.sort(key=lambda ids: (-len(ids), rows[ids[0]]["path"]))
