@@ -1,16 +1,19 @@
-"""Near-duplicate detection: calibration on edited copies of real photos, and the time of `find_duplicates`.
+"""Duplicates: embedding candidates, pixel verification, and the time of `find_duplicates`.
 
     python benchmarks/duplicates.py                       # calibration (the default encoder, Milvus Lite)
     python benchmarks/duplicates.py --timing 10000 100000 --uri http://127.0.0.1:19530
 
 Calibration: 19 scikit-image photos, each edited 15 ways (JPEG quality 30-95, resize 0.3-0.75, crops of 10 and 20%,
-rotation by 90 and 180 degrees, flips, colour shifts), next to the 300 Fashion-MNIST images of the sample catalog as
-distractors. A pair is a true near-duplicate when both images come from the same photo. It prints precision and
-recall of "cosine >= T" over all pairs for a range of T, recall per kind of edit, and then the grades that
-`imgsearch duplicates` (find_duplicates through Milvus) gives with the default thresholds.
+rotation by 90 and 180 degrees, flips, colour shifts), next to the 300 Fashion-MNIST images of the sample catalog and
+--products (2,000) more Fashion-MNIST products as look-alike distractors (different products of one class look
+alike; none is a pixel copy of another). A pair is a true copy when both images come from the same photo. It prints
+precision and recall over all pairs for: the embedding alone ("cosine >= T"); each pixel check alone on the
+candidate pairs (the flip/rotation hash check, the crop check); both stages as `imgsearch duplicates` runs them
+(find_duplicates through Milvus Lite on files written to a temporary folder), per grade and per kind of edit.
 
-Timing: clustered random unit vectors (groups of 1-4 near copies) inserted into a fresh collection, then (on a
-server, once its index covers every row) one find_duplicates over all of them; prints rows, groups and seconds.
+Timing: clustered random unit vectors (groups of 1-4 near copies), each row with a small real image file (a copy
+re-encoded from its group's picture), inserted into a fresh collection, then (on a server, once its index covers
+every row) one find_duplicates over all of them; prints rows, candidate and verified pairs, groups and seconds.
 With --memory, the scan runs a second time under tracemalloc and its peak of Python memory is printed (the time of
 that run is not the figure: tracemalloc slows allocation).
 """
@@ -32,7 +35,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from imgsearch.duplicates import NEAR_IDENTICAL, SIMILAR, find_duplicates
+from imgsearch.config import CANDIDATES, SIMILAR
+from imgsearch.duplicates import EDITED, IDENTICAL, LOOKALIKE, NEIGHBOURS, find_duplicates
 from imgsearch.encoders import load_encoder
 from imgsearch.store import ImageRecord, MilvusStore
 
@@ -78,8 +82,10 @@ EDITS = {
 }
 
 
-def build_set() -> tuple[list[Image.Image], list[int], list[str]]:
-    """Images, the photo each comes from (-1: a distractor), and the edit that made it ("original", "distractor")."""
+def build_set(products: int = 0) -> tuple[list[Image.Image], list[int], list[str]]:
+    """Images, the photo each comes from (< 0: a distractor, each its own), and the edit that made it ("original",
+    "distractor" for the sample catalog's, "product" for `products` more Fashion-MNIST images, none a pixel copy of
+    another image here)."""
     from skimage import data
 
     images, sources, kinds = [], [], []
@@ -89,60 +95,131 @@ def build_set() -> tuple[list[Image.Image], list[int], list[str]]:
             images.append(edit(original))
             sources.append(index)
             kinds.append(kind)
+    seen = set()
     for path in sorted(CATALOG.glob("*/*.png")):
         images.append(Image.open(path).convert("RGB"))
-        sources.append(-1)
+        seen.add(images[-1].tobytes())
+        sources.append(-1 - len(seen))
         kinds.append("distractor")
+    if products:
+        from imgsearch.datasets import fashion_mnist
+
+        train = fashion_mnist("train")
+        for index in np.random.default_rng(0).permutation(len(train.sources)):
+            image = train.sources[index]()
+            if image.tobytes() not in seen:
+                seen.add(image.tobytes())
+                images.append(image)
+                sources.append(-1 - len(seen))
+                kinds.append("product")
+            if kinds.count("product") == products:
+                break
     return images, sources, kinds
 
 
 def calibrate(args) -> None:
     encoder = load_encoder("efficientnet_lite0", device="cpu", runtime="onnx")
     print(f"encoder: {encoder.name} {encoder.precision} (onnxruntime) for every image, and the collection made here records it")
-    images, sources, kinds = build_set()
+    images, sources, kinds = build_set(args.products)
     vectors = np.concatenate([encoder.encode_images(images[i : i + 64]) for i in range(0, len(images), 64)])
     sources_array = np.array(sources)
     similarity = vectors @ vectors.T
     upper = np.triu_indices(len(images), 1)
     scores = similarity[upper]
-    same = (sources_array[upper[0]] == sources_array[upper[1]]) & (sources_array[upper[0]] >= 0)
-    print(f"{len(images)} images ({len(PHOTOS)} photos x {len(EDITS) + 1}, {sources.count(-1)} distractors), "
-          f"{len(scores)} pairs, {int(same.sum())} true near-duplicate pairs; {platform.machine()}, {os.cpu_count()} cores")
-    print("\nthreshold  precision  recall   (over all pairs: cosine >= threshold means near-duplicate)")
-    for threshold in (0.70, 0.75, 0.80, 0.85, 0.88, 0.90, 0.92, 0.95):
+    same = sources_array[upper[0]] == sources_array[upper[1]]
+    print(f"{len(images)} images ({len(PHOTOS)} photos x {len(EDITS) + 1}, {kinds.count('distractor')} sample-catalog and "
+          f"{kinds.count('product')} more Fashion-MNIST products), {len(scores)} pairs, {int(same.sum())} true copy pairs; "
+          f"{platform.machine()}, {os.cpu_count()} cores")
+    print("\n1. Embedding alone: cosine >= threshold means a copy (over all pairs)")
+    print("threshold  precision  recall")
+    for threshold in (0.50, 0.70, 0.80, 0.85, 0.88, 0.90, 0.92, 0.95):
         predicted = scores >= threshold
-        precision = (predicted & same).sum() / max(predicted.sum(), 1)
-        recall = (predicted & same).sum() / max(same.sum(), 1)
-        print(f"  {threshold:.2f}     {precision:.4f}     {recall:.4f}")
+        print(f"  {threshold:.2f}     {(predicted & same).sum() / max(predicted.sum(), 1):.4f}     {(predicted & same).sum() / max(same.sum(), 1):.4f}")
     negatives = scores[~same]
-    print(f"\nunrelated pairs: max cosine {negatives.max():.4f}, 99.9th percentile {np.quantile(negatives, 0.999):.4f}")
-    print(f"\nrecall per edit at the near-identical threshold {NEAR_IDENTICAL} (cosine to its original):")
+    print(f"unrelated pairs: max cosine {negatives.max():.4f}, 99.9th percentile {np.quantile(negatives, 0.999):.4f}")
     originals = {source: i for i, (source, kind) in enumerate(zip(sources, kinds)) if kind == "original"}
-    for kind in EDITS:
-        members = [i for i, k in enumerate(kinds) if k == kind]
-        cosines = np.array([similarity[i, originals[sources[i]]] for i in members])
-        print(f"  {kind:34s} recall {np.mean(cosines >= NEAR_IDENTICAL):.3f}  (min {cosines.min():.3f}, median {np.median(cosines):.3f})")
-    through_milvus(encoder, vectors, sources, kinds, args.uri)
+    edited = {kind: [i for i, k in enumerate(kinds) if k == kind] for kind in EDITS}
+    at_90 = {kind: np.mean([similarity[i, originals[sources[i]]] >= 0.90 for i in members]) for kind, members in edited.items()}
+    pixel_checks(images, sources, similarity, int(same.sum()), originals, edited, at_90)
+    through_milvus(encoder, images, vectors, sources, kinds, args.uri, edited)
 
 
-def through_milvus(encoder, vectors: np.ndarray, sources: list[int], kinds: list[str], uri: str | None) -> None:
-    """The grades `imgsearch duplicates` gives with the default thresholds, through a real collection."""
+def candidate_pairs(similarity: np.ndarray, threshold: float = CANDIDATES, neighbours: int = NEIGHBOURS) -> set[tuple[int, int]]:
+    """What find_duplicates's first stage keeps: each image's k nearest at or above the threshold."""
+    masked = similarity.copy()
+    np.fill_diagonal(masked, -np.inf)
+    nearest = np.argsort(-masked, axis=1)[:, :neighbours]
+    return {(min(i, j), max(i, j)) for i in range(len(masked)) for j in nearest[i] if masked[i, j] >= threshold}
+
+
+def pixel_checks(images, sources, similarity, total_true: int, originals, edited, at_90) -> None:
+    """Each pixel check alone on the candidate pairs, and both: precision over the candidate pairs each accepts,
+    recall of each kind of edit against its original."""
+    from imgsearch.verification import HASH_MAX_BITS, signature, verify
+
+    started = time.perf_counter()
+    signatures = [signature(image) for image in images]
+    decoded = time.perf_counter() - started
+    candidates = candidate_pairs(similarity)
+    true = {pair for pair in candidates if sources[pair[0]] == sources[pair[1]]}
+    started = time.perf_counter()
+    accepted = {pair: verify(signatures[pair[0]], signatures[pair[1]]) for pair in candidates}
+    checked = time.perf_counter() - started
+    methods = {
+        "flip/rotation hash check": lambda match: match is not None and match.crop is None,
+        "crop check": lambda match: match is not None and match.crop is not None,
+        "both (the default)": lambda match: match is not None,
+    }
+    print(f"\n2. Pixel checks on the {len(candidates)} candidate pairs (cosine >= {CANDIDATES}, {NEIGHBOURS} nearest each; "
+          f"{len(true)} of them true copies). Signatures {decoded / len(images) * 1e3:.2f} ms per image from decoded "
+          f"images; checks {checked / len(candidates) * 1e3:.3f} ms per pair. The crop check runs only where the hash "
+          f"check (<= {HASH_MAX_BITS} bits, gradient correlation) fails, so alone it is counted on those pairs.")
+    print("check                      pairs accepted  precision  recall of all true pairs")
+    for name, accepts in methods.items():
+        taken = {pair for pair, match in accepted.items() if accepts(match)}
+        print(f"  {name:26s} {len(taken):8d}      {len(taken & true) / max(len(taken), 1):.4f}     "
+              f"{len(taken & true) / total_true:.4f}")
+    print("\nrecall of each edit against its original: embedding >= 0.90 | candidate found | verified (both checks)")
+    for kind, members in edited.items():
+        pairs = [(min(i, originals[sources[i]]), max(i, originals[sources[i]])) for i in members]
+        found = np.mean([pair in candidates for pair in pairs])
+        verified = np.mean([accepted.get(pair) is not None for pair in pairs])
+        print(f"  {kind:34s} {at_90[kind]:.3f} | {found:.3f} | {verified:.3f}")
+
+
+def through_milvus(encoder, images, vectors: np.ndarray, sources: list[int], kinds: list[str], uri: str | None, edited) -> None:
+    """The grades `imgsearch duplicates` gives with its defaults, through a real collection of real files."""
     with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for i, image in enumerate(images):
+            paths.append(str(Path(tmp) / f"{i:04d}-{kinds[i]}.png"))
+            image.save(paths[-1])
         store = MilvusStore(uri or str(Path(tmp) / "dups.db"), f"dups_{uuid.uuid4().hex[:8]}", model=encoder.name, dim=encoder.dim, precision=encoder.precision)
         ids = [f"{i:064x}" for i in range(len(vectors))]
-        store.upsert([ImageRecord(id=ids[i], vector=vectors[i], path=f"/set/{i:04d}-{kinds[i]}.png") for i in range(len(vectors))])
+        store.upsert([ImageRecord(id=ids[i], vector=vectors[i], path=paths[i]) for i in range(len(vectors))])
         store.flush()
-        report = find_duplicates(store)
+        report = find_duplicates(store, include_similar=True)
         index = {image_id: i for i, image_id in enumerate(ids)}
-        graded = [(index[g.representative["id"]], index[m.id], m.grade) for g in report.groups for m in g.members]
-        near = [(a, b) for a, b, grade in graded if grade == "near-identical"]
-        correct = sum(sources[a] == sources[b] and sources[a] >= 0 for a, b in near)
-        edits = [i for i, kind in enumerate(kinds) if kind in EDITS]
-        found = {b for a, b in near if sources[a] == sources[b]} | {a for a, b in near if sources[a] == sources[b]}
-        print(f"\nfind_duplicates (near-identical >= {NEAR_IDENTICAL}, similar >= {SIMILAR}): {len(report.groups)} groups "
-              f"in {report.seconds:.2f} s; near-identical members: {len(near)}, precision {correct / max(len(near), 1):.4f}; "
-              f"edited copies grouped near-identical with their photo: {len(found & set(edits))}/{len(edits)} "
-              f"(recall {len(found & set(edits)) / len(edits):.4f}); similar members: {sum(g == 'similar' for *_, g in graded)}")
+        print(f"\n3. Both stages through Milvus (find_duplicates, its defaults: candidates >= {CANDIDATES}, similar >= {SIMILAR}): "
+              f"{len(report.groups)} groups, {report.candidate_pairs} candidate pairs, {report.verified_pairs} verified, "
+              f"in {report.seconds:.2f} s (verifying {report.verifying_seconds:.2f} s); {len(report.unreadable)} unreadable")
+        print("grade                 members  pair precision (representative and member from one photo)")
+        for grade, groups in ((IDENTICAL, report.groups), (EDITED, report.groups), (LOOKALIKE, report.lookalikes)):
+            graded = [(index[g.representative["id"]], index[m.id]) for g in groups for m in g.members if m.grade == grade]
+            right = sum(sources[a] == sources[b] for a, b in graded)
+            print(f"  {grade:20s} {len(graded):7d}  {right / len(graded):.4f}" if graded else f"  {grade:20s}       0  -")
+        default = [(index[g.representative["id"]], index[m.id]) for g in report.groups for m in g.members]
+        right = sum(sources[a] == sources[b] for a, b in default)
+        found = {i for pair in default if sources[pair[0]] == sources[pair[1]] for i in pair}
+        copies = [i for members in edited.values() for i in members]
+        print(f"default output (what `delete --from-json` takes): {len(default)} pairs, precision {right / max(len(default), 1):.4f}; "
+              f"edited copies grouped with their photo: {len(found & set(copies))}/{len(copies)} (recall {len(found & set(copies)) / len(copies):.4f})")
+        print("per kind of edit, grouped with its photo:")
+        for kind, members in edited.items():
+            print(f"  {kind:34s} {len(found & set(members)) / len(members):.3f}")
+        wrong = [(kinds[a], kinds[b], m.evidence) for g in report.groups for m in g.members
+                 if sources[(a := index[g.representative["id"]])] != sources[(b := index[m.id])]]
+        print(f"wrong pairs in the default output: {wrong[:10]}")
         if uri:
             store.client.drop_collection(store.collection)
         store.close()
@@ -154,15 +231,18 @@ def timing(args) -> None:
         dim = 1280
         centres = rng.standard_normal((rows // 2, dim)).astype(np.float32)
         copies = rng.integers(1, 4, size=len(centres))
-        vectors = np.repeat(centres, copies, axis=0)[:rows]
-        vectors += rng.standard_normal(vectors.shape).astype(np.float32) * 0.01
+        group = np.repeat(np.arange(len(centres)), copies)[:rows]
+        vectors = centres[group] + rng.standard_normal((len(group), dim)).astype(np.float32) * 0.01
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         with tempfile.TemporaryDirectory() as tmp:
+            started = time.perf_counter()
+            paths = write_group_files(Path(tmp), group, rng)
+            print(f"{len(paths)} files written in {time.perf_counter() - started:.0f} s", flush=True)
             uri = args.uri or str(Path(tmp) / "timing.db")
             store = MilvusStore(uri, f"dups_timing_{uuid.uuid4().hex[:8]}", model="random", dim=dim, precision="fp32")
             started = time.perf_counter()
             for start in range(0, len(vectors), 2000):
-                store.upsert([ImageRecord(id=f"{i:064x}", vector=vectors[i], path=f"/t/{i}.jpg") for i in range(start, min(start + 2000, len(vectors)))])
+                store.upsert([ImageRecord(id=f"{i:064x}", vector=vectors[i], path=paths[i]) for i in range(start, min(start + 2000, len(vectors)))])
             store.flush()
             inserted = time.perf_counter() - started
             indexed = wait_for_index(store, len(vectors)) if args.uri else 0.0
@@ -175,10 +255,25 @@ def timing(args) -> None:
                 peak = f", Python memory peak {tracemalloc.get_traced_memory()[1] / 1e6:.0f} MB"
                 tracemalloc.stop()
             print(f"{'server' if args.uri else 'Milvus Lite'}: {len(vectors)} rows (inserted in {inserted:.0f} s{waited}): "
-                  f"find_duplicates {report.seconds:.1f} s, {len(report.groups)} groups{peak}")
+                  f"find_duplicates {report.seconds:.1f} s (verifying {report.verifying_seconds:.1f} s), {report.candidate_pairs} candidate "
+                  f"pairs, {report.verified_pairs} verified, {len(report.groups)} groups{peak}", flush=True)
             if args.uri:
                 store.client.drop_collection(store.collection)
             store.close()
+
+
+def write_group_files(folder: Path, group: np.ndarray, rng: np.random.Generator) -> list[str]:
+    """A 160 x 120 JPEG per row: each group's picture (smooth random shapes), its copies re-encoded at another
+    quality, so the pixel check has real files of a catalog-like size to read."""
+    paths, picture, previous = [], None, -1
+    for row, number in enumerate(group):
+        if number != previous:
+            small = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+            picture, previous, quality = Image.fromarray(small).resize((160, 120), Image.BICUBIC), number, 90
+        paths.append(str(folder / f"{row:07d}.jpg"))
+        picture.save(paths[-1], "JPEG", quality=quality)
+        quality -= 20
+    return paths
 
 
 def wait_for_index(store: MilvusStore, rows: int, limit: float = 900) -> float:
@@ -196,6 +291,7 @@ def main() -> None:
     parser.add_argument("--uri", help="a Milvus server URI; default: a temporary Milvus Lite file")
     parser.add_argument("--timing", type=int, nargs="*", help="time find_duplicates at these row counts instead")
     parser.add_argument("--memory", action="store_true", help="with --timing: also the scan's peak of Python memory")
+    parser.add_argument("--products", type=int, default=2000, help="Fashion-MNIST look-alike products added to the calibration set")
     args = parser.parse_args()
     timing(args) if args.timing else calibrate(args)
 

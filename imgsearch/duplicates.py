@@ -83,11 +83,12 @@ class DuplicatesReport:
     verified_pairs: int = 0
     lookalike_pairs: int = 0
     unreadable: list[str] = field(default_factory=list)  # files a candidate pair needed that could not be read
+    verifying_seconds: float = 0.0  # of `seconds`: reading files and comparing pixels
 
     def to_dict(self) -> dict[str, Any]:
         report = {
             "groups": [group.to_dict() for group in self.groups], "rows": self.rows, "seconds": round(self.seconds, 3),
-            "thresholds": {"candidates": self.candidates, "similar": self.similar},
+            "verifying_seconds": round(self.verifying_seconds, 3), "thresholds": {"candidates": self.candidates, "similar": self.similar},
             "pairs": {"candidates": self.candidate_pairs, "verified": self.verified_pairs, "similar": self.lookalike_pairs},
             "unreadable": self.unreadable[:UNREADABLE_SHOWN], "unreadable_count": len(self.unreadable),
         }
@@ -98,11 +99,11 @@ class DuplicatesReport:
     def summary_line(self) -> str:
         members = [member for group in self.groups for member in group.members]
         identical = sum(member.grade == IDENTICAL for member in members)
-        shown = "listed" if self.lookalikes is not None else "not listed: --similar lists them"
+        shown = "listed apart" if self.lookalikes is not None else "not listed (--similar lists them)"
         return (
             f"{len(self.groups)} groups among {self.rows} images: {identical} identical and {len(members) - identical} "
-            f"edited copies ({self.verified_pairs} of {self.candidate_pairs} candidate pairs verified by their pixels); "
-            f"{self.lookalike_pairs} similar look-alike pairs ({shown}) ({self.seconds:.1f} s)"
+            f"edited copies, verified on their pixels ({self.verified_pairs} of {self.candidate_pairs} candidate pairs); "
+            f"{self.lookalike_pairs} similar look-alike pairs {shown}; {self.seconds:.1f} s"
         )
 
 
@@ -156,7 +157,7 @@ def find_duplicates(
     lookalikes = _stars(rows, checker.lookalikes, LOOKALIKE) if include_similar else None
     return DuplicatesReport(
         groups, scanned, time.perf_counter() - started, candidates, similar, lookalikes, checker.candidate_pairs,
-        len(checker.verified), len(checker.lookalikes), checker.unreadable,
+        len(checker.verified), len(checker.lookalikes), checker.unreadable, checker.seconds,
     )
 
 
@@ -174,10 +175,12 @@ class _PairChecker:
         self.signatures: OrderedDict[str, Signature | None] = OrderedDict()
         self.unreadable: list[str] = []
         self.candidate_pairs = 0
+        self.seconds = 0.0
 
     def check(self, rows: dict[str, dict[str, str]]) -> None:
         from imgsearch.verification import verify
 
+        started = time.perf_counter()
         for key in sorted(self.pending):  # row by row: one side of a run of pairs stays decoded
             score = self.pending[key]
             if hash(key) in self.checked:
@@ -191,6 +194,7 @@ class _PairChecker:
             elif score >= self.similar:
                 self.lookalikes[key] = score
         self.pending.clear()
+        self.seconds += time.perf_counter() - started
 
     def _signature(self, row: dict[str, str]) -> Signature | None:
         from imgsearch.errors import ImageDecodeError

@@ -106,7 +106,7 @@ def test_duplicates_grades_through_the_api(service, catalog):
         assert str(product.relative_to(folder)) in {group["representative"]["path"], *(m["path"] for m in group["members"])}
         assert [(m["grade"], m["evidence"]) for m in group["members"]] == [("same picture edited", "mirrored")]
         assert len(names) == 2  # no two of the 30 different products are called copies
-        asked = service.get("/duplicates", params={"similar": "true"}).json()
+        asked = service.get("/duplicates", params={"similar": "true", "threshold": 0.5}).json()  # look-alikes from 0.5
         assert asked["groups"] == answer["groups"] and asked["similar"]
         assert {(m["grade"], m["evidence"]) for g in asked["similar"] for m in g["members"]} == {("similar", None)}
     finally:
