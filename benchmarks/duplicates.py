@@ -202,7 +202,7 @@ def through_milvus(encoder, images, vectors: np.ndarray, sources: list[int], kin
         index = {image_id: i for i, image_id in enumerate(ids)}
         print(f"\n3. Both stages through Milvus (find_duplicates, its defaults: candidates >= {CANDIDATES}, similar >= {SIMILAR}): "
               f"{len(report.groups)} groups, {report.candidate_pairs} candidate pairs, {report.verified_pairs} verified, "
-              f"in {report.seconds:.2f} s (verifying {report.verifying_seconds:.2f} s); {len(report.unreadable)} unreadable")
+              f"in {report.seconds:.2f} s (verifying {report.verifying_seconds:.2f} s); {report.unreadable_count} unreadable")
         print("grade                 members  pair precision (representative and member from one photo)")
         for grade, groups in ((IDENTICAL, report.groups), (EDITED, report.groups), (LOOKALIKE, report.lookalikes)):
             graded = [(index[g.representative["id"]], index[m.id]) for g in groups for m in g.members if m.grade == grade]

@@ -211,8 +211,8 @@ def duplicates(
         for title, groups in (("", report.groups), ("similar look-alikes (not verified)", report.lookalikes or [])) for g in groups
     ]
     notes = [f"no stored image's path starts with {prefix}"] if prefix and not report.rows else []
-    if report.unreadable:
-        notes.append(f"{len(report.unreadable)} files could not be read to check their pixels (their pairs are unverified), e.g. {report.unreadable[0]}")
+    if report.unreadable_count:
+        notes.append(f"{report.unreadable_count} files could not be read to check their pixels (their pairs are unverified), e.g. {report.unreadable[0]}")
     return Output(report.to_dict(), report.summary_line() + (f"; wrote {html_report}" if html_report else ""), tables, notes=notes)
 
 

@@ -82,7 +82,8 @@ class DuplicatesReport:
     candidate_pairs: int = 0
     verified_pairs: int = 0
     lookalike_pairs: int = 0
-    unreadable: list[str] = field(default_factory=list)  # files a candidate pair needed that could not be read
+    unreadable: list[str] = field(default_factory=list)  # the first UNREADABLE_SHOWN files a candidate pair needed and could not read
+    unreadable_count: int = 0
     verifying_seconds: float = 0.0  # of `seconds`: reading files and comparing pixels
 
     def to_dict(self) -> dict[str, Any]:
@@ -90,7 +91,7 @@ class DuplicatesReport:
             "groups": [group.to_dict() for group in self.groups], "rows": self.rows, "seconds": round(self.seconds, 3),
             "verifying_seconds": round(self.verifying_seconds, 3), "thresholds": {"candidates": self.candidates, "similar": self.similar},
             "pairs": {"candidates": self.candidate_pairs, "verified": self.verified_pairs, "similar": self.lookalike_pairs},
-            "unreadable": self.unreadable[:UNREADABLE_SHOWN], "unreadable_count": len(self.unreadable),
+            "unreadable": self.unreadable, "unreadable_count": self.unreadable_count,
         }
         if self.lookalikes is not None:
             report["similar"] = [group.to_dict() for group in self.lookalikes]
@@ -131,7 +132,7 @@ def find_duplicates(
     copies: dict[str, list[str]] = {}
     batch: list[dict] = []
     scanned = 0
-    threshold = candidates if verify else similar
+    least = candidates if verify else similar
     for row in store.iter_rows(("id", "path", "label", "vector", "metadata"), batch_size=READ_BATCH):
         if row["path"].startswith(prefix):
             batch.append(row)
@@ -140,24 +141,24 @@ def find_duplicates(
                 copies[row["id"]] = found
                 rows[row["id"]] = _shown(row)
         if len(batch) == SEARCH_BATCH:
-            _close_pairs(store, batch, rows, checker.pending if checker else pairs, prefix, threshold, neighbours)
+            _close_pairs(store, batch, rows, checker.pending if checker else pairs, prefix, least, neighbours)
             if checker:
                 checker.check(rows)
             scanned += len(batch)
             batch = []
             if progress:
                 progress(scanned)
-    _close_pairs(store, batch, rows, checker.pending if checker else pairs, prefix, threshold, neighbours)
+    _close_pairs(store, batch, rows, checker.pending if checker else pairs, prefix, least, neighbours)
     scanned += len(batch)
     if checker is None:
         groups = _with_copies(_stars(rows, pairs, LOOKALIKE), rows, copies)
-        return DuplicatesReport(groups, scanned, time.perf_counter() - started, threshold, similar)
+        return DuplicatesReport(groups, scanned, time.perf_counter() - started, least, similar)
     checker.check(rows)
     groups = _with_copies(_stars(rows, checker.verified, EDITED, checker.matches), rows, copies)
     lookalikes = _stars(rows, checker.lookalikes, LOOKALIKE) if include_similar else None
     return DuplicatesReport(
         groups, scanned, time.perf_counter() - started, candidates, similar, lookalikes, checker.candidate_pairs,
-        len(checker.verified), len(checker.lookalikes), checker.unreadable, checker.seconds,
+        len(checker.verified), len(checker.lookalikes), checker.unreadable, checker.unreadable_count, checker.seconds,
     )
 
 
@@ -173,7 +174,8 @@ class _PairChecker:
         self.lookalikes: dict[tuple[str, str], float] = {}
         self.checked: set[int] = set()  # hash() of each pair checked: a few bytes each, not two 64-character ids
         self.signatures: OrderedDict[str, Signature | None] = OrderedDict()
-        self.unreadable: list[str] = []
+        self.unreadable: list[str] = []  # the first UNREADABLE_SHOWN: memory stays bounded however many fail
+        self.unreadable_count = 0
         self.candidate_pairs = 0
         self.seconds = 0.0
 
@@ -210,7 +212,9 @@ class _PairChecker:
             found = signature(image, file_pixels(source))
         except (ImageDecodeError, *storage.transport_errors()):
             found = None
-            self.unreadable.append(row["path"])
+            self.unreadable_count += 1
+            if len(self.unreadable) < UNREADABLE_SHOWN:
+                self.unreadable.append(row["path"])
         self.signatures[row["id"]] = found
         if len(self.signatures) > SIGNATURES_KEPT:
             self.signatures.popitem(last=False)

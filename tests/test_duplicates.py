@@ -181,3 +181,24 @@ def test_duplicates_json_piped_into_delete_removes_the_copies_and_keeps_files(ca
     # re-ingesting brings the copies back: nothing else was lost
     run_cli(["ingest", str(folder), "--uri", uri], check=True)
     assert json.loads(run_cli(["info", "--uri", uri, "--json"], check=True).stdout)["count"] == ROWS
+
+
+def test_files_that_cannot_be_read_leave_their_pairs_unverified_and_are_counted(tmp_path):
+    """Rows whose files are gone (or were never images) are never called copies, however close their vectors: the
+    report counts them and names the first few, and with --similar lists the pair as a look-alike."""
+    import numpy as np
+
+    from imgsearch.duplicates import UNREADABLE_SHOWN, find_duplicates
+    from imgsearch.store import ImageRecord, MilvusStore
+
+    (tmp_path / "not-an-image.jpg").write_bytes(b"plain text")
+    paths = [str(tmp_path / "gone.jpg"), str(tmp_path / "not-an-image.jpg")]
+    vector = np.ones(8, dtype=np.float32) / np.sqrt(8)
+    store = MilvusStore(str(tmp_path / "u.db"), "unreadable", model="none", dim=8, precision="fp32")
+    store.upsert([ImageRecord(id=f"{i:064x}", vector=vector, path=path) for i, path in enumerate(paths)])
+    store.flush()
+    report = find_duplicates(store, include_similar=True)
+    assert report.groups == [] and report.unreadable_count == 2 and sorted(report.unreadable) == sorted(paths)
+    assert [(m.grade, m.score > 0.99) for g in report.lookalikes for m in g.members] == [("similar", True)]
+    assert report.to_dict()["unreadable_count"] == 2 and len(report.to_dict()["unreadable"]) <= UNREADABLE_SHOWN
+    store.close()
