@@ -27,6 +27,7 @@ from imgsearch.errors import (
     ImageNotFoundError,
     ImgsearchError,
     InvalidInputError,
+    StorageFullError,
     StoreUnavailableError,
 )
 
@@ -47,6 +48,8 @@ def status_of(error: ImgsearchError) -> int:
     """The one mapping of core errors to HTTP: what the client sent is 4xx; a Milvus outage is 503."""
     if isinstance(error, StoreUnavailableError):
         return 503
+    if isinstance(error, StorageFullError):
+        return 507
     if isinstance(error, (CollectionNotFoundError, ImageNotFoundError)):
         return 404
     if isinstance(error, (InvalidInputError, ImageDecodeError)):

@@ -4,6 +4,7 @@ to status codes in one place (app.py)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import mimetypes
 from typing import Annotated
 
@@ -28,8 +29,10 @@ from imgsearch.api.models import (
 )
 from imgsearch.api.service import Service, service_of
 from imgsearch.config import DUPLICATES_THRESHOLD_HELP, RECOGNITION_K, RECOGNITION_K_MAX
-from imgsearch.errors import ImageDecodeError, ObjectStoreUnavailableError
+from imgsearch.errors import ImageDecodeError, ObjectStoreUnavailableError, StorageFullError
 from imgsearch.validation import validate_label
+
+log = logging.getLogger(__name__)
 
 ServiceDep = Annotated[Service, Depends(service_of)]
 ImagesField = Annotated[list[UploadFile], File(description="One or more images")]
@@ -42,8 +45,10 @@ images = APIRouter(tags=["stored images"])
 
 @system.get("/health", response_model=Health)
 async def health(request: Request):
-    if getattr(request.app.state, "service", None) is None:
+    service = getattr(request.app.state, "service", None)
+    if service is None:
         raise HTTPException(503, "loading")
+    await service.check_store()  # Milvus down or restarting: 503 with Retry-After, like every other route
     return Health(status="ok")
 
 
@@ -138,7 +143,12 @@ def keep_uploads(service: Service, unknown: dict[int, tuple]) -> dict[int, bool]
     kept = []
     for i, (upload, vector, (_, confidence, neighbours)) in unknown.items():
         if (digest := digests[i]) in admitted:
-            path, _ = save_upload(upload.data, upload.image_format, service.settings.upload_dir)
+            try:
+                path, _ = save_upload(upload.data, upload.image_format, service.settings.upload_dir)
+            except StorageFullError as error:  # the answer matters more than keeping the image for review
+                log.warning("an unknown upload was not kept for review: %s", error)
+                admitted.discard(digest)
+                continue
             kept.append(Kept(digest, str(path), vector, confidence, neighbours[0].label, upload=True))
     if kept:
         service.store.add_roots([absolute(service.settings.upload_dir)])

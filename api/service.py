@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,10 +15,12 @@ from imgsearch.api.batching import MicroBatcher
 from imgsearch.api.files import ServedFiles
 from imgsearch.api.limits import PixelBudget
 from imgsearch.config import Settings
-from imgsearch.errors import ImageDecodeError
+from imgsearch.errors import ImageDecodeError, StoreUnavailableError
 from imgsearch.images import load_image, read_header
 
 log = logging.getLogger(__name__)
+
+HEALTH_CACHE_SECONDS = 1.0
 
 
 class Metrics:
@@ -106,6 +109,8 @@ class Service:
         self.budget: PixelBudget | None = None
         self.recalibration: Recalibration | None = None
         self._review = None  # the review collection, opened on first use
+        self._health_checked = -HEALTH_CACHE_SECONDS
+        self._health_error: StoreUnavailableError | None = None
 
     def start(self, metrics: Metrics) -> None:
         settings = self.settings
@@ -121,6 +126,20 @@ class Service:
     async def recalibrate(self) -> tuple[dict[str, Any] | None, bool]:
         """Recompute the "unknown" threshold after references changed; waits settings.calibration_wait_seconds."""
         return await self.recalibration.request(self.settings.calibration_wait_seconds)
+
+    async def check_store(self) -> None:
+        """StoreUnavailableError (503) unless Milvus can serve the collection; the answer is reused for
+        HEALTH_CACHE_SECONDS, so a load balancer polling /health costs Milvus one call a second at most."""
+        now = time.monotonic()
+        if now - self._health_checked >= HEALTH_CACHE_SECONDS:
+            self._health_checked = now
+            try:
+                await asyncio.to_thread(self.store.check_serving)
+                self._health_error = None
+            except StoreUnavailableError as error:
+                self._health_error = error
+        if self._health_error is not None:
+            raise self._health_error
 
     def review(self, *, create: bool = True):
         """The review collection (recognition/review.py), opened once it exists."""

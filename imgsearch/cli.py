@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
@@ -23,6 +25,7 @@ from imgsearch.config import (
     RecognitionMethod,
     Settings,
 )
+from imgsearch.errors import Terminated
 from imgsearch.shell import CREATES, MODEL, OBJECTS, STORE, JsonOption, Output, Rows, command_registrar, option
 from imgsearch.terminal import VisibleFormatter, markup_safe, progress_bar, progress_lines, stderr
 
@@ -41,9 +44,15 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log prog
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
     logging.getLogger("huggingface_hub").setLevel(logging.INFO if verbose else logging.ERROR)
     logging.getLogger("imgsearch.encoders").setLevel(logging.INFO)  # the one-off ONNX export and int8 quantisation take seconds
+    if threading.current_thread() is threading.main_thread():  # only there can Python handle signals
+        signal.signal(signal.SIGTERM, _terminate)  # a summary line and exit 143, as for Ctrl-C (uvicorn replaces it in serve)
 
 
-@command(settings=MODEL + ("batch_size", "workers", "ray_address") + OBJECTS + CREATES)
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+@command(settings=MODEL + ("batch_size", "workers", "ray_address") + OBJECTS + CREATES, waits_for_store=True)
 def ingest(
     settings: Settings,
     path: Annotated[str, typer.Argument(help="Catalog folder or bucket prefix (s3://bucket/catalog; labels from sub-folders or key prefixes), or one image")],
@@ -115,7 +124,7 @@ def search(
     return Output([r.to_dict() for r in results], tables=tables, notes=notes, failed=failed, what_failed="skipped query")
 
 
-@command(settings=STORE + OBJECTS)
+@command(settings=STORE + OBJECTS, waits_for_store=True)
 def delete(
     settings: Settings,
     ids: Annotated[Optional[list[str]], typer.Argument(help="Ids of stored images (from search --json)", show_default=False)] = None,
@@ -248,7 +257,7 @@ def export_vectors(settings: Settings, out: Annotated[Path, typer.Option("--out"
     return Output(summary, f"exported {written} rows to {out}")
 
 
-@command("import", settings=("milvus_uri", "collection") + CREATES)
+@command("import", settings=("milvus_uri", "collection") + CREATES, waits_for_store=True)
 def import_vectors(
     settings: Settings,
     source: Annotated[Path, typer.Argument(help="Parquet file written by `imgsearch export`")],
@@ -261,7 +270,7 @@ def import_vectors(
     return Output(summary, text, failed=summary["failed"], what_failed="skipped row")
 
 
-@command(settings=MODEL + ("batch_size", "workers") + CREATES)
+@command(settings=MODEL + ("batch_size", "workers") + CREATES, waits_for_store=True)
 def enroll(
     settings: Settings,
     label: Annotated[str, typer.Argument(help="The class these images show")],
@@ -410,7 +419,7 @@ def evaluate_command(
     return Output(report, f"wrote {json_path} and {figure_path}", [Rows(f"eval {dataset} ({report['encoder']})", (), summary_rows(report))])
 
 
-@command(settings=MODEL + ("batch_size", "workers") + OBJECTS + CREATES)
+@command(settings=MODEL + ("batch_size", "workers") + OBJECTS + CREATES, waits_for_store=True)
 def reindex(
     settings: Settings,
     alias: Annotated[Optional[str], option("--alias", help="The name searches use; moved to the new collection at the end [default: --collection]")] = None,

@@ -56,6 +56,10 @@ class Settings(BaseSettings):
 
     milvus_uri: str = Field("./imgsearch.db", description="Milvus Lite path (*.db) or server URI (http://host:19530)")
     milvus_token: str = Field("", description="Token or user:password for a secured Milvus server")
+    store_retry_seconds: float = Field(
+        60.0, ge=0, description="How long ingest, enroll, reindex, import and delete retry a Milvus server that is down or restarting "
+        "(queries and the service answer at once: 503)"
+    )
     collection: str | None = Field(None, description="Collection name; default: one per model, imgsearch_<model>")
     model: str = Field("efficientnet_lite0", description="Encoder name: efficientnet_lite0, torchvision/timm names, open_clip ARCH/TAG")
     weights: Path | None = Field(None, description="Local weights file for the encoder")

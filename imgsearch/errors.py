@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+
+SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file-size limit
+
 
 class ImgsearchError(Exception):
     """Base class for every error a user can cause or fix."""
@@ -44,6 +48,10 @@ class ObjectStoreUnavailableError(StoreUnavailableError):
     """The object store holding the images could not be reached or refused the credentials (the API answers 503)."""
 
 
+class StorageFullError(ImgsearchError):
+    """A file could not be written for lack of space (or over a file-size limit): the API answers 507."""
+
+
 class RayUnavailableError(ImgsearchError):
     """`--ray`: the cluster's address cannot be reached, or a local cluster cannot start."""
 
@@ -84,6 +92,12 @@ class InvalidInputError(ImgsearchError):
     """A label, path, metadata value or row that cannot be stored as given."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so the same cleanup runs."""
+
+
 # Exit statuses of the `imgsearch` command, the same with and without --json.
 EXIT_FAILED = 2  # the command could not run (usage, missing path or collection, store refused)
 EXIT_PARTIAL = 3  # the command ran, but some files or rows failed; they are listed in the report
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as a shell reports it
+EXIT_TERMINATED = 143  # SIGTERM

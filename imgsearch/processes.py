@@ -12,7 +12,10 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 def die_with_parent(parent: int, *_: Any) -> None:
     """In a child: be killed with `parent`. A parent killed with SIGKILL (or by the OOM killer) runs no clean-up, and a
     forked worker blocked on a full queue would live on holding the Milvus Lite LOCK it inherited, so the rerun is
-    refused. Linux's parent-death signal does it at once; elsewhere the child's own polling of its parent must."""
+    refused. Linux's parent-death signal does it at once; elsewhere the child's own polling of its parent must.
+    SIGTERM gets its default action back: a forked child inherits the CLI's handler, which raises, and a child that
+    unwinds instead of dying waits at exit to flush its queue to a parent that no longer reads it."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         import ctypes
 

@@ -12,8 +12,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from imgsearch.config import Settings, load_settings
-from imgsearch.errors import EXIT_FAILED, EXIT_PARTIAL, ImgsearchError
+from imgsearch.config import Settings, is_lite_uri, load_settings
+from imgsearch.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PARTIAL, EXIT_TERMINATED, SPACE_ERRNOS, ImgsearchError, Terminated
 from imgsearch.terminal import markup_safe, print_json, say, stderr, table
 
 
@@ -85,11 +85,13 @@ def command_registrar(app: typer.Typer) -> Callable[..., Callable[[Callable], Ca
 
 
 def command(
-    app: typer.Typer, name: str | None = None, *, settings: tuple[str, ...] = MODEL, json: bool = True
+    app: typer.Typer, name: str | None = None, *, settings: tuple[str, ...] = MODEL, json: bool = True, waits_for_store: bool = False
 ) -> Callable[[Callable], Callable]:
     """Register a command that takes `settings: Settings`, built from the shared options named in `settings` (flags
     over IMGSEARCH_* variables over defaults), and returns an Output, printed here (`--json` added unless json=False;
-    a command that declares `json_output` itself gets it too). Known failures become one line and exit status 2."""
+    a command that declares `json_output` itself gets it too). Known failures become one line and exit status 2.
+    `waits_for_store` (the commands that write: a long job should survive a Milvus restart): a server that is down or
+    restarting is retried for IMGSEARCH_STORE_RETRY_SECONDS. Queries fail at once, as the service answers 503."""
 
     def register(function: Callable) -> Callable:
         signature = inspect.signature(function, eval_str=True)
@@ -103,10 +105,32 @@ def command(
         def run(**arguments: Any) -> None:
             json_output = arguments.get("json_output", False) if takes_json else arguments.pop("json_output", False)
             try:
-                output = function(settings=load_settings(**{n: arguments.pop(n) for n in settings}), **arguments)
+                loaded = load_settings(**{n: arguments.pop(n) for n in settings})
+                if waits_for_store and not is_lite_uri(loaded.milvus_uri):  # Lite runs in this process: nothing to wait for
+                    from imgsearch.store.retry import set_retry_window
+
+                    set_retry_window(loaded.store_retry_seconds)
+                output = function(settings=loaded, **arguments)
             except ImgsearchError as error:
                 stderr.print(f"[red]error:[/red] {markup_safe(error)}", highlight=False, soft_wrap=True)
                 raise typer.Exit(EXIT_FAILED) from None
+            except OSError as error:
+                if error.errno not in SPACE_ERRNOS:
+                    raise
+                where = f" writing {error.filename}" if error.filename else ""
+                stderr.print(
+                    f"[red]error:[/red] {markup_safe(f'no space{where} ({error.strerror})')}; free space (or point TMPDIR "
+                    "elsewhere) and run the same command again: what was written stays", highlight=False, soft_wrap=True,
+                )
+                raise typer.Exit(EXIT_FAILED) from None
+            except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (Terminated)
+                terminated = isinstance(interrupt, Terminated)
+                done = getattr(interrupt, "done", "")
+                stderr.print(
+                    f"[yellow]{'terminated' if terminated else 'interrupted'}:[/yellow] {markup_safe(done) + '; ' if done else ''}"
+                    "what was written stays, and the same command again finishes the job", highlight=False, soft_wrap=True,
+                )
+                raise typer.Exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED) from None
             if output is None:
                 return
             if json_output:

@@ -8,10 +8,11 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 from imgsearch import storage
-from imgsearch.errors import CatalogError, ObjectStoreUnavailableError
+from imgsearch.errors import SPACE_ERRNOS, CatalogError, ObjectStoreUnavailableError, StorageFullError
 from imgsearch.images import FORMAT_SUFFIXES
 from imgsearch.ingest.catalog import Location, bytes_sha256
 from imgsearch.validation import is_upload
@@ -40,12 +41,40 @@ def save_upload(data: bytes, image_format: str, upload_dir: str | Path) -> tuple
         except CatalogError:  # the service's own upload bucket is missing: its setup, not the request, is wrong
             raise ObjectStoreUnavailableError(f"the upload location {upload_dir} does not exist (IMGSEARCH_UPLOAD_DIR)") from None
         return path, digest
-    path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")  # concurrent uploads of one content
-        partial.write_bytes(data)
-        partial.replace(path)  # a crash never leaves a half-written file under the final name
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_bytes(data)
+            partial.replace(path)  # a crash never leaves a half-written file under the final name
+        except OSError as error:
+            partial.unlink(missing_ok=True)  # a failed write leaves nothing behind
+            if error.errno in SPACE_ERRNOS:
+                raise StorageFullError(f"no space to store the upload in the upload folder (IMGSEARCH_UPLOAD_DIR): {error.strerror}") from None
+            raise
     return path, digest
+
+
+def save_uploads(uploads: Sequence[tuple[bytes, str]], upload_dir: str | Path) -> list[tuple[Location, str]]:
+    """save_upload for each (bytes, image format); if one fails, the files this call created are removed again, so a
+    refused request leaves nothing behind."""
+    saved, created = [], []
+    try:
+        for data, image_format in uploads:
+            existed = _exists(upload_path(upload_dir, bytes_sha256(data), image_format))
+            path, digest = save_upload(data, image_format, upload_dir)
+            saved.append((path, digest))
+            if not existed:
+                created.append(path)
+    except BaseException:
+        for path in created:
+            remove_upload(path)
+        raise
+    return saved
+
+
+def _exists(path: Location) -> bool:
+    return storage.exists(path) if isinstance(path, str) else path.exists()
 
 
 def removable_upload(row: dict, upload_dir: str | Path) -> Location | None:

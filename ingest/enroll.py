@@ -12,7 +12,7 @@ from imgsearch.images import check_paths_exist, find_images
 from imgsearch.ingest.catalog import CatalogEntry, absolute
 from imgsearch.ingest.pipeline import IngestReport, ingest_entries, ingest_options
 from imgsearch.store import MilvusStore, label_is
-from imgsearch.uploads import save_upload
+from imgsearch.uploads import save_uploads
 from imgsearch.validation import recorded_copies, validate_label
 
 
@@ -50,11 +50,9 @@ def store_uploads(
 ) -> tuple[list[str], IngestReport]:
     """Save (bytes, image format) uploads under settings.upload_dir and ingest them with `label`; returns their ids.
     `relabel` (enrolment): stored content under another label takes this one."""
-    entries, ids = [], []
-    for data, image_format in uploads:
-        path, digest = save_upload(data, image_format, settings.upload_dir)
-        entries.append(CatalogEntry(path=path, label=label, upload=True))
-        ids.append(digest)
+    saved = save_uploads(uploads, settings.upload_dir)
+    entries = [CatalogEntry(path=path, label=label, upload=True) for path, _ in saved]
+    ids = [digest for _, digest in saved]
     store.add_roots([absolute(settings.upload_dir)])
     report = ingest_entries(
         entries, encoder, store, relabel_duplicates=relabel, workers=0, batch_size=settings.batch_size,

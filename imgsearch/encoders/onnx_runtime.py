@@ -13,7 +13,6 @@ STALE_DAYS are deleted then, so the cache does not grow by an export per version
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -32,7 +31,7 @@ import numpy as np
 
 from imgsearch.encoders.base import Encoder
 from imgsearch.encoders.preprocessing import ResizeCrop
-from imgsearch.errors import ImgsearchError
+from imgsearch.errors import SPACE_ERRNOS, ImgsearchError
 
 if TYPE_CHECKING:
     from imgsearch.encoders.torch_encoder import TorchEncoder
@@ -140,7 +139,7 @@ def usable_cache_dir(cache_dir: Path | None) -> Path:
 
 def cache_error(folder: Path, error: BaseException) -> ModelCacheError:
     """The one line for a cache that cannot be written: a full disk is not fixed by another runtime."""
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT) or disk_nearly_full(folder):
+    if isinstance(error, OSError) and error.errno in SPACE_ERRNOS or disk_nearly_full(folder):
         return ModelCacheError(f"no space left for the ONNX export in {folder}; free some there or set IMGSEARCH_ONNX_CACHE to another folder")
     reason = error.strerror if isinstance(error, OSError) and error.strerror else type(error).__name__
     return ModelCacheError(f"the ONNX cache {folder} cannot be used ({reason}); set IMGSEARCH_ONNX_CACHE to a writable folder")

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 from pymilvus import DataType, MilvusClient
+from pymilvus.client.types import LoadState
 from pymilvus.client.utils import mkts_from_unixtime
 
 from imgsearch.config import check_lite_database_exists, is_lite_uri
-from imgsearch.errors import CollectionNotFoundError, StoreError
+from imgsearch.errors import CollectionNotFoundError, StoreError, StoreUnavailableError
 from imgsearch.storage import is_url, shown_uri
-from imgsearch.store import lite
+from imgsearch.store import lite, retry
 from imgsearch.store import search_params as index_rules
 from imgsearch.store.errors import milvus_errors
 from imgsearch.store.schema import (
@@ -46,6 +47,7 @@ QUERY_CHUNK = 1000  # ids per `id in [...]` filter
 # client), and a server answers in ~2 ms instead of waiting ~200 ms for the next time tick as Strong does
 # (measured on the 2.3.5 server). Counts and gets keep the collection's Strong level.
 SEARCH_CONSISTENCY = "Session"
+HEALTH_TIMEOUT_SECONDS = 2.0
 
 
 def upsert_rows(client: MilvusClient, collection: str, records: Sequence[ImageRecord]) -> None:
@@ -55,20 +57,24 @@ def upsert_rows(client: MilvusClient, collection: str, records: Sequence[ImageRe
             client.upsert(collection, [record.to_row() for record in records])
 
 
-def connect(uri: str, token: str, create: bool = True) -> MilvusClient:
-    """A client for `uri`; with create=False a missing Lite path is refused instead of made."""
+def connect(uri: str, token: str, create: bool = True, retry_window: float | None = None) -> MilvusClient:
+    """A client for `uri`; with create=False a missing Lite path is refused instead of made. On a server its calls
+    (and this connection) are retried while Milvus is down or restarting, for `retry_window` seconds (default: the
+    process's, store/retry.py)."""
     quiet_milvus_logs()
     if not create:
         check_lite_database_exists(uri)
+    window = 0.0 if is_lite_uri(uri) else retry.retry_window() if retry_window is None else retry_window
     if is_lite_uri(uri):
         Path(uri).parent.mkdir(parents=True, exist_ok=True)
     try:
         with milvus_errors(f"opening Milvus at {shown_uri(uri)}"):
-            return MilvusClient(uri=uri, token=token)
+            client = retry.call_with_retry(lambda: MilvusClient(uri=uri, token=token), "connecting to Milvus", window)
     except StoreError:
         if is_lite_uri(uri):
             lite.check_lock(uri)  # another process's lock is the likely cause; this process's is not
         raise
+    return retry.RetryingClient(client, window) if window > 0 else client
 
 
 def quiet_milvus_logs() -> None:
@@ -299,6 +305,14 @@ class MilvusStore:
             ]
             for hits in results
         ]
+
+    def check_serving(self) -> None:
+        """StoreUnavailableError unless Milvus can search this collection now: reachable, and loaded (a restarted
+        server answers before it has loaded its collections again)."""
+        with milvus_errors("health check"):
+            state = self.client.get_load_state(self.collection, timeout=HEALTH_TIMEOUT_SECONDS)
+        if state.get("state") != LoadState.Loaded:
+            raise StoreUnavailableError(f"health check failed: Milvus has not loaded collection {self.collection} ({state.get('state')})")
 
     def resolved_name(self) -> str:
         """The collection behind this store's name (an alias resolves to its collection)."""
