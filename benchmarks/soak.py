@@ -1,0 +1,213 @@
+"""A soak: `imgsearch serve` on a Milvus server under a mixed load from Locust, watched for errors and leaks.
+
+    python benchmarks/soak.py --uri http://127.0.0.1:19530 [--seconds 600] [--warmup 60] [--users 16] [--seed N]
+                              [--per-class N] [--check] [--json]
+
+The sample catalog (examples/catalog: 300 labelled products) is ingested into a fresh collection; the service is
+started on it as its own process; Locust (benchmarks/soak_locustfile.py, headless) runs --users users for --seconds:
+search, recognize (a quarter keep their "unknown" answers for review), upload, enrol, delete (own uploads), review
+and duplicates. Printed: per endpoint the requests, p50/p99 and errors; for the service process its RSS, open file
+descriptors and threads at the start, after --warmup seconds and at the end. --check exits 1 unless there were no
+errors, RSS grew at most 5% after the warm-up, and descriptors and threads stayed flat (within 2% or 3 of the
+warm-up's count). The seed is printed, and --seed repeats a run's draws.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+CATALOG = ROOT / "examples" / "catalog"
+RSS_GROWTH_LIMIT = 0.05
+
+
+def process_stats(pid: int) -> dict[str, int]:
+    """RSS (bytes), open file descriptors and threads of a live process, from /proc."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    return {
+        "rss": int(fields["VmRSS"].split()[0]) * 1024,
+        "fds": len(os.listdir(f"/proc/{pid}/fd")),
+        "threads": int(fields["Threads"]),
+    }
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 300) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"imgsearch serve exited with {process.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"imgsearch serve did not become healthy within {timeout:.0f} s")
+
+
+def endpoint_rows(stats_csv: Path) -> list[dict[str, object]]:
+    rows = []
+    with open(stats_csv, newline="") as handle:
+        for row in csv.DictReader(handle):
+            rows.append({
+                "endpoint": row["Name"] if row["Name"] != "Aggregated" else "all",
+                "method": row["Type"],
+                "requests": int(row["Request Count"]),
+                "errors": int(row["Failure Count"]),
+                "p50_ms": float(row["50%"] or 0),
+                "p99_ms": float(row["99%"] or 0),
+            })
+    return rows
+
+
+def drop_collection(uri: str, collection: str) -> None:
+    from pymilvus import MilvusClient
+
+    client = MilvusClient(uri=uri)
+    try:
+        if client.has_collection(collection):
+            client.drop_collection(collection)
+    finally:
+        client.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--uri", required=True, help="a Milvus server (http://host:port): the service's store")
+    parser.add_argument("--seconds", type=float, default=600)
+    parser.add_argument("--warmup", type=float, default=60, help="seconds of load before the baseline sample")
+    parser.add_argument("--users", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--per-class", type=int, default=0, help="ingest only this many images of each sample class (default: all 30)")
+    parser.add_argument("--check", action="store_true", help="exit 1 unless the targets are met")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    args = parser.parse_args()
+    if args.warmup >= args.seconds:
+        parser.error("--warmup must be shorter than --seconds")
+    seed = args.seed if args.seed is not None else random.randrange(1_000_000)
+    collection = f"soak_{seed}_{uuid.uuid4().hex[:6]}"
+    say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    say(f"soak: seed {seed}, {args.users} users, {args.seconds:.0f} s (warm-up {args.warmup:.0f} s), collection {collection} at {args.uri}")
+
+    env = {key: value for key, value in os.environ.items() if not key.startswith("IMGSEARCH_")}
+    env.update(IMGSEARCH_MILVUS_URI=args.uri, IMGSEARCH_COLLECTION=collection, IMGSEARCH_DEVICE="cpu",
+               IMGSEARCH_ONNX_CACHE=os.environ.get("IMGSEARCH_ONNX_CACHE", ""))
+    if not env["IMGSEARCH_ONNX_CACHE"]:
+        del env["IMGSEARCH_ONNX_CACHE"]
+    with tempfile.TemporaryDirectory(prefix="imgsearch-soak-") as tmp:
+        tmp = Path(tmp)
+        env["IMGSEARCH_UPLOAD_DIR"] = str(tmp / "uploads")
+        env["IMGSEARCH_HASH_CACHE"] = str(tmp / "hashes.sqlite")
+        catalog = CATALOG
+        if args.per_class:
+            catalog = tmp / "catalog"
+            for folder in sorted(path for path in CATALOG.iterdir() if path.is_dir()):
+                (catalog / folder.name).mkdir(parents=True)
+                for image in sorted(folder.glob("*.png"))[: args.per_class]:
+                    shutil.copy(image, catalog / folder.name / image.name)
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "imgsearch.cli", "ingest", str(catalog), "--json"], env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+        images = sorted(str(path) for path in catalog.rglob("*.png"))
+        say(f"ingested {len(images)} catalog images in {time.perf_counter() - started:.1f} s")
+        (tmp / "images.txt").write_text("\n".join(images))
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        service = subprocess.Popen([sys.executable, "-m", "imgsearch.cli", "serve", "--port", str(port)], env=env,
+                                   stdout=subprocess.DEVNULL, stderr=open(tmp / "serve.log", "w"), start_new_session=True)
+        samples: list[tuple[float, dict[str, int]]] = []
+        try:
+            wait_healthy(url, service)
+            samples.append((0.0, process_stats(service.pid)))
+            load_env = {**env, "SOAK_SEED": str(seed), "SOAK_IMAGES": str(tmp / "images.txt")}
+            load = subprocess.Popen(
+                [sys.executable, "-m", "locust", "-f", str(ROOT / "benchmarks" / "soak_locustfile.py"), "--headless",
+                 "--users", str(args.users), "--spawn-rate", str(args.users), "--run-time", f"{int(args.seconds)}s",
+                 "--host", url, "--csv", str(tmp / "load"), "--only-summary", "--exit-code-on-error", "0",
+                 "--loglevel", "WARNING", "--stop-timeout", "30"],
+                env=load_env, stdout=subprocess.DEVNULL, stderr=open(tmp / "locust.log", "w"),
+            )
+            load_started = time.monotonic()
+            warm = None
+            while load.poll() is None:
+                time.sleep(1)
+                at = time.monotonic() - load_started
+                if warm is None and at >= args.warmup:
+                    warm = (at, process_stats(service.pid))
+                    samples.append(warm)
+            if load.returncode != 0:
+                raise SystemExit(f"locust exited with {load.returncode}: {(tmp / 'locust.log').read_text()[-2000:]}")
+            samples.append((time.monotonic() - load_started, process_stats(service.pid)))
+            rows = endpoint_rows(tmp / "load_stats.csv")
+            failures = (tmp / "load_failures.csv").read_text() if (tmp / "load_failures.csv").exists() else ""
+        finally:
+            if service.poll() is None:
+                os.killpg(service.pid, signal.SIGTERM)  # graceful: in-flight requests finish
+                try:
+                    service.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(service.pid, signal.SIGKILL)
+            served_log = (tmp / "serve.log").read_text()
+            drop_collection(args.uri, collection)
+    (_, start), (warm_at, warm), (end_at, end) = samples
+    growth = (end["rss"] - warm["rss"]) / warm["rss"]
+    result = {
+        "seed": seed, "users": args.users, "seconds": args.seconds, "warmup": args.warmup, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "endpoints": rows, "process": {"start": start, "warm": warm, "end": end}, "rss_growth_after_warmup": growth,
+        "failures": failures.splitlines()[1:21], "service_exit": service.returncode,
+        "service_errors": [line for line in served_log.splitlines() if "Traceback" in line or "ERROR" in line][:20],
+    }
+    errors = sum(row["errors"] for row in rows if row["endpoint"] != "all")
+    flat = lambda key: end[key] <= max(warm[key] + 3, warm[key] * 1.02)  # noqa: E731
+    result["targets"] = {
+        "zero errors": errors == 0 and not result["service_errors"],
+        f"RSS growth after warm-up <= {RSS_GROWTH_LIMIT:.0%}": growth <= RSS_GROWTH_LIMIT,
+        "file descriptors flat": flat("fds"),
+        "threads flat": flat("threads"),
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"\n{'endpoint':<16}{'requests':>10}{'errors':>8}{'p50 ms':>9}{'p99 ms':>9}")
+        for row in rows:
+            print(f"{row['method'] + ' ' + row['endpoint'] if row['method'] else row['endpoint']:<16}"[:16].ljust(16)
+                  + f"{row['requests']:>10}{row['errors']:>8}{row['p50_ms']:>9.0f}{row['p99_ms']:>9.0f}")
+        print(f"\n{'service':<24}{'RSS MiB':>9}{'fds':>6}{'threads':>9}")
+        for name, stats in (("start", start), (f"after warm-up ({warm_at:.0f} s)", warm), (f"end ({end_at:.0f} s)", end)):
+            print(f"{name:<24}{stats['rss'] / 2**20:>9.1f}{stats['fds']:>6}{stats['threads']:>9}")
+        print(f"RSS growth after warm-up: {growth:+.1%}")
+        for line in result["failures"]:
+            print("failure:", line)
+        for target, met in result["targets"].items():
+            print(f"{'met' if met else 'NOT MET'}: {target}")
+    return 1 if args.check and not all(result["targets"].values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
