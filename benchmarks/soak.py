@@ -1,7 +1,7 @@
 """A soak: `imgsearch serve` on a Milvus server under a mixed load from Locust, watched for errors and leaks.
 
     python benchmarks/soak.py --uri http://127.0.0.1:19530 [--seconds 600] [--warmup 60] [--users 16] [--seed N]
-                              [--per-class N] [--check] [--json]
+                              [--per-class N] [--stop-timeout S] [--check] [--json]
 
 The sample catalog (examples/catalog: 300 labelled products) is ingested into a fresh collection; the service is
 started on it as its own process; Locust (benchmarks/soak_locustfile.py, headless) runs --users users for --seconds:
@@ -9,7 +9,8 @@ search, recognize (a quarter keep their "unknown" answers for review), upload, e
 and duplicates. Printed: per endpoint the requests, p50/p99 and errors; for the service process its RSS, open file
 descriptors and threads at the start, after --warmup seconds and at the end. --check exits 1 unless there were no
 errors, RSS grew at most 5% after the warm-up, and descriptors and threads stayed flat (within 2% or 3 of the
-warm-up's count). The seed is printed, and --seed repeats a run's draws.
+warm-up's count). The seed is printed, and --seed repeats a run's draws. IMGSEARCH_RUNTIME and IMGSEARCH_ONNX_CACHE
+pass through to the service; every other setting is the soak's own.
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=16)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--per-class", type=int, default=0, help="ingest only this many images of each sample class (default: all 30)")
+    parser.add_argument("--stop-timeout", type=int, default=30, help="seconds the users get to finish their requests at the end")
     parser.add_argument("--check", action="store_true", help="exit 1 unless the targets are met")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     args = parser.parse_args()
@@ -115,11 +117,9 @@ def main() -> int:
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     say(f"soak: seed {seed}, {args.users} users, {args.seconds:.0f} s (warm-up {args.warmup:.0f} s), collection {collection} at {args.uri}")
 
-    env = {key: value for key, value in os.environ.items() if not key.startswith("IMGSEARCH_")}
-    env.update(IMGSEARCH_MILVUS_URI=args.uri, IMGSEARCH_COLLECTION=collection, IMGSEARCH_DEVICE="cpu",
-               IMGSEARCH_ONNX_CACHE=os.environ.get("IMGSEARCH_ONNX_CACHE", ""))
-    if not env["IMGSEARCH_ONNX_CACHE"]:
-        del env["IMGSEARCH_ONNX_CACHE"]
+    kept = ("IMGSEARCH_RUNTIME", "IMGSEARCH_ONNX_CACHE")  # the only settings taken from this environment
+    env = {key: value for key, value in os.environ.items() if not key.startswith("IMGSEARCH_") or key in kept}
+    env.update(IMGSEARCH_MILVUS_URI=args.uri, IMGSEARCH_COLLECTION=collection, IMGSEARCH_DEVICE="cpu")
     with tempfile.TemporaryDirectory(prefix="imgsearch-soak-") as tmp:
         tmp = Path(tmp)
         env["IMGSEARCH_UPLOAD_DIR"] = str(tmp / "uploads")
@@ -150,7 +150,7 @@ def main() -> int:
                 [sys.executable, "-m", "locust", "-f", str(ROOT / "benchmarks" / "soak_locustfile.py"), "--headless",
                  "--users", str(args.users), "--spawn-rate", str(args.users), "--run-time", f"{int(args.seconds)}s",
                  "--host", url, "--csv", str(tmp / "load"), "--only-summary", "--exit-code-on-error", "0",
-                 "--loglevel", "WARNING", "--stop-timeout", "30"],
+                 "--loglevel", "WARNING", "--stop-timeout", str(args.stop_timeout)],
                 env=load_env, stdout=subprocess.DEVNULL, stderr=open(tmp / "locust.log", "w"),
             )
             load_started = time.monotonic()

@@ -450,6 +450,9 @@ def serve(
     from imgsearch.api.app import Service, create_app
 
     service = Service(settings)  # a locked Milvus Lite file or missing weights fail here, as one line
+    # SIGTERM: uvicorn stops taking requests, lets those in flight finish, then raises the signal again: a clean stop
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     stderr.print(markup_safe(f"serving {settings.collection_name} ({service.encoder.name}) on http://{host}:{port}"), highlight=False)
     uvicorn.run(create_app(service=service), host=host, port=port, log_level="warning")
 

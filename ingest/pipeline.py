@@ -17,7 +17,7 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imgsearch.config import DEFAULT_BATCH_SIZE, DEFAULT_MAX_PIXELS, DEFAULT_UPSERT_CHUNK, WriterPlace
+from imgsearch.config import DEFAULT_BATCH_SIZE, DEFAULT_MAX_PIXELS, DEFAULT_UPSERT_CHUNK, WriterPlace, is_lite_uri
 from imgsearch.encoders import Encoder
 from imgsearch.ingest.catalog import CatalogEntry, Location, Shard, absolute, catalog_folder, check_catalog, scan_catalog
 from imgsearch.ingest.hashes import HashCache, default_hash_cache
@@ -76,6 +76,7 @@ def ingest_entries(
     calibrate: bool = True,
     writer: WriterPlace = "auto",
     ray: RayIngest | None = None,
+    seal: bool = True,
 ) -> IngestReport:
     """Settle what is stored, read each other file once in decode workers, encode in batches and upsert; enrolment
     uses it too. `wait_for_index`: return once Milvus Lite has indexed the new rows (the service does not wait: it
@@ -83,13 +84,16 @@ def ingest_entries(
     ~/.cache/imgsearch/file-hashes.sqlite). `calibrate`: when labeled rows changed, recompute the collection's own
     abstention threshold (recognition/abstention.py) afterwards. `writer`: upsert from a child process or a thread (writer.py).
     `ray`: read, encode and upsert on a Ray cluster (ray_pipeline.py) instead of in this process's workers.
+    `seal`: flush at the end, sealing the new rows' segments for indexing (2.5-3 s on the 2.3.5 server). A server
+    keeps acknowledged upserts without it (its write-ahead log: a SIGKILLed server kept them, tests/test_faults.py),
+    so the service's one-image writes skip it there; Milvus Lite is always flushed.
     Interrupted (Ctrl-C, SIGTERM), the KeyboardInterrupt carries what was done in `done`, for the CLI's last line."""
     report = IngestReport()
     try:
         return _ingest_entries(
             entries, encoder, store, report, prune=prune, relabel_duplicates=relabel_duplicates, shard=shard, batch_size=batch_size,
             workers=workers, max_pixels=max_pixels, upsert_chunk=upsert_chunk, progress=progress, wait_for_index=wait_for_index,
-            hash_cache=hash_cache, calibrate=calibrate, writer=writer, ray=ray,
+            hash_cache=hash_cache, calibrate=calibrate, writer=writer, ray=ray, seal=seal,
         )
     except KeyboardInterrupt as interrupt:
         interrupt.done = report.interrupted_line()
@@ -100,7 +104,7 @@ def _ingest_entries(
     entries: Iterable[CatalogEntry], encoder: Encoder, store: MilvusStore, report: IngestReport, *, prune: bool,
     relabel_duplicates: bool, shard: Shard | None, batch_size: int, workers: int | None, max_pixels: int, upsert_chunk: int,
     progress: ProgressCallback | None, wait_for_index: bool, hash_cache: Path | None, calibrate: bool, writer: WriterPlace,
-    ray: RayIngest | None,
+    ray: RayIngest | None, seal: bool,
 ) -> IngestReport:
     settler = Settler(store, report, relabel_duplicates)
     hashes = HashCache(hash_cache or default_hash_cache())
@@ -137,7 +141,8 @@ def _ingest_entries(
         report.replaced = drop_replaced(store, settler.replaced)
     if prune:
         report.pruned = prune_missing(store, shard)
-    store.flush()
+    if seal or is_lite_uri(store.uri):
+        store.flush()
     if wait_for_index and (report.indexed or report.updated or report.pruned or report.replaced):
         if progress:
             progress("index", 0, None)

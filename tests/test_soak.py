@@ -1,0 +1,37 @@
+"""The soak (benchmarks/soak.py) for 60 seconds against the session's Milvus server, with the targets it meets
+asserted: no errors, file descriptors and threads flat, a graceful stop on SIGTERM. RSS growth after the warm-up is
+printed, not asserted: it is above the 5% target (docs/benchmarks.md has the 10-minute figures)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_a_one_minute_soak_of_the_service_meets_its_targets(milvus_server_uri, onnx_encoder):
+    env = {key: value for key, value in os.environ.items() if not key.startswith("IMGSEARCH_")}
+    # the session's ONNX export: nothing is exported or quantised inside the minute
+    env.update(IMGSEARCH_RUNTIME="onnx", IMGSEARCH_ONNX_CACHE=str(onnx_encoder.model_path.parent))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--uri", milvus_server_uri, "--seconds", "60", "--warmup", "30",
+         "--per-class", "5", "--stop-timeout", "5", "--seed", "1", "--json"],
+        capture_output=True, text=True, env=env, timeout=400,
+    )
+    assert result.stdout, result.stderr
+    report = json.loads(result.stdout)
+    endpoints = {row["endpoint"]: row for row in report["endpoints"]}
+    for endpoint in ("/search", "/recognize", "/images", "/enroll", "/review", "/duplicates"):
+        assert endpoints[endpoint]["requests"] > 0, endpoint  # the mixed workload reached every kind of request
+    assert endpoints["all"]["errors"] == 0, report["failures"]
+    assert report["service_exit"] == 0 and report["service_errors"] == []  # SIGTERM: a graceful stop
+    targets = report["targets"]
+    assert targets["zero errors"] and targets["file descriptors flat"] and targets["threads flat"], json.dumps(report["process"])
+    print(f"RSS growth after the warm-up: {report['rss_growth_after_warmup']:+.1%}")
