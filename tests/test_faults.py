@@ -101,6 +101,7 @@ class Poller:
 
 @pytest.mark.server
 @pytest.mark.slow
+@pytest.mark.long  # its own Milvus server: a second 2.3.5 standalone beside the session's did not start in CI
 def test_milvus_killed_and_restarted_under_ingest_and_search(tmp_path):
     """Milvus is SIGKILLed during an ingest while the service answers searches, and started again on its data.
     - The ingest whose retry window (IMGSEARCH_STORE_RETRY_SECONDS) runs out ends with one line and exit 2.

@@ -16,6 +16,7 @@ from helpers import ROOT
 
 @pytest.mark.server
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_one_minute_soak_of_the_service_meets_its_targets(milvus_server_uri, onnx_encoder):
     env = {key: value for key, value in os.environ.items() if not key.startswith("IMGSEARCH_")}
     # the session's ONNX export: nothing is exported or quantised inside the minute

@@ -111,6 +111,7 @@ def test_every_store_call_says_milvus_is_unreachable_when_it_is(tmp_path):
         "iter_rows": lambda: list(store.iter_rows()),
         "search": lambda: store.search(np.stack([_unit(1, 4)])),
         "resolved_name": store.resolved_name,
+        "check_serving": store.check_serving,
         "point_alias": lambda: store.point_alias("cut_alias"),
         "properties": store.properties,
         "roots": store.roots,
