@@ -34,6 +34,8 @@ def unavailable_reason(error: BaseException) -> str | None:
             return "Milvus has not loaded the collection yet (it is starting or restarting)"
         if error.code in NOT_SERVING_YET:
             return f"Milvus cannot serve yet ({error.message})"
+        if any(f"StatusCode.{name}" in str(error.message) for name in UNREACHABLE_GRPC):  # pymilvus's own retries ran out
+            return f"Milvus is unreachable ({error.message})"
         return None
     if isinstance(error, grpc.RpcError):  # a call cut off mid-flight can surface as gRPC's own error
         code = getattr(error, "code", lambda: None)()
