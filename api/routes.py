@@ -174,7 +174,7 @@ async def enroll_from_review(service: ServiceDep, body: ReviewEnroll):
     from imgsearch.recognition.review import enroll_from_review as enroll
 
     label = validate_label(body.label, required=True)
-    async with service.write_lock:
+    async with service.changing_references():
         enrolled = await asyncio.to_thread(enroll, service.store, label, body.select, service.review(create=False), recalibrate=False)
     enrolled["calibration"], enrolled["calibration_pending"] = await service.recalibrate()
     return enrolled
@@ -212,7 +212,7 @@ async def store_uploads(service: Service, files: list[UploadFile], label: str, *
     from imgsearch.ingest.enroll import store_uploads as store
 
     uploads = [(upload.data, upload.image_format) for upload in await service.read_images(files)]
-    async with service.write_lock:
+    async with service.changing_references() if label else service.write_lock:
         ids, report = await asyncio.to_thread(store, uploads, label, service.encoder, service.store, service.settings, relabel=relabel)
     calibration, pending = await service.recalibrate() if report.references_changed else (None, False)
     if report.failed:
@@ -239,7 +239,7 @@ async def delete_image(service: ServiceDep, image_id: str):
     from imgsearch.deletion import delete_images, stored_image
 
     await asyncio.to_thread(stored_image, service.store, image_id)  # 404 for an unknown or malformed id
-    async with service.write_lock:  # row and file go together, never while an upload is being ingested
+    async with service.changing_references():  # row and file go together, never while an upload is being ingested
         report = await asyncio.to_thread(
             lambda: delete_images(service.store, [image_id], service.settings.upload_dir, recalibrate=False, review=service.review(create=False))
         )

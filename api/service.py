@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -54,12 +55,17 @@ def _log_failure(task: asyncio.Task) -> None:
 class Recalibration:
     """The self-calibrated "unknown" threshold (imgsearch/recognition/abstention.py), recomputed off the request path after the
     service changes references: at 100k references it takes about a minute. One run at a time; requests that come
-    while one runs are served by one more run after it, which all of them await."""
+    while one runs are served by one more run after it, which all of them await. A run that fails because Milvus is
+    down or restarting is repeated (every RETRY_SECONDS) until Milvus answers or the service stops: references an
+    enrolment stored just before an outage never keep a stale threshold."""
+
+    RETRY_SECONDS = 2.0
 
     def __init__(self, store: Any) -> None:
         self.store = store
         self.task: asyncio.Task | None = None
         self.again = False
+        self.stopping = False
 
     async def request(self, wait_seconds: float) -> tuple[dict[str, Any] | None, bool]:
         """(the new calibration, or None; whether it is still running after `wait_seconds`, and will be in effect
@@ -83,13 +89,29 @@ class Recalibration:
 
         from imgsearch.recognition.abstention import self_calibrate
 
+        waiting = False
         while True:
             self.again = False
-            calibration = await asyncio.to_thread(self_calibrate, self.store)
+            try:
+                calibration = await asyncio.to_thread(self_calibrate, self.store)
+            except StoreUnavailableError as error:
+                if self.stopping:
+                    raise
+                if not waiting:
+                    log.warning('recomputing the "unknown" threshold waits for Milvus (%s); retrying every %.0f s', error, self.RETRY_SECONDS)
+                waiting = True
+                await asyncio.sleep(self.RETRY_SECONDS)
+                continue
+            if waiting:
+                log.warning('recomputed the "unknown" threshold once Milvus answered again')
+                waiting = False
             if not self.again:
                 return asdict(calibration) if calibration else None
 
     async def finish(self) -> None:
+        """Wait for a run in progress (its threshold is written before the store closes); one waiting for Milvus
+        makes its next try its last."""
+        self.stopping = True
         if self.task is not None:
             await asyncio.gather(self.task, return_exceptions=True)
 
@@ -122,6 +144,17 @@ class Service:
         self.budget = PixelBudget(settings.decode_pixel_budget, settings.decode_wait_seconds)
         self.recalibration = Recalibration(self.store)
         self.batcher.start()
+
+    @contextlib.asynccontextmanager
+    async def changing_references(self):
+        """The write lock, for a write that may change references. A write cut by a Milvus outage may have stored
+        some of them before it failed: the threshold is recomputed once Milvus answers (Recalibration)."""
+        async with self.write_lock:
+            try:
+                yield
+            except StoreUnavailableError:
+                self.recalibration.request_in_background()
+                raise
 
     async def recalibrate(self) -> tuple[dict[str, Any] | None, bool]:
         """Recompute the "unknown" threshold after references changed; waits settings.calibration_wait_seconds."""

@@ -9,6 +9,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -409,6 +410,7 @@ def test_load_on_the_server_backend(milvus_server_uri, catalog, onnx_encoder, tm
         with ThreadPoolExecutor(8) as pool:
             results = list(pool.map(search, range(8 * 200)))
         seconds = time.perf_counter() - began
+        stopped = stop_with_requests_in_flight(server, client, port, queries)
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -417,6 +419,37 @@ def test_load_on_the_server_backend(milvus_server_uri, catalog, onnx_encoder, tm
     print(f"load: {len(results)} requests in {seconds:.1f} s ({len(results) / seconds:.0f}/s), "
           f"p50 {np.percentile(latencies, 50):.0f} ms, p99 {np.percentile(latencies, 99):.0f} ms")
     assert statuses.count(200) == 1600, {status: statuses.count(status) for status in set(statuses)}
+    assert stopped["in flight"] == [200] * 4 and stopped["exit"] == 0, stopped
+    assert stopped["new connection"] == "refused" and stopped["last answer after the signal"] > 0, stopped
+
+
+def stop_with_requests_in_flight(server: subprocess.Popen, client, port: int, queries: list[bytes]) -> dict:
+    """SIGTERM while four 16-image recognitions are being answered: they finish, a new connection is refused, the
+    service exits 0 (a graceful stop)."""
+    import signal
+
+    images = [("image", (f"q{index}.png", queries[index % len(queries)], "image/png")) for index in range(16)]
+
+    def recognize() -> tuple[int, float]:
+        status = client.post("/recognize", files=images).status_code
+        return status, time.monotonic()
+
+    with ThreadPoolExecutor(4) as pool:
+        inflight = [pool.submit(recognize) for _ in range(4)]
+        time.sleep(0.5)
+        server.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        time.sleep(0.2)
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+            new_connection = "answered"
+        except httpx.ConnectError:
+            new_connection = "refused"
+        answers = [future.result() for future in inflight]
+    return {
+        "in flight": [status for status, _ in answers], "new connection": new_connection,
+        "last answer after the signal": max(at for _, at in answers) - signalled, "exit": server.wait(timeout=60),
+    }
 
 
 def test_cors_is_configurable(catalog, onnx_encoder):

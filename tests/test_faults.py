@@ -116,7 +116,10 @@ def test_milvus_killed_and_restarted_under_ingest_and_search(tmp_path):
     data.mkdir()
     milvus = RestartableMilvus(SERVER_BINARY, data)
     collection = f"faults_{uuid.uuid4().hex[:8]}"
-    settings = load_settings(milvus_uri=milvus.uri, collection=collection, device="cpu", upload_dir=tmp_path / "uploads")
+    settings = load_settings(
+        milvus_uri=milvus.uri, collection=collection, device="cpu", upload_dir=tmp_path / "uploads",
+        calibration_wait_seconds=0,  # enrolments answer before the threshold is recomputed: the outage can cut it
+    )
     try:
         with serve(settings) as client:
             poller = Poller(client)
@@ -153,10 +156,12 @@ def test_milvus_killed_and_restarted_under_ingest_and_search(tmp_path):
                 assert time.monotonic() - loaded_at < 30, poller.seen[-6:]
                 time.sleep(0.1)
             poller.stop()
+            enrolment = enrolment_cut_by_an_outage(client, milvus, collection)
     finally:
         milvus_up = milvus.process.poll() is None
         ids = stored_ids(milvus.uri, collection) if milvus_up else []
         milvus.stop()
+    ids = [row_id for row_id in ids if row_id not in enrolment["ids"]]
     assert len(ids) == len(set(ids)) == len(expected) and set(ids) == expected  # every image once
     assert report["indexed"] + report["skipped"] == len(expected) and report["skipped"] > 0  # the first run's rows were kept
     seen = poller.seen
@@ -169,7 +174,56 @@ def test_milvus_killed_and_restarted_under_ingest_and_search(tmp_path):
     assert recovered - loaded_at <= 10
     healthy_again = [at for at, path, status, _ in seen if path == "/health" and status == 200 and at > loaded_at]
     assert healthy_again and healthy_again[0] - loaded_at <= 10
-    print(f"gave up after {gave_up_after:.1f} s; service answered {recovered - loaded_at:.1f} s after the collection was loaded")
+    print(f"gave up after {gave_up_after:.1f} s; service answered {recovered - loaded_at:.1f} s after the collection was loaded; "
+          f"an enrolment's recalibration was {enrolment['cut']} by the outage; the threshold counted it "
+          f"{enrolment['repaired_after']:.1f} s after the collection was loaded again")
+
+
+def reference_counts(uri: str, collection: str) -> tuple[dict[str, int], dict[str, int] | None]:
+    """(each label's stored reference count, the counts recorded with the self-calibrated threshold)."""
+    from collections import Counter
+
+    from pymilvus import MilvusClient
+
+    from imgsearch.recognition.abstention import REFERENCE_COUNTS_PROPERTY
+    from imgsearch.session import collection_properties
+
+    client = MilvusClient(uri=uri, timeout=10)
+    try:
+        rows = client.query(collection, filter='label != ""', output_fields=["label"], limit=16384)
+    finally:
+        client.close()
+    recorded = collection_properties(uri, collection).get(REFERENCE_COUNTS_PROPERTY)
+    return dict(Counter(row["label"] for row in rows)), (json.loads(recorded) if recorded else None)
+
+
+def enrolment_cut_by_an_outage(client, milvus: RestartableMilvus, collection: str) -> dict:
+    """An enrolment stored, Milvus SIGKILLed before (or while) its threshold is recomputed, another enrolment sent
+    while Milvus is down, Milvus started again: the second is answered 503 with Retry-After, and once Milvus is back
+    the threshold counts the first one's references, with no further request."""
+    late = []
+    for shade in range(3):
+        buffer = io.BytesIO()
+        Image.new("RGB", (48, 48), (250 - 40 * shade, 30 * shade, 120)).save(buffer, format="PNG")
+        late.append(("image", (f"late{shade}.png", buffer.getvalue(), "image/png")))
+    stored = client.post("/enroll", data={"label": "late arrival"}, files=late)
+    assert stored.status_code == 200, stored.text
+    milvus.kill()
+    cut = "cut" if stored.json()["calibration_pending"] else "not cut (it had finished)"
+    refused = client.post("/enroll", data={"label": "during the outage"}, files=late[:1])
+    assert refused.status_code == 503 and refused.headers.get("retry-after") == "5", refused.text
+    milvus.restart()
+    milvus.wait_until_answering()
+    milvus.wait_until_loaded(collection)
+    loaded_at = time.monotonic()
+    while True:
+        actual, recorded = reference_counts(milvus.uri, collection)
+        if recorded == actual:
+            break
+        assert time.monotonic() - loaded_at < 60, f"the threshold still counts {recorded}, the collection holds {actual}"
+        time.sleep(0.5)
+    assert actual["late arrival"] == 3 and "during the outage" not in actual
+    return {"ids": set(stored.json()["ids"]), "cut": cut, "repaired_after": time.monotonic() - loaded_at}
 
 
 # --- broken local state (fast tier) --------------------------------------------------------------------------
@@ -224,17 +278,18 @@ def test_a_hash_cache_that_cannot_be_made_is_skipped_with_a_warning(tmp_path, ca
 
 # --- interrupts ----------------------------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
-def test_an_interrupted_ingest_stops_within_5_s_says_what_it_did_and_the_rerun_finishes(tmp_path, stop):
-    """Ctrl-C or SIGTERM once rows are being written: within 5 s the command prints one summary line and exits 130 or
-    143, and its decode workers and writer process are gone; after SIGTERM the same command again stores every image
-    once."""
+@pytest.mark.parametrize(("stop", "what"), [("SIGINT", "enroll"), ("SIGTERM", "ingest")])
+def test_an_interrupted_ingest_stops_within_5_s_says_what_it_did_and_the_rerun_finishes(tmp_path, stop, what):
+    """Ctrl-C during an `enroll`, SIGTERM during an `ingest`, once rows are being written: within 5 s the command
+    prints one summary line and exits 130 or 143, and its decode workers and writer process are gone; the same
+    command again stores every image once."""
     import os
     import signal
 
     expected = fashion_catalog(tmp_path / "catalog", 500)
     database = tmp_path / "interrupted.db"
-    command = [sys.executable, "-m", "imgsearch.cli", "-v", "ingest", str(tmp_path / "catalog"), "--uri", str(database),
+    arguments = [str(tmp_path / "catalog")] if what == "ingest" else ["late arrivals", str(tmp_path / "catalog")]
+    command = [sys.executable, "-m", "imgsearch.cli", "-v", what, *arguments, "--uri", str(database),
                "--batch-size", "16", "--workers", "1"]
     env = {key: value for key, value in os.environ.items() if not key.startswith("IMGSEARCH_")}
     env.update(COLUMNS="400", IMGSEARCH_UPSERT_CHUNK="32", IMGSEARCH_DEVICE="cpu")
@@ -258,8 +313,6 @@ def test_an_interrupted_ingest_stops_within_5_s_says_what_it_did_and_the_rerun_f
               for child in children):
         assert time.monotonic() - signalled <= 5, "a child outlived the interrupted ingest by more than 5 s"
         time.sleep(0.1)
-    if stop == "SIGINT":
-        return  # the same clean-up: the rerun is checked once, after SIGTERM
     rerun = subprocess.run([*command[:3], *command[4:], "--json"], capture_output=True, text=True, env=env, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     report = json.loads(rerun.stdout)
