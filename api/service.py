@@ -133,6 +133,7 @@ class Service:
         self._review = None  # the review collection, opened on first use
         self._health_checked = -HEALTH_CACHE_SECONDS
         self._health_error: StoreUnavailableError | None = None
+        self._startup_check: asyncio.Task | None = None
 
     def start(self, metrics: Metrics) -> None:
         settings = self.settings
@@ -144,6 +145,26 @@ class Service:
         self.budget = PixelBudget(settings.decode_pixel_budget, settings.decode_wait_seconds)
         self.recalibration = Recalibration(self.store)
         self.batcher.start()
+        self._startup_check = asyncio.get_running_loop().create_task(self._recalibrate_if_stale())
+
+    async def _recalibrate_if_stale(self) -> None:
+        """An earlier process (this service killed, a CLI run stopped) may have changed references and not lived to
+        recompute "unknown": do it now, in the background."""
+        from imgsearch.recognition.abstention import calibration_is_stale
+
+        waiting = False
+        while True:  # a service started before Milvus checks once Milvus answers
+            try:
+                stale = await asyncio.to_thread(calibration_is_stale, self.store)
+                break
+            except StoreUnavailableError as error:
+                if not waiting:
+                    log.warning('checking the "unknown" threshold waits for Milvus (%s)', error)
+                waiting = True
+                await asyncio.sleep(Recalibration.RETRY_SECONDS)
+        if stale:
+            log.warning('references changed after the "unknown" threshold was last computed: recomputing it')
+            self.recalibration.request_in_background()
 
     @contextlib.asynccontextmanager
     async def changing_references(self):
@@ -183,6 +204,9 @@ class Service:
         return self._review
 
     async def stop(self) -> None:
+        if self._startup_check is not None:
+            self._startup_check.cancel()
+            await asyncio.gather(self._startup_check, return_exceptions=True)
         await self.recalibration.finish()  # its threshold is written before the store closes
         await self.batcher.stop()
         if self._review is not None:

@@ -35,6 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 CATALOG = ROOT / "examples" / "catalog"
 RSS_GROWTH_LIMIT = 0.05
+SAMPLE_EVERY_SECONDS = 30
 
 
 def process_stats(pid: int) -> dict[str, int]:
@@ -142,6 +143,7 @@ def main() -> int:
         service = subprocess.Popen([sys.executable, "-m", "imgsearch.cli", "serve", "--port", str(port)], env=env,
                                    stdout=subprocess.DEVNULL, stderr=open(tmp / "serve.log", "w"), start_new_session=True)
         samples: list[tuple[float, dict[str, int]]] = []
+        trajectory: list[tuple[int, float]] = []  # (seconds into the load, RSS in MiB): a plateau or a leak
         try:
             wait_healthy(url, service)
             samples.append((0.0, process_stats(service.pid)))
@@ -161,6 +163,8 @@ def main() -> int:
                 if warm is None and at >= args.warmup:
                     warm = (at, process_stats(service.pid))
                     samples.append(warm)
+                if at >= SAMPLE_EVERY_SECONDS * (len(trajectory) + 1):
+                    trajectory.append((round(at), round(process_stats(service.pid)["rss"] / 2**20, 1)))
             if load.returncode != 0:
                 raise SystemExit(f"locust exited with {load.returncode}: {(tmp / 'locust.log').read_text()[-2000:]}")
             samples.append((time.monotonic() - load_started, process_stats(service.pid)))
@@ -180,6 +184,7 @@ def main() -> int:
     result = {
         "seed": seed, "users": args.users, "seconds": args.seconds, "warmup": args.warmup, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "endpoints": rows, "process": {"start": start, "warm": warm, "end": end}, "rss_growth_after_warmup": growth,
+        "rss_mib_every_30_s": trajectory,
         "failures": failures.splitlines()[1:21], "service_exit": service.returncode,
         "service_errors": [line for line in served_log.splitlines() if "Traceback" in line or "ERROR" in line][:20],
     }
@@ -202,6 +207,7 @@ def main() -> int:
         for name, stats in (("start", start), (f"after warm-up ({warm_at:.0f} s)", warm), (f"end ({end_at:.0f} s)", end)):
             print(f"{name:<24}{stats['rss'] / 2**20:>9.1f}{stats['fds']:>6}{stats['threads']:>9}")
         print(f"RSS growth after warm-up: {growth:+.1%}")
+        print("RSS MiB every 30 s:", ", ".join(f"{at} s {mib:.0f}" for at, mib in trajectory))
         for line in result["failures"]:
             print("failure:", line)
         for target, met in result["targets"].items():

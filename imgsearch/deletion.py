@@ -74,10 +74,11 @@ def delete_images(
         if removable and not dry_run:
             remove_upload(path)
         report.deleted.append({"id": row["id"], "path": row["path"], "label": row["label"], "file_removed": removable})
-    if recalibrate and not dry_run and any(row["label"] for row in found):  # references went: recalibrate "unknown"
-        from imgsearch.recognition.abstention import self_calibrate
+    if recalibrate and not dry_run:  # references went, or an earlier deletion stopped before recalibrating "unknown"
+        from imgsearch.recognition.abstention import calibration_is_stale, self_calibrate
 
-        self_calibrate(store)
+        if any(row["label"] for row in found) or calibration_is_stale(store):
+            self_calibrate(store)
     return report
 
 

@@ -147,13 +147,15 @@ def _ingest_entries(
         if progress:
             progress("index", 0, None)
         report.index_seconds = store.wait_for_index()  # else Lite searches the new rows without it, or builds at exit
-    if calibrate and report.references_changed:
-        from imgsearch.recognition.abstention import self_calibrate
+    if calibrate:
+        from imgsearch.recognition.abstention import calibration_is_stale, self_calibrate
 
-        if progress:
-            progress("calibrate", 0, None)
-        calibration = self_calibrate(store)
-        report.calibration = asdict(calibration) if calibration else None
+        # a run that changed no references recalibrates anyway when an earlier one stopped before it could
+        if report.references_changed or calibration_is_stale(store):
+            if progress:
+                progress("calibrate", 0, None)
+            calibration = self_calibrate(store)
+            report.calibration = asdict(calibration) if calibration else None
     report.seconds = time.perf_counter() - report.started
     return report
 

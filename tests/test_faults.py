@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import ROOT, RestartableMilvus, serve
+from helpers import ROOT, RestartableMilvus, fashion_images, serve
 from imgsearch.config import load_settings
 
 SERVER_BINARY = ROOT / ".mv" / "bin" / "milvus-server"
@@ -320,6 +320,35 @@ def test_an_interrupted_ingest_stops_within_5_s_says_what_it_did_and_the_rerun_f
     info = subprocess.run([sys.executable, "-m", "imgsearch.cli", "info", "--uri", str(database), "--json"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert json.loads(info.stdout)["count"] == len(expected), info.stderr
+
+
+def test_a_run_stopped_before_recalibrating_leaves_its_rerun_to_do_it(tmp_path, onnx_encoder):
+    """References written by a run that stopped before recomputing "unknown" (Ctrl-C, an outage) are counted by the
+    rerun, though it writes nothing new: the stored reference counts no longer add up, so it recalibrates."""
+    import shutil
+
+    from imgsearch.ingest.pipeline import ingest_catalog
+    from imgsearch.recognition.abstention import REFERENCE_COUNTS_PROPERTY, calibration_is_stale
+    from imgsearch.session import open_store
+
+    for index, source in enumerate(fashion_images(5)):  # three photos of each class first, two more later
+        target = tmp_path / ("first" if index % 5 < 3 else "second") / source.parent.name / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+    settings = load_settings(milvus_uri=str(tmp_path / "stopped.db"), device="cpu")
+    with open_store(settings, onnx_encoder) as store:
+        first = ingest_catalog(tmp_path / "first", onnx_encoder, store, workers=0)
+        assert first.calibration is not None and not calibration_is_stale(store)
+        recorded = store.properties()[REFERENCE_COUNTS_PROPERTY]
+        stopped = ingest_catalog(tmp_path / "second", onnx_encoder, store, workers=0, calibrate=False)  # as if stopped there
+        assert stopped.labeled_indexed > 0 and store.properties()[REFERENCE_COUNTS_PROPERTY] == recorded
+        assert calibration_is_stale(store)
+        rerun = ingest_catalog(tmp_path / "second", onnx_encoder, store, workers=0)
+        counts = json.loads(store.properties()[REFERENCE_COUNTS_PROPERTY])
+        again = ingest_catalog(tmp_path / "second", onnx_encoder, store, workers=0)
+    assert rerun.indexed == 0 and not rerun.references_changed and rerun.calibration is not None
+    assert sum(counts.values()) == first.labeled_indexed + stopped.labeled_indexed
+    assert again.calibration is None  # current now: nothing is recomputed
 
 
 # --- a full disk (a real file-size limit: RLIMIT_FSIZE, which Python turns into EFBIG on write) -------------------

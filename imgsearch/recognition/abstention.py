@@ -21,6 +21,7 @@ where a per-label threshold measured no better than one global threshold.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections import defaultdict
@@ -54,6 +55,8 @@ FAR_WEIGHT = 0.3
 SEARCH_BATCH = 64  # references scored per search call
 WIDE_SEARCH = 200  # a label with at most this many references is left out by searching past all of them
 SEED = 0
+log = logging.getLogger(__name__)
+
 # Each label's reference count is stored with the calibration for collections of up to this many labels, so
 # recognising reads them with the collection's properties: a filtered count on Milvus Lite costs ~50 MB of peak
 # memory per process (docs/benchmarks.md). Larger label sets are counted per query, as are labels newer than it.
@@ -164,6 +167,19 @@ def _store_calibration(store: MilvusStore, calibration: SelfCalibration | None, 
     store.set_properties({SELF_CALIBRATION_PROPERTY: calibration.to_json() if calibration else "", REFERENCE_COUNTS_PROPERTY: stored_counts})
 
 
+def calibration_is_stale(store: MilvusStore) -> bool:
+    """Whether references changed after the last self-calibration without it being recomputed: a run stopped (Ctrl-C,
+    a Milvus outage) between its writes and the recalibration. Its rerun writes nothing new, so it asks this: the
+    reference counts stored with the threshold no longer add up to the labeled rows, or labeled rows exist and no
+    self-calibration was ever stored. Collections with more labels than COUNTS_MAX_LABELS store no counts; they are
+    taken as current."""
+    properties = store.properties()
+    counts = _reference_counts(properties)
+    if counts is None and properties.get(SELF_CALIBRATION_PROPERTY) is not None:
+        return False
+    return sum((counts or {}).values()) != store.count(LABELED)
+
+
 def self_calibrate(store: MilvusStore, *, k: int = DEFAULT_K) -> SelfCalibration | None:
     """Recompute and store the collection's own threshold; None (and none stored) with fewer than two labels, or
     no label with two references or more."""
@@ -172,6 +188,7 @@ def self_calibrate(store: MilvusStore, *, k: int = DEFAULT_K) -> SelfCalibration
     for row in store.iter_rows(("id", "label"), batch_size=4000, filter=LABELED):
         ids_by_label[row["label"]].append(row["id"])
     counts = {label: len(ids) for label, ids in ids_by_label.items()}
+    log.info('recomputing the "unknown" threshold from %d references of %d labels', sum(counts.values()), len(counts))
     if len(ids_by_label) < 2:
         _store_calibration(store, None, counts)
         return None

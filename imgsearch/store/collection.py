@@ -233,9 +233,10 @@ class MilvusStore:
             rows = self.client.query(self.collection, filter=f"id like {string_literal(prefix + '%')}", output_fields=["id"], limit=limit)
         return [row["id"] for row in rows]
 
-    def count(self) -> int:
+    def count(self, filter: str = "") -> int:
+        """Rows, or the rows `filter` selects."""
         with milvus_errors("count"):
-            result = self.client.query(self.collection, filter="", output_fields=["count(*)"])
+            result = self.client.query(self.collection, filter=filter, output_fields=["count(*)"])
         return int(result[0]["count(*)"])
 
     def label_counts(self, labels: Iterable[str]) -> dict[str, int]:
