@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from imgsearch.validation import (
     validate_vector,
     with_copies,
 )
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = "1"
 FORMAT_PROPERTY = "imgsearch.format"
@@ -141,10 +144,14 @@ def import_parquet(
                     failed.append({"path": f"{path}:row {row_number}", "error": str(error)})
             store.upsert(records)
             imported += len(records)
+            log.info("imported %d rows", imported)
             if progress:
                 progress(imported)
     except pa.ArrowException as error:
         raise CatalogError(f"{path}: cannot read the Parquet data ({error})") from None
+    except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: the CLI's one line says how far it got
+        interrupt.done = f"{imported} rows imported, {len(failed)} failed"
+        raise
     store.flush()
     return imported, failed
 

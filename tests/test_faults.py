@@ -322,6 +322,55 @@ def test_an_interrupted_ingest_stops_within_5_s_says_what_it_did_and_the_rerun_f
     assert json.loads(info.stdout)["count"] == len(expected), info.stderr
 
 
+@pytest.mark.slow
+def test_an_interrupted_import_stops_within_5_s_says_how_far_it_got_and_the_rerun_finishes(tmp_path):
+    """Ctrl-C during an `import` of 4,000 rows once chunks are being written: within 5 s one line saying how many rows
+    were imported, exit 130; the same command again leaves every row stored once."""
+    import os
+    import signal
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows, dim = 4000, 1280
+    vectors = np.random.default_rng(0).standard_normal((rows, dim), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    schema = pa.schema(
+        [("id", pa.string()), ("vector", pa.list_(pa.float32(), dim)), ("label", pa.string()), ("path", pa.string()), ("metadata", pa.string())],
+        metadata={"imgsearch.format": "1", "imgsearch.model": "efficientnet_lite0", "imgsearch.dim": str(dim), "imgsearch.preprocess": ""},
+    )
+    source = tmp_path / "export.parquet"
+    pq.write_table(pa.table({
+        "id": [hashlib.sha256(str(index).encode()).hexdigest() for index in range(rows)],
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim),
+        "label": [""] * rows, "path": [f"/catalog/{index}.png" for index in range(rows)], "metadata": ["{}"] * rows,
+    }, schema=schema), source)
+    database = str(tmp_path / "imported.db")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("IMGSEARCH_")}
+    env.update(COLUMNS="400", IMGSEARCH_UPSERT_CHUNK="200")
+    process = subprocess.Popen([sys.executable, "-m", "imgsearch.cli", "-v", "import", str(source), "--uri", database],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    log = []
+    for line in process.stderr:  # wait until rows are being written
+        log.append(line)
+        if "imported 200 rows" in line:
+            break
+    assert process.poll() is None, "".join(log)
+    process.send_signal(signal.SIGINT)
+    signalled = time.monotonic()
+    _, rest = process.communicate(timeout=30)
+    assert time.monotonic() - signalled <= 5 and process.returncode == 130, rest
+    summary = [line for line in rest.splitlines() if line.startswith("interrupted:")]
+    assert len(summary) == 1 and "rows imported" in summary[0] and "Traceback" not in rest, rest
+    rerun = subprocess.run([sys.executable, "-m", "imgsearch.cli", "import", str(source), "--uri", database, "--json"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert rerun.returncode == 0 and json.loads(rerun.stdout)["imported"] == rows, rerun.stderr
+    info = subprocess.run([sys.executable, "-m", "imgsearch.cli", "info", "--uri", database, "--json"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert json.loads(info.stdout)["count"] == rows, info.stderr
+
+
 def test_a_run_stopped_before_recalibrating_leaves_its_rerun_to_do_it(tmp_path, onnx_encoder):
     """References written by a run that stopped before recomputing "unknown" (Ctrl-C, an outage) are counted by the
     rerun, though it writes nothing new: the stored reference counts no longer add up, so it recalibrates."""
