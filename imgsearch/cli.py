@@ -448,7 +448,9 @@ def serve(
     import uvicorn
 
     from imgsearch.api.app import Service, create_app
+    from imgsearch.processes import limit_malloc_arenas
 
+    limit_malloc_arenas()  # before the model's and the store's threads start (docs/benchmarks.md: the soak)
     service = Service(settings)  # a locked Milvus Lite file or missing weights fail here, as one line
     # SIGTERM: uvicorn stops taking requests, lets those in flight finish, then raises the signal again: a clean stop
     if threading.current_thread() is threading.main_thread():

@@ -24,3 +24,18 @@ def die_with_parent(parent: int, *_: Any) -> None:
         pass
     if os.getppid() != parent:  # it died before the signal was armed
         os._exit(1)
+
+
+M_ARENA_MAX = -8  # malloc.h
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's malloc arenas for a long-running process: by default each thread that meets a locked arena gets a
+    new one (up to 8 per core), and a service whose requests hop between worker threads keeps fragments of every
+    one. False where there is no glibc (the cap is an optimisation, never required)."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL(None).mallopt(M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):
+        return False

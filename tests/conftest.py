@@ -83,6 +83,14 @@ def onnx_encoder(tmp_path_factory, encoder):
 
 
 @pytest.fixture(scope="session")
+def int8_encoder(onnx_encoder):
+    """The CPU default: the session's export quantised (in its folder), once for the session."""
+    from imgsearch.encoders import load_encoder
+
+    return load_encoder("efficientnet_lite0", device="cpu", runtime="onnx-int8", onnx_cache=onnx_encoder.model_path.parent)
+
+
+@pytest.fixture(scope="session")
 def photos() -> dict[str, Image.Image]:
     from skimage import data
 

@@ -157,6 +157,7 @@ def test_milvus_killed_and_restarted_under_ingest_and_search(tmp_path):
                 time.sleep(0.1)
             poller.stop()
             enrolment = enrolment_cut_by_an_outage(client, milvus, collection)
+        reindexed = interrupted_reindex(milvus.uri, collection)
     finally:
         milvus_up = milvus.process.poll() is None
         ids = stored_ids(milvus.uri, collection) if milvus_up else []
@@ -174,9 +175,47 @@ def test_milvus_killed_and_restarted_under_ingest_and_search(tmp_path):
     assert recovered - loaded_at <= 10
     healthy_again = [at for at, path, status, _ in seen if path == "/health" and status == 200 and at > loaded_at]
     assert healthy_again and healthy_again[0] - loaded_at <= 10
+    assert reindexed == set(ids) | enrolment["ids"]  # the interrupted reindex's rerun re-encoded every stored image once
     print(f"gave up after {gave_up_after:.1f} s; service answered {recovered - loaded_at:.1f} s after the collection was loaded; "
           f"an enrolment's recalibration was {enrolment['cut']} by the outage; the threshold counted it "
           f"{enrolment['repaired_after']:.1f} s after the collection was loaded again")
+
+
+def interrupted_reindex(uri: str, collection: str) -> set[str]:
+    """Ctrl-C during a `reindex` of the collection (behind an alias) once rows are being written: within 5 s one line
+    and exit 130, the alias still on the old collection; the same command again finishes and moves the alias.
+    Returns the ids of the new collection."""
+    import os
+    import signal
+
+    from pymilvus import MilvusClient
+
+    alias, target = f"{collection}_live", f"{collection}_again"
+    client = MilvusClient(uri=uri, timeout=10)
+    client.create_alias(collection, alias)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("IMGSEARCH_")}
+    env.update(COLUMNS="400", IMGSEARCH_UPSERT_CHUNK="32", IMGSEARCH_DEVICE="cpu")
+    command = [sys.executable, "-m", "imgsearch.cli", "-v", "reindex", "--model", "efficientnet_lite0", "--alias", alias,
+               "--target", target, "--uri", uri, "--batch-size", "16"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    log = []
+    for line in process.stderr:
+        log.append(line)
+        if "upserted" in line:
+            break
+    assert process.poll() is None, "".join(log)
+    process.send_signal(signal.SIGINT)
+    signalled = time.monotonic()
+    _, rest = process.communicate(timeout=30)
+    assert time.monotonic() - signalled <= 5 and process.returncode == 130, rest
+    summary = [line for line in rest.splitlines() if line.startswith("interrupted:")]
+    assert len(summary) == 1 and "images encoded" in summary[0] and "Traceback" not in rest, rest
+    assert client.describe_alias(alias)["collection_name"] == collection  # not moved by a run that did not finish
+    rerun = subprocess.run([*command[:3], *command[4:], "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert rerun.returncode == 0 and json.loads(rerun.stdout)["skipped"] > 0, rerun.stderr
+    assert client.describe_alias(alias)["collection_name"] == target
+    client.close()
+    return set(stored_ids(uri, target))
 
 
 def reference_counts(uri: str, collection: str) -> tuple[dict[str, int], dict[str, int] | None]:

@@ -390,9 +390,9 @@ def _rss_mib(pid: int, field: str) -> float:
 
 
 def test_concurrent_decompression_bombs_keep_memory_bounded(tmp_path):
-    """Four clients each send four 7999x7999 PNGs (~0.2 MB each, 64 MP decoded) at once to a separate
-    `imgsearch serve` process. Without a bound this took the process from ~0.95 GB to 5.5 GB, and 5.1 GB stayed
-    held. The bound: idle + 1 GiB at the peak. The pixel budget (64 MP, one such image at a time) admits one
+    """Four clients each send two 7999x7999 PNGs (~0.2 MB each, 64 MP decoded) at once to a separate
+    `imgsearch serve` process. Without a bound four times four such images took the process from ~0.95 GB to
+    5.5 GB, and 5.1 GB stayed held. The bound: idle + 1 GiB at the peak. The pixel budget (64 MP, one such image at a time) admits one
     decode of 64 MP: Pillow holds RGB at 4 bytes a pixel (256 MiB), and its conversion and resize copies about
     double that (measured: idle + ~0.7 GB). After the burst: within 300 MiB of idle."""
     catalog = tmp_path / "catalog"
@@ -415,7 +415,7 @@ def test_concurrent_decompression_bombs_keep_memory_bounded(tmp_path):
         idle = _rss_mib(process.pid, "VmRSS")
 
         def send(index: int) -> int:
-            files = [("image", (f"bomb{index}-{j}.png", bomb, "image/png")) for j in range(4)]
+            files = [("image", (f"bomb{index}-{j}.png", bomb, "image/png")) for j in range(2)]
             return client.post("/recognize", files=files, data={"k": "5"}).status_code
 
         with ThreadPoolExecutor(4) as pool:

@@ -230,8 +230,10 @@ def test_bad_inputs_are_stored_correctly_or_reported_and_the_run_goes_on(tmp_pat
     assert cosine(stored["palette_alpha.png"], reference_cat) > 0.85
 
 
-@pytest.mark.parametrize("runtime", ["torch", "onnx"])  # torch's DataLoader, and the torch-free worker processes
-def test_worker_processes_store_exactly_the_rows_of_a_single_process_run(tmp_path, runtime, make_store, request):
+# torch's DataLoader, and the torch-free worker processes; the readers do not depend on the backend, so the server
+# runs one of them (the other cost 19 s of CI)
+@pytest.mark.parametrize(("backend", "runtime"), [("lite", "torch"), ("lite", "onnx"), ("server", "onnx")])
+def test_worker_processes_store_exactly_the_rows_of_a_single_process_run(tmp_path, backend, runtime, make_store, request):
     encoder = request.getfixturevalue("encoder" if runtime == "torch" else "onnx_encoder")
     _catalog(tmp_path / "catalog", per_class=3)
     (tmp_path / "catalog" / "broken.png").write_bytes(b"nope")

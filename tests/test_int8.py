@@ -119,12 +119,6 @@ def _edited(photo: Image.Image) -> list[Image.Image]:
     ]
 
 
-@pytest.fixture(scope="module")
-def int8_encoder(onnx_encoder):
-    # the same cache folder: the fp32 export there is quantised, nothing is exported again
-    return load_encoder("efficientnet_lite0", device="cpu", runtime="onnx-int8", onnx_cache=onnx_encoder.model_path.parent)
-
-
 def test_calibrating_one_image_at_a_time_gives_onnxruntimes_all_at_once_ranges(onnx_encoder, tmp_path):
     """The quantiser's ranges, computed with one image's activations in memory instead of all of them (4.2 GB for
     the 52 calibration images), are exactly onnxruntime's own: the int8 model, hence its vectors, is unchanged."""

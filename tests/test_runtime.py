@@ -111,12 +111,16 @@ def _imported(stderr: str) -> set[str]:
     return {line.split("|")[-1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
 
 
-def test_with_a_cached_export_no_command_imports_torch(tmp_path):
-    """The CPU default (runtime auto -> onnx): once the export is cached, search, recognize, info, ingest and serve
+def test_with_a_cached_export_no_command_imports_torch(tmp_path, int8_encoder):
+    """The CPU default (runtime auto -> int8): once the export is cached, search, recognize, info, ingest and serve
     run on onnxruntime, Pillow and numpy alone."""
-    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "IMGSEARCH_MILVUS_URI": str(tmp_path / "cold.db"), "CUDA_VISIBLE_DEVICES": ""}
+    import shutil
+
+    cache = shutil.copytree(int8_encoder.model_path.parent, tmp_path / "onnx")  # the session's export, quantised
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "IMGSEARCH_ONNX_CACHE": str(cache), "IMGSEARCH_MILVUS_URI": str(tmp_path / "cold.db"),
+           "CUDA_VISIBLE_DEVICES": ""}
     copy_fashion_catalog(tmp_path / "catalog", 1)
-    run_cli(["ingest", str(tmp_path / "catalog")], env_extra=env, check=True)  # the first run exports
+    run_cli(["ingest", str(tmp_path / "catalog")], env_extra=env, check=True)
     query = str(fashion_images(2)[-1])
     copy_fashion_catalog(tmp_path / "more", 3)
     for args in (["search", query, "-k", "3"], ["recognize", query], ["info"], ["ingest", str(tmp_path / "more")]):

@@ -1,6 +1,7 @@
 """The soak (benchmarks/soak.py) for 60 seconds against the session's Milvus server, with the targets it meets
 asserted: no errors, file descriptors and threads flat, a graceful stop on SIGTERM. RSS growth after the warm-up is
-printed, not asserted: it is above the 5% target (docs/benchmarks.md has the 10-minute figures)."""
+printed, not asserted: 30 s after a 30 s warm-up says little, and the ten-minute run is above the 5% target
+(docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from helpers import ROOT
 
 @pytest.mark.server
 @pytest.mark.slow
-@pytest.mark.long
 def test_a_one_minute_soak_of_the_service_meets_its_targets(milvus_server_uri, onnx_encoder):
     env = {key: value for key, value in os.environ.items() if not key.startswith("IMGSEARCH_")}
     # the session's ONNX export: nothing is exported or quantised inside the minute

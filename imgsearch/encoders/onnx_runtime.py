@@ -311,6 +311,9 @@ class OnnxEncoder(Encoder):
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads
+        # a memory plan per input shape: the service's batches vary in size, and with plans RSS grew by ~80 MiB for
+        # no measured speed (docs/benchmarks.md)
+        options.enable_mem_pattern = False
         return onnxruntime.InferenceSession(str(self.model_path), options, providers=["CPUExecutionProvider"])
 
     def set_threads(self, threads: int) -> None:
