@@ -36,6 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CATALOG = ROOT / "examples" / "catalog"
 RSS_GROWTH_LIMIT = 0.05
 SAMPLE_EVERY_SECONDS = 30
+# SIGTERM lets requests in flight finish, and requests queued behind a lock (a duplicates scan, a write) are in
+# flight too, though Locust has stopped their users: a one-minute soak in CI once took over 60 s to stop
+STOP_WAIT_SECONDS = 180
 
 
 def process_stats(pid: int) -> dict[str, int]:
@@ -171,12 +174,16 @@ def main() -> int:
             rows = endpoint_rows(tmp / "load_stats.csv")
             failures = (tmp / "load_failures.csv").read_text() if (tmp / "load_failures.csv").exists() else ""
         finally:
+            stop_seconds = None
             if service.poll() is None:
                 os.killpg(service.pid, signal.SIGTERM)  # graceful: in-flight requests finish
+                stopping = time.monotonic()
                 try:
-                    service.wait(timeout=60)
+                    service.wait(timeout=STOP_WAIT_SECONDS)
+                    stop_seconds = round(time.monotonic() - stopping, 1)
                 except subprocess.TimeoutExpired:
                     os.killpg(service.pid, signal.SIGKILL)
+                    service.wait()
             served_log = (tmp / "serve.log").read_text()
             drop_collection(args.uri, collection)
     (_, start), (warm_at, warm), (end_at, end) = samples
@@ -185,7 +192,7 @@ def main() -> int:
         "seed": seed, "users": args.users, "seconds": args.seconds, "warmup": args.warmup, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "endpoints": rows, "process": {"start": start, "warm": warm, "end": end}, "rss_growth_after_warmup": growth,
         "rss_mib_every_30_s": trajectory,
-        "failures": failures.splitlines()[1:21], "service_exit": service.returncode,
+        "failures": failures.splitlines()[1:21], "service_exit": service.returncode, "service_stop_seconds": stop_seconds,
         "service_errors": [line for line in served_log.splitlines() if "Traceback" in line or "ERROR" in line][:20],
     }
     errors = sum(row["errors"] for row in rows if row["endpoint"] != "all")

@@ -17,6 +17,7 @@ from helpers import ROOT
 
 @pytest.mark.server
 @pytest.mark.slow
+@pytest.mark.long  # 100-140 s: with it the CI run took 35.5 min, over its budget
 def test_a_one_minute_soak_of_the_service_meets_its_targets(milvus_server_uri, onnx_encoder):
     env = {key: value for key, value in os.environ.items() if not key.startswith("IMGSEARCH_")}
     # the session's ONNX export: nothing is exported or quantised inside the minute
@@ -32,7 +33,8 @@ def test_a_one_minute_soak_of_the_service_meets_its_targets(milvus_server_uri, o
     for endpoint in ("/search", "/recognize", "/images", "/enroll", "/review", "/duplicates"):
         assert endpoints[endpoint]["requests"] > 0, endpoint  # the mixed workload reached every kind of request
     assert endpoints["all"]["errors"] == 0, report["failures"]
-    assert report["service_exit"] == 0 and report["service_errors"] == []  # SIGTERM: a graceful stop
+    # SIGTERM: a graceful stop (service_exit -9: it had not stopped STOP_WAIT_SECONDS after the signal)
+    assert report["service_exit"] == 0 and report["service_errors"] == [], (report["service_exit"], report["service_stop_seconds"])
     targets = report["targets"]
     assert targets["zero errors"] and targets["file descriptors flat"] and targets["threads flat"], json.dumps(report["process"])
-    print(f"RSS growth after the warm-up: {report['rss_growth_after_warmup']:+.1%}")
+    print(f"RSS growth after the warm-up: {report['rss_growth_after_warmup']:+.1%}; stopped {report['service_stop_seconds']} s after SIGTERM")
