@@ -52,14 +52,35 @@ def _log_failure(task: asyncio.Task) -> None:
         log.warning('recomputing the "unknown" threshold failed: %s (the previous one stays)', task.exception())
 
 
+RETRY_SECONDS = 2.0  # how often background work that found Milvus down or restarting tries again
+
+
+async def when_milvus_answers(call, what: str, give_up=lambda: False):
+    """`call()` on a worker thread, repeated every RETRY_SECONDS while Milvus is down or restarting (one warning when
+    it starts waiting, one when it is done), unless `give_up()` (then the error propagates)."""
+    waiting = False
+    while True:
+        try:
+            result = await asyncio.to_thread(call)
+        except StoreUnavailableError as error:
+            if give_up():
+                raise
+            if not waiting:
+                log.warning("%s waits for Milvus (%s); retrying every %.0f s", what, error, RETRY_SECONDS)
+            waiting = True
+            await asyncio.sleep(RETRY_SECONDS)
+            continue
+        if waiting:
+            log.warning("%s: done once Milvus answered again", what)
+        return result
+
+
 class Recalibration:
     """The self-calibrated "unknown" threshold (imgsearch/recognition/abstention.py), recomputed off the request path after the
     service changes references: at 100k references it takes about a minute. One run at a time; requests that come
     while one runs are served by one more run after it, which all of them await. A run that fails because Milvus is
     down or restarting is repeated (every RETRY_SECONDS) until Milvus answers or the service stops: references an
     enrolment stored just before an outage never keep a stale threshold."""
-
-    RETRY_SECONDS = 2.0
 
     def __init__(self, store: Any) -> None:
         self.store = store
@@ -89,22 +110,11 @@ class Recalibration:
 
         from imgsearch.recognition.abstention import self_calibrate
 
-        waiting = False
         while True:
             self.again = False
-            try:
-                calibration = await asyncio.to_thread(self_calibrate, self.store)
-            except StoreUnavailableError as error:
-                if self.stopping:
-                    raise
-                if not waiting:
-                    log.warning('recomputing the "unknown" threshold waits for Milvus (%s); retrying every %.0f s', error, self.RETRY_SECONDS)
-                waiting = True
-                await asyncio.sleep(self.RETRY_SECONDS)
-                continue
-            if waiting:
-                log.warning('recomputed the "unknown" threshold once Milvus answered again')
-                waiting = False
+            calibration = await when_milvus_answers(
+                lambda: self_calibrate(self.store), 'recomputing the "unknown" threshold', lambda: self.stopping
+            )
             if not self.again:
                 return asdict(calibration) if calibration else None
 
@@ -152,17 +162,8 @@ class Service:
         recompute "unknown": do it now, in the background."""
         from imgsearch.recognition.abstention import calibration_is_stale
 
-        waiting = False
-        while True:  # a service started before Milvus checks once Milvus answers
-            try:
-                stale = await asyncio.to_thread(calibration_is_stale, self.store)
-                break
-            except StoreUnavailableError as error:
-                if not waiting:
-                    log.warning('checking the "unknown" threshold waits for Milvus (%s)', error)
-                waiting = True
-                await asyncio.sleep(Recalibration.RETRY_SECONDS)
-        if stale:
+        # a service started before Milvus checks once Milvus answers
+        if await when_milvus_answers(lambda: calibration_is_stale(self.store), 'checking the "unknown" threshold'):
             log.warning('references changed after the "unknown" threshold was last computed: recomputing it')
             self.recalibration.request_in_background()
 

@@ -186,7 +186,6 @@ def interrupted_reindex(uri: str, collection: str) -> set[str]:
     and exit 130, the alias still on the old collection; the same command again finishes and moves the alias.
     Returns the ids of the new collection."""
     import os
-    import signal
 
     from pymilvus import MilvusClient
 
@@ -197,19 +196,7 @@ def interrupted_reindex(uri: str, collection: str) -> set[str]:
     env.update(COLUMNS="400", IMGSEARCH_UPSERT_CHUNK="32", IMGSEARCH_DEVICE="cpu")
     command = [sys.executable, "-m", "imgsearch.cli", "-v", "reindex", "--model", "efficientnet_lite0", "--alias", alias,
                "--target", target, "--uri", uri, "--batch-size", "16"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    log = []
-    for line in process.stderr:
-        log.append(line)
-        if "upserted" in line:
-            break
-    assert process.poll() is None, "".join(log)
-    process.send_signal(signal.SIGINT)
-    signalled = time.monotonic()
-    _, rest = process.communicate(timeout=30)
-    assert time.monotonic() - signalled <= 5 and process.returncode == 130, rest
-    summary = [line for line in rest.splitlines() if line.startswith("interrupted:")]
-    assert len(summary) == 1 and "images encoded" in summary[0] and "Traceback" not in rest, rest
+    interrupt_when(command, env, "upserted", "SIGINT", "images encoded")
     assert client.describe_alias(alias)["collection_name"] == collection  # not moved by a run that did not finish
     rerun = subprocess.run([*command[:3], *command[4:], "--json"], capture_output=True, text=True, env=env, timeout=300)
     assert rerun.returncode == 0 and json.loads(rerun.stdout)["skipped"] > 0, rerun.stderr
@@ -316,6 +303,30 @@ def test_a_hash_cache_that_cannot_be_made_is_skipped_with_a_warning(tmp_path, ca
 
 
 # --- interrupts ----------------------------------------------------------------------------------------------
+def interrupt_when(command: list[str], env: dict, logged: str, stop: str, said: str) -> tuple[float, list[str]]:
+    """Run `command`, send it `stop` once a line of its stderr contains `logged`; it must exit within 5 s with 130
+    (SIGINT) or 143 (SIGTERM), print one summary line containing `said`, and no traceback. Returns when it was
+    signalled and its child processes at that moment."""
+    import signal
+
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    log = []
+    for line in process.stderr:  # wait until rows are being written
+        log.append(line)
+        if logged in line:
+            break
+    assert process.poll() is None, "".join(log)
+    children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    process.send_signal(getattr(signal, stop))
+    signalled = time.monotonic()
+    _, rest = process.communicate(timeout=30)
+    assert time.monotonic() - signalled <= 5 and process.returncode == {"SIGINT": 130, "SIGTERM": 143}[stop], rest
+    summary = [line for line in rest.splitlines() if line.startswith(("interrupted:", "terminated:"))]
+    assert len(summary) == 1 and summary[0].startswith({"SIGINT": "interrupted:", "SIGTERM": "terminated:"}[stop]), rest
+    assert said in summary[0] and "Traceback" not in rest, rest
+    return signalled, children
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("stop", "what"), [("SIGINT", "enroll"), ("SIGTERM", "ingest")])
 def test_an_interrupted_ingest_stops_within_5_s_says_what_it_did_and_the_rerun_finishes(tmp_path, stop, what):
@@ -323,7 +334,6 @@ def test_an_interrupted_ingest_stops_within_5_s_says_what_it_did_and_the_rerun_f
     prints one summary line and exits 130 or 143, and its decode workers and writer process are gone; the same
     command again stores every image once."""
     import os
-    import signal
 
     expected = fashion_catalog(tmp_path / "catalog", 500)
     database = tmp_path / "interrupted.db"
@@ -332,22 +342,8 @@ def test_an_interrupted_ingest_stops_within_5_s_says_what_it_did_and_the_rerun_f
                "--batch-size", "16", "--workers", "1"]
     env = {key: value for key, value in os.environ.items() if not key.startswith("IMGSEARCH_")}
     env.update(COLUMNS="400", IMGSEARCH_UPSERT_CHUNK="32", IMGSEARCH_DEVICE="cpu")
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    log = []
-    for line in process.stderr:  # wait until rows are being written
-        log.append(line)
-        if "upserted" in line:
-            break
-    assert process.poll() is None, "".join(log)
-    children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    signalled, children = interrupt_when(command, env, "upserted", stop, "images encoded")
     assert len(children) >= 2  # a decode worker and the writer process
-    process.send_signal(getattr(signal, stop))
-    signalled = time.monotonic()
-    _, rest = process.communicate(timeout=30)
-    assert time.monotonic() - signalled <= 5
-    assert process.returncode == {"SIGINT": 130, "SIGTERM": 143}[stop], rest
-    summary = [line for line in rest.splitlines() if line.startswith(("interrupted:", "terminated:"))]
-    assert len(summary) == 1 and "images encoded" in summary[0] and "Traceback" not in rest, rest
     while any(Path(f"/proc/{child}").exists() and b"Z" not in Path(f"/proc/{child}/stat").read_bytes().split(b")")[-1][:3]
               for child in children):
         assert time.monotonic() - signalled <= 5, "a child outlived the interrupted ingest by more than 5 s"
@@ -366,7 +362,6 @@ def test_an_interrupted_import_stops_within_5_s_says_how_far_it_got_and_the_reru
     """Ctrl-C during an `import` of 4,000 rows once chunks are being written: within 5 s one line saying how many rows
     were imported, exit 130; the same command again leaves every row stored once."""
     import os
-    import signal
 
     import numpy as np
     import pyarrow as pa
@@ -388,20 +383,8 @@ def test_an_interrupted_import_stops_within_5_s_says_how_far_it_got_and_the_reru
     database = str(tmp_path / "imported.db")
     env = {key: value for key, value in os.environ.items() if not key.startswith("IMGSEARCH_")}
     env.update(COLUMNS="400", IMGSEARCH_UPSERT_CHUNK="200")
-    process = subprocess.Popen([sys.executable, "-m", "imgsearch.cli", "-v", "import", str(source), "--uri", database],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    log = []
-    for line in process.stderr:  # wait until rows are being written
-        log.append(line)
-        if "imported 200 rows" in line:
-            break
-    assert process.poll() is None, "".join(log)
-    process.send_signal(signal.SIGINT)
-    signalled = time.monotonic()
-    _, rest = process.communicate(timeout=30)
-    assert time.monotonic() - signalled <= 5 and process.returncode == 130, rest
-    summary = [line for line in rest.splitlines() if line.startswith("interrupted:")]
-    assert len(summary) == 1 and "rows imported" in summary[0] and "Traceback" not in rest, rest
+    interrupt_when([sys.executable, "-m", "imgsearch.cli", "-v", "import", str(source), "--uri", database], env,
+                   "imported 200 rows", "SIGINT", "rows imported")
     rerun = subprocess.run([sys.executable, "-m", "imgsearch.cli", "import", str(source), "--uri", database, "--json"],
                            capture_output=True, text=True, env=env, timeout=300)
     assert rerun.returncode == 0 and json.loads(rerun.stdout)["imported"] == rows, rerun.stderr
