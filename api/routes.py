@@ -191,8 +191,10 @@ async def duplicates(
     `imgsearch duplicates --json` gives them (paths as shown)."""
     from imgsearch.duplicates import find_duplicates
 
-    async with service.scan_lock:  # the CLI's defaults too: one place (config.py)
-        report = await asyncio.to_thread(find_duplicates, service.store, threshold=threshold, include_similar=similar)
+    # the CLI's defaults too: one place (config.py)
+    report = await service.scans.run(
+        ("duplicates", threshold, similar), lambda: find_duplicates(service.store, threshold=threshold, include_similar=similar)
+    )
 
     def answer() -> DuplicateGroups:  # showing paths may re-read the recorded folders: off the loop
         def shown(item: dict) -> dict:

@@ -456,7 +456,9 @@ def serve(
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     stderr.print(markup_safe(f"serving {settings.collection_name} ({service.encoder.name}) on http://{host}:{port}"), highlight=False)
-    uvicorn.run(create_app(service=service), host=host, port=port, log_level="warning")
+    uvicorn.run(
+        create_app(service=service), host=host, port=port, log_level="warning", timeout_graceful_shutdown=settings.stop_wait_seconds
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     calibration_wait_seconds: float = Field(
         5.0, ge=0, description='How long an enrolment request waits for the recalibrated "unknown" threshold; the rest runs on in the background'
     )
+    stop_wait_seconds: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long serve lets requests in flight finish before it cancels them and exits"
+    )
     answer_paths: Literal["relative", "absolute"] = Field(
         "relative", description="REST answers show paths relative to their catalog folder, or absolute server paths"
     )

@@ -66,19 +66,26 @@ def delete_images(
         confirm(question)
     files = {row["id"]: removable_upload(row, upload_dir) for row in found}
     in_review = _review_paths(store, review, [row_id for row_id, path in files.items() if path is not None])
-    if found and not dry_run:
-        store.delete([row["id"] for row in found])
-    for row in found:
-        path = files[row["id"]]
-        removable = path is not None and str(path) not in in_review.get(row["id"], ())
-        if removable and not dry_run:
-            remove_upload(path)
-        report.deleted.append({"id": row["id"], "path": row["path"], "label": row["label"], "file_removed": removable})
-    if recalibrate and not dry_run:  # references went, or an earlier deletion stopped before recalibrating "unknown"
-        from imgsearch.recognition.abstention import calibration_is_stale, self_calibrate
+    try:
+        if found and not dry_run:
+            store.delete([row["id"] for row in found])
+        for row in found:
+            path = files[row["id"]]
+            removable = path is not None and str(path) not in in_review.get(row["id"], ())
+            if removable and not dry_run:
+                remove_upload(path)
+            report.deleted.append({"id": row["id"], "path": row["path"], "label": row["label"], "file_removed": removable})
+        if recalibrate and not dry_run:  # references went, or an earlier deletion stopped before recalibrating "unknown"
+            from imgsearch.recognition.abstention import calibration_is_stale, self_calibrate
 
-        if any(row["label"] for row in found) or calibration_is_stale(store):
-            self_calibrate(store)
+            if any(row["label"] for row in found) or calibration_is_stale(store):
+                self_calibrate(store)
+    except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: the CLI's one line says how far it got
+        if len(report.deleted) == len(found):  # the rows and files went; "unknown" was being recomputed
+            interrupt.done = f'{report.summary_line()}; "unknown" not recomputed yet (the next ingest, enroll or delete does it)'
+        else:
+            interrupt.done = f"{len(found)} images selected, perhaps partly deleted; the same command again finishes"
+        raise
     return report
 
 

@@ -47,3 +47,37 @@ def test_requests_queued_during_a_pass_share_the_next_without_waiting():
     batches, seconds = asyncio.run(scenario())
     assert batches == [1, 10]  # the lone request went at once; the five that queued behind it went together
     assert seconds < 0.9  # two passes of 0.3 s, not six
+
+
+def test_duplicates_requests_that_come_during_a_scan_share_the_next_one():
+    """SharedScans (api/service.py): five requests arriving while a scan runs cost one more scan, not five, and get a
+    scan that started after they came; other parameters get their own; a request that goes away cancels no one's."""
+    from imgsearch.api.service import SharedScans
+
+    async def scenario():
+        scans = SharedScans()
+        started: list[str] = []
+
+        def scan(name: str):
+            def run() -> str:
+                started.append(name)
+                time.sleep(0.3)
+                return f"{name} #{len(started)}"
+            return run
+
+        first = asyncio.create_task(scans.run("a", scan("a")))
+        await asyncio.sleep(0.1)  # the first scan is running
+        queued = [asyncio.create_task(scans.run("a", scan("a"))) for _ in range(5)]
+        leaving = asyncio.create_task(scans.run("a", scan("a")))
+        other = asyncio.create_task(scans.run("b", scan("b")))
+        await asyncio.sleep(0.05)
+        leaving.cancel()
+        answers = await asyncio.gather(first, *queued, other)
+        await scans.finish()
+        return started, answers
+
+    started, answers = asyncio.run(scenario())
+    assert sorted(started) == ["a", "a", "b"], started
+    assert answers[0] == "a #1"
+    assert len(set(answers[1:6])) == 1 and answers[1] != "a #1", answers  # the five share one later scan
+    assert answers[6].startswith("b"), answers

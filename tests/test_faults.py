@@ -357,29 +357,36 @@ def test_an_interrupted_ingest_stops_within_5_s_says_what_it_did_and_the_rerun_f
     assert json.loads(info.stdout)["count"] == len(expected), info.stderr
 
 
-@pytest.mark.slow
-def test_an_interrupted_import_stops_within_5_s_says_how_far_it_got_and_the_rerun_finishes(tmp_path):
-    """Ctrl-C during an `import` of 4,000 rows once chunks are being written: within 5 s one line saying how many rows
-    were imported, exit 130; the same command again leaves every row stored once."""
-    import os
-
+def exported_rows(path: Path, rows: int, labels: int = 0) -> None:
+    """An `imgsearch export` Parquet file of `rows` random unit vectors (Lite0's dimension), `labels` labels in turn."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows, dim = 4000, 1280
+    dim = 1280
     vectors = np.random.default_rng(0).standard_normal((rows, dim), dtype=np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     schema = pa.schema(
         [("id", pa.string()), ("vector", pa.list_(pa.float32(), dim)), ("label", pa.string()), ("path", pa.string()), ("metadata", pa.string())],
         metadata={"imgsearch.format": "1", "imgsearch.model": "efficientnet_lite0", "imgsearch.dim": str(dim), "imgsearch.preprocess": ""},
     )
-    source = tmp_path / "export.parquet"
     pq.write_table(pa.table({
         "id": [hashlib.sha256(str(index).encode()).hexdigest() for index in range(rows)],
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim),
-        "label": [""] * rows, "path": [f"/catalog/{index}.png" for index in range(rows)], "metadata": ["{}"] * rows,
-    }, schema=schema), source)
+        "label": [f"label {index % labels}" if labels else "" for index in range(rows)],
+        "path": [f"/catalog/{index}.png" for index in range(rows)], "metadata": ["{}"] * rows,
+    }, schema=schema), path)
+
+
+@pytest.mark.slow
+def test_an_interrupted_import_stops_within_5_s_says_how_far_it_got_and_the_rerun_finishes(tmp_path):
+    """Ctrl-C during an `import` of 4,000 rows once chunks are being written: within 5 s one line saying how many rows
+    were imported, exit 130; the same command again leaves every row stored once."""
+    import os
+
+    rows = 4000
+    source = tmp_path / "export.parquet"
+    exported_rows(source, rows)
     database = str(tmp_path / "imported.db")
     env = {key: value for key, value in os.environ.items() if not key.startswith("IMGSEARCH_")}
     env.update(COLUMNS="400", IMGSEARCH_UPSERT_CHUNK="200")
@@ -391,6 +398,34 @@ def test_an_interrupted_import_stops_within_5_s_says_how_far_it_got_and_the_reru
     info = subprocess.run([sys.executable, "-m", "imgsearch.cli", "info", "--uri", database, "--json"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert json.loads(info.stdout)["count"] == rows, info.stderr
+
+
+@pytest.mark.slow
+def test_a_delete_interrupted_while_recomputing_unknown_says_so_and_the_rerun_recomputes_it(tmp_path):
+    """SIGTERM during `delete --filter` once the rows are gone and "unknown" is being recomputed: within 5 s one line
+    saying what was deleted and that the threshold is not recomputed yet, exit 143; the same command again deletes
+    nothing more and recomputes it (the stored reference counts add up to the rows left)."""
+    import os
+
+    from imgsearch.recognition.abstention import REFERENCE_COUNTS_PROPERTY, calibration_is_stale
+    from imgsearch.session import open_existing_store
+
+    source = tmp_path / "export.parquet"
+    exported_rows(source, 1000, labels=10)
+    database = str(tmp_path / "references.db")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("IMGSEARCH_")}
+    env.update(COLUMNS="400")
+    imported = subprocess.run([sys.executable, "-m", "imgsearch.cli", "import", str(source), "--uri", database],
+                              capture_output=True, text=True, env=env, timeout=300)
+    assert imported.returncode == 0, imported.stderr
+    command = [sys.executable, "-m", "imgsearch.cli", "-v", "delete", "--filter", 'label == "label 0"', "--yes", "--uri", database]
+    interrupt_when(command, env, 'recomputing the "unknown" threshold', "SIGTERM", '"unknown" not recomputed yet')
+    rerun = subprocess.run([*command, "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert rerun.returncode == 0 and json.loads(rerun.stdout)["deleted"] == [], rerun.stderr
+    with open_existing_store(load_settings(milvus_uri=database)) as store:
+        counts = json.loads(store.properties()[REFERENCE_COUNTS_PROPERTY])
+        assert store.count() == 900 and sum(counts.values()) == 900 and "label 0" not in counts, counts
+        assert not calibration_is_stale(store)
 
 
 def test_a_run_stopped_before_recalibrating_leaves_its_rerun_to_do_it(tmp_path, onnx_encoder):
