@@ -115,3 +115,21 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     if STATIC.is_dir():
         app.mount("/", StaticFiles(directory=STATIC, html=True), name="page")
     return app
+
+
+def run_service(service: Service, host: str, port: int) -> None:
+    """`imgsearch serve`: uvicorn on the app. On SIGTERM or Ctrl-C uvicorn stops accepting and waits for the
+    requests in flight (at most settings.stop_wait_seconds, then cancels them); the service refuses the writes and
+    scans still queued from that moment (503), so the wait is for work running, not for a queue."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            service.stopping = True
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        create_app(service=service), host=host, port=port, log_level="warning",
+        timeout_graceful_shutdown=service.settings.stop_wait_seconds,
+    )
+    Server(config).run()

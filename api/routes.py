@@ -27,7 +27,7 @@ from imgsearch.api.models import (
     StoredImages,
     TextQuery,
 )
-from imgsearch.api.service import Service, service_of
+from imgsearch.api.service import Service, refuse_when_stopping, service_of
 from imgsearch.config import DUPLICATES_THRESHOLD_HELP, RECOGNITION_K, RECOGNITION_K_MAX
 from imgsearch.errors import ImageDecodeError, ObjectStoreUnavailableError, StorageFullError
 from imgsearch.validation import validate_label
@@ -174,7 +174,7 @@ async def enroll_from_review(service: ServiceDep, body: ReviewEnroll):
     from imgsearch.recognition.review import enroll_from_review as enroll
 
     label = validate_label(body.label, required=True)
-    async with service.changing_references():
+    async with service.writing():
         enrolled = await asyncio.to_thread(enroll, service.store, label, body.select, service.review(create=False), recalibrate=False)
     enrolled["calibration"], enrolled["calibration_pending"] = await service.recalibrate()
     return enrolled
@@ -189,12 +189,15 @@ async def duplicates(
 ):
     """Duplicate groups in the collection (identical content, or the same picture edited: checked on the pixels), as
     `imgsearch duplicates --json` gives them (paths as shown)."""
-    from imgsearch.duplicates import find_duplicates
+    from imgsearch.duplicates import ScanStopped, find_duplicates
 
-    # the CLI's defaults too: one place (config.py)
-    report = await service.scans.run(
-        ("duplicates", threshold, similar), lambda: find_duplicates(service.store, threshold=threshold, include_similar=similar)
-    )
+    def scan():  # the CLI's defaults too: one place (config.py); given up when the service stops (a read: nothing lost)
+        return find_duplicates(service.store, threshold=threshold, include_similar=similar, stop=lambda: service.stopping)
+
+    try:
+        report = await service.scans.run(("duplicates", threshold, similar), scan)
+    except ScanStopped:
+        refuse_when_stopping(True)
 
     def answer() -> DuplicateGroups:  # showing paths may re-read the recorded folders: off the loop
         def shown(item: dict) -> dict:
@@ -214,7 +217,7 @@ async def store_uploads(service: Service, files: list[UploadFile], label: str, *
     from imgsearch.ingest.enroll import store_uploads as store
 
     uploads = [(upload.data, upload.image_format) for upload in await service.read_images(files)]
-    async with service.changing_references() if label else service.write_lock:
+    async with service.writing(references=bool(label)):
         ids, report = await asyncio.to_thread(store, uploads, label, service.encoder, service.store, service.settings, relabel=relabel)
     calibration, pending = await service.recalibrate() if report.references_changed else (None, False)
     if report.failed:
@@ -241,7 +244,7 @@ async def delete_image(service: ServiceDep, image_id: str):
     from imgsearch.deletion import delete_images, stored_image
 
     await asyncio.to_thread(stored_image, service.store, image_id)  # 404 for an unknown or malformed id
-    async with service.changing_references():  # row and file go together, never while an upload is being ingested
+    async with service.writing():  # row and file go together, never while an upload is being ingested
         report = await asyncio.to_thread(
             lambda: delete_images(service.store, [image_id], service.settings.upload_dir, recalibrate=False, review=service.review(create=False))
         )

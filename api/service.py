@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from imgsearch.api.batching import MicroBatcher
 from imgsearch.api.files import ServedFiles
-from imgsearch.api.limits import PixelBudget
+from imgsearch.api.limits import PixelBudget, release_free_memory
 from imgsearch.config import Settings
 from imgsearch.errors import ImageDecodeError, StoreUnavailableError
 from imgsearch.images import load_image, read_header
@@ -126,15 +126,23 @@ class Recalibration:
             await asyncio.gather(self.task, return_exceptions=True)
 
 
+def refuse_when_stopping(stopping: bool) -> None:
+    """Work that has not started when serve got SIGTERM is refused, so that the stop waits only for work running:
+    under load, writes and scans queue (the soak's for 10-40 s) and would hold the stop past its limit."""
+    if stopping:
+        raise HTTPException(503, "the service is stopping; send the request again", headers={"Retry-After": "5"})
+
+
 class SharedScans:
     """Whole-collection scans (duplicates), one at a time, its memory one scan's. Requests that come while a scan
     runs share the next one with the same parameters, which starts after all of them arrived, instead of queueing one
     scan each: under the soak's 16 users they had queued for 100 s, and held the service's graceful stop as long."""
 
-    def __init__(self) -> None:
+    def __init__(self, stopping=lambda: False) -> None:
         self.lock = asyncio.Lock()
         self.waiting: dict[Any, asyncio.Task] = {}  # per parameters: the scan that starts when the running one ends
         self.running: asyncio.Task | None = None
+        self.stopping = stopping  # then scans not started yet are refused (503)
 
     async def run(self, key: Any, scan):
         """`scan()` on a worker thread, or the result of one that starts after this call."""
@@ -147,8 +155,12 @@ class SharedScans:
     async def _when_free(self, key: Any, scan):
         async with self.lock:
             del self.waiting[key]  # from now on requests wait for a scan that starts after them
+            refuse_when_stopping(self.stopping())
             self.running = asyncio.current_task()
-            return await asyncio.to_thread(scan)
+            try:
+                return await asyncio.to_thread(scan)
+            finally:  # a scan holds tens of MB (vectors, pixel signatures) that glibc would otherwise keep
+                await asyncio.to_thread(release_free_memory)
 
     async def finish(self) -> None:
         """Scans not started are dropped; the running one ends before the store closes."""
@@ -175,6 +187,7 @@ class Service:
         self._health_checked = -HEALTH_CACHE_SECONDS
         self._health_error: StoreUnavailableError | None = None
         self._startup_check: asyncio.Task | None = None
+        self.stopping = False  # set when serve gets SIGTERM (app.py): queued writes and scans are refused
 
     def start(self, metrics: Metrics) -> None:
         settings = self.settings
@@ -182,7 +195,7 @@ class Service:
             self.encoder, max_batch=settings.batch_size, max_wait=settings.batch_wait_ms / 1000, observe=metrics.observe_batch
         )
         self.write_lock = asyncio.Lock()
-        self.scans = SharedScans()
+        self.scans = SharedScans(lambda: self.stopping)
         self.budget = PixelBudget(settings.decode_pixel_budget, settings.decode_wait_seconds)
         self.recalibration = Recalibration(self.store)
         self.batcher.start()
@@ -199,14 +212,18 @@ class Service:
             self.recalibration.request_in_background()
 
     @contextlib.asynccontextmanager
-    async def changing_references(self):
-        """The write lock, for a write that may change references. A write cut by a Milvus outage may have stored
-        some of them before it failed: the threshold is recomputed once Milvus answers (Recalibration)."""
+    async def writing(self, *, references: bool = True):
+        """The write lock: uploads, enrolments and deletions are written one at a time, and one still waiting for it
+        when the service is stopping is refused (503). `references`: the write may change references; one cut by a
+        Milvus outage may have stored some before it failed, so the threshold is recomputed once Milvus answers
+        (Recalibration)."""
         async with self.write_lock:
+            refuse_when_stopping(self.stopping)
             try:
                 yield
             except StoreUnavailableError:
-                self.recalibration.request_in_background()
+                if references:
+                    self.recalibration.request_in_background()
                 raise
 
     async def recalibrate(self) -> tuple[dict[str, Any] | None, bool]:

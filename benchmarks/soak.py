@@ -215,8 +215,11 @@ def main() -> int:
             print(f"{name:<24}{stats['rss'] / 2**20:>9.1f}{stats['fds']:>6}{stats['threads']:>9}")
         print(f"RSS growth after warm-up: {growth:+.1%}")
         print("RSS MiB every 30 s:", ", ".join(f"{at} s {mib:.0f}" for at, mib in trajectory))
+        print(f"service stopped {stop_seconds} s after SIGTERM, exit {service.returncode}")
         for line in result["failures"]:
             print("failure:", line)
+        for line in result["service_errors"]:
+            print("service log:", line)
         for target, met in result["targets"].items():
             print(f"{'met' if met else 'NOT MET'}: {target}")
     return 1 if args.check and not all(result["targets"].values()) else 0

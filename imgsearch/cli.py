@@ -445,20 +445,17 @@ def serve(
     port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
 ) -> None:
     """Run the REST service (one worker: the model and the store are loaded once)."""
-    import uvicorn
-
-    from imgsearch.api.app import Service, create_app
+    from imgsearch.api.app import Service, run_service
     from imgsearch.processes import limit_malloc_arenas
 
     limit_malloc_arenas()  # before the model's and the store's threads start (docs/benchmarks.md: the soak)
     service = Service(settings)  # a locked Milvus Lite file or missing weights fail here, as one line
     # SIGTERM: uvicorn stops taking requests, lets those in flight finish, then raises the signal again: a clean stop
+    # (queued writes and scans are refused; IMGSEARCH_STOP_WAIT_SECONDS bounds the rest)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     stderr.print(markup_safe(f"serving {settings.collection_name} ({service.encoder.name}) on http://{host}:{port}"), highlight=False)
-    uvicorn.run(
-        create_app(service=service), host=host, port=port, log_level="warning", timeout_graceful_shutdown=settings.stop_wait_seconds
-    )
+    run_service(service, host, port)
 
 
 if __name__ == "__main__":  # pragma: no cover

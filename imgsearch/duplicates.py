@@ -45,6 +45,10 @@ SIGNATURES_KEPT = 1024  # decoded signatures held at once (~36 KB each); pairs a
 UNREADABLE_SHOWN = 100
 
 
+class ScanStopped(Exception):
+    """find_duplicates was asked to stop (the service is shutting down): a scan is a read, so nothing is lost."""
+
+
 @dataclass
 class Member:
     id: str
@@ -117,17 +121,18 @@ def find_duplicates(
     verify: bool = True,
     neighbours: int = NEIGHBOURS,
     progress: Callable[[int], None] | None = None,
+    stop: Callable[[], bool] = lambda: False,
 ) -> DuplicatesReport:
     """Duplicate groups among the rows whose path starts with `prefix` (all rows when empty). `threshold`: the least
     similarity of any pair, checked or listed (default: pairs from CANDIDATES are checked on their pixels, look-alikes
     listed from SIMILAR). `verify=False` groups by the embedding alone, every pair at or above `threshold` graded
-    similar: the review queue's grouping."""
+    similar: the review queue's grouping. ScanStopped once `stop()` is true (checked per batch and per pair)."""
     started = time.perf_counter()
     candidates, similar = (CANDIDATES, SIMILAR) if threshold is None else (threshold, threshold)
     # Only rows in a kept pair or with recorded copies are kept (id, path, label), so memory follows the duplicates
     # found, not the collection; candidate pairs are verified batch by batch and only the verified or similar kept.
     rows: dict[str, dict[str, str]] = {}
-    checker = _PairChecker(similar) if verify else None
+    checker = _PairChecker(similar, stop) if verify else None
     pairs: dict[tuple[str, str], float] = {}
     copies: dict[str, list[str]] = {}
     batch: list[dict] = []
@@ -141,6 +146,8 @@ def find_duplicates(
                 copies[row["id"]] = found
                 rows[row["id"]] = _shown(row)
         if len(batch) == SEARCH_BATCH:
+            if stop():
+                raise ScanStopped
             _close_pairs(store, batch, rows, checker.pending if checker else pairs, prefix, least, neighbours)
             if checker:
                 checker.check(rows)
@@ -166,8 +173,9 @@ class _PairChecker:
     """Verifies candidate pairs by their files' pixels, reading each file at a reduced size, at most SIGNATURES_KEPT
     held at once; a pair found again (from its other side) is not checked twice."""
 
-    def __init__(self, similar: float) -> None:
+    def __init__(self, similar: float, stop: Callable[[], bool] = lambda: False) -> None:
         self.similar = similar
+        self.stop = stop
         self.pending: dict[tuple[str, str], float] = {}
         self.verified: dict[tuple[str, str], float] = {}
         self.matches: dict[tuple[str, str], Match] = {}
@@ -187,6 +195,8 @@ class _PairChecker:
             score = self.pending[key]
             if hash(key) in self.checked:
                 continue
+            if self.stop():
+                raise ScanStopped
             self.checked.add(hash(key))
             self.candidate_pairs += 1
             first, second = (self._signature(rows[row_id]) for row_id in key)

@@ -81,3 +81,39 @@ def test_duplicates_requests_that_come_during_a_scan_share_the_next_one():
     assert answers[0] == "a #1"
     assert len(set(answers[1:6])) == 1 and answers[1] != "a #1", answers  # the five share one later scan
     assert answers[6].startswith("b"), answers
+
+
+def test_writes_and_scans_still_queued_when_the_service_stops_are_refused_503():
+    """After SIGTERM (Service.stopping) the write holding the lock and the scan running finish; the writes and scans
+    queued behind them are answered 503 with Retry-After at once, so the graceful stop waits for work, not a queue."""
+    from fastapi import HTTPException
+
+    from imgsearch.api.service import Service, SharedScans
+
+    async def scenario():
+        service = Service.__new__(Service)  # the lock logic only: no encoder, no store
+        service.write_lock, service.stopping = asyncio.Lock(), False
+        scans = SharedScans(lambda: service.stopping)
+        release = asyncio.Event()
+
+        async def write(hold: bool) -> str:
+            async with service.writing(references=False):
+                if hold:
+                    await release.wait()
+                return "written"
+
+        def scan() -> str:
+            time.sleep(0.3)
+            return "scanned"
+
+        running = [asyncio.create_task(write(True)), asyncio.create_task(scans.run("a", scan))]
+        await asyncio.sleep(0.1)
+        queued = [asyncio.create_task(write(False)) for _ in range(3)] + [asyncio.create_task(scans.run("a", scan))]
+        await asyncio.sleep(0.05)
+        service.stopping = True
+        release.set()
+        return await asyncio.gather(*running), await asyncio.gather(*queued, return_exceptions=True)
+
+    finished, refused = asyncio.run(scenario())
+    assert finished == ["written", "scanned"]
+    assert all(isinstance(error, HTTPException) and error.status_code == 503 and error.headers["Retry-After"] for error in refused), refused

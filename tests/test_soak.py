@@ -1,7 +1,6 @@
-"""The soak (benchmarks/soak.py) for 60 seconds against the session's Milvus server, with the targets it meets
-asserted: no errors, file descriptors and threads flat, a graceful stop on SIGTERM. RSS growth after the warm-up is
-printed, not asserted: 30 s after a 30 s warm-up says little, and the ten-minute run is above the 5% target
-(docs/benchmarks.md)."""
+"""The soak (benchmarks/soak.py) for 60 seconds against the session's Milvus server, with its targets asserted: no
+errors, RSS growth after the 30 s warm-up at most 5%, file descriptors and threads flat, a graceful stop on SIGTERM.
+The ten-minute figures are in docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -16,8 +15,7 @@ from helpers import ROOT
 
 
 @pytest.mark.server
-@pytest.mark.slow
-@pytest.mark.long  # 100-140 s: with it the CI run took 35.5 min, over its budget
+@pytest.mark.slow  # about 110 s
 def test_a_one_minute_soak_of_the_service_meets_its_targets(milvus_server_uri, onnx_encoder):
     env = {key: value for key, value in os.environ.items() if not key.startswith("IMGSEARCH_")}
     # the session's ONNX export: nothing is exported or quantised inside the minute
@@ -36,5 +34,5 @@ def test_a_one_minute_soak_of_the_service_meets_its_targets(milvus_server_uri, o
     # SIGTERM: a graceful stop (service_exit -9: it had not stopped STOP_WAIT_SECONDS after the signal)
     assert report["service_exit"] == 0 and report["service_errors"] == [], (report["service_exit"], report["service_stop_seconds"])
     targets = report["targets"]
-    assert targets["zero errors"] and targets["file descriptors flat"] and targets["threads flat"], json.dumps(report["process"])
+    assert all(targets.values()), json.dumps({"targets": targets, "process": report["process"], "rss": report["rss_mib_every_30_s"]})
     print(f"RSS growth after the warm-up: {report['rss_growth_after_warmup']:+.1%}; stopped {report['service_stop_seconds']} s after SIGTERM")
