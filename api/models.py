@@ -67,6 +67,7 @@ class Info(BaseModel):
     model: str | None
     dim: int | None
     preprocess: str | None = None
+    weights: str | None = Field(None, description='the embedding: "" the model\'s own weights, else the adapted one\'s id (`imgsearch adapt`)')
     recognition: dict[str, Any] | None = None
     self_calibration: dict[str, Any] | None = None
     supports_text: bool

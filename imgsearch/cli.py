@@ -15,6 +15,8 @@ from typing import Annotated, Optional
 import typer
 
 from imgsearch.config import (
+    ADAPT_EPOCHS,
+    ADAPT_STAGES,
     DUPLICATES_THRESHOLD_HELP,
     HEAD_EPOCHS,
     HEAD_STAGES,
@@ -233,6 +235,8 @@ def info(settings: Settings) -> Output:
     described = describe_store(settings)
     keys = ("model", "dim", "collection", "uri", "count", "exists", "preprocess", "precision")
     rows = [(key, described.get(key)) for key in keys]
+    if described.get("exists"):
+        rows.append(("embedding", f"adapted ({described['weights']})" if described.get("weights") else "the model's own weights"))
     if described.get("storage_options"):
         rows.append(("storage options", json.dumps(described["storage_options"])))
     if described.get("recognition"):
@@ -388,6 +392,30 @@ def train_head(
     return Output(summary, f"trained {mode.value} head on {len(head.info.labels)} labels: validation accuracy {accuracy} -> {weights_path}")
 
 
+@command(settings=MODEL[:5] + ("workers",) + OBJECTS)
+def adapt(
+    settings: Settings,
+    epochs: Annotated[
+        int, option("--epochs", min=1, help=f"Training epochs at most; the best on the held-out references is kept [default: {ADAPT_EPOCHS}]")
+    ] = ADAPT_EPOCHS,
+    stages: Annotated[int, typer.Option("--stages", min=0, help="How many last backbone stages to train (with the projection)")] = ADAPT_STAGES,
+    out: Annotated[Optional[Path], option("--out", help="File stem [default: adapted/<collection>]")] = None,
+    json_output: JsonOption = False,
+) -> Output:
+    """Adapt the embedding to the collection's labeled images (metric learning); reindex with --weights to use it."""
+    from imgsearch.recognition.adaptation import adapt_collection
+
+    card, weights_path, card_path = adapt_collection(settings, epochs=epochs, stages=stages, out=out, progress=progress_lines(not json_output))
+    frozen, adapted = card.validation["frozen"], card.validation["adapted"]
+    summary = {"weights": str(weights_path), "card": str(card_path), "weights_id": card.weights_id, "labels": len(card.labels),
+               "validation": card.validation, "epochs_run": card.epochs_run, "seconds": card.training["seconds"]}
+    line = (f"adapted {card.base_model} on {sum(card.labels.values())} references of {len(card.labels)} labels in "
+            f"{card.training['seconds']:.0f} s: held-out nearest-neighbour accuracy {frozen['nearest_neighbour_accuracy']} -> "
+            f"{adapted['nearest_neighbour_accuracy']} -> {weights_path}")
+    notes = [f"to use it: imgsearch reindex --weights {weights_path} --alias NAME (searches go on while it runs)"]
+    return Output(summary, line, notes=notes)
+
+
 @command("eval", settings=MODEL + ("workers",))
 def evaluate_command(
     settings: Settings,
@@ -424,7 +452,7 @@ def reindex(
     settings: Settings,
     alias: Annotated[Optional[str], option("--alias", help="The name searches use; moved to the new collection at the end [default: --collection]")] = None,
     source: Annotated[Optional[str], option("--from", help="Collection (or alias) to read paths from [default: --alias]")] = None,
-    target: Annotated[Optional[str], option("--target", help="New collection [default: imgsearch_<model>]")] = None,
+    target: Annotated[Optional[str], option("--target", help="New collection [default: imgsearch_<model>, with an adapted embedding's id after it]")] = None,
 ) -> Output:
     """Re-encode the stored images with another model into a new collection, then switch the alias to it
     (searches through the alias keep answering throughout). Needs a Milvus server."""

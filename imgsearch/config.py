@@ -49,6 +49,8 @@ class HeadMode(str, Enum):
 
 HEAD_EPOCHS = {HeadMode.linear: 300, HeadMode.finetune: 10}
 HEAD_STAGES = 3  # finetune: the last backbone stages unfrozen
+ADAPT_EPOCHS = 6  # `imgsearch adapt`: epochs at most (the best on the held-out references is kept)
+ADAPT_STAGES = 2  # its last backbone stages trained, with the projection (Lite0 has 9)
 
 
 class Settings(BaseSettings):
@@ -182,9 +184,10 @@ def check_lite_database_exists(uri: str) -> None:
         raise CollectionNotFoundError(f"no Milvus Lite database at {uri}; check --uri, or run `imgsearch ingest` first")
 
 
-def default_collection_name(model: str) -> str:
-    """Milvus names allow letters, digits and underscores only."""
-    return "imgsearch_" + re.sub(r"[^0-9A-Za-z_]", "_", model).lower()
+def default_collection_name(model: str, weights_id: str = "") -> str:
+    """imgsearch_<model>, and an adapted embedding's id after it (reindex's default target); Milvus names allow
+    letters, digits and underscores only."""
+    return "imgsearch_" + re.sub(r"[^0-9A-Za-z_]", "_", model + (f"_{weights_id}" if weights_id else "")).lower()
 
 
 def load_settings(**flags: Any) -> Settings:

@@ -54,6 +54,7 @@ def open_store(settings: Settings, encoder: Encoder, *, create: bool = True, enc
         dim=encoder.dim,
         preprocess_version=encoder.preprocess_version,
         precision=encoder.precision if encodes_images else "",
+        weights=encoder.weights_id if encodes_images else None,
         token=settings.milvus_token,
         create=create,
         index=chosen_index(settings.index),  # a catalog's size is not known before it is walked
@@ -72,7 +73,10 @@ def open_session(settings: Settings, *, create: bool = True, encodes_images: boo
     if stored is None and not create:
         check_store_exists(settings)  # says which collection is missing where
     if stored is not None:  # the model named is checked before it is loaded: a mistake is one line at once
-        check_identity(stored, settings.collection_name, settings.milvus_uri, model=settings.model)
+        from imgsearch.encoders import weights_id
+
+        check_identity(stored, settings.collection_name, settings.milvus_uri, model=settings.model,
+                       weights=weights_id(settings.weights) if encodes_images else None)
     encoder = open_encoder(settings, auto_int8=stored is None or stored.get(PRECISION_PROPERTY, UNRECORDED_PRECISION) == "int8")
     return encoder, open_store(settings, encoder, create=create, encodes_images=encodes_images)
 
@@ -120,7 +124,14 @@ def describe_store(settings: Settings) -> dict[str, Any]:
     encoder (`imgsearch info`); nothing is created."""
     check_store_exists(settings)
     uri, collection = settings.milvus_uri, settings.collection_name
-    from imgsearch.store import PRECISION_PROPERTY, RECOGNITION_PROPERTY, SELF_CALIBRATION_PROPERTY, UNRECORDED_PRECISION, MilvusStore
+    from imgsearch.store import (
+        PRECISION_PROPERTY,
+        RECOGNITION_PROPERTY,
+        SELF_CALIBRATION_PROPERTY,
+        UNRECORDED_PRECISION,
+        WEIGHTS_PROPERTY,
+        MilvusStore,
+    )
 
     try:
         store = MilvusStore.open_existing(uri, collection, settings.milvus_token)
@@ -140,6 +151,7 @@ def describe_store(settings: Settings) -> dict[str, Any]:
             "dim": store.dim,
             "preprocess": store.preprocess_version,
             "precision": properties.get(PRECISION_PROPERTY, UNRECORDED_PRECISION),
+            "weights": properties.get(WEIGHTS_PROPERTY, ""),  # "": the model's own; else an adapted embedding's id
             "recognition": _json_property(properties, RECOGNITION_PROPERTY),
             "self_calibration": _json_property(properties, SELF_CALIBRATION_PROPERTY),
         }

@@ -20,6 +20,7 @@ from imgsearch.store import (
     PRECISION_PROPERTY,
     PREPROCESS_PROPERTY,
     UNRECORDED_PRECISION,
+    WEIGHTS_PROPERTY,
     ImageRecord,
     MilvusStore,
 )
@@ -191,6 +192,7 @@ def import_into(settings, path: Path) -> dict:
         settings.milvus_uri, name, model=model, dim=int(identity[DIM_PROPERTY]),
         preprocess_version=identity.get(PREPROCESS_PROPERTY, ""), token=settings.milvus_token,
         precision=identity.get(PRECISION_PROPERTY, UNRECORDED_PRECISION),  # an export older than this key
+        weights=identity.get(WEIGHTS_PROPERTY, ""),
         index=index,
     ) as store:
         imported, failed = import_parquet(store, path, chunk=settings.upsert_chunk)

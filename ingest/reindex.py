@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from imgsearch.config import Settings, default_collection_name
-from imgsearch.encoders import Encoder
+from imgsearch.encoders import Encoder, weights_id
 from imgsearch.errors import UsageError
 from imgsearch.ingest.catalog import CatalogEntry, as_location
 from imgsearch.ingest.pipeline import IngestReport, ingest_entries, ingest_options
@@ -50,7 +50,8 @@ def reindex(source: MilvusStore, target: MilvusStore, encoder: Encoder, alias: s
 
 def reindex_to_model(settings: Settings, *, alias: str | None = None, source: str | None = None, target: str | None = None) -> ReindexReport:
     """Re-encode the collection behind `alias` (default settings.collection) read from `source` (default the
-    alias) with settings.model into `target` (default imgsearch_<model>), then move the alias to it."""
+    alias) with settings.model (and settings.weights: an adapted embedding, `imgsearch adapt`) into `target`
+    (default imgsearch_<model>, with the adapted embedding's id after it), then move the alias to it."""
     from imgsearch.session import open_encoder
 
     if "model" not in settings.model_fields_set:
@@ -58,7 +59,7 @@ def reindex_to_model(settings: Settings, *, alias: str | None = None, source: st
     alias = alias or settings.collection
     if not alias:
         raise UsageError("reindex needs --alias (or --collection / IMGSEARCH_COLLECTION): the name searches use")
-    target_name = target or default_collection_name(settings.model)
+    target_name = target or default_collection_name(settings.model, weights_id(settings.weights))
     with MilvusStore.open_existing(settings.milvus_uri, source or alias, settings.milvus_token) as old:
         if old.resolved_name() == target_name:
             raise UsageError(f"{source or alias} already is collection {target_name}; choose another --target")

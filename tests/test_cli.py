@@ -84,6 +84,7 @@ def test_info_and_settings_precedence(ingested, tmp_path):
         "dim": 1280,
         "preprocess": from_env["preprocess"],
         "precision": "int8",  # made by the CPU default
+        "weights": "",  # the model's own (not adapted)
         "recognition": None,  # no eval yet
         "self_calibration": from_env["self_calibration"],
     }

@@ -262,7 +262,8 @@ async function loadInfo() {
     const info = await call("/info");
     state.supportsText = info.supports_text;
     $("#text-form").hidden = !info.supports_text;
-    $("#info").textContent = `${info.count} images · ${info.model} · ${info.collection}`;
+    const embedding = info.weights ? ` (${info.weights})` : "";  // an adapted embedding: imgsearch adapt
+    $("#info").textContent = `${info.count} images · ${info.model}${embedding} · ${info.collection}`;
   } catch (error) {
     $("#info").textContent = error.message;
     if (error.message.startsWith("401")) $("#key-box").open = true;  // ask for the key where it is typed

@@ -44,6 +44,23 @@ def load_encoder(
     if runtime not in RUNTIMES:
         raise UnsupportedRuntimeError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     weights = Path(weights) if weights else None
+    encoder = _load_encoder(name, weights, device, runtime, onnx_cache, cuda_graphs, gpu_decode, auto_int8)
+    encoder.weights_id = weights_id(weights)
+    return encoder
+
+
+def weights_id(weights: Path | None) -> str:
+    """What a collection records for `weights`: an adapted embedding's id, else "" (the model's own weights, or a
+    checkpoint of its architecture given with --weights, as before adapted embeddings existed). Reads no tensors."""
+    from imgsearch.encoders.adapted import is_adapted, read_card
+
+    return read_card(weights).weights_id if is_adapted(weights) else ""
+
+
+def _load_encoder(
+    name: str, weights: Path | None, device: str, runtime: str, onnx_cache: Path | None, cuda_graphs: bool, gpu_decode: bool,
+    auto_int8: bool,
+) -> Encoder:
     if runtime in ("onnx", "onnx-int8") or (runtime == "auto" and not _on_cuda(device)):
         if runtime != "auto" and _on_cuda(device):
             raise UnsupportedRuntimeError(f"--runtime {runtime} runs on the CPU; use --device cpu, or --runtime torch on CUDA")

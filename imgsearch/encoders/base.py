@@ -25,6 +25,7 @@ class Encoder(ABC):
     device_type: str = "cpu"  # "cuda" when batches run on a GPU
     supports_text: bool = False
     precision: str = "fp32"  # "int8" for the quantised ONNX runtime; recorded with a collection it creates
+    weights_id: str = ""  # "" for the model's own weights; an adapted embedding's id (adapted.py): the model guard compares it
     tensor_batches: bool = False  # preprocess returns torch tensors: ingest reads with torch's DataLoader
     pin_memory: bool = False  # DataLoader pins batches for fast host-to-GPU copies
     # What decode workers run when it differs from `preprocess`: on CUDA, uint8 images (a quarter of the bytes

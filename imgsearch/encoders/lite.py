@@ -105,13 +105,22 @@ def lite_preprocess(name: str = NAME) -> ResizeCrop:
 
 
 def build_lite(name: str, weights: Path | None = None, device: str = "auto") -> TorchEncoder:
-    model = load_lite_classifier(name, weights)
-    model.reset_classifier(0)  # pooled 1280-d features
+    from imgsearch.encoders.adapted import is_adapted
+    from imgsearch.encoders.adapted_model import load_adapted
+
+    if is_adapted(weights):  # `imgsearch adapt`'s output: the whole backbone and a projection
+        backbone = timm.create_model(MODELS[name].timm_name, pretrained=False, num_classes=0)
+        model, card = load_adapted(weights, backbone, backbone.num_features, name)
+        dim = card.dim
+    else:
+        model = load_lite_classifier(name, weights)
+        model.reset_classifier(0)  # pooled 1280-d features
+        dim = model.num_features
     return TorchEncoder(
         name=name,
         module=model,
         preprocess=lite_preprocess(name),
-        dim=model.num_features,
+        dim=dim,
         input_size=MODELS[name].input_size,
         preprocess_version=MODELS[name].preprocess_version,
         device=device,

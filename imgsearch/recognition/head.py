@@ -449,6 +449,16 @@ def labeled_rows(store: MilvusStore, fields: Sequence[str]) -> list[dict]:
     return rows
 
 
+def labeled_image_sources(store: MilvusStore) -> tuple[list[ImageSource], list[str]]:
+    """The labeled references' image files (those that still exist) and their labels, for training from pixels."""
+    rows = labeled_rows(store, ("path", "label"))
+    gone = storage.missing(row["path"] for row in rows)  # objects: from one listing per prefix
+    rows = [row for row in rows if row["path"] not in gone]
+    if not rows:
+        raise NoReferencesError(f"none of the labeled images of {store.collection} exist on disk or in their bucket any more")
+    return [FileImage(as_location(row["path"])) for row in rows], [row["label"] for row in rows]
+
+
 def train_head_on_store(
     store: MilvusStore,
     mode: HeadMode | str,
@@ -468,14 +478,9 @@ def train_head_on_store(
         vectors = np.array([row["vector"] for row in rows], dtype=np.float32)
         state, labels, metrics = train_linear(vectors, [row["label"] for row in rows], epochs=epochs)
     else:
-        rows = labeled_rows(store, ("path", "label"))
-        gone = storage.missing(row["path"] for row in rows)  # objects: from one listing per prefix
-        rows = [row for row in rows if row["path"] not in gone]
-        if not rows:
-            raise NoReferencesError(f"none of the labeled images of {store.collection} exist on disk or in their bucket any more")
-        sources = [FileImage(as_location(row["path"])) for row in rows]
+        sources, labels = labeled_image_sources(store)
         state, labels, metrics = train_finetune(
-            store.model, sources, [row["label"] for row in rows], weights=weights, device=device,
+            store.model, sources, labels, weights=weights, device=device,
             epochs=epochs, stages=stages, workers=workers, progress=progress,
         )
     return TrainedHead(HeadInfo(labels, store.model, store.dim, mode.value, store.collection, metrics), state)

@@ -40,7 +40,7 @@ def review_store(store: MilvusStore, *, create: bool = True) -> MilvusStore | No
     try:
         return MilvusStore(
             store.uri, store.collection + REVIEW_SUFFIX, model=store.model, dim=store.dim,
-            preprocess_version=store.preprocess_version, precision=precision, token=store.token, create=create,
+            preprocess_version=store.preprocess_version, precision=precision, weights=store.weights, token=store.token, create=create,
         )
     except CollectionNotFoundError:
         return None

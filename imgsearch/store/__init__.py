@@ -20,6 +20,7 @@ from imgsearch.store.schema import (
     SCHEMA_VERSION,
     SELF_CALIBRATION_PROPERTY,
     UNRECORDED_PRECISION,
+    WEIGHTS_PROPERTY,
     Hit,
     ImageRecord,
     check_identity,
@@ -31,7 +32,7 @@ from imgsearch.store.schema import (
 __all__ = [
     "DIM_PROPERTY", "FIELDS", "IDENTITY_PROPERTIES", "LABELED", "MODEL_PROPERTY", "PRECISION_PROPERTY", "PRECISIONS", "PREPROCESS_PROPERTY",
     "QUERY_CHUNK", "RECOGNITION_PROPERTY", "REFERENCE_COUNTS_PROPERTY", "ROOTS_PROPERTY", "SCHEMA_PROPERTY", "SCHEMA_VERSION",
-    "SELF_CALIBRATION_PROPERTY", "UNRECORDED_PRECISION", "Hit", "ImageRecord", "MilvusStore", "check_identity",
+    "SELF_CALIBRATION_PROPERTY", "UNRECORDED_PRECISION", "WEIGHTS_PROPERTY", "Hit", "ImageRecord", "MilvusStore", "check_identity",
     "collection_not_found", "connect", "label_is", "labeled_except", "milvus_errors", "quiet_milvus_logs", "string_literal",
     "upsert_rows",
 ]

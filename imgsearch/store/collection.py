@@ -32,6 +32,7 @@ from imgsearch.store.schema import (
     ROOTS_PROPERTY,
     SCHEMA_PROPERTY,
     SCHEMA_VERSION,
+    WEIGHTS_PROPERTY,
     Hit,
     ImageRecord,
     check_identity,
@@ -99,18 +100,22 @@ class MilvusStore:
         dim: int,
         preprocess_version: str = "",
         precision: str = "",
+        weights: str | None = None,
         token: str = "",
         create: bool = True,
         index: str = "auto",
     ) -> None:
         """`precision`: the encoder's, which a new collection records (there is no default to guess it from: a
-        collection made without it is refused); "" opens an existing collection without comparing it."""
+        collection made without it is refused); "" opens an existing collection without comparing it. `weights`:
+        the encoder's weights_id, compared with the collection's and recorded by a new one; None compares nothing
+        (and a new collection records the model's own weights)."""
         self.uri = uri
         self.collection = collection
         self.model = model
         self.dim = dim
         self.preprocess_version = preprocess_version
         self.precision = precision
+        self.weights = weights
         self.token = token
         self.index = index  # the vector index a new collection is built with (search_params.index_for)
         self.client = connect(uri, token, create)
@@ -119,7 +124,7 @@ class MilvusStore:
             if exists:
                 check_identity(
                     self.client.describe_collection(collection).get("properties") or {}, collection, uri,
-                    model=model, dim=dim, preprocess_version=preprocess_version, precision=precision,
+                    model=model, dim=dim, preprocess_version=preprocess_version, precision=precision, weights=weights,
                 )
                 self.client.load_collection(collection)
             elif create:
@@ -146,6 +151,7 @@ class MilvusStore:
             model=properties.get(MODEL_PROPERTY, ""),
             dim=int(properties.get(DIM_PROPERTY, 0)),
             preprocess_version=properties.get(PREPROCESS_PROPERTY, ""),
+            weights=properties.get(WEIGHTS_PROPERTY, ""),
             token=token,
             create=False,
         )
@@ -174,6 +180,7 @@ class MilvusStore:
                 DIM_PROPERTY: str(self.dim),
                 PREPROCESS_PROPERTY: self.preprocess_version,
                 PRECISION_PROPERTY: self.precision,
+                WEIGHTS_PROPERTY: self.weights or "",
                 SCHEMA_PROPERTY: SCHEMA_VERSION,
             },
         )

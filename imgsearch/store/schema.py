@@ -24,8 +24,11 @@ PRECISIONS = ("fp32", "int8")
 # A collection made before precision was recorded holds fp32 vectors: int8 did not exist yet.
 UNRECORDED_PRECISION = "fp32"
 SCHEMA_PROPERTY = "imgsearch.schema"
+# "" (or absent: made before adapted embeddings) for the model's own weights; else an adapted embedding's id
+# (encoders/adapted.py): vectors of other weights are not comparable, so the guard refuses them
+WEIGHTS_PROPERTY = "imgsearch.weights"
 # What makes vectors comparable: carried with every export and restored by its import (transfer.py).
-IDENTITY_PROPERTIES = (MODEL_PROPERTY, DIM_PROPERTY, PREPROCESS_PROPERTY, PRECISION_PROPERTY)
+IDENTITY_PROPERTIES = (MODEL_PROPERTY, DIM_PROPERTY, PREPROCESS_PROPERTY, PRECISION_PROPERTY, WEIGHTS_PROPERTY)
 RECOGNITION_PROPERTY = "imgsearch.recognition"  # the abstention threshold `imgsearch eval` calibrated
 SELF_CALIBRATION_PROPERTY = "imgsearch.self_calibration"  # the one the references calibrate (recognition/abstention.py)
 REFERENCE_COUNTS_PROPERTY = "imgsearch.reference_counts"  # references per label, as of that calibration
@@ -77,11 +80,12 @@ def labeled_except(label: str) -> str:
 
 def check_identity(
     properties: dict[str, str], collection: str, uri: str, *, model: str, dim: int | None = None,
-    preprocess_version: str = "", precision: str = "",
+    preprocess_version: str = "", precision: str = "", weights: str | None = None,
 ) -> None:
     """The model guard: ModelMismatchError when the collection was not made by imgsearch, or records another model
     (a name as given is compared canonically, so it can be checked before that model is loaded) or, when `dim` is
-    given, another dim. Another preprocessing or precision only shifts scores a little: a warning."""
+    given, another dim, or, when `weights` is given, other weights (an adapted embedding's id, "" for the model's
+    own). Another preprocessing or precision only shifts scores a little: a warning."""
     stored_model = properties.get(MODEL_PROPERTY)
     stored_dim = properties.get(DIM_PROPERTY)
     if not stored_model:
@@ -95,6 +99,14 @@ def check_identity(
             raise _model_mismatch(collection, stored_model, stored_dim, canonical_model_name(model), dim)
     if dim is not None and stored_dim != str(dim):
         raise _model_mismatch(collection, stored_model, stored_dim, model, dim)
+    stored_weights = properties.get(WEIGHTS_PROPERTY, "")
+    if weights is not None and stored_weights != weights:
+        raise ModelMismatchError(
+            f"collection {collection} holds vectors of {_weights_shown(stored_weights)} and this encoder has "
+            f"{_weights_shown(weights)}: their vectors are not comparable; "
+            + ("pass the --weights the collection was made with (`imgsearch info` shows them)" if stored_weights
+               else "use another --collection, or reindex this one with these weights")
+        )
     stored_preprocess = properties.get(PREPROCESS_PROPERTY, "")
     if preprocess_version and stored_preprocess != preprocess_version:
         log.warning(
@@ -106,6 +118,10 @@ def check_identity(
             "collection %s was filled by the %s encoder, this one is %s: scores shift by about 0.01 (--runtime %s matches it)",
             collection, stored_precision, precision, "onnx-int8" if stored_precision == "int8" else "onnx",
         )
+
+
+def _weights_shown(weights: str) -> str:
+    return f"the adapted embedding {weights}" if weights else "the model's own weights"
 
 
 def _model_mismatch(collection: str, stored_model: str, stored_dim: str | None, model: str, dim: int | None) -> ModelMismatchError:

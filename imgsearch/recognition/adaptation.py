@@ -1,0 +1,260 @@
+"""`imgsearch adapt`: fine-tune the encoder's embedding on a collection's labeled references with a metric-learning
+loss, so that recognition and search see the catalog's own distinctions (the frozen ImageNet features are the limit:
+docs/recognition.md).
+
+What trains: the last `stages` backbone stages and a projection after the pooled features (encoders/adapted_model.py),
+with CosFace (a cosine softmax against one learned proxy per label, with an additive margin): it needs no pair
+mining and works at the small batches a CPU affords. The proxies start at the labels' mean frozen embeddings and the
+projection at the identity, so training starts from the base model's embedding. The augmentation is what catalog
+photos suffer: crops, flips, small rotations, light, JPEG re-encoding. A stratified part of the references is held
+out: each epoch is scored by the held-out images' nearest neighbour among themselves (the label of the most similar
+other held-out image), and the best epoch is kept. The card records that figure and the separation (mean cosine
+within a label minus between labels) for the frozen embedding and the adapted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision.transforms import v2 as T
+
+from imgsearch.config import ADAPT_EPOCHS, ADAPT_STAGES
+from imgsearch.encoders import canonical_model_name, load_torch_encoder
+from imgsearch.encoders.adapted import AdaptedCard
+from imgsearch.encoders.adapted_model import AdaptedEmbedding, save_adapted
+from imgsearch.encoders.torch_encoder import TorchEncoder
+from imgsearch.errors import UsageError
+from imgsearch.recognition.head import (
+    HeadError,
+    ImageSource,
+    LabeledImages,
+    _freeze_batchnorm_of_frozen,
+    augmentation,
+    labeled_image_sources,
+    stratified_split,
+    unfreeze_last_stages,
+)
+from imgsearch.session import open_existing_store
+
+log = logging.getLogger(__name__)
+
+MARGIN = 0.2  # CosFace's additive margin on the true label's cosine
+SCALE = 16.0  # its logit scale
+LOSS = f"cosface(margin={MARGIN}, scale={SCALE})"
+PROGRESS_SECONDS = 30.0
+
+
+class RandomJpeg:
+    """Re-encode as JPEG at a random quality with probability `p` (catalog photos are recompressed on the way)."""
+
+    def __init__(self, p: float = 0.5, quality: tuple[int, int] = (30, 95)) -> None:
+        self.p, self.quality = p, quality
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if random.random() >= self.p:
+            return image
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, "JPEG", quality=random.randint(*self.quality))
+        buffer.seek(0)
+        return Image.open(buffer).convert("RGB")
+
+
+def catalog_augmentation(encoder: TorchEncoder) -> T.Compose:
+    return T.Compose([RandomJpeg(), *augmentation(encoder).transforms])
+
+
+class CosFace(torch.nn.Module):
+    def __init__(self, proxies: torch.Tensor, margin: float = MARGIN, scale: float = SCALE) -> None:
+        super().__init__()
+        self.proxies = torch.nn.Parameter(F.normalize(proxies.float(), dim=1))
+        self.margin, self.scale = margin, scale
+
+    def forward(self, embeddings: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        cosine = F.normalize(embeddings.float(), dim=1) @ F.normalize(self.proxies, dim=1).T
+        cosine = cosine - self.margin * F.one_hot(targets, cosine.shape[1])
+        return F.cross_entropy(self.scale * cosine, targets)
+
+
+@torch.inference_mode()
+def embed(model: torch.nn.Module, loader: DataLoader, encoder: TorchEncoder) -> tuple[np.ndarray, np.ndarray]:
+    """Unit embeddings and targets of a loader's images (no augmentation: the loader's transform is the encoder's)."""
+    model.eval()
+    vectors, targets = [], []
+    for images, batch_targets in loader:
+        with encoder.autocast():
+            output = model(images.to(encoder.device, non_blocking=True))
+        vectors.append(F.normalize(output.float().flatten(1), dim=1).cpu().numpy())
+        targets.append(batch_targets.numpy())
+    return np.concatenate(vectors), np.concatenate(targets)
+
+
+def embedding_figures(vectors: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    """Of held-out images among themselves: nearest-neighbour accuracy (each image takes the label of the most
+    similar other one) and separation (mean cosine within a label minus mean cosine between labels)."""
+    similarity = vectors @ vectors.T
+    same = targets[:, None] == targets[None, :]
+    off_diagonal = ~np.eye(len(targets), dtype=bool)
+    masked = np.where(off_diagonal, similarity, -np.inf)
+    nearest = targets[masked.argmax(axis=1)]
+    within, between = similarity[same & off_diagonal], similarity[~same]
+    return {
+        "nearest_neighbour_accuracy": round(float((nearest == targets).mean()), 4),
+        "separation": round(float(within.mean() - between.mean()), 4) if len(within) and len(between) else 0.0,
+    }
+
+
+def adapt_embedding(
+    encoder_name: str,
+    sources: Sequence[ImageSource],
+    labels: Sequence[str],
+    *,
+    weights: Path | None = None,
+    device: str = "auto",
+    epochs: int = ADAPT_EPOCHS,
+    stages: int = ADAPT_STAGES,
+    batch_size: int | None = None,
+    learning_rate: float = 3e-4,
+    validation_fraction: float = 0.1,
+    patience: int = 2,
+    workers: int = 0,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[AdaptedEmbedding, AdaptedCard]:
+    """Train the adapted embedding on labeled images; returns the module (its best epoch) and its card (no digest
+    until saved)."""
+    classes = sorted(set(labels))
+    if len(classes) < 2:
+        raise HeadError(f"adapting needs at least 2 labels, found {len(classes)}")
+    base = load_torch_encoder(encoder_name, weights=weights, device=device)
+    targets = np.array([classes.index(label) for label in labels])
+    train_index, validation_index = stratified_split(targets, validation_fraction, seed)
+    if len(validation_index) < 2 * len(classes):
+        raise HeadError(f"{len(labels)} references are too few to hold some out for validation: give each label at least 10")
+    torch.manual_seed(seed)
+    random.seed(seed)
+    on_cuda = base.device.type == "cuda"
+    batch_size = batch_size or (256 if on_cuda else 32)
+    loader_options = {"num_workers": workers, "pin_memory": on_cuda, "persistent_workers": workers > 0}
+    train = DataLoader(
+        LabeledImages([sources[i] for i in train_index], targets[train_index], catalog_augmentation(base)),
+        batch_size=batch_size, shuffle=True, drop_last=len(train_index) > batch_size, **loader_options,
+    )
+    frozen_train = DataLoader(LabeledImages([sources[i] for i in train_index], targets[train_index], base.preprocess),
+                              batch_size=batch_size, **loader_options)
+    validation = DataLoader(LabeledImages([sources[i] for i in validation_index], targets[validation_index], base.preprocess),
+                            batch_size=batch_size, **loader_options)
+
+    model = base.module if isinstance(base.module, AdaptedEmbedding) else AdaptedEmbedding(base.module, base.dim, base.dim)
+    model = model.to(base.device)
+    started = time.perf_counter()
+    frozen = embedding_figures(*embed(model, validation, base))
+    if progress:
+        progress(f"held-out references ({len(validation_index)}), frozen embedding: nearest-neighbour accuracy "
+                 f"{frozen['nearest_neighbour_accuracy']}, separation {frozen['separation']}")
+    # each label's proxy starts at its mean frozen embedding: the loss starts from what the base model knows
+    train_vectors, train_targets = embed(model, frozen_train, base)
+    means = torch.stack([torch.from_numpy(train_vectors[train_targets == target].mean(axis=0)) for target in range(len(classes))])
+    loss_function = CosFace(means).to(base.device)
+    trainable = unfreeze_last_stages(model.backbone, stages) + model.projection.weight.numel()
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in model.parameters() if p.requires_grad], "lr": learning_rate},
+            {"params": loss_function.parameters(), "lr": learning_rate * 10},  # proxies move faster than the backbone
+        ],
+        weight_decay=0.01,
+    )
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[learning_rate, learning_rate * 10], total_steps=max(1, epochs * len(train)), pct_start=0.15
+    )
+    best, best_state, stale, history = frozen, copy.deepcopy(model.state_dict()), 0, []
+    for epoch in range(1, epochs + 1):
+        loss = _train_one_epoch(model, loss_function, train, optimizer, scheduler, base, epoch, epochs, progress)
+        figures = embedding_figures(*embed(model, validation, base))
+        history.append({"epoch": epoch, "loss": round(loss, 4), **figures})
+        if progress:
+            progress(f"epoch {epoch}/{epochs}: loss {loss:.4f}, held-out nearest-neighbour accuracy "
+                     f"{figures['nearest_neighbour_accuracy']}, separation {figures['separation']}")
+        if (figures["nearest_neighbour_accuracy"], figures["separation"]) > (best["nearest_neighbour_accuracy"], best["separation"]):
+            best, best_state, stale = figures, copy.deepcopy(model.state_dict()), 0
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    if best is frozen:
+        log.warning("no epoch did better than the starting embedding on the held-out references: it is saved unchanged")
+    model.load_state_dict(best_state)
+    model = model.cpu().eval()
+    counts = Counter(labels[i] for i in train_index)
+    card = AdaptedCard(
+        base_model=encoder_name, dim=base.dim, loss=LOSS, labels={label: counts[label] for label in classes},
+        epochs=epochs, epochs_run=len(history), stages=stages,
+        validation={"images": len(validation_index), "frozen": frozen, "adapted": best, "best_epoch": _best_epoch(history, best)},
+        history=history,
+        training={
+            "seconds": round(time.perf_counter() - started, 1), "device": str(base.device), "seed": seed, "batch_size": batch_size,
+            "learning_rate": learning_rate, "train_images": len(train_index), "trainable_parameters": trainable,
+        },
+    )
+    return model, card
+
+
+def _best_epoch(history: list[dict[str, Any]], best: dict[str, float]) -> int:
+    """0 when no epoch beat the frozen embedding."""
+    return next((row["epoch"] for row in history if all(row[key] == value for key, value in best.items())), 0)
+
+
+def _train_one_epoch(model, loss_function, loader, optimizer, scheduler, encoder, epoch, epochs, progress) -> float:
+    model.train()
+    _freeze_batchnorm_of_frozen(model.backbone)
+    seen, loss_sum, said = 0, 0.0, time.monotonic()
+    for images, targets in loader:
+        images = images.to(encoder.device, non_blocking=True)
+        targets = targets.to(encoder.device, non_blocking=True)
+        with encoder.autocast():
+            loss = loss_function(model(images), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += float(loss.detach()) * len(images)
+        seen += len(images)
+        if progress and time.monotonic() - said >= PROGRESS_SECONDS:
+            said = time.monotonic()
+            progress(f"epoch {epoch}/{epochs}: {seen:,} of {len(loader.dataset):,} images, loss {loss_sum / seen:.4f}")
+    return loss_sum / max(seen, 1)
+
+
+def default_adapted_path(collection: str) -> Path:
+    return Path("adapted") / collection
+
+
+def adapt_collection(
+    settings, *, epochs: int = ADAPT_EPOCHS, stages: int = ADAPT_STAGES, out: Path | None = None, progress=None
+) -> tuple[AdaptedCard, Path, Path]:
+    """Adapt the settings' model to the labeled references of the settings' collection and save it (default:
+    adapted/<collection>). Returns the card and the two files."""
+    with open_existing_store(settings) as store:
+        if "model" in settings.model_fields_set and store.model != canonical_model_name(settings.model):
+            raise UsageError(f"collection {settings.collection_name} holds model {store.model}, not {settings.model}")
+        sources, labels = labeled_image_sources(store)
+        model_name, collection = store.model, store.collection
+    module, card = adapt_embedding(
+        model_name, sources, labels, weights=settings.weights, device=settings.device,
+        epochs=epochs, stages=stages, workers=settings.workers or 0, progress=progress,
+    )
+    card.collection = collection
+    weights_path, card_path = save_adapted(out or default_adapted_path(collection), module, card)
+    return card, weights_path, card_path

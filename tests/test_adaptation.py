@@ -1,0 +1,204 @@
+"""`imgsearch adapt` (imgsearch/recognition/adaptation.py): metric learning on a collection's labeled references.
+A small run on the CPU: three Fashion-MNIST classes that frozen ImageNet features confuse (shirt, T-shirt,
+pullover), 40 references each, two epochs of the last two stages. Its card, its effect on held-out images of those
+classes, and the model guard that keeps its vectors apart from the base model's."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CLASSES = ("shirt", "tshirt", "pullover")
+PER_CLASS = 40
+HELD_OUT_PER_CLASS = 30
+
+
+def fashion_folder(folder: Path, split: str, per_class: int, skip: int = 0) -> list[tuple[Path, str]]:
+    """`per_class` images of each of CLASSES from a Fashion-MNIST split as PNGs in class folders (after `skip`)."""
+    from imgsearch.datasets import fashion_mnist
+
+    products = fashion_mnist(split)
+    written, seen = [], {name: 0 for name in CLASSES}
+    for index, target in enumerate(products.targets):
+        name = products.classes[target]
+        if name not in seen or seen[name] >= skip + per_class:
+            continue
+        seen[name] += 1
+        if seen[name] <= skip:
+            continue
+        path = folder / name / f"{index:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        Image.fromarray(products.sources[index].pixels).save(buffer, format="PNG")
+        path.write_bytes(buffer.getvalue())
+        written.append((path, name))
+    return written
+
+
+def separation(vectors: np.ndarray, labels: list[str]) -> float:
+    """Mean cosine within a class minus mean cosine between classes."""
+    similarity = vectors @ vectors.T
+    same = np.array(labels)[:, None] == np.array(labels)[None, :]
+    off_diagonal = ~np.eye(len(labels), dtype=bool)
+    return float(similarity[same & off_diagonal].mean() - similarity[~same].mean())
+
+
+@pytest.fixture(scope="module")
+def adapted(tmp_path_factory, onnx_encoder):
+    """A Lite collection of the references (the session's fp32 ONNX export), adapted with the real command."""
+    folder = tmp_path_factory.mktemp("adaptation")
+    fashion_folder(folder / "references", "train", PER_CLASS)
+    database = folder / "references.db"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("IMGSEARCH_")}
+    env.update(COLUMNS="400", IMGSEARCH_DEVICE="cpu")
+    ingest = [sys.executable, "-m", "imgsearch.cli", "ingest", str(folder / "references"), "--uri", str(database)]
+    ingested = subprocess.run(ingest, capture_output=True, text=True, timeout=300,
+                              env={**env, "IMGSEARCH_RUNTIME": "onnx", "IMGSEARCH_ONNX_CACHE": str(onnx_encoder.model_path.parent)})
+    assert ingested.returncode == 0, ingested.stderr
+    stem = folder / "adapted" / "fashion"
+    result = subprocess.run(
+        [sys.executable, "-m", "imgsearch.cli", "adapt", "--uri", str(database), "--epochs", "2", "--out", str(stem), "--json"],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr
+    return folder, database, json.loads(result.stdout), env
+
+
+@pytest.mark.slow
+def test_adapt_writes_weights_and_a_complete_card(adapted):
+    from imgsearch.encoders.adapted import file_digest, read_card
+
+    folder, _, summary, _ = adapted
+    weights = Path(summary["weights"])
+    card = read_card(weights)  # checks the digest against the file
+    assert weights.is_file() and card.digest == file_digest(weights) and summary["weights_id"] == card.weights_id
+    assert card.base_model == "efficientnet_lite0" and card.dim == 1280 and card.loss.startswith("cosface")
+    assert set(card.labels) == set(CLASSES) and sum(card.labels.values()) + card.validation["images"] == PER_CLASS * len(CLASSES)
+    assert card.epochs == 2 and card.epochs_run == len(card.history) >= 1 and card.stages == 2
+    for figures in (card.validation["frozen"], card.validation["adapted"]):
+        assert set(figures) == {"nearest_neighbour_accuracy", "separation"}
+    assert card.training["seconds"] > 0 and card.training["device"] == "cpu" and card.collection == "imgsearch_efficientnet_lite0"
+
+
+@pytest.mark.slow
+def test_adapted_vectors_separate_the_trained_classes_better_on_images_it_never_saw(adapted, tmp_path):
+    """Held-out test-split images of the three classes: within-class minus between-class cosine rises."""
+    from imgsearch.encoders import load_torch_encoder
+
+    folder, _, summary, _ = adapted
+    held_out = fashion_folder(tmp_path / "held_out", "test", HELD_OUT_PER_CLASS)
+    images = [Image.open(path).convert("RGB") for path, _ in held_out]
+    labels = [label for _, label in held_out]
+    frozen = load_torch_encoder("efficientnet_lite0", device="cpu").encode_images(images)
+    adapted_vectors = load_torch_encoder("efficientnet_lite0", weights=Path(summary["weights"]), device="cpu").encode_images(images)
+    before, after = separation(frozen, labels), separation(adapted_vectors, labels)
+    assert after - before >= 0.02, (before, after)
+
+
+def cli(args: list[str], env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "imgsearch.cli", *args], capture_output=True, text=True, env=env, timeout=600)
+    assert not check or result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.mark.slow
+def test_the_model_guard_keeps_adapted_and_base_vectors_apart_and_new_labels_enrol_on_an_adapted_collection(adapted, tmp_path):
+    """A search of the base collection with the adapted weights is refused in one line; a collection made with the
+    adapted weights records them, refuses the base model's encoder, and recognises a label enrolled after adaptation."""
+    folder, database, summary, env = adapted
+    weights = summary["weights"]
+    query = next((folder / "references" / "shirt").glob("*.png"))
+    refused = cli(["search", str(query), "--uri", str(database), "--weights", weights], env, check=False)
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert refused.returncode == 2 and len(errors) == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert "the model's own weights" in errors[0] and summary["weights_id"] in errors[0], errors[0]
+
+    adapted_database = str(tmp_path / "adapted.db")
+    cli(["ingest", str(folder / "references"), "--uri", adapted_database, "--weights", weights], env)
+    info = json.loads(cli(["info", "--uri", adapted_database, "--json"], env).stdout)
+    assert info["weights"] == summary["weights_id"] and info["count"] == PER_CLASS * len(CLASSES), info
+    base = cli(["search", str(query), "--uri", adapted_database], env, check=False)
+    assert base.returncode == 2 and summary["weights_id"] in base.stderr and "Traceback" not in base.stderr, base.stderr
+
+    new_class = new_class_images(tmp_path / "bag", 8)
+    cli(["enroll", "bag", *map(str, new_class[:5]), "--uri", adapted_database, "--weights", weights], env)
+    answers = json.loads(cli(["recognize", *map(str, new_class[5:]), "--uri", adapted_database, "--weights", weights, "--json"], env).stdout)
+    assert sum(answer["label"] == "bag" for answer in answers) >= 2, answers
+
+
+def new_class_images(folder: Path, count: int) -> list[Path]:
+    """`count` Fashion-MNIST test bags (a class the adaptation never saw) as PNGs."""
+    from imgsearch.datasets import fashion_mnist
+
+    products = fashion_mnist("test")
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index, target in enumerate(products.targets):
+        if products.classes[target] == "bag":
+            path = folder / f"{index:05d}.png"
+            Image.fromarray(products.sources[index].pixels).save(path)
+            written.append(path)
+            if len(written) == count:
+                break
+    return written
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_reindex_to_the_adapted_embedding_keeps_searches_answering(adapted, milvus_server_uri, tmp_path):
+    """The alias test's pattern (test_cli.py) with `--weights ADAPTED`: searches through the alias answer throughout,
+    the alias ends on a new collection named after the adapted embedding, which records it."""
+    import threading
+    import time
+
+    from pymilvus import MilvusClient
+
+    folder, _, summary, env = adapted
+    suffix = f"{os.getpid()}_{tmp_path.name[-6:]}".replace("-", "_")
+    old, alias = f"adapt_v1_{suffix}", f"adapt_{suffix}"
+    cli(["ingest", str(folder / "references" / "shirt"), "--uri", milvus_server_uri, "--collection", old], env)
+    client = MilvusClient(uri=milvus_server_uri)
+    client.create_alias(old, alias)
+    probe = client.query(old, filter="", output_fields=["vector"], limit=1)[0]["vector"]
+    answered, errors, stop = [], [], threading.Event()
+
+    def search_through_the_alias() -> None:
+        searcher = MilvusClient(uri=milvus_server_uri)
+        while not stop.is_set():
+            try:
+                answered.append(len(searcher.search(alias, data=[probe], limit=3)[0]))
+            except Exception as error:  # counted: the test needs none
+                errors.append(repr(error))
+            time.sleep(0.05)
+        searcher.close()
+
+    searcher = threading.Thread(target=search_through_the_alias)
+    searcher.start()
+    try:
+        report = json.loads(cli(["reindex", "--model", "efficientnet_lite0", "--weights", summary["weights"], "--alias", alias,
+                                 "--uri", milvus_server_uri, "--json"], env).stdout)
+    finally:
+        stop.set()
+        searcher.join()
+    target = "imgsearch_efficientnet_lite0_" + summary["weights_id"].replace(":", "_")
+    try:
+        assert (report["source"], report["target"], report["indexed"], report["failed"]) == (old, target, PER_CLASS, [])
+        assert errors == [] and len(answered) > 10 and set(answered) == {3}
+        assert client.describe_alias(alias)["collection_name"] == target
+        info = json.loads(cli(["info", "--uri", milvus_server_uri, "--collection", alias, "--json"], env).stdout)
+        assert info["weights"] == summary["weights_id"]
+        refused = cli(["search", str(next((folder / "references" / "shirt").glob("*.png"))), "--uri", milvus_server_uri,
+                       "--collection", alias], env, check=False)
+        assert refused.returncode == 2 and summary["weights_id"] in refused.stderr, refused.stderr
+    finally:
+        client.drop_alias(alias)
+        client.drop_collection(target)
+        client.close()
