@@ -415,6 +415,7 @@ def adapt_benchmark(args, options: EvalOptions, progress) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from duplicates import build_set
 
+    from imgsearch.encoders.adapted import unused_stem
     from imgsearch.encoders.adapted_model import save_adapted
     from imgsearch.recognition.adaptation import adapt_embedding
 
@@ -432,7 +433,7 @@ def adapt_benchmark(args, options: EvalOptions, progress) -> None:
         device=args.device, epochs=args.epochs, stages=args.stages, workers=args.workers, seed=options.seed, progress=progress,
     )
     adapt_seconds = time.perf_counter() - started
-    weights, card_path = save_adapted(Path(args.adapt_out), module, card)
+    weights, card_path = save_adapted(unused_stem(Path(args.adapt_out)), module, card)
     print(f"adapted in {adapt_seconds:.0f} s ({card.epochs_run} epochs, best {card.validation['best_epoch']}); held-out references: "
           f"{card.validation['frozen']} -> {card.validation['adapted']}; saved {weights}", flush=True)
     adapted = load_encoder("efficientnet_lite0", weights=weights, device=args.device, runtime=runtime)

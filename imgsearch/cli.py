@@ -399,7 +399,7 @@ def adapt(
         int, option("--epochs", min=1, help=f"Training epochs at most; the best on the held-out references is kept [default: {ADAPT_EPOCHS}]")
     ] = ADAPT_EPOCHS,
     stages: Annotated[int, typer.Option("--stages", min=0, help="How many last backbone stages to train (with the projection)")] = ADAPT_STAGES,
-    out: Annotated[Optional[Path], option("--out", help="File stem [default: adapted/<collection>]")] = None,
+    out: Annotated[Optional[Path], option("--out", help="File stem, refused if it exists [default: adapted/<collection>, or -2, -3... when taken]")] = None,
     json_output: JsonOption = False,
 ) -> Output:
     """Adapt the embedding to the collection's labeled images (metric learning); reindex with --weights to use it."""

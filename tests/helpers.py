@@ -24,9 +24,38 @@ FASHION_DIR = ROOT / "examples" / "catalog"
 
 __all__ = [
     "ROOT", "FASHION_DIR", "ARTIFACTS", "free_port", "copy_fashion_catalog", "fashion_images", "cosine", "serve", "healthy_client",
-    "run_cli", "browser_page", "CuttableProxy", "ObservingProxy", "SeaweedFS", "RestartableMilvus",
+    "run_cli", "searching_through", "browser_page", "CuttableProxy", "ObservingProxy", "SeaweedFS", "RestartableMilvus",
 ]
 ARTIFACTS = ROOT / "tests" / "artifacts"  # screenshots of the browser tests (ignored by git, kept by CI)
+
+
+@contextmanager
+def searching_through(uri: str, alias: str, probe):
+    """A thread searching `alias` for `probe` every 50 ms while the block runs (what a reindex must not interrupt);
+    yields (answered: each search's hit count, errors: repr of each failure)."""
+    import threading
+
+    from pymilvus import MilvusClient
+
+    answered, errors, stop = [], [], threading.Event()
+
+    def search() -> None:
+        searcher = MilvusClient(uri=uri)
+        while not stop.is_set():
+            try:
+                answered.append(len(searcher.search(alias, data=[probe], limit=3)[0]))
+            except Exception as error:  # counted: the tests need none
+                errors.append(repr(error))
+            time.sleep(0.05)
+        searcher.close()
+
+    thread = threading.Thread(target=search)
+    thread.start()
+    try:
+        yield answered, errors
+    finally:
+        stop.set()
+        thread.join()
 
 
 def run_cli(args, env_extra=None, cwd=None, python_flags=(), check=False) -> subprocess.CompletedProcess:

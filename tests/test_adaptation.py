@@ -103,6 +103,20 @@ def test_adapted_vectors_separate_the_trained_classes_better_on_images_it_never_
     assert after - before >= 0.02, (before, after)
 
 
+def test_an_adapted_embedding_is_never_written_over():
+    """adapted.unused_stem: the default stem, else -2, -3, ... (a collection made with the first keeps its file)."""
+    import tempfile
+
+    from imgsearch.encoders.adapted import unused_stem
+
+    folder = Path(tempfile.mkdtemp())
+    assert unused_stem(folder / "shop") == folder / "shop"
+    (folder / "shop.safetensors").write_bytes(b"weights")
+    assert unused_stem(folder / "shop") == folder / "shop-2"
+    (folder / "shop-2.json").write_text("{}")
+    assert unused_stem(folder / "shop") == folder / "shop-3"
+
+
 def cli(args: list[str], env: dict, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-m", "imgsearch.cli", *args], capture_output=True, text=True, env=env, timeout=600)
     assert not check or result.returncode == 0, result.stderr
@@ -156,10 +170,9 @@ def new_class_images(folder: Path, count: int) -> list[Path]:
 def test_reindex_to_the_adapted_embedding_keeps_searches_answering(adapted, milvus_server_uri, tmp_path):
     """The alias test's pattern (test_cli.py) with `--weights ADAPTED`: searches through the alias answer throughout,
     the alias ends on a new collection named after the adapted embedding, which records it."""
-    import threading
-    import time
-
     from pymilvus import MilvusClient
+
+    from helpers import searching_through
 
     folder, _, summary, env = adapted
     suffix = f"{os.getpid()}_{tmp_path.name[-6:]}".replace("-", "_")
@@ -168,26 +181,9 @@ def test_reindex_to_the_adapted_embedding_keeps_searches_answering(adapted, milv
     client = MilvusClient(uri=milvus_server_uri)
     client.create_alias(old, alias)
     probe = client.query(old, filter="", output_fields=["vector"], limit=1)[0]["vector"]
-    answered, errors, stop = [], [], threading.Event()
-
-    def search_through_the_alias() -> None:
-        searcher = MilvusClient(uri=milvus_server_uri)
-        while not stop.is_set():
-            try:
-                answered.append(len(searcher.search(alias, data=[probe], limit=3)[0]))
-            except Exception as error:  # counted: the test needs none
-                errors.append(repr(error))
-            time.sleep(0.05)
-        searcher.close()
-
-    searcher = threading.Thread(target=search_through_the_alias)
-    searcher.start()
-    try:
+    with searching_through(milvus_server_uri, alias, probe) as (answered, errors):
         report = json.loads(cli(["reindex", "--model", "efficientnet_lite0", "--weights", summary["weights"], "--alias", alias,
                                  "--uri", milvus_server_uri, "--json"], env).stdout)
-    finally:
-        stop.set()
-        searcher.join()
     target = "imgsearch_efficientnet_lite0_" + summary["weights_id"].replace(":", "_")
     try:
         assert (report["source"], report["target"], report["indexed"], report["failed"]) == (old, target, PER_CLASS, [])

@@ -7,14 +7,13 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import FASHION_DIR, copy_fashion_catalog, run_cli
+from helpers import FASHION_DIR, copy_fashion_catalog, run_cli, searching_through
 
 pytestmark = pytest.mark.slow  # the imgsearch command in subprocesses
 
@@ -329,30 +328,13 @@ def test_reindex_switches_the_alias_while_searches_keep_answering(milvus_server_
     client.create_alias(old, alias)
     probe = client.query(old, filter="", output_fields=["vector"], limit=1)[0]["vector"]
 
-    answered, errors, stop = [], [], threading.Event()
-
-    def search_through_the_alias() -> None:
-        searcher = MilvusClient(uri=milvus_server_uri)
-        while not stop.is_set():
-            try:
-                answered.append(len(searcher.search(alias, data=[probe], limit=3)[0]))
-            except Exception as error:  # counted: the test needs none
-                errors.append(repr(error))
-            time.sleep(0.05)
-        searcher.close()
-
-    searcher = threading.Thread(target=search_through_the_alias)
-    searcher.start()
-    try:
+    with searching_through(milvus_server_uri, alias, probe) as (answered, errors):
         new = f"shop_v2_{suffix}"
         result = run([
             "reindex", "--model", "timm:tf_efficientnet_lite0", "--weights", str(second_model_weights), "--alias", alias,
             "--target", new, "--uri", milvus_server_uri, "--json",
         ])
         time.sleep(0.5)  # a few searches after the switch too
-    finally:
-        stop.set()
-        searcher.join()
     report = json.loads(result.stdout)
     assert (report["source"], report["target"], report["indexed"], report["failed"]) == (old, new, 20, [])
     assert errors == [] and len(answered) > 10 and set(answered) == {3}

@@ -50,6 +50,16 @@ def adapted_paths(path: Path) -> tuple[Path, Path]:
     return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
 
 
+def unused_stem(path: Path) -> Path:
+    """`path`, or `path`-2, -3, ...: the first stem whose files do not exist. An adapted embedding a collection was
+    reindexed with must never be overwritten: its vectors would no longer match the file (the guard refuses them)."""
+    stem, number = Path(path), 1
+    while any(file.exists() for file in adapted_paths(stem)):
+        number += 1
+        stem = Path(path).with_name(f"{Path(path).name}-{number}")
+    return stem
+
+
 def is_adapted(weights: Path | str | None) -> bool:
     """Whether a weights path is an adapted embedding (its card beside it), without reading the tensors."""
     if weights is None:

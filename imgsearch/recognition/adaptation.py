@@ -33,7 +33,7 @@ from torchvision.transforms import v2 as T
 
 from imgsearch.config import ADAPT_EPOCHS, ADAPT_STAGES
 from imgsearch.encoders import canonical_model_name, load_torch_encoder
-from imgsearch.encoders.adapted import AdaptedCard
+from imgsearch.encoders.adapted import AdaptedCard, adapted_paths, unused_stem
 from imgsearch.encoders.adapted_model import AdaptedEmbedding, save_adapted
 from imgsearch.encoders.torch_encoder import TorchEncoder
 from imgsearch.errors import UsageError
@@ -245,7 +245,9 @@ def adapt_collection(
     settings, *, epochs: int = ADAPT_EPOCHS, stages: int = ADAPT_STAGES, out: Path | None = None, progress=None
 ) -> tuple[AdaptedCard, Path, Path]:
     """Adapt the settings' model to the labeled references of the settings' collection and save it (default:
-    adapted/<collection>). Returns the card and the two files."""
+    adapted/<collection>, or -2, -3, ... when taken; an `out` that exists is refused). Returns the card and the files."""
+    if out is not None and any(file.exists() for file in adapted_paths(out)):  # before an hour of training, not after
+        raise UsageError(f"{adapted_paths(out)[0]} exists: give another --out (an adapted embedding is never overwritten)")
     with open_existing_store(settings) as store:
         if "model" in settings.model_fields_set and store.model != canonical_model_name(settings.model):
             raise UsageError(f"collection {settings.collection_name} holds model {store.model}, not {settings.model}")
@@ -256,5 +258,5 @@ def adapt_collection(
         epochs=epochs, stages=stages, workers=settings.workers or 0, progress=progress,
     )
     card.collection = collection
-    weights_path, card_path = save_adapted(out or default_adapted_path(collection), module, card)
+    weights_path, card_path = save_adapted(out or unused_stem(default_adapted_path(collection)), module, card)
     return card, weights_path, card_path
