@@ -49,6 +49,9 @@ QUERY_CHUNK = 1000  # ids per `id in [...]` filter
 # (measured on the 2.3.5 server). Counts and gets keep the collection's Strong level.
 SEARCH_CONSISTENCY = "Session"
 HEALTH_TIMEOUT_SECONDS = 2.0
+# Reads hand vectors over as numpy views of one float32 array per call, not lists of Python floats: those
+# (1,280 objects a row) fragmented a long-running service's heap, whose RSS a duplicates scan then raised for good
+VECTORS_AS_ARRAYS = {"strict_float32": True}
 
 
 def upsert_rows(client: MilvusClient, collection: str, records: Sequence[ImageRecord]) -> None:
@@ -229,7 +232,9 @@ class MilvusStore:
         for start in range(0, len(ids), QUERY_CHUNK):
             chunk = list(ids[start : start + QUERY_CHUNK])
             with milvus_errors("reading rows"):
-                rows = self.client.get(self.collection, ids=chunk, output_fields=list(fields), **consistency)
+                rows = self.client.get(
+                    self.collection, ids=chunk, output_fields=list(fields), **consistency, **VECTORS_AS_ARRAYS
+                )
             for row in rows:
                 found[row["id"]] = dict(row)
         return found
@@ -260,7 +265,7 @@ class MilvusStore:
     def iter_rows(self, fields: Sequence[str] = ("id", "path"), batch_size: int = 1000, filter: str = "") -> Iterator[dict]:
         with milvus_errors("reading rows"):
             iterator = self.client.query_iterator(
-                self.collection, batch_size=batch_size, filter=filter, output_fields=list(fields)
+                self.collection, batch_size=batch_size, filter=filter, output_fields=list(fields), **VECTORS_AS_ARRAYS
             )
         try:
             while True:
