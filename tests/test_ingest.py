@@ -285,14 +285,50 @@ def test_workers_read_the_plan_from_its_start_line_each_line_once(tmp_path):
         assert sorted(read) == sorted(str(path) for path in paths[5:]), workers
 
 
+def test_workers_carry_batches_in_shared_memory_that_each_slot_reuses_only_once_its_batch_is_done(tmp_path):
+    """More batches than slots (5 per worker): a slot written again before the parent was done with its batch would
+    show as a batch equal to a later one."""
+    import mmap
+
+    from imgsearch.ingest.reader import PREFETCH_BATCHES, PlannedImages, batches
+
+    paths = _catalog(tmp_path / "catalog", per_class=3)  # 30 images, every other line to each of 2 workers
+    plan = tmp_path / "plan.jsonl"
+    plan.write_text("".join(json.dumps({"path": str(path), "id": "", "label": "", "metadata": {}}) + "\n" for path in paths))
+    dataset = PlannedImages(plan, _small_pixels, 64_000_000, 28)
+    inline = {item["path"]: row for batch in batches(dataset, 2, 0) for item, row in zip(batch["items"], batch["batch"])}
+    shared, carried = {}, 0
+    for batch in batches(dataset, 2, 2):
+        carried += _in_shared_memory(batch["batch"], mmap.mmap)
+        shared.update({item["path"]: row.copy() for item, row in zip(batch["items"], batch["batch"])})
+    assert carried == 16 > 2 * (PREFETCH_BATCHES + 1)  # each worker reads 15 lines: 8 batches
+    assert shared.keys() == inline.keys() and len(shared) == 30
+    for path, row in inline.items():
+        assert np.array_equal(row, shared[path]), path
+
+
+def _in_shared_memory(array, kind) -> bool:
+    base = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return isinstance(base, memoryview) and isinstance(base.obj, kind)
+
+
+def _small_pixels(image):
+    return np.asarray(image.convert("RGB").resize((6, 6)), np.float32).transpose(2, 0, 1) / 255
+
+
 def _tiny(image):
     return np.zeros((3, 2, 2), np.float32)
 
 
 def _exit_at_once(image):
+    import multiprocessing
     import os
 
-    os._exit(3)  # as if killed: no exception, no batch, no end marker
+    if multiprocessing.parent_process() is not None:  # in a decode worker; the parent preprocesses a blank image once
+        os._exit(3)  # as if killed: no exception, no batch, no end marker
+    return _tiny(image)
 
 
 def test_after_an_ingest_milvus_lite_searches_every_row_through_its_index(tmp_path, onnx_encoder, make_store, backend):
