@@ -1,7 +1,8 @@
 """Read the plan: worker processes read, hash, decode and preprocess images into batches for the encoder.
 
 Two transports carry the same batches: torch's DataLoader for torch encoders (shared memory, pinned batches for the
-GPU; ingest/torch_reader.py), and plain worker processes with a queue for the ONNX runtime, which never imports torch.
+GPU; ingest/torch_reader.py), and plain worker processes for the ONNX runtime, which never imports torch: they write
+each batch's inputs into shared memory (BatchSlots) and put the rest on a queue.
 """
 
 from __future__ import annotations
