@@ -52,6 +52,21 @@ def process_stats(pid: int) -> dict[str, int]:
     }
 
 
+def rss_trend(trajectory: list[tuple[int, float]], warm_at: float) -> dict[str, float] | None:
+    """A least-squares line through the RSS samples from the warm-up on: its rise over the run as a fraction of its
+    value at the warm-up. Two single samples (the target's figure) move with whatever a request holds at that
+    second (up to 20 MiB between neighbouring samples here); the line shows whether RSS keeps climbing."""
+    import numpy as np
+
+    points = [(at, mib) for at, mib in trajectory if at >= warm_at - SAMPLE_EVERY_SECONDS / 2]
+    if len(points) < 3:
+        return None
+    seconds, mib = np.array(points, dtype=float).T
+    slope, intercept = np.polyfit(seconds, mib, 1)
+    first, last = slope * seconds[0] + intercept, slope * seconds[-1] + intercept
+    return {"growth": float(last / first - 1), "mib_per_minute": float(slope * 60)}
+
+
 def free_port() -> int:
     import socket
 
@@ -188,9 +203,11 @@ def main() -> int:
             drop_collection(args.uri, collection)
     (_, start), (warm_at, warm), (end_at, end) = samples
     growth = (end["rss"] - warm["rss"]) / warm["rss"]
+    trend = rss_trend(trajectory, warm_at)
     result = {
         "seed": seed, "users": args.users, "seconds": args.seconds, "warmup": args.warmup, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "endpoints": rows, "process": {"start": start, "warm": warm, "end": end}, "rss_growth_after_warmup": growth,
+        "rss_trend_after_warmup": trend,
         "rss_mib_every_30_s": trajectory,
         "failures": failures.splitlines()[1:21], "service_exit": service.returncode, "service_stop_seconds": stop_seconds,
         "service_errors": [line for line in served_log.splitlines() if "Traceback" in line or "ERROR" in line][:20],
@@ -214,6 +231,9 @@ def main() -> int:
         for name, stats in (("start", start), (f"after warm-up ({warm_at:.0f} s)", warm), (f"end ({end_at:.0f} s)", end)):
             print(f"{name:<24}{stats['rss'] / 2**20:>9.1f}{stats['fds']:>6}{stats['threads']:>9}")
         print(f"RSS growth after warm-up: {growth:+.1%}")
+        if trend is not None:
+            print(f"RSS trend after warm-up (a line fitted to the 30-s samples; not a target): {trend['growth']:+.1%}, "
+                  f"{trend['mib_per_minute']:+.2f} MiB/min")
         print("RSS MiB every 30 s:", ", ".join(f"{at} s {mib:.0f}" for at, mib in trajectory))
         print(f"service stopped {stop_seconds} s after SIGTERM, exit {service.returncode}")
         for line in result["failures"]:
