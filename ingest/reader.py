@@ -143,8 +143,13 @@ def batches(dataset: PlannedImages, batch_size: int, workers: int, start: int = 
         yield from _from_worker_processes(dataset, batch_size, workers, start)
 
 
-def _batched(items: Iterator[dict[str, Any]], batch_size: int) -> Iterator[dict[str, Any]]:
+def _chunks(items: Iterator[dict[str, Any]], batch_size: int) -> Iterator[list[dict[str, Any]]]:
     while chunk := list(islice(items, batch_size)):
+        yield chunk
+
+
+def _batched(items: Iterator[dict[str, Any]], batch_size: int) -> Iterator[dict[str, Any]]:
+    for chunk in _chunks(items, batch_size):
         yield collate(chunk)
 
 
@@ -155,7 +160,7 @@ class BatchSlots:
     that slot held before (a semaphore per worker counts its free slots); the parent reads the slot in place."""
 
     def __init__(self, input_shape: tuple[int, ...], dtype: np.dtype, batch_size: int, workers: int, per_worker: int, context: Any) -> None:
-        self.input_shape, self.dtype, self.batch_size, self.per_worker = tuple(input_shape), np.dtype(dtype), batch_size, per_worker
+        self.input_shape, self.dtype, self.per_worker = tuple(input_shape), np.dtype(dtype), per_worker
         self.slot_bytes = batch_size * int(np.prod(self.input_shape)) * self.dtype.itemsize
         self.memory = mmap.mmap(-1, self.slot_bytes * per_worker * workers)  # anonymous and shared: forked children see it
         self.free = [context.Semaphore(per_worker) for _ in range(workers)]
@@ -201,9 +206,8 @@ def _decode_worker(
     slots: BatchSlots | None = None,
 ) -> None:
     die_with_parent(parent)
-    items = dataset.items(worker_id, workers, start)
     taken = 0
-    while chunk := list(islice(items, batch_size)):
+    for chunk in _chunks(dataset.items(worker_id, workers, start), batch_size):
         tensors = [item["tensor"] for item in chunk if "tensor" in item]
         if slots is None or not tensors or not slots.fits(tensors):
             put_while_parent_lives(out, collate(chunk), parent)

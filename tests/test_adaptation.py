@@ -103,13 +103,11 @@ def test_adapted_vectors_separate_the_trained_classes_better_on_images_it_never_
     assert after - before >= 0.02, (before, after)
 
 
-def test_an_adapted_embedding_is_never_written_over():
+def test_an_adapted_embedding_is_never_written_over(tmp_path):
     """adapted.unused_stem: the default stem, else -2, -3, ... (a collection made with the first keeps its file)."""
-    import tempfile
-
     from imgsearch.encoders.adapted import unused_stem
 
-    folder = Path(tempfile.mkdtemp())
+    folder = tmp_path
     assert unused_stem(folder / "shop") == folder / "shop"
     (folder / "shop.safetensors").write_bytes(b"weights")
     assert unused_stem(folder / "shop") == folder / "shop-2"

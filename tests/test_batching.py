@@ -117,4 +117,3 @@ def test_writes_and_scans_still_queued_when_the_service_stops_are_refused_503():
     finished, refused = asyncio.run(scenario())
     assert finished == ["written", "scanned"]
     assert all(isinstance(error, HTTPException) and error.status_code == 503 and error.headers["Retry-After"] for error in refused), refused
-

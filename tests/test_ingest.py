@@ -288,8 +288,6 @@ def test_workers_read_the_plan_from_its_start_line_each_line_once(tmp_path):
 def test_workers_carry_batches_in_shared_memory_that_each_slot_reuses_only_once_its_batch_is_done(tmp_path):
     """More batches than slots (5 per worker): a slot written again before the parent was done with its batch would
     show as a batch equal to a later one."""
-    import mmap
-
     from imgsearch.ingest.reader import PREFETCH_BATCHES, PlannedImages, batches
 
     paths = _catalog(tmp_path / "catalog", per_class=3)  # 30 images, every other line to each of 2 workers
@@ -299,7 +297,7 @@ def test_workers_carry_batches_in_shared_memory_that_each_slot_reuses_only_once_
     inline = {item["path"]: row for batch in batches(dataset, 2, 0) for item, row in zip(batch["items"], batch["batch"])}
     shared, carried = {}, 0
     for batch in batches(dataset, 2, 2):
-        carried += _in_shared_memory(batch["batch"], mmap.mmap)
+        carried += _in_shared_memory(batch["batch"])
         shared.update({item["path"]: row.copy() for item, row in zip(batch["items"], batch["batch"])})
     assert carried == 16 > 2 * (PREFETCH_BATCHES + 1)  # each worker reads 15 lines: 8 batches
     assert shared.keys() == inline.keys() and len(shared) == 30
@@ -307,11 +305,13 @@ def test_workers_carry_batches_in_shared_memory_that_each_slot_reuses_only_once_
         assert np.array_equal(row, shared[path]), path
 
 
-def _in_shared_memory(array, kind) -> bool:
+def _in_shared_memory(array) -> bool:
+    import mmap
+
     base = array
     while isinstance(base, np.ndarray):
         base = base.base
-    return isinstance(base, memoryview) and isinstance(base.obj, kind)
+    return isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)
 
 
 def _small_pixels(image):
