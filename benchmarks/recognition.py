@@ -10,7 +10,7 @@
     python benchmarks/recognition.py --whitening --references-per-class 6000 --abstention-references 600,6000 --draws 3
         # investigation: the ceiling after a within-class whitening learned from the references
     python benchmarks/recognition.py --compare efficientnet_lite0 efficientnet_lite1 efficientnet_lite2 --queries-per-class 200
-    python benchmarks/recognition.py --adapt [--epochs 6] [--stages 2]
+    python benchmarks/recognition.py --adapt [--epochs 6] [--stages 2] [--distill 4]
         # `imgsearch adapt` on the references of 8 classes (bag and ankle_boot held out of it), then frozen against
         # adapted on the same queries: k-NN (all 10 classes), 5-shot on the held-out 2, open-set AUROC, the
         # self-calibrated abstention pair, near-duplicate recall of the photo edits at cosine 0.90
@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-from imgsearch.config import ADAPT_EPOCHS, ADAPT_STAGES  # noqa: E402
+from imgsearch.config import ADAPT_DISTILL, ADAPT_EPOCHS, ADAPT_STAGES  # noqa: E402
 from imgsearch.encoders import load_encoder  # noqa: E402
 from imgsearch.evaluation import (  # noqa: E402
     EvalOptions,
@@ -426,11 +426,11 @@ def adapt_benchmark(args, options: EvalOptions, progress) -> None:
     held_out = set(range(len(classes) - options.unknown_classes, len(classes)))
     trained = [i for i, target in enumerate(reference_set.targets) if target not in held_out]
     print(f"adapting on {len(trained)} references of {len(classes) - len(held_out)} classes; held out of the adaptation: "
-          f"{', '.join(classes[c] for c in sorted(held_out))}; {args.epochs} epochs at most, {args.stages} stages", flush=True)
+          f"{', '.join(classes[c] for c in sorted(held_out))}; {args.epochs} epochs at most, {args.stages} stages, distill {args.distill}", flush=True)
     started = time.perf_counter()
     module, card = adapt_embedding(
         "efficientnet_lite0", [reference_set.sources[i] for i in trained], [classes[reference_set.targets[i]] for i in trained],
-        device=args.device, epochs=args.epochs, stages=args.stages, workers=args.workers, seed=options.seed, progress=progress,
+        device=args.device, epochs=args.epochs, stages=args.stages, distill=args.distill, workers=args.workers, seed=options.seed, progress=progress,
     )
     adapt_seconds = time.perf_counter() - started
     weights, card_path = save_adapted(unused_stem(Path(args.adapt_out)), module, card)
@@ -513,6 +513,7 @@ def main() -> None:
                         "MODEL@RUNTIME runs one with its own runtime (efficientnet_lite0@onnx efficientnet_lite0@onnx-int8)")
     parser.add_argument("--weights", type=Path, default=None, help="Lite0 weights file [default: the installed package]")
     parser.add_argument("--adapt", action="store_true", help="only frozen against adapted (`imgsearch adapt`), held-out classes apart")
+    parser.add_argument("--distill", type=float, default=ADAPT_DISTILL, help="--adapt: weight of the pull towards the frozen embedding")
     parser.add_argument("--adapt-out", default="adapted/fashion-mnist", help="--adapt: where the adapted weights are saved")
     args = parser.parse_args()
 

@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from imgsearch.config import (
+    ADAPT_DISTILL,
     ADAPT_EPOCHS,
     ADAPT_STAGES,
     DUPLICATES_THRESHOLD_HELP,
@@ -399,13 +400,17 @@ def adapt(
         int, option("--epochs", min=1, help=f"Training epochs at most; the best on the held-out references is kept [default: {ADAPT_EPOCHS}]")
     ] = ADAPT_EPOCHS,
     stages: Annotated[int, typer.Option("--stages", min=0, help="How many last backbone stages to train (with the projection)")] = ADAPT_STAGES,
+    distill: Annotated[
+        float, option("--distill", min=0.0, help="Pull towards each image's frozen embedding: higher keeps unseen labels and photo edits "
+                      f"closer to the base model, 0 trains the margin loss alone [default: {ADAPT_DISTILL}]")
+    ] = ADAPT_DISTILL,
     out: Annotated[Optional[Path], option("--out", help="File stem, refused if it exists [default: adapted/<collection>, or -2, -3... when taken]")] = None,
     json_output: JsonOption = False,
 ) -> Output:
     """Adapt the embedding to the collection's labeled images (metric learning); reindex with --weights to use it."""
     from imgsearch.recognition.adaptation import adapt_collection
 
-    card, weights_path, card_path = adapt_collection(settings, epochs=epochs, stages=stages, out=out, progress=progress_lines(not json_output))
+    card, weights_path, card_path = adapt_collection(settings, epochs=epochs, stages=stages, distill=distill, out=out, progress=progress_lines(not json_output))
     frozen, adapted = card.validation["frozen"], card.validation["adapted"]
     summary = {"weights": str(weights_path), "card": str(card_path), "weights_id": card.weights_id, "labels": len(card.labels),
                "validation": card.validation, "epochs_run": card.epochs_run, "seconds": card.training["seconds"]}

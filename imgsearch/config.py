@@ -51,6 +51,9 @@ HEAD_EPOCHS = {HeadMode.linear: 300, HeadMode.finetune: 10}
 HEAD_STAGES = 3  # finetune: the last backbone stages unfrozen
 ADAPT_EPOCHS = 6  # `imgsearch adapt`: epochs at most (the best on the held-out references is kept)
 ADAPT_STAGES = 2  # its last backbone stages trained, with the projection (Lite0 has 9)
+# its pull of each image towards its own frozen embedding, weighed against the margin loss: keeps what the base model
+# knew about labels and photo edits it never trained on (docs/recognition.md)
+ADAPT_DISTILL = 4.0
 
 
 class Settings(BaseSettings):

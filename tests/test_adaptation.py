@@ -80,7 +80,7 @@ def test_adapt_writes_weights_and_a_complete_card(adapted):
     weights = Path(summary["weights"])
     card = read_card(weights)  # checks the digest against the file
     assert weights.is_file() and card.digest == file_digest(weights) and summary["weights_id"] == card.weights_id
-    assert card.base_model == "efficientnet_lite0" and card.dim == 1280 and card.loss.startswith("cosface")
+    assert card.base_model == "efficientnet_lite0" and card.dim == 1280 and card.loss.startswith("cosface") and "frozen embedding" in card.loss
     assert set(card.labels) == set(CLASSES) and sum(card.labels.values()) + card.validation["images"] == PER_CLASS * len(CLASSES)
     assert card.epochs == 2 and card.epochs_run == len(card.history) >= 1 and card.stages == 2
     for figures in (card.validation["frozen"], card.validation["adapted"]):
@@ -113,6 +113,24 @@ def test_an_adapted_embedding_is_never_written_over(tmp_path):
     assert unused_stem(folder / "shop") == folder / "shop-2"
     (folder / "shop-2.json").write_text("{}")
     assert unused_stem(folder / "shop") == folder / "shop-3"
+
+
+def test_the_margin_loss_sees_the_vectors_as_recognition_compares_them():
+    """CosFace's cosine is taken after recognition's power transform (scoring.power_normalize): trained on raw
+    cosines, the adapted vectors scored worse through the recogniser than at plain 10-NN (docs/recognition.md)."""
+    import torch
+    import torch.nn.functional as F
+
+    from imgsearch.recognition.adaptation import CosFace, signed_power
+    from imgsearch.recognition.scoring import power_normalize
+
+    vectors = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    transformed = F.normalize(signed_power(F.normalize(vectors, dim=1)), dim=1).numpy()
+    assert np.allclose(transformed, power_normalize(vectors.numpy()), atol=1e-4)
+    # a proxy that matches a vector only after the transform gives the lowest loss for that vector's label
+    proxies = torch.from_numpy(power_normalize(vectors[:2].numpy()))
+    losses = [CosFace(proxies, margin=0.0)(vectors[:1], torch.tensor([label])).item() for label in (0, 1)]
+    assert losses[0] < losses[1]
 
 
 def cli(args: list[str], env: dict, check: bool = True) -> subprocess.CompletedProcess:
