@@ -24,7 +24,8 @@ def option(*names: str, help: str, **kwargs: Any) -> Any:
 def _setting_option(field: str, flags: tuple[str, ...], kind: type) -> Any:
     """A flag for a Settings field; its help is the field's description, so the two cannot drift."""
     described = Settings.model_fields[field]
-    default = "" if described.default is None else f"; default {described.default}"
+    value = described.get_default(call_default_factory=True)  # a default factory's value, not pydantic's placeholder
+    default = "" if value is None or value in ("", {}) else f"; default {value}"
     return Annotated[Optional[kind], option(*flags, help=f"{described.description} [env IMGSEARCH_{field.upper()}{default}]")]
 
 

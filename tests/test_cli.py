@@ -37,6 +37,17 @@ def ingested(tmp_path_factory):
     return root, catalog, uri, json.loads(result.stdout)
 
 
+def test_option_help_shows_real_defaults_only():
+    """A setting's flag states its default as the value a user gets, never pydantic's placeholder for a default
+    factory, and says nothing when the default is empty."""
+    from imgsearch.shell import SHARED_OPTIONS
+
+    helps = {field: annotated.__metadata__[0].help for field, annotated in SHARED_OPTIONS.items()}
+    assert all("Undefined" not in text and not text.endswith("; default ]") for text in helps.values()), helps
+    assert helps["storage_options"].endswith("[env IMGSEARCH_STORAGE_OPTIONS]")
+    assert helps["batch_size"].endswith("[env IMGSEARCH_BATCH_SIZE; default 32]")
+
+
 def test_ingest_json_shape(ingested):
     _, catalog, _, report = ingested
     assert report["indexed"] == 20 and report["skipped"] == 0
