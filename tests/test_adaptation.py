@@ -127,7 +127,7 @@ def test_the_margin_loss_sees_the_vectors_as_recognition_compares_them():
     vectors = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
     transformed = F.normalize(signed_power(F.normalize(vectors, dim=1)), dim=1).numpy()
     assert np.allclose(transformed, power_normalize(vectors.numpy()), atol=1e-4)
-    # a proxy that matches a vector only after the transform gives the lowest loss for that vector's label
+    # and the loss indexes its proxies by label: a vector scored against its own transformed form loses least
     proxies = torch.from_numpy(power_normalize(vectors[:2].numpy()))
     losses = [CosFace(proxies, margin=0.0)(vectors[:1], torch.tensor([label])).item() for label in (0, 1)]
     assert losses[0] < losses[1]
