@@ -16,6 +16,7 @@ import typer
 
 from imgsearch.config import (
     ADAPT_DISTILL,
+    ADAPT_DISTILL_MAX,
     ADAPT_EPOCHS,
     ADAPT_STAGES,
     DUPLICATES_THRESHOLD_HELP,
@@ -401,7 +402,8 @@ def adapt(
     ] = ADAPT_EPOCHS,
     stages: Annotated[int, typer.Option("--stages", min=0, help="How many last backbone stages to train (with the projection)")] = ADAPT_STAGES,
     distill: Annotated[
-        float, option("--distill", min=0.0, help="Pull towards each image's frozen embedding: higher keeps unseen labels and photo edits "
+        float, option("--distill", min=0.0, max=ADAPT_DISTILL_MAX,
+                      help="Pull towards each image's frozen embedding: higher keeps unseen labels and photo edits "
                       f"closer to the base model, 0 trains the margin loss alone [default: {ADAPT_DISTILL}]")
     ] = ADAPT_DISTILL,
     out: Annotated[Optional[Path], option("--out", help="File stem, refused if it exists [default: adapted/<collection>, or -2, -3... when taken]")] = None,

@@ -54,6 +54,7 @@ ADAPT_STAGES = 2  # its last backbone stages trained, with the projection (Lite0
 # its pull of each image towards its own frozen embedding, weighed against the margin loss: keeps what the base model
 # knew about labels and photo edits it never trained on (docs/recognition.md)
 ADAPT_DISTILL = 4.0
+ADAPT_DISTILL_MAX = 100.0  # beyond this the margin loss no longer moves anything; infinity would train to NaN
 
 
 class Settings(BaseSettings):

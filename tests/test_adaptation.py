@@ -133,6 +133,16 @@ def test_the_margin_loss_sees_the_vectors_as_recognition_compares_them():
     assert losses[0] < losses[1]
 
 
+@pytest.mark.parametrize("distill", [-1.0, float("inf"), float("nan")])
+def test_a_distillation_weight_out_of_range_is_refused_before_anything_loads(distill):
+    """Infinity or NaN would train to NaN and save the unchanged embedding with a warning after an hour on a CPU."""
+    from imgsearch.recognition.adaptation import adapt_embedding
+    from imgsearch.recognition.head import HeadError
+
+    with pytest.raises(HeadError, match="distillation weight must be between 0 and"):
+        adapt_embedding("no-such-model", [b"", b""], ["a", "b"], distill=distill)
+
+
 def cli(args: list[str], env: dict, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-m", "imgsearch.cli", *args], capture_output=True, text=True, env=env, timeout=600)
     assert not check or result.returncode == 0, result.stderr

@@ -33,7 +33,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2 as T
 
-from imgsearch.config import ADAPT_DISTILL, ADAPT_EPOCHS, ADAPT_STAGES
+from imgsearch.config import ADAPT_DISTILL, ADAPT_DISTILL_MAX, ADAPT_EPOCHS, ADAPT_STAGES
 from imgsearch.encoders import canonical_model_name, load_torch_encoder
 from imgsearch.encoders.adapted import AdaptedCard, adapted_paths, unused_stem
 from imgsearch.encoders.adapted_model import AdaptedEmbedding, save_adapted
@@ -152,6 +152,8 @@ def adapt_embedding(
     classes = sorted(set(labels))
     if len(classes) < 2:
         raise HeadError(f"adapting needs at least 2 labels, found {len(classes)}")
+    if not 0 <= distill <= ADAPT_DISTILL_MAX:  # NaN fails both comparisons
+        raise HeadError(f"the distillation weight must be between 0 and {ADAPT_DISTILL_MAX:g}, not {distill}")
     base = load_torch_encoder(encoder_name, weights=weights, device=device)
     targets = np.array([classes.index(label) for label in labels])
     train_index, validation_index = stratified_split(targets, validation_fraction, seed)
