@@ -7,10 +7,13 @@ The sample catalog (examples/catalog: 300 labelled products) is ingested into a 
 started on it as its own process; Locust (benchmarks/soak_locustfile.py, headless) runs --users users for --seconds:
 search, recognize (a quarter keep their "unknown" answers for review), upload, enrol, delete (own uploads), review
 and duplicates. Printed: per endpoint the requests, p50/p99 and errors; for the service process its RSS, open file
-descriptors and threads at the start, after --warmup seconds and at the end. --check exits 1 unless there were no
-errors, RSS grew at most 5% after the warm-up, and descriptors and threads stayed flat (within 2% or 3 of the
-warm-up's count). The seed is printed, and --seed repeats a run's draws. IMGSEARCH_RUNTIME and IMGSEARCH_ONNX_CACHE
-pass through to the service; every other setting is the soak's own.
+descriptors and threads at the start, after --warmup seconds and at the end. The last two are taken with no load and
+the service idle (its CPU quiet: requests, scans and recalibrations done): the load pauses after the warm-up for that
+sample and resumes for the rest of --seconds. Under load one sample moves with whatever requests hold at that second
+(up to 20 MiB between neighbouring 30-s samples here), which would hide a leak or invent one; RSS every 30 s under
+load is printed beside. --check exits 1 unless there were no errors, RSS grew at most 5% after the warm-up, and
+descriptors and threads stayed flat (within 2% or 3 of the warm-up's count). The seed is printed, and --seed repeats
+a run's draws. IMGSEARCH_RUNTIME and IMGSEARCH_ONNX_CACHE pass through to the service; every other setting is the soak's own.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ SAMPLE_EVERY_SECONDS = 30
 # SIGTERM lets requests in flight finish, and requests queued behind a lock (a duplicates scan, a write) are in
 # flight too, though Locust has stopped their users: a one-minute soak in CI once took over 60 s to stop
 STOP_WAIT_SECONDS = 180
+IDLE_WAIT_SECONDS = 300  # a duplicates scan started just before the pause can take minutes under this load
 
 
 def process_stats(pid: int) -> dict[str, int]:
@@ -50,6 +54,23 @@ def process_stats(pid: int) -> dict[str, int]:
         "fds": len(os.listdir(f"/proc/{pid}/fd")),
         "threads": int(fields["Threads"]),
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def idle_stats(pid: int, quiet_seconds: int = 3, limit: float = IDLE_WAIT_SECONDS) -> tuple[dict[str, int], float, bool]:
+    """The process's stats once it has used under 5% of a core in each of `quiet_seconds` consecutive seconds, the
+    seconds that took, and whether it got there (after `limit` seconds the stats are taken anyway)."""
+    started = time.monotonic()
+    quiet, before = 0, cpu_seconds(pid)
+    while quiet < quiet_seconds and time.monotonic() - started < limit:
+        time.sleep(1)
+        now = cpu_seconds(pid)
+        quiet, before = (quiet + 1 if now - before < 0.05 else 0), now
+    return process_stats(pid), round(time.monotonic() - started, 1), quiet >= quiet_seconds
 
 
 def rss_trend(trajectory: list[tuple[int, float]], warm_at: float) -> dict[str, float] | None:
@@ -162,30 +183,40 @@ def main() -> int:
                                    stdout=subprocess.DEVNULL, stderr=open(tmp / "serve.log", "w"), start_new_session=True)
         samples: list[tuple[float, dict[str, int]]] = []
         trajectory: list[tuple[int, float]] = []  # (seconds into the load, RSS in MiB): a plateau or a leak
+        pauses: list[dict[str, object]] = []  # when the load stopped for an idle sample, and how long the service took
         try:
             wait_healthy(url, service)
             samples.append((0.0, process_stats(service.pid)))
-            load_env = {**env, "SOAK_SEED": str(seed), "SOAK_IMAGES": str(tmp / "images.txt")}
+            resume = tmp / "resume"  # the load shape (soak_locustfile.py) waits for it after the warm-up
+            load_env = {**env, "SOAK_SEED": str(seed), "SOAK_IMAGES": str(tmp / "images.txt"), "SOAK_USERS": str(args.users),
+                        "SOAK_WARMUP": str(args.warmup), "SOAK_SECONDS": str(args.seconds), "SOAK_RESUME_FILE": str(resume)}
             load = subprocess.Popen(
                 [sys.executable, "-m", "locust", "-f", str(ROOT / "benchmarks" / "soak_locustfile.py"), "--headless",
-                 "--users", str(args.users), "--spawn-rate", str(args.users), "--run-time", f"{int(args.seconds)}s",
                  "--host", url, "--csv", str(tmp / "load"), "--only-summary", "--exit-code-on-error", "0",
                  "--loglevel", "WARNING", "--stop-timeout", str(args.stop_timeout)],
                 env=load_env, stdout=subprocess.DEVNULL, stderr=open(tmp / "locust.log", "w"),
             )
             load_started = time.monotonic()
-            warm = None
+            warm, next_sample = None, SAMPLE_EVERY_SECONDS
             while load.poll() is None:
                 time.sleep(1)
                 at = time.monotonic() - load_started
                 if warm is None and at >= args.warmup:
-                    warm = (at, process_stats(service.pid))
+                    stats, waited, idle = idle_stats(service.pid)
+                    warm = (at + waited, stats)
                     samples.append(warm)
-                if at >= SAMPLE_EVERY_SECONDS * (len(trajectory) + 1):
+                    pauses.append({"at": round(at), "idle_after": waited, "idle": idle})
+                    resume.touch()
+                    say(f"warm-up sample: {stats['rss'] / 2**20:.1f} MiB, the service idle {waited:.0f} s after the load paused")
+                elif at >= next_sample:
                     trajectory.append((round(at), round(process_stats(service.pid)["rss"] / 2**20, 1)))
+                    next_sample = (at // SAMPLE_EVERY_SECONDS + 1) * SAMPLE_EVERY_SECONDS
             if load.returncode != 0:
                 raise SystemExit(f"locust exited with {load.returncode}: {(tmp / 'locust.log').read_text()[-2000:]}")
-            samples.append((time.monotonic() - load_started, process_stats(service.pid)))
+            at = time.monotonic() - load_started
+            stats, waited, idle = idle_stats(service.pid)
+            samples.append((at + waited, stats))
+            pauses.append({"at": round(at), "idle_after": waited, "idle": idle})
             rows = endpoint_rows(tmp / "load_stats.csv")
             failures = (tmp / "load_failures.csv").read_text() if (tmp / "load_failures.csv").exists() else ""
         finally:
@@ -208,7 +239,7 @@ def main() -> int:
         "seed": seed, "users": args.users, "seconds": args.seconds, "warmup": args.warmup, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "endpoints": rows, "process": {"start": start, "warm": warm, "end": end}, "rss_growth_after_warmup": growth,
         "rss_trend_after_warmup": trend,
-        "rss_mib_every_30_s": trajectory,
+        "rss_mib_every_30_s": trajectory, "idle_samples": pauses,
         "failures": failures.splitlines()[1:21], "service_exit": service.returncode, "service_stop_seconds": stop_seconds,
         "service_errors": [line for line in served_log.splitlines() if "Traceback" in line or "ERROR" in line][:20],
     }
@@ -227,14 +258,17 @@ def main() -> int:
         for row in rows:
             print(f"{row['method'] + ' ' + row['endpoint'] if row['method'] else row['endpoint']:<16}"[:16].ljust(16)
                   + f"{row['requests']:>10}{row['errors']:>8}{row['p50_ms']:>9.0f}{row['p99_ms']:>9.0f}")
-        print(f"\n{'service':<24}{'RSS MiB':>9}{'fds':>6}{'threads':>9}")
+        print(f"\n{'service (idle)':<24}{'RSS MiB':>9}{'fds':>6}{'threads':>9}")
         for name, stats in (("start", start), (f"after warm-up ({warm_at:.0f} s)", warm), (f"end ({end_at:.0f} s)", end)):
             print(f"{name:<24}{stats['rss'] / 2**20:>9.1f}{stats['fds']:>6}{stats['threads']:>9}")
         print(f"RSS growth after warm-up: {growth:+.1%}")
         if trend is not None:
             print(f"RSS trend after warm-up (a line fitted to the 30-s samples; not a target): {trend['growth']:+.1%}, "
                   f"{trend['mib_per_minute']:+.2f} MiB/min")
-        print("RSS MiB every 30 s:", ", ".join(f"{at} s {mib:.0f}" for at, mib in trajectory))
+        print("RSS MiB every 30 s under load:", ", ".join(f"{at} s {mib:.0f}" for at, mib in trajectory))
+        for name, pause in zip(("warm-up", "end"), pauses):
+            print(f"{name} sample: load stopped at {pause['at']} s, the service "
+                  + (f"idle {pause['idle_after']:.0f} s later" if pause["idle"] else f"still busy after {pause['idle_after']:.0f} s"))
         print(f"service stopped {stop_seconds} s after SIGTERM, exit {service.returncode}")
         for line in result["failures"]:
             print("failure:", line)

@@ -3,6 +3,10 @@
 Each user draws from its own random generator, seeded from SOAK_SEED and its number, so a run can be repeated. Queries
 are the catalog's images (SOAK_IMAGES, one path per line); uploads and enrolments are new images drawn by the
 generator, so the collection grows, and each user deletes only images it uploaded itself.
+
+The load has three phases (`LoadWithQuietSample`): SOAK_USERS users for SOAK_WARMUP seconds, then none until soak.py
+has sampled the idle service and created SOAK_RESUME_FILE, then SOAK_USERS users again until SOAK_SECONDS of load in
+all. Users stop gracefully at each end (Locust's --stop-timeout): requests in flight finish.
 """
 
 from __future__ import annotations
@@ -13,13 +17,33 @@ import os
 import random
 from pathlib import Path
 
-from locust import HttpUser, between, task
+from locust import HttpUser, LoadTestShape, between, task
 from PIL import Image, ImageDraw
 
 SEED = int(os.environ.get("SOAK_SEED", "0"))
 IMAGES = [Path(line) for line in Path(os.environ["SOAK_IMAGES"]).read_text().splitlines() if line]
 HEADERS = {"X-API-Key": os.environ["SOAK_API_KEY"]} if os.environ.get("SOAK_API_KEY") else {}
+USERS = int(os.environ.get("SOAK_USERS", "16"))
+WARMUP = float(os.environ.get("SOAK_WARMUP", "60"))
+SECONDS = float(os.environ.get("SOAK_SECONDS", "600"))
+RESUME_FILE = Path(os.environ.get("SOAK_RESUME_FILE", "soak-resume"))
 _numbers = itertools.count()
+
+
+class LoadWithQuietSample(LoadTestShape):
+    """Load, a pause for a sample of the idle service after the warm-up, load again (the module's docstring)."""
+
+    resumed_at: float | None = None
+
+    def tick(self) -> tuple[int, float] | None:
+        now = self.get_run_time()
+        if now < WARMUP:
+            return USERS, USERS
+        if self.resumed_at is None:
+            if not RESUME_FILE.exists():
+                return 0, USERS
+            self.resumed_at = now
+        return (USERS, USERS) if WARMUP + now - self.resumed_at < SECONDS else None
 
 
 class CatalogUser(HttpUser):
