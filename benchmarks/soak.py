@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import platform
@@ -34,6 +35,12 @@ import uuid
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from imgsearch.processes import die_with_parent  # noqa: E402
+
+# the ingest, the service and Locust end with this script, even on SIGKILL (Locust would otherwise wait for a resume
+# file no one will write, and the service would keep its port)
+WITH_PARENT = functools.partial(die_with_parent, os.getpid())
 
 ROOT = Path(__file__).resolve().parent.parent
 CATALOG = ROOT / "examples" / "catalog"
@@ -172,14 +179,14 @@ def main() -> int:
                 for image in sorted(folder.glob("*.png"))[: args.per_class]:
                     shutil.copy(image, catalog / folder.name / image.name)
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "imgsearch.cli", "ingest", str(catalog), "--json"], env=env, check=True,
+        subprocess.run([sys.executable, "-m", "imgsearch.cli", "ingest", str(catalog), "--json"], env=env, check=True, preexec_fn=WITH_PARENT,
                        stdout=subprocess.DEVNULL)
         images = sorted(str(path) for path in catalog.rglob("*.png"))
         say(f"ingested {len(images)} catalog images in {time.perf_counter() - started:.1f} s")
         (tmp / "images.txt").write_text("\n".join(images))
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        service = subprocess.Popen([sys.executable, "-m", "imgsearch.cli", "serve", "--port", str(port)], env=env,
+        service = subprocess.Popen([sys.executable, "-m", "imgsearch.cli", "serve", "--port", str(port)], env=env, preexec_fn=WITH_PARENT,
                                    stdout=subprocess.DEVNULL, stderr=open(tmp / "serve.log", "w"), start_new_session=True)
         samples: list[tuple[float, dict[str, int]]] = []
         trajectory: list[tuple[int, float]] = []  # (seconds into the load, RSS in MiB): a plateau or a leak
@@ -194,7 +201,7 @@ def main() -> int:
                 [sys.executable, "-m", "locust", "-f", str(ROOT / "benchmarks" / "soak_locustfile.py"), "--headless",
                  "--host", url, "--csv", str(tmp / "load"), "--only-summary", "--exit-code-on-error", "0",
                  "--loglevel", "WARNING", "--stop-timeout", str(args.stop_timeout)],
-                env=load_env, stdout=subprocess.DEVNULL, stderr=open(tmp / "locust.log", "w"),
+                env=load_env, stdout=subprocess.DEVNULL, stderr=open(tmp / "locust.log", "w"), preexec_fn=WITH_PARENT,
             )
             load_started = time.monotonic()
             warm, next_sample = None, SAMPLE_EVERY_SECONDS
