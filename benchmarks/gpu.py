@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument("--models", default="lite0,vit", help="end-to-end runs for these (to fit a device budget)")
     parser.add_argument("--stores", default="lite,server", help="end-to-end runs into these")
     parser.add_argument("--decodes", default="cpu,gpu", help="end-to-end runs with JPEGs decoded here")
+    parser.add_argument("--runs", help="instead of the three above, these end-to-end runs in this order, each "
+                        "MODEL:IMAGES:STORE:DECODE (lite0|vit, a count, lite|server, cpu|gpu), e.g. lite0:8000:lite:gpu,vit:8000:server:gpu")
     args = parser.parse_args()
     args.lite0_weights = args.lite0_weights.resolve() if args.lite0_weights else None
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -85,8 +87,13 @@ def main() -> None:
     print(f"GPU {name}, torch {torch.__version__}, {os.cpu_count()} CPUs", flush=True)
     args.work.mkdir(parents=True, exist_ok=True)
 
+    chosen = [spec.split(":") for spec in args.runs.split(",")] if args.runs else None
+    if chosen and any(len(spec) != 4 or spec[0] not in ("lite0", "vit") or not spec[1].isdigit() or spec[2] not in ("lite", "server")
+                      or spec[3] not in ("cpu", "gpu") for spec in chosen):
+        raise SystemExit(f"--runs: each run is MODEL:IMAGES:STORE:DECODE, e.g. lite0:8000:lite:gpu; got {args.runs!r}")
+    counts = sorted({args.images} | {int(spec[1]) for spec in chosen}) if chosen else [args.images] + ([args.also] if args.also else [])
     catalogs = {}
-    for count in [args.images] + ([args.also] if args.also else []):
+    for count in counts:
         started = time.perf_counter()
         catalogs[count] = make_catalog_in_parallel(args.work / f"catalog-{count}", count, min(16, os.cpu_count() or 2))
         print(f"catalog: {count} JPEGs (800x600 to 2000x1500) made in {time.perf_counter() - started:.1f} s", flush=True)
@@ -152,7 +159,8 @@ def main() -> None:
         del lite_gpu
 
     # 3. end to end
-    if args.server_uri or "server" not in args.stores.split(","):
+    wants_server = any(spec[2] == "server" for spec in chosen) if chosen else "server" in args.stores.split(",")
+    if args.server_uri or not wants_server:
         server = contextlib.nullcontext(args.server_uri)
     else:  # the PyPI server where installed; else Milvus Lite's own server, in a process of its own
         server = milvus_server("milvus" if SERVER_BINARY.exists() else "lite")
@@ -160,8 +168,9 @@ def main() -> None:
     with server as server_uri:
         print(f"server rows: {args.server_uri or ('PyPI milvus-server' if SERVER_BINARY.exists() else 'milvus-lite server')}"
               f" at {server_uri}", flush=True)
-        models = [("Lite0", "efficientnet_lite0", args.lite0_weights, lite0_floor), ("ViT-B/32 (random init)", "open_clip:ViT-B-32", vit_weights, vit_floor)]
-        models = [model for model, key in zip(models, ("lite0", "vit")) if key in args.models.split(",")]
+        all_models = {"lite0": ("Lite0", "efficientnet_lite0", args.lite0_weights, lite0_floor),
+                      "vit": ("ViT-B/32 (random init)", "open_clip:ViT-B-32", vit_weights, vit_floor)}
+        models = [model for key, model in all_models.items() if key in args.models.split(",")]
         runs = []
         for label, model, weights, floor in models:
             runs += [(label, model, weights, floor, args.images, "lite", "cpu"), (label, model, weights, floor, args.images, "lite", "gpu")]
@@ -170,6 +179,8 @@ def main() -> None:
             elif args.also:
                 runs.append((label, model, weights, floor, args.also, "lite", "gpu"))
         runs = [run for run in runs if run[5] in args.stores.split(",") and run[6] in args.decodes.split(",")]
+        if chosen:
+            runs = [(*all_models[key], int(count), store, decode) for key, count, store, decode in chosen]
         if args.baseline_code:
             runs.append(("Lite0, baseline code", "efficientnet_lite0", args.lite0_weights, lite0_floor, args.images, "lite", "cpu"))
         for label, model, weights, floor, count, backend, decode in runs:
@@ -204,7 +215,12 @@ def main() -> None:
             if backend == "server":
                 from pymilvus import MilvusClient
 
-                MilvusClient(uri=server_uri).drop_collection(f"bench_{name}_{backend}")
+                for attempt in (1, 2):  # Milvus Lite's server drops an idle client's channel (GOAWAY too_many_pings)
+                    try:
+                        MilvusClient(uri=server_uri).drop_collection(f"bench_{name}_{backend}")
+                        break
+                    except Exception as error:
+                        print(f"dropping bench_{name}_{backend} (attempt {attempt}): {error}", flush=True)
 
     print("\n| model | images | store | JPEG decode | whole process s | whole process img/s | pipeline img/s | encoder only img/s | peak PSS MiB |")
     print("|---|---|---|---|---|---|---|---|---|")
