@@ -95,7 +95,8 @@ class Settings(BaseSettings):
         "", description='ingest --ray: the Ray cluster ("auto": the one running on this machine, or host:port); '
         "default: start one on this machine for the run",
     )
-    gpu_decode: bool = Field(True, description="On CUDA, decode baseline RGB JPEGs on the GPU (nvJPEG) during ingest")
+    # off: on a 16-core H200 machine the CPU workers decoded faster than nvJPEG in the encoding process (docs/gpu.md)
+    gpu_decode: bool = Field(False, description="On CUDA, decode baseline RGB JPEGs on the GPU (nvJPEG) during ingest")
     # The REST service (imgsearch serve)
     api_key: str | None = Field(None, description="When set, requests must send it in the X-API-Key header")
     cors_origins: list[str] = Field(default_factory=list, description='Origins allowed by CORS, e.g. ["https://shop.example"]')

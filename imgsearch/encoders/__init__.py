@@ -34,7 +34,7 @@ def load_encoder(
     runtime: str = "torch",
     onnx_cache: Path | None = None,
     cuda_graphs: bool = True,
-    gpu_decode: bool = True,
+    gpu_decode: bool = False,
     auto_int8: bool = True,
 ) -> Encoder:
     """The encoder `name`, run by `runtime`: torch, onnx (onnxruntime on the CPU), onnx-int8 (the ONNX export quantised
