@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from imgsearch.api import routes
-from imgsearch.api.limits import BodyLimit, use_mmap_for_large_buffers
+from imgsearch.api.limits import BodyLimit, IdleTrim, use_mmap_for_large_buffers
 from imgsearch.api.service import Metrics, Service
 from imgsearch.config import Settings, load_settings
 from imgsearch.errors import (
@@ -62,6 +62,8 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     store or missing weights as one line before the server starts)."""
     settings = service.settings if service else (settings or load_settings())
     metrics = Metrics()
+    idle_trim = IdleTrim()
+    metrics.in_flight.set_function(lambda: idle_trim.in_flight)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -69,7 +71,9 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         loaded = service or await asyncio.to_thread(Service, settings)
         loaded.start(metrics)
         app.state.service = loaded
+        trimming = asyncio.create_task(idle_trim.watch())
         yield
+        trimming.cancel()
         app.state.service = None
         await loaded.stop()
 
@@ -100,7 +104,8 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
         started = time.perf_counter()
-        response = await call_next(request)
+        async with idle_trim.request():
+            response = await call_next(request)
         endpoint = getattr(request.scope.get("route"), "path", "other")
         metrics.requests.labels(endpoint, str(response.status_code)).inc()
         metrics.latency.labels(endpoint).observe(time.perf_counter() - started)

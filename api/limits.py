@@ -6,7 +6,8 @@ import asyncio
 import ctypes
 import ctypes.util
 import json
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import HTTPException
@@ -38,6 +39,37 @@ def use_mmap_for_large_buffers(threshold: int = 1 << 20) -> None:
 def release_free_memory() -> None:
     if LIBC is not None:
         LIBC.malloc_trim(0)
+
+
+class IdleTrim:
+    """Hands freed heap back to the OS once no request has run for `after_seconds` since the last one ended: between
+    bursts glibc keeps what small requests freed (only large decodes and scans trim on their own), so an idle
+    service's RSS would show what the last burst left rather than what is live."""
+
+    def __init__(self, after_seconds: float = 1.0, release: Callable[[], None] = release_free_memory) -> None:
+        self.after_seconds = after_seconds
+        self.release = release
+        self.in_flight = 0
+        self.worked = False  # a request ran since the last trim
+        self.last_ended = time.monotonic()
+
+    @asynccontextmanager
+    async def request(self) -> AsyncIterator[None]:
+        self.in_flight += 1
+        self.worked = True
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            self.last_ended = time.monotonic()
+
+    async def watch(self) -> None:
+        """Runs for the service's life: one trim per idle spell."""
+        while True:
+            await asyncio.sleep(self.after_seconds / 2)
+            if self.worked and self.in_flight == 0 and time.monotonic() - self.last_ended >= self.after_seconds:
+                self.worked = False
+                await asyncio.to_thread(self.release)
 
 
 class PixelBudget:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import HTTPException, Request, UploadFile
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from imgsearch.api.batching import MicroBatcher
 from imgsearch.api.files import ServedFiles
@@ -29,6 +29,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.requests = Counter("imgsearch_requests_total", "HTTP requests", ["endpoint", "status"], registry=self.registry)
         self.latency = Histogram("imgsearch_request_seconds", "Request latency", ["endpoint"], registry=self.registry)
+        # set_function'd by create_app to the requests its middleware counts (the scrape reading it included)
+        self.in_flight = Gauge("imgsearch_requests_in_flight", "HTTP requests being handled, this one included", registry=self.registry)
         self.encode = Histogram("imgsearch_encode_seconds", "Time of one batched forward pass", registry=self.registry)
         self.batch = Histogram(
             "imgsearch_batch_size", "Images per forward pass", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry

@@ -15,7 +15,7 @@ from fastapi import HTTPException
 from rich.console import Console
 
 from helpers import free_port, run_cli
-from imgsearch.api.limits import PixelBudget
+from imgsearch.api.limits import IdleTrim, PixelBudget
 from imgsearch.config import check_lite_database_exists, load_settings
 from imgsearch.errors import CatalogError, CollectionNotFoundError, InvalidInputError, UsageError
 from imgsearch.ingest.catalog import CatalogEntry, read_manifest
@@ -141,6 +141,32 @@ def test_pixel_budget_makes_large_decodes_wait_then_503():
         await blocker
         await take("e", 10_000, 0.0)  # larger than the whole budget: runs alone, never deadlocks
         assert budget.in_use == 0
+
+    asyncio.run(scenario())
+
+
+def test_idle_trim_hands_memory_back_once_per_idle_spell_and_never_during_a_request():
+    async def scenario():
+        trims = []
+        trim = IdleTrim(after_seconds=0.2, release=lambda: trims.append(trim.in_flight))
+        watcher = asyncio.create_task(trim.watch())
+        await asyncio.sleep(0.5)
+        assert trims == []  # nothing ran yet: nothing to hand back
+        async with trim.request():
+            await asyncio.sleep(0.6)  # a long request: no trim while it runs
+            assert trims == []
+        await asyncio.sleep(0.6)
+        assert trims == [0]  # one trim after it, with nothing in flight
+        await asyncio.sleep(0.5)
+        assert trims == [0]  # still idle: not again
+        for _ in range(6):  # steady traffic with gaps shorter than after_seconds: no trim in between
+            async with trim.request():
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.02)
+        assert trims == [0]
+        await asyncio.sleep(0.6)
+        assert trims == [0, 0]
+        watcher.cancel()
 
     asyncio.run(scenario())
 
