@@ -50,14 +50,18 @@ SAMPLE_EVERY_SECONDS = 30
 # flight too, though Locust has stopped their users: a one-minute soak in CI once took over 60 s to stop
 STOP_WAIT_SECONDS = 180
 IDLE_WAIT_SECONDS = 300  # a duplicates scan started just before the pause can take minutes under this load
+TRIM_WAIT_SECONDS = 2  # the service trims its heap 1 s after its last request (api/limits.py IdleTrim)
 
 
 def process_stats(pid: int) -> dict[str, int]:
-    """RSS (bytes), open file descriptors and threads of a live process, from /proc."""
+    """RSS (bytes; also split into anonymous memory and mapped files), open file descriptors and threads of a live
+    process, from /proc."""
     status = Path(f"/proc/{pid}/status").read_text()
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
     return {
         "rss": int(fields["VmRSS"].split()[0]) * 1024,
+        "rss_anon": int(fields["RssAnon"].split()[0]) * 1024,
+        "rss_file": int(fields["RssFile"].split()[0]) * 1024,  # libraries and models mapped as a code path first runs
         "fds": len(os.listdir(f"/proc/{pid}/fd")),
         "threads": int(fields["Threads"]),
     }
@@ -68,15 +72,29 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def idle_stats(pid: int, quiet_seconds: int = 3, limit: float = IDLE_WAIT_SECONDS) -> tuple[dict[str, int], float, bool]:
-    """The process's stats once it has used under 5% of a core in each of `quiet_seconds` consecutive seconds, the
-    seconds that took, and whether it got there (after `limit` seconds the stats are taken anyway)."""
+def requests_in_flight(url: str) -> float:
+    """The service's own count of requests being handled (its /metrics), less the scrape reading it."""
+    import httpx
+
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("imgsearch_requests_in_flight "):
+            return float(line.split()[1]) - 1
+    raise SystemExit("the service's /metrics has no imgsearch_requests_in_flight")
+
+
+def idle_stats(pid: int, url: str, quiet_seconds: int = 3, limit: float = IDLE_WAIT_SECONDS) -> tuple[dict[str, int], float, bool]:
+    """The process's stats once no request is in flight and it has used under 5% of a core in each of
+    `quiet_seconds` consecutive seconds (after `limit` seconds they are taken anyway), the seconds that took, and
+    whether it got there. A request the load gave up on can still be waiting for the store's write lock with the CPU
+    idle, holding its upload: hence the count as well as the CPU. The stats are read TRIM_WAIT_SECONDS after that,
+    once the service's idle trim (api/limits.py IdleTrim, 1 s after the last request: the scrapes count) has run."""
     started = time.monotonic()
     quiet, before = 0, cpu_seconds(pid)
     while quiet < quiet_seconds and time.monotonic() - started < limit:
         time.sleep(1)
         now = cpu_seconds(pid)
-        quiet, before = (quiet + 1 if now - before < 0.05 else 0), now
+        quiet, before = (quiet + 1 if now - before < 0.05 and requests_in_flight(url) == 0 else 0), now
+    time.sleep(TRIM_WAIT_SECONDS)
     return process_stats(pid), round(time.monotonic() - started, 1), quiet >= quiet_seconds
 
 
@@ -209,7 +227,7 @@ def main() -> int:
                 time.sleep(1)
                 at = time.monotonic() - load_started
                 if warm is None and at >= args.warmup:
-                    stats, waited, idle = idle_stats(service.pid)
+                    stats, waited, idle = idle_stats(service.pid, url)
                     warm = (at + waited, stats)
                     samples.append(warm)
                     pauses.append({"at": round(at), "idle_after": waited, "idle": idle})
@@ -221,7 +239,7 @@ def main() -> int:
             if load.returncode != 0:
                 raise SystemExit(f"locust exited with {load.returncode}: {(tmp / 'locust.log').read_text()[-2000:]}")
             at = time.monotonic() - load_started
-            stats, waited, idle = idle_stats(service.pid)
+            stats, waited, idle = idle_stats(service.pid, url)
             samples.append((at + waited, stats))
             pauses.append({"at": round(at), "idle_after": waited, "idle": idle})
             rows = endpoint_rows(tmp / "load_stats.csv")
@@ -265,9 +283,10 @@ def main() -> int:
         for row in rows:
             print(f"{row['method'] + ' ' + row['endpoint'] if row['method'] else row['endpoint']:<16}"[:16].ljust(16)
                   + f"{row['requests']:>10}{row['errors']:>8}{row['p50_ms']:>9.0f}{row['p99_ms']:>9.0f}")
-        print(f"\n{'service (idle)':<24}{'RSS MiB':>9}{'fds':>6}{'threads':>9}")
+        print(f"\n{'service (idle)':<24}{'RSS MiB':>9}{'anon':>7}{'files':>7}{'fds':>6}{'threads':>9}")
         for name, stats in (("start", start), (f"after warm-up ({warm_at:.0f} s)", warm), (f"end ({end_at:.0f} s)", end)):
-            print(f"{name:<24}{stats['rss'] / 2**20:>9.1f}{stats['fds']:>6}{stats['threads']:>9}")
+            print(f"{name:<24}{stats['rss'] / 2**20:>9.1f}{stats['rss_anon'] / 2**20:>7.1f}{stats['rss_file'] / 2**20:>7.1f}"
+                  f"{stats['fds']:>6}{stats['threads']:>9}")
         print(f"RSS growth after warm-up: {growth:+.1%}")
         if trend is not None:
             print(f"RSS trend after warm-up (a line fitted to the 30-s samples; not a target): {trend['growth']:+.1%}, "

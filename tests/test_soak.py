@@ -1,6 +1,6 @@
-"""The soak (benchmarks/soak.py) for 60 seconds against the session's Milvus server, with its targets asserted: no
-errors, RSS growth after the 30 s warm-up at most 5%, file descriptors and threads flat, a graceful stop on SIGTERM.
-The ten-minute figures are in docs/benchmarks.md."""
+"""The soak (benchmarks/soak.py) for 60 seconds after the same 60-s warm-up as the ten-minute run, against the
+session's Milvus server, with its targets asserted: no errors, RSS growth after the warm-up at most 5%, file
+descriptors and threads flat, a graceful stop on SIGTERM. The ten-minute figures are in docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -15,15 +15,15 @@ from helpers import ROOT
 
 
 @pytest.mark.server
-@pytest.mark.slow  # about 110 s
+@pytest.mark.slow  # about 200 s: 120 s of load and two idle samples
 def test_a_one_minute_soak_of_the_service_meets_its_targets(milvus_server_uri, onnx_encoder):
     env = {key: value for key, value in os.environ.items() if not key.startswith("IMGSEARCH_")}
     # the session's ONNX export: nothing is exported or quantised inside the minute
     env.update(IMGSEARCH_RUNTIME="onnx", IMGSEARCH_ONNX_CACHE=str(onnx_encoder.model_path.parent))
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--uri", milvus_server_uri, "--seconds", "60", "--warmup", "30",
+        [sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--uri", milvus_server_uri, "--seconds", "120", "--warmup", "60",
          "--per-class", "5", "--stop-timeout", "5", "--seed", "1", "--json"],
-        capture_output=True, text=True, env=env, timeout=400,
+        capture_output=True, text=True, env=env, timeout=600,
     )
     assert result.stdout, result.stderr
     report = json.loads(result.stdout)
