@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import HTTPException, Request, UploadFile
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from imgsearch.api.batching import MicroBatcher
+from imgsearch.api.batching import MicroBatcher, warm_up
 from imgsearch.api.files import ServedFiles
 from imgsearch.api.limits import PixelBudget, release_free_memory
 from imgsearch.config import Settings
@@ -179,6 +179,7 @@ class Service:
 
         self.settings = settings
         self.encoder, self.store = open_session(settings)
+        warm_up(self.encoder, settings.batch_size)  # memory at its plateau from the start (batching.py)
         self.files = ServedFiles(self.store, settings.upload_dir, settings.answer_paths)
         self.batcher: MicroBatcher | None = None
         self.write_lock: asyncio.Lock | None = None  # uploads, enrolments and deletions are written one at a time

@@ -49,6 +49,37 @@ def test_requests_queued_during_a_pass_share_the_next_without_waiting():
     assert seconds < 0.9  # two passes of 0.3 s, not six
 
 
+class CountingEncoder(SlowEncoder):
+    def encode(self, batch):  # each image's vector holds its first value: the order is checkable
+        self.batches.append(len(batch))
+        return np.stack([[float(image.flat[0]), 0.0] for image in batch]).astype(np.float32)
+
+
+def test_no_forward_pass_is_larger_than_max_batch_and_warm_up_runs_one_full_pass():
+    from imgsearch.api.batching import warm_up
+
+    async def scenario():
+        encoder = CountingEncoder(0.0)
+        batcher = MicroBatcher(encoder, max_batch=4, max_wait=0.05)
+        batcher.start()
+        images = [np.full((3, 8, 8), i, dtype=np.float32) for i in range(13)]
+        many, few = await asyncio.gather(batcher.encode(images[:10]), batcher.encode(images[10:]))
+        await batcher.stop()
+        return encoder.batches, many, few
+
+    batches, many, few = asyncio.run(scenario())
+    assert max(batches) <= 4 and sum(batches) == 13, batches  # a request of 10 images does not make a pass of 10+
+    assert [v[0] for v in many] == list(range(10)) and [v[0] for v in few] == [10, 11, 12]  # each caller its own, in order
+
+    class Blank(CountingEncoder):
+        def preprocess(self, image):
+            return np.zeros((3, 8, 8), dtype=np.float32)
+
+    encoder = Blank(0.0)
+    warm_up(encoder, 32)
+    assert encoder.batches == [32]
+
+
 def test_duplicates_requests_that_come_during_a_scan_share_the_next_one():
     """SharedScans (api/service.py): five requests arriving while a scan runs cost one more scan, not five, and get a
     scan that started after they came; other parameters get their own; a request that goes away cancels no one's."""
