@@ -14,7 +14,7 @@ from imgsearch.encoders import Encoder
 
 def warm_up(encoder: Encoder, max_batch: int) -> None:
     """One full batch of a blank image before the service answers. onnxruntime's CPU arena grows to the largest batch
-    it has run and keeps that (int8 Lite0: 75 MiB of anonymous memory after batches of up to 8, 152 MiB after 32), so
+    it has run and keeps that (int8 Lite0: 73 MiB of anonymous memory after batches of up to 8, 152 MiB after 32), so
     without this the service's memory steps up whenever a larger batch than any before first comes, at any hour."""
     from PIL import Image
 
@@ -30,8 +30,8 @@ class _Request:
 
 class MicroBatcher:
     """Collects preprocessed images from concurrent callers for at most `max_wait` seconds or `max_batch` images,
-    encodes them in one `encode` call on a worker thread, and hands each caller its rows. `observe(batch_size, seconds)`
-    is told about every forward pass (the metrics)."""
+    encodes them on a worker thread in passes of at most `max_batch`, and hands each caller its rows.
+    `observe(batch_size, seconds)` is told about every forward pass (the metrics), from that thread."""
 
     def __init__(self, encoder: Encoder, *, max_batch: int = 32, max_wait: float = 0.005, observe=None) -> None:
         self.encoder = encoder
@@ -76,19 +76,22 @@ class MicroBatcher:
                     break
                 pending.append(request)
                 size += len(request.images)
-            await self._encode(pending, size)
+            await self._encode(pending)
 
     def _encode_in_passes(self, images: list[Any]) -> np.ndarray:
         """Forward passes of at most max_batch images (a request of many images can carry a batch past it): the
         runtime's buffers grow to the largest batch they see and keep that size, which warm_up reaches at start."""
-        return np.concatenate([
-            self.encoder.encode(self.encoder.stack(images[start : start + self.max_batch]))
-            for start in range(0, len(images), self.max_batch)
-        ])
+        vectors = []
+        for start in range(0, len(images), self.max_batch):
+            passed = images[start : start + self.max_batch]
+            started = time.perf_counter()
+            vectors.append(self.encoder.encode(self.encoder.stack(passed)))
+            if self.observe:  # per pass: the metric is images per forward pass
+                self.observe(len(passed), time.perf_counter() - started)
+        return np.concatenate(vectors)
 
-    async def _encode(self, pending: list[_Request], size: int) -> None:
+    async def _encode(self, pending: list[_Request]) -> None:
         images = [image for request in pending for image in request.images]
-        started = time.perf_counter()
         try:
             vectors = await asyncio.to_thread(self._encode_in_passes, images)
         except Exception as error:  # every waiting caller gets the failure, the batcher keeps running
@@ -96,8 +99,6 @@ class MicroBatcher:
                 if not request.future.done():
                     request.future.set_exception(error)
             return
-        if self.observe:
-            self.observe(size, time.perf_counter() - started)
         offset = 0
         for request in pending:
             count = len(request.images)

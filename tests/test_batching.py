@@ -60,15 +60,17 @@ def test_no_forward_pass_is_larger_than_max_batch_and_warm_up_runs_one_full_pass
 
     async def scenario():
         encoder = CountingEncoder(0.0)
-        batcher = MicroBatcher(encoder, max_batch=4, max_wait=0.05)
+        observed = []
+        batcher = MicroBatcher(encoder, max_batch=4, max_wait=0.05, observe=lambda size, seconds: observed.append(size))
         batcher.start()
         images = [np.full((3, 8, 8), i, dtype=np.float32) for i in range(13)]
         many, few = await asyncio.gather(batcher.encode(images[:10]), batcher.encode(images[10:]))
         await batcher.stop()
-        return encoder.batches, many, few
+        return encoder.batches, observed, many, few
 
-    batches, many, few = asyncio.run(scenario())
+    batches, observed, many, few = asyncio.run(scenario())
     assert max(batches) <= 4 and sum(batches) == 13, batches  # a request of 10 images does not make a pass of 10+
+    assert observed == batches  # the metric counts forward passes as they ran
     assert [v[0] for v in many] == list(range(10)) and [v[0] for v in few] == [10, 11, 12]  # each caller its own, in order
 
     class Blank(CountingEncoder):
