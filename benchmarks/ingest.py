@@ -1,6 +1,7 @@
 """Ingestion speed in one run: the encoder floor, the real `imgsearch ingest`, and the naive per-image peer.
 
     python benchmarks/ingest.py [--images 500] [--also 5000] [--batch-size 32] [--runtime auto] [--peer-images 100]
+                                [--products 5000] [--server-uri http://127.0.0.1:19530]
 
 (a) floor: the encoder alone on pre-decoded, pre-resized tensors, at the same batch size.
 (b) real: `imgsearch ingest` as a separate process into a fresh Milvus Lite file (wall clock, model load included).
@@ -11,7 +12,8 @@
     one thread), in core-ms, on the catalog's first --stage-images; the bound is cores / their sum, and (b) is
     printed as a fraction of it. Also for --also and for --products small product images (Fashion-MNIST PNGs of
     28-300 px, the sample catalog's kind), where decode is cheap and the encoder should be the limit.
-Prints (b)/(a), (b)/(c), the peak RSS of (b)'s process tree, and (b)'s stage split.
+Prints (b)/(a), (b)/(c), the peak RSS of (b)'s process tree, and (b)'s stage split; with --server-uri, the peak of
+(b)'s process tree for both sizes into a Milvus server (a Lite file's rows live in the ingesting process).
 """
 
 from __future__ import annotations
@@ -227,6 +229,26 @@ def naive_peer_images_per_second(catalog: Path, db: Path, count: int) -> float:
     return len(paths) / seconds
 
 
+def server_peaks(small: Path, big: Path, args: argparse.Namespace) -> None:
+    """Peak PSS of `imgsearch ingest`'s process tree for both catalogs into a Milvus server (not counted: it runs
+    apart), each into a fresh collection dropped afterwards."""
+    from pymilvus import MilvusClient
+
+    client = MilvusClient(args.server_uri)
+    (args.work / "server-file-hashes.sqlite").unlink(missing_ok=True)  # as for the Lite runs: every file is read
+    peaks = []
+    for catalog in (small, big):
+        collection = f"bench_ingest_{os.getpid()}_{len(peaks)}"
+        try:
+            _, report, peak = run_ingest(catalog, args.server_uri, args.batch_size, args.runtime, ("--collection", collection),
+                                         hash_cache=args.work / "server-file-hashes.sqlite")
+        finally:
+            client.drop_collection(collection)
+        peaks.append(peak)
+        print(f"    into the server at {args.server_uri}: peak PSS {peak / 2**20:.0f} MiB at {report['indexed']} images")
+    print(f"    server peak ratio {peaks[1] / peaks[0]:.2f} (the ingest alone: the server's memory is not counted)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=500)
@@ -237,6 +259,8 @@ def main() -> None:
     parser.add_argument("--floor-images", type=int, default=256)
     parser.add_argument("--products", type=int, default=0, help="also ingest this many small product images (PNG)")
     parser.add_argument("--stage-images", type=int, default=200)
+    parser.add_argument("--server-uri", default="", help="with --also: ingest both catalogs into this Milvus server too, for "
+                        "the peak memory of the ingest alone (on a Lite file the rows live in the ingesting process)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "imgsearch-bench")
     args = parser.parse_args()
 
@@ -287,6 +311,8 @@ def main() -> None:
         print_bound(f"{args.also} camera JPEGs", stage_costs(big, args.runtime, args.stage_images, args.batch_size),
                     big_report["indexed"] / big_seconds)
         reingest(big, db, args)
+        if args.server_uri:
+            server_peaks(catalog, big, args)
     if args.products:
         products = make_product_catalog(args.work / f"products-{args.products}", args.products)
         shutil.rmtree(db, ignore_errors=True)

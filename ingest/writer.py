@@ -30,13 +30,20 @@ PARENT_POLL_SECONDS = 1.0  # how often an idle writer process checks that its pa
 
 
 def start_writer(
-    store: MilvusStore, in_flight: InFlight, kind: WriterPlace = "auto", *, rows: int = 0, chunk: int = DEFAULT_UPSERT_CHUNK
+    store: MilvusStore,
+    in_flight: InFlight,
+    kind: WriterPlace = "auto",
+    *,
+    rows: int = 0,
+    chunk: int = DEFAULT_UPSERT_CHUNK,
+    on_gpu: bool = False,
 ) -> Writer | WriterProcess:
     """`process` where another process can reach the collection (a server URI, or the loopback gRPC server pymilvus
-    runs for a Lite file in this process), else a thread; `auto`: a process for `rows` of at least
-    WRITER_PROCESS_MIN_CHUNKS chunks, a thread for small jobs such as an enrolment."""
+    runs for a Lite file in this process), else a thread; `auto`: a process for a GPU encoder's jobs of at least
+    WRITER_PROCESS_MIN_CHUNKS chunks (it keeps the store's GIL stalls away from the thread that drives the GPU), a
+    thread otherwise: on a CPU the process is no faster and costs its own ~150 MiB (docs/benchmarks.md)."""
     if kind == "auto":
-        kind = "process" if rows >= WRITER_PROCESS_MIN_CHUNKS * chunk else "thread"
+        kind = "process" if on_gpu and rows >= WRITER_PROCESS_MIN_CHUNKS * chunk else "thread"
     uri = store.writer_uri() if kind == "process" else None
     if uri is None:
         if kind == "process":

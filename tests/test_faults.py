@@ -341,7 +341,7 @@ def test_an_interrupted_ingest_stops_within_5_s_says_what_it_did_and_the_rerun_f
     command = [sys.executable, "-m", "imgsearch.cli", "-v", what, *arguments, "--uri", str(database),
                "--batch-size", "16", "--workers", "1"]
     env = {key: value for key, value in os.environ.items() if not key.startswith("IMGSEARCH_")}
-    env.update(COLUMNS="400", IMGSEARCH_UPSERT_CHUNK="32", IMGSEARCH_DEVICE="cpu")
+    env.update(COLUMNS="400", IMGSEARCH_UPSERT_CHUNK="32", IMGSEARCH_DEVICE="cpu", IMGSEARCH_WRITER="process")  # the child to reap
     signalled, children = interrupt_when(command, env, "upserted", stop, "images encoded")
     assert len(children) >= 2  # a decode worker and the writer process
     while any(Path(f"/proc/{child}").exists() and b"Z" not in Path(f"/proc/{child}/stat").read_bytes().split(b")")[-1][:3]
