@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from imgsearch.api import routes
-from imgsearch.api.limits import BodyLimit, IdleTrim, use_mmap_for_large_buffers
+from imgsearch.api.limits import BodyLimit, IdleTrim, heap_bytes, use_mmap_for_large_buffers
 from imgsearch.api.service import Metrics, Service
 from imgsearch.config import Settings, load_settings
 from imgsearch.errors import (
@@ -64,6 +64,9 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     metrics = Metrics()
     idle_trim = IdleTrim()
     metrics.in_flight.set_function(lambda: idle_trim.in_flight)
+    if heap_bytes() is not None:  # glibc 2.33+
+        for state in ("in_use", "free"):
+            metrics.heap.labels(state).set_function(lambda state=state: heap_bytes()[state])
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -36,6 +36,22 @@ def use_mmap_for_large_buffers(threshold: int = 1 << 20) -> None:
         LIBC.mallopt(M_MMAP_THRESHOLD, threshold)
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap_bytes() -> dict[str, int] | None:
+    """glibc's malloc heap (mallinfo2, glibc 2.33+): `in_use`, the bytes live allocations hold (arenas and mapped
+    blocks), and `free`, the bytes freed into arenas and kept. RSS that grows while `in_use` stays flat is
+    fragmentation, not a leak. None without glibc 2.33."""
+    if LIBC is None or not hasattr(LIBC, "mallinfo2"):
+        return None
+    LIBC.mallinfo2.restype = _MallInfo2
+    info = LIBC.mallinfo2()
+    return {"in_use": info.uordblks + info.hblkhd, "free": info.fordblks}
+
+
 def release_free_memory() -> None:
     if LIBC is not None:
         LIBC.malloc_trim(0)

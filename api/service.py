@@ -31,6 +31,8 @@ class Metrics:
         self.latency = Histogram("imgsearch_request_seconds", "Request latency", ["endpoint"], registry=self.registry)
         # set_function'd by create_app to the requests its middleware counts (the scrape reading it included)
         self.in_flight = Gauge("imgsearch_requests_in_flight", "HTTP requests being handled, this one included", registry=self.registry)
+        self.heap = Gauge("imgsearch_heap_bytes", "glibc's malloc heap: live allocations (in_use), and freed memory it keeps (free)",
+                          ["state"], registry=self.registry)
         self.encode = Histogram("imgsearch_encode_seconds", "Time of one batched forward pass", registry=self.registry)
         self.batch = Histogram(
             "imgsearch_batch_size", "Images per forward pass", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry

@@ -7,7 +7,8 @@ The sample catalog (examples/catalog: 300 labelled products) is ingested into a 
 started on it as its own process; Locust (benchmarks/soak_locustfile.py, headless) runs --users users for --seconds:
 search, recognize (a quarter keep their "unknown" answers for review), upload, enrol, delete (own uploads), review
 and duplicates. Printed: per endpoint the requests, p50/p99 and errors; for the service process its RSS, open file
-descriptors and threads at the start, after --warmup seconds and at the end. The last two are taken with no load and
+descriptors and threads at the start, after --warmup seconds and at the end, with the malloc heap's live and
+kept-free bytes from its /metrics (live bytes flat while RSS grows: fragmentation, not a leak). The last two are taken with no load and
 the service idle (its CPU quiet: requests, scans and recalibrations done): the load pauses after the warm-up for that
 sample and resumes for the rest of --seconds. Under load one sample moves with whatever requests hold at that second
 (up to 20 MiB between neighbouring 30-s samples here), which would hide a leak or invent one; RSS every 30 s under
@@ -72,14 +73,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def requests_in_flight(url: str) -> float:
-    """The service's own count of requests being handled (its /metrics), less the scrape reading it."""
+def service_metrics(url: str) -> dict[str, float]:
+    """The service's own gauges from its /metrics: requests in flight (less the scrape reading them) and, with glibc
+    2.33, the malloc heap's live and kept-free bytes (0 where it does not say)."""
     import httpx
 
+    values = {}
     for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith("imgsearch_requests_in_flight "):
-            return float(line.split()[1]) - 1
-    raise SystemExit("the service's /metrics has no imgsearch_requests_in_flight")
+        if line.startswith(("imgsearch_requests_in_flight ", "imgsearch_heap_bytes{")):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    if "imgsearch_requests_in_flight" not in values:
+        raise SystemExit("the service's /metrics has no imgsearch_requests_in_flight")
+    return {
+        "in_flight": values["imgsearch_requests_in_flight"] - 1,
+        "heap_in_use": values.get('imgsearch_heap_bytes{state="in_use"}', 0.0),
+        "heap_free": values.get('imgsearch_heap_bytes{state="free"}', 0.0),
+    }
 
 
 def idle_stats(pid: int, url: str, quiet_seconds: int = 3, limit: float = IDLE_WAIT_SECONDS) -> tuple[dict[str, int], float, bool]:
@@ -93,9 +103,15 @@ def idle_stats(pid: int, url: str, quiet_seconds: int = 3, limit: float = IDLE_W
     while quiet < quiet_seconds and time.monotonic() - started < limit:
         time.sleep(1)
         now = cpu_seconds(pid)
-        quiet, before = (quiet + 1 if now - before < 0.05 and requests_in_flight(url) == 0 else 0), now
+        quiet, before = (quiet + 1 if now - before < 0.05 and service_metrics(url)["in_flight"] == 0 else 0), now
     time.sleep(TRIM_WAIT_SECONDS)
-    return process_stats(pid), round(time.monotonic() - started, 1), quiet >= quiet_seconds
+    return service_stats(pid, url), round(time.monotonic() - started, 1), quiet >= quiet_seconds
+
+
+def service_stats(pid: int, url: str) -> dict[str, int]:
+    """process_stats, and the heap's live and kept-free bytes as the service reports them."""
+    gauges = service_metrics(url)
+    return {**process_stats(pid), "heap_in_use": int(gauges["heap_in_use"]), "heap_free": int(gauges["heap_free"])}
 
 
 def rss_trend(trajectory: list[tuple[int, float]], warm_at: float) -> dict[str, float] | None:
@@ -211,7 +227,7 @@ def main() -> int:
         pauses: list[dict[str, object]] = []  # when the load stopped for an idle sample, and how long the service took
         try:
             wait_healthy(url, service)
-            samples.append((0.0, process_stats(service.pid)))
+            samples.append((0.0, service_stats(service.pid, url)))
             resume = tmp / "resume"  # the load shape (soak_locustfile.py) waits for it after the warm-up
             load_env = {**env, "SOAK_SEED": str(seed), "SOAK_IMAGES": str(tmp / "images.txt"), "SOAK_USERS": str(args.users),
                         "SOAK_WARMUP": str(args.warmup), "SOAK_SECONDS": str(args.seconds), "SOAK_RESUME_FILE": str(resume)}
@@ -283,10 +299,10 @@ def main() -> int:
         for row in rows:
             print(f"{row['method'] + ' ' + row['endpoint'] if row['method'] else row['endpoint']:<16}"[:16].ljust(16)
                   + f"{row['requests']:>10}{row['errors']:>8}{row['p50_ms']:>9.0f}{row['p99_ms']:>9.0f}")
-        print(f"\n{'service (idle)':<24}{'RSS MiB':>9}{'anon':>7}{'files':>7}{'fds':>6}{'threads':>9}")
+        print(f"\n{'service (idle)':<24}{'RSS MiB':>9}{'anon':>7}{'files':>7}{'heap live':>10}{'heap free':>10}{'fds':>6}{'threads':>9}")
         for name, stats in (("start", start), (f"after warm-up ({warm_at:.0f} s)", warm), (f"end ({end_at:.0f} s)", end)):
             print(f"{name:<24}{stats['rss'] / 2**20:>9.1f}{stats['rss_anon'] / 2**20:>7.1f}{stats['rss_file'] / 2**20:>7.1f}"
-                  f"{stats['fds']:>6}{stats['threads']:>9}")
+                  f"{stats['heap_in_use'] / 2**20:>10.1f}{stats['heap_free'] / 2**20:>10.1f}{stats['fds']:>6}{stats['threads']:>9}")
         print(f"RSS growth after warm-up: {growth:+.1%}")
         if trend is not None:
             print(f"RSS trend after warm-up (a line fitted to the 30-s samples; not a target): {trend['growth']:+.1%}, "

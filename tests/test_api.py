@@ -306,8 +306,11 @@ def test_concurrent_requests_share_batches(service, catalog):
     after = batch_histogram(service)
     passes, images = after[0] - before[0], after[1] - before[1]
     assert images == 16 and passes < 16, (passes, images)  # fewer forward passes than requests
-    in_flight = [line for line in service.get("/metrics").text.splitlines() if line.startswith("imgsearch_requests_in_flight ")]
+    scraped = service.get("/metrics").text.splitlines()
+    in_flight = [line for line in scraped if line.startswith("imgsearch_requests_in_flight ")]
     assert in_flight == ["imgsearch_requests_in_flight 1.0"]  # the scrape itself: the 16 searches were all counted out
+    heap = [float(line.split()[1]) for line in scraped if line.startswith('imgsearch_heap_bytes{state="in_use"}')]
+    assert heap and heap[0] > 50 * 2**20, heap  # the live heap of a process with a model loaded
 
 
 def batch_histogram(client) -> tuple[float, float]:

@@ -171,6 +171,19 @@ def test_idle_trim_hands_memory_back_once_per_idle_spell_and_never_during_a_requ
     asyncio.run(scenario())
 
 
+def test_heap_bytes_counts_a_live_allocation_until_it_is_freed():
+    from imgsearch.api.limits import heap_bytes
+
+    if heap_bytes() is None:
+        pytest.skip("no glibc 2.33 mallinfo2 here")
+    before = heap_bytes()["in_use"]
+    block = bytearray(64 << 20)
+    during = heap_bytes()["in_use"]
+    del block
+    after = heap_bytes()["in_use"]
+    assert during - before >= 64 << 20 and during - after >= 64 << 20, (before, during, after)
+
+
 def test_shards_partition_content_hashes():
     from imgsearch.ingest.catalog import Shard
 
