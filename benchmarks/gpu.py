@@ -78,7 +78,8 @@ def main() -> None:
     parser.add_argument("--stores", default="lite,server", help="end-to-end runs into these")
     parser.add_argument("--decodes", default="cpu,gpu", help="end-to-end runs with JPEGs decoded here")
     parser.add_argument("--runs", help="instead of the three above, these end-to-end runs in this order, each "
-                        "MODEL:IMAGES:STORE:DECODE (lite0|vit, a count, lite|server, cpu|gpu), e.g. lite0:8000:lite:gpu,vit:8000:server:gpu")
+                        "MODEL:IMAGES:STORE:DECODE[:WRITER] (lite0|vit, a count, lite|server, cpu|gpu, auto|thread|process), "
+                        "e.g. lite0:8000:lite:gpu,vit:8000:server:cpu:thread")
     args = parser.parse_args()
     args.lite0_weights = args.lite0_weights.resolve() if args.lite0_weights else None
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -88,9 +89,10 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
 
     chosen = [spec.split(":") for spec in args.runs.split(",")] if args.runs else None
-    if chosen and any(len(spec) != 4 or spec[0] not in ("lite0", "vit") or not spec[1].isdigit() or spec[2] not in ("lite", "server")
-                      or spec[3] not in ("cpu", "gpu") for spec in chosen):
-        raise SystemExit(f"--runs: each run is MODEL:IMAGES:STORE:DECODE, e.g. lite0:8000:lite:gpu; got {args.runs!r}")
+    chosen = [spec + ["auto"] if len(spec) == 4 else spec for spec in chosen] if chosen else None
+    if chosen and any(len(spec) != 5 or spec[0] not in ("lite0", "vit") or not spec[1].isdigit() or spec[2] not in ("lite", "server")
+                      or spec[3] not in ("cpu", "gpu") or spec[4] not in ("auto", "thread", "process") for spec in chosen):
+        raise SystemExit(f"--runs: each run is MODEL:IMAGES:STORE:DECODE[:WRITER], e.g. lite0:8000:lite:gpu; got {args.runs!r}")
     counts = sorted({args.images} | {int(spec[1]) for spec in chosen}) if chosen else [args.images] + ([args.also] if args.also else [])
     catalogs = {}
     for count in counts:
@@ -173,17 +175,18 @@ def main() -> None:
         models = [model for key, model in all_models.items() if key in args.models.split(",")]
         runs = []
         for label, model, weights, floor in models:
-            runs += [(label, model, weights, floor, args.images, "lite", "cpu"), (label, model, weights, floor, args.images, "lite", "gpu")]
+            runs += [(label, model, weights, floor, args.images, "lite", "cpu", "auto"),
+                     (label, model, weights, floor, args.images, "lite", "gpu", "auto")]
             if server_uri:
-                runs += [(label, model, weights, floor, count, "server", decode) for count in catalogs for decode in ("cpu", "gpu")]
+                runs += [(label, model, weights, floor, count, "server", decode, "auto") for count in catalogs for decode in ("cpu", "gpu")]
             elif args.also:
-                runs.append((label, model, weights, floor, args.also, "lite", "gpu"))
+                runs.append((label, model, weights, floor, args.also, "lite", "gpu", "auto"))
         runs = [run for run in runs if run[5] in args.stores.split(",") and run[6] in args.decodes.split(",")]
         if chosen:
-            runs = [(*all_models[key], int(count), store, decode) for key, count, store, decode in chosen]
+            runs = [(*all_models[key], int(count), store, decode, writer) for key, count, store, decode, writer in chosen]
         if args.baseline_code:
-            runs.append(("Lite0, baseline code", "efficientnet_lite0", args.lite0_weights, lite0_floor, args.images, "lite", "cpu"))
-        for label, model, weights, floor, count, backend, decode in runs:
+            runs.append(("Lite0, baseline code", "efficientnet_lite0", args.lite0_weights, lite0_floor, args.images, "lite", "cpu", "auto"))
+        for label, model, weights, floor, count, backend, decode, writer in runs:
             name = f"{model.replace(':', '_').replace('-', '_')}_{count}_{decode}"
             db = args.work / f"{name}.db"
             subprocess.run(["rm", "-rf", str(db), str(args.work / f"{name}.hashes")], check=True)
@@ -192,7 +195,8 @@ def main() -> None:
                      "--collection", f"bench_{name}_{backend}") + (("--weights", str(weights)) if weights else ())
             code = args.baseline_code.resolve() if label.endswith("baseline code") else ROOT
             seconds, report, peak = run_ingest(
-                catalogs[count], uri, args.batch_size, "torch", extra, {"IMGSEARCH_GPU_DECODE": str(decode == "gpu").lower()},
+                catalogs[count], uri, args.batch_size, "torch", extra,
+                {"IMGSEARCH_GPU_DECODE": str(decode == "gpu").lower(), "IMGSEARCH_WRITER": writer},
                 code=code, hash_cache=args.work / f"{name}.hashes",
             )
             stages = report["stages"]
