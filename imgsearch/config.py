@@ -21,7 +21,6 @@ DEFAULT_REVIEW_MAX = 10_000  # queries kept for review (recognize --keep-unknown
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_MAX_PIXELS = 64_000_000  # a larger image is refused before it is decoded (decompression bombs)
 DEFAULT_UPSERT_CHUNK = 512
-WRITER_PROCESS_MIN_CHUNKS = 4  # writer auto on a GPU: a process (about a second to start) from this many upsert chunks
 Runtime = Literal["auto", "torch", "onnx", "onnx-int8"]
 RUNTIMES = get_args(Runtime)
 WriterPlace = Literal["auto", "process", "thread"]
@@ -84,8 +83,8 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Refuse images larger than this (decompression bombs)")
     upsert_chunk: int = Field(DEFAULT_UPSERT_CHUNK, ge=1, description="Rows per Milvus upsert call")
     writer: WriterPlace = Field(
-        "auto", description="Where ingest upserts run: a child process or a thread (auto: a process for a GPU encoder's jobs of "
-        f"{WRITER_PROCESS_MIN_CHUNKS} upsert chunks or more, else a thread)"
+        "auto", description="Where ingest upserts run: a child process with its own Milvus client, or a thread (auto: a thread, "
+        "measured as fast on a CPU and on a GPU)"
     )
     index: VectorIndex = Field(
         "auto", description="The vector index a new collection on a Milvus server is built with: hnsw, or ivf_sq8 for millions "

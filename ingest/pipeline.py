@@ -1,5 +1,5 @@
 """Ingest a catalog into Milvus: plan (plan.py: hash and diff), read (reader.py: decode in workers), encode in
-batches here, write (writer.py: upsert chunks from a thread, or from a child process for a GPU encoder's larger jobs).
+batches here, write (writer.py: upsert chunks from a thread, or from a child process when asked).
 
 Why this is safe to interrupt and rerun: ids are SHA-256 hashes of file bytes, so an image
 always maps to the same row and an upsert of it is idempotent; a rerun skips what is stored.
@@ -217,7 +217,7 @@ def encode_and_store(
     else:
         loader = batches(dataset, batch_size, report.workers)
     in_flight = InFlight()
-    writer = start_writer(store, in_flight, writer_kind, rows=pending, chunk=upsert_chunk, on_gpu=encoder.device_type == "cuda")
+    writer = start_writer(store, in_flight, writer_kind)
     report.writer = "process" if isinstance(writer, WriterProcess) else "thread"
     buffer: list[ImageRecord] = []
     done = 0

@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 
-from imgsearch.config import DEFAULT_UPSERT_CHUNK, WRITER_PROCESS_MIN_CHUNKS, WriterPlace
+from imgsearch.config import WriterPlace
 from imgsearch.errors import ImgsearchError, StoreError
 from imgsearch.store import ImageRecord, MilvusStore, connect, upsert_rows
 from imgsearch.store.retry import retry_window
@@ -29,21 +29,11 @@ WRITE_QUEUE_CHUNKS = 2
 PARENT_POLL_SECONDS = 1.0  # how often an idle writer process checks that its parent is alive
 
 
-def start_writer(
-    store: MilvusStore,
-    in_flight: InFlight,
-    kind: WriterPlace = "auto",
-    *,
-    rows: int = 0,
-    chunk: int = DEFAULT_UPSERT_CHUNK,
-    on_gpu: bool = False,
-) -> Writer | WriterProcess:
+def start_writer(store: MilvusStore, in_flight: InFlight, kind: WriterPlace = "auto") -> Writer | WriterProcess:
     """`process` where another process can reach the collection (a server URI, or the loopback gRPC server pymilvus
-    runs for a Lite file in this process), else a thread; `auto`: a process for a GPU encoder's jobs of at least
-    WRITER_PROCESS_MIN_CHUNKS chunks (it keeps the store's GIL stalls away from the thread that drives the GPU), a
-    thread otherwise: on a CPU the process is no faster and costs its own ~150 MiB (docs/benchmarks.md)."""
-    if kind == "auto":
-        kind = "process" if on_gpu and rows >= WRITER_PROCESS_MIN_CHUNKS * chunk else "thread"
+    runs for a Lite file in this process), else a thread. `auto` is a thread: the process was no faster on a CPU
+    (docs/benchmarks.md) nor on an H200, into a Lite file or a server, and costs its own client's memory
+    (docs/gpu.md)."""
     uri = store.writer_uri() if kind == "process" else None
     if uri is None:
         if kind == "process":

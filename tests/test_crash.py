@@ -39,7 +39,7 @@ KILL_AFTER_CHUNKS = (0, 2, 3)
 
 def environment() -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("IMGSEARCH_")}
-    # the writer process (ingest/writer.py), which `auto` picks on a GPU: its parent is the one killed
+    # the writer process (ingest/writer.py, on request): its parent is the one killed, and the child must go too
     return {**env, "IMGSEARCH_UPSERT_CHUNK": str(UPSERT_CHUNK), "IMGSEARCH_WRITER": "process"}
 
 
