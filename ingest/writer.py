@@ -1,6 +1,7 @@
 """Write encoded rows to Milvus behind a bounded queue: from a child process with its own client, or from a thread.
 
-Why a process: building an upsert (each vector becomes a Python list, then protobuf) and, on Milvus Lite, the
+Why a process (IMGSEARCH_WRITER=process; `auto` is a thread, which measured as fast on a CPU and an H200, docs/gpu.md):
+building an upsert (each vector becomes a Python list, then protobuf) and, on Milvus Lite, the
 engine's work hold the GIL for milliseconds at a time; in the encoding process that starves the thread driving the
 GPU (docs/gpu.md). The child gets chunks through a pipe, upserts them and acknowledges each; the parent logs
 "upserted" on the acknowledgement, counts the rows in flight, and reads through its own client afterwards.
