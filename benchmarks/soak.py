@@ -230,7 +230,8 @@ def main() -> int:
             samples.append((0.0, service_stats(service.pid, url)))
             resume = tmp / "resume"  # the load shape (soak_locustfile.py) waits for it after the warm-up
             load_env = {**env, "SOAK_SEED": str(seed), "SOAK_IMAGES": str(tmp / "images.txt"), "SOAK_USERS": str(args.users),
-                        "SOAK_WARMUP": str(args.warmup), "SOAK_SECONDS": str(args.seconds), "SOAK_RESUME_FILE": str(resume)}
+                        "SOAK_WARMUP": str(args.warmup), "SOAK_SECONDS": str(args.seconds), "SOAK_RESUME_FILE": str(resume),
+                        "SOAK_FAILED_ANSWERS": str(tmp / "failed_answers.txt")}
             load = subprocess.Popen(
                 [sys.executable, "-m", "locust", "-f", str(ROOT / "benchmarks" / "soak_locustfile.py"), "--headless",
                  "--host", url, "--csv", str(tmp / "load"), "--only-summary", "--exit-code-on-error", "0",
@@ -260,6 +261,8 @@ def main() -> int:
             pauses.append({"at": round(at), "idle_after": waited, "idle": idle})
             rows = endpoint_rows(tmp / "load_stats.csv")
             failures = (tmp / "load_failures.csv").read_text() if (tmp / "load_failures.csv").exists() else ""
+            answers = tmp / "failed_answers.txt"
+            failed_answers = answers.read_text().splitlines()[:20] if answers.exists() else []
         finally:
             stop_seconds = None
             if service.poll() is None:
@@ -281,7 +284,7 @@ def main() -> int:
         "endpoints": rows, "process": {"start": start, "warm": warm, "end": end}, "rss_growth_after_warmup": growth,
         "rss_trend_after_warmup": trend,
         "rss_mib_every_30_s": trajectory, "idle_samples": pauses,
-        "failures": failures.splitlines()[1:21], "service_exit": service.returncode, "service_stop_seconds": stop_seconds,
+        "failures": failures.splitlines()[1:21], "failed_answers": failed_answers, "service_exit": service.returncode, "service_stop_seconds": stop_seconds,
         "service_errors": [line for line in served_log.splitlines() if "Traceback" in line or "ERROR" in line][:20],
     }
     errors = sum(row["errors"] for row in rows if row["endpoint"] != "all")
@@ -314,6 +317,8 @@ def main() -> int:
         print(f"service stopped {stop_seconds} s after SIGTERM, exit {service.returncode}")
         for line in result["failures"]:
             print("failure:", line)
+        for line in result["failed_answers"]:
+            print("answered:", line)
         for line in result["service_errors"]:
             print("service log:", line)
         for target, met in result["targets"].items():

@@ -17,7 +17,7 @@ import os
 import random
 from pathlib import Path
 
-from locust import HttpUser, LoadTestShape, between, task
+from locust import HttpUser, LoadTestShape, between, events, task
 from PIL import Image, ImageDraw
 
 SEED = int(os.environ.get("SOAK_SEED", "0"))
@@ -27,7 +27,17 @@ USERS = int(os.environ.get("SOAK_USERS", "16"))
 WARMUP = float(os.environ.get("SOAK_WARMUP", "60"))
 SECONDS = float(os.environ.get("SOAK_SECONDS", "600"))
 RESUME_FILE = Path(os.environ.get("SOAK_RESUME_FILE", "soak-resume"))
+FAILED_ANSWERS = Path(os.environ["SOAK_FAILED_ANSWERS"]) if os.environ.get("SOAK_FAILED_ANSWERS") else None
 _numbers = itertools.count()
+
+
+@events.request.add_listener
+def keep_failed_answers(request_type, name, response, exception, **_) -> None:
+    """What the service answered to each failed request (Locust keeps only the status): a 4xx from a server-side
+    fault says which one here."""
+    if exception is not None and FAILED_ANSWERS is not None and response is not None:
+        with FAILED_ANSWERS.open("a") as out:
+            out.write(f"{request_type} {name} {response.status_code}: {response.text[:300]!r}\n")
 
 
 class LoadWithQuietSample(LoadTestShape):

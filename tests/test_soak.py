@@ -30,7 +30,7 @@ def test_a_one_minute_soak_of_the_service_meets_its_targets(milvus_server_uri, o
     endpoints = {row["endpoint"]: row for row in report["endpoints"]}
     for endpoint in ("/search", "/recognize", "/images", "/enroll", "/review", "/duplicates"):
         assert endpoints[endpoint]["requests"] > 0, endpoint  # the mixed workload reached every kind of request
-    assert endpoints["all"]["errors"] == 0, report["failures"]
+    assert endpoints["all"]["errors"] == 0, (report["failures"], report["failed_answers"])
     # SIGTERM: a graceful stop (service_exit -9: it had not stopped STOP_WAIT_SECONDS after the signal)
     assert report["service_exit"] == 0 and report["service_errors"] == [], (report["service_exit"], report["service_stop_seconds"])
     targets = report["targets"]
