@@ -481,8 +481,10 @@ def serve(
 ) -> None:
     """Run the REST service (one worker: the model and the store are loaded once)."""
     from imgsearch.api.app import Service, run_service
-    from imgsearch.processes import limit_malloc_arenas
+    from imgsearch.processes import limit_malloc_arenas, reexec_with_python_objects_in_malloc
 
+    if _own_process:
+        reexec_with_python_objects_in_malloc()  # before anything is loaded (docs/benchmarks.md: the soak)
     limit_malloc_arenas()  # before the model's and the store's threads start (docs/benchmarks.md: the soak)
     service = Service(settings)  # a locked Milvus Lite file or missing weights fail here, as one line
     # SIGTERM: uvicorn stops taking requests, lets those in flight finish, then raises the signal again: a clean stop
@@ -493,5 +495,15 @@ def serve(
     run_service(service, host, port)
 
 
-if __name__ == "__main__":  # pragma: no cover
+_own_process = False  # started as the command: serve may re-execute it (never a test's CliRunner, nor an embedding program)
+
+
+def run() -> None:
+    """The `imgsearch` console script and `python -m imgsearch.cli`."""
+    global _own_process
+    _own_process = True
     app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run()

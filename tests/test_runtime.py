@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,6 +142,8 @@ def test_with_a_cached_export_no_command_imports_torch(tmp_path, int8_encoder):
             with open(query, "rb") as image:
                 answer = client.post("/search", data={"k": "2"}, files={"image": ("q.png", image, "image/png")})
             assert answer.status_code == 200 and len(answer.json()["results"]) == 2, answer.text
+        # the process that answered re-executed itself with Python's objects in glibc's malloc (the soak's growth)
+        assert b"\0PYTHONMALLOC=malloc\0" in b"\0" + (Path("/proc") / str(server.pid) / "environ").read_bytes()
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(timeout=60)

@@ -7,6 +7,8 @@ import asyncio
 import hashlib
 import io
 import json
+import os
+import sys
 import unicodedata
 from pathlib import Path
 
@@ -182,6 +184,29 @@ def test_heap_bytes_counts_a_live_allocation_until_it_is_freed():
     del block
     after = heap_bytes()["in_use"]
     assert during - before >= 64 << 20 and during - after >= 64 << 20, (before, during, after)
+
+
+def test_serve_reexecutes_itself_with_python_objects_in_malloc_unless_the_user_chose_an_allocator(monkeypatch):
+    import platform
+
+    from imgsearch import processes
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("only with glibc: elsewhere there is no trim to hand pages back")
+    calls = []
+
+    def execv(path, argv):
+        calls.append((path, list(argv), os.environ.get("PYTHONMALLOC")))
+        raise OSError("refused")  # as a failed exec would: the process must go on as it was
+
+    monkeypatch.setattr(processes.os, "execv", execv)
+    monkeypatch.delenv("PYTHONMALLOC", raising=False)
+    processes.reexec_with_python_objects_in_malloc()
+    assert calls == [(sys.executable, sys.orig_argv, "malloc")]  # the same program and arguments, in this PID
+    assert "PYTHONMALLOC" not in os.environ  # the failed exec left no trace for child processes
+    monkeypatch.setenv("PYTHONMALLOC", "pymalloc")
+    processes.reexec_with_python_objects_in_malloc()
+    assert len(calls) == 1  # the user's own choice stands
 
 
 def test_shards_partition_content_hashes():
