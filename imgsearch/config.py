@@ -70,7 +70,8 @@ class Settings(BaseSettings):
     weights: Path | None = Field(None, description="Local weights file for the encoder")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     runtime: Runtime = Field(
-        "auto", description="auto: onnxruntime on a CPU (int8 for efficientnet_lite0, measured faster there), torch on CUDA"
+        "auto", description="auto: onnxruntime on a CPU (int8 for efficientnet_lite0 where the CPU has VNNI or dotprod, "
+        "measured faster there), torch on CUDA"
     )
     cuda_graphs: bool = Field(True, description="On CUDA, run each full batch as one captured CUDA graph")
     onnx_cache: Path | None = Field(None, description="Where ONNX exports are cached; default ~/.cache/imgsearch/onnx")

@@ -35,7 +35,7 @@ def open_existing_store(settings: Settings) -> MilvusStore:
     return MilvusStore.open_existing(settings.milvus_uri, settings.collection_name, settings.milvus_token)
 
 
-def open_encoder(settings: Settings, *, auto_int8: bool = True) -> Encoder:
+def open_encoder(settings: Settings, *, auto_int8: bool | None = None) -> Encoder:
     from imgsearch.encoders import encoder_from_settings
 
     return encoder_from_settings(settings, auto_int8=auto_int8)
@@ -63,8 +63,8 @@ def open_store(settings: Settings, encoder: Encoder, *, create: bool = True, enc
 
 def open_session(settings: Settings, *, create: bool = True, encodes_images: bool = True) -> tuple[Encoder, MilvusStore]:
     """The encoder and the settings' collection (created for this encoder when missing, unless create=False).
-    With runtime auto, a collection an fp32 encoder filled keeps being searched with fp32 vectors: int8 is the
-    default for new collections only."""
+    With runtime auto, a collection keeps being searched at the precision that filled it: int8 is the default for
+    new collections only, and only on a CPU with int8 dot-product instructions."""
     if not create:
         check_lite_database_exists(settings.milvus_uri)  # before pymilvus is even imported
     from imgsearch.store import PRECISION_PROPERTY, UNRECORDED_PRECISION, check_identity
@@ -77,7 +77,7 @@ def open_session(settings: Settings, *, create: bool = True, encodes_images: boo
 
         check_identity(stored, settings.collection_name, settings.milvus_uri, model=settings.model,
                        weights=weights_id(settings.weights) if encodes_images else None)
-    encoder = open_encoder(settings, auto_int8=stored is None or stored.get(PRECISION_PROPERTY, UNRECORDED_PRECISION) == "int8")
+    encoder = open_encoder(settings, auto_int8=None if stored is None else stored.get(PRECISION_PROPERTY, UNRECORDED_PRECISION) == "int8")
     return encoder, open_store(settings, encoder, create=create, encodes_images=encodes_images)
 
 

@@ -24,7 +24,7 @@ FASHION_DIR = ROOT / "examples" / "catalog"
 
 __all__ = [
     "ROOT", "FASHION_DIR", "ARTIFACTS", "free_port", "copy_fashion_catalog", "fashion_images", "cosine", "serve", "healthy_client",
-    "run_cli", "searching_through", "browser_page", "CuttableProxy", "ObservingProxy", "SeaweedFS", "RestartableMilvus",
+    "run_cli", "auto_cpu_precision", "searching_through", "browser_page", "CuttableProxy", "ObservingProxy", "SeaweedFS", "RestartableMilvus",
 ]
 ARTIFACTS = ROOT / "tests" / "artifacts"  # screenshots of the browser tests (ignored by git, kept by CI)
 
@@ -68,6 +68,14 @@ def run_cli(args, env_extra=None, cwd=None, python_flags=(), check=False) -> sub
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}")
     return result
+
+
+def auto_cpu_precision() -> str:
+    """The precision runtime auto gives a new Lite0 collection on this machine's CPU: int8 only with int8 dot-product
+    instructions."""
+    from imgsearch.encoders.int8 import cpu_has_int8_dot_product
+
+    return "int8" if cpu_has_int8_dot_product() else "fp32"
 
 
 def copy_fashion_catalog(folder: Path, per_class: int = 2) -> list[Path]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FASHION_DIR, ROOT, run_cli
+from helpers import FASHION_DIR, ROOT, auto_cpu_precision, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -117,7 +117,7 @@ def test_review_keeps_unknown_queries_lists_them_in_groups_and_enrols_a_group(tm
     main = json.loads(run_cli(["info", "--uri", uri, "--json"], check=True).stdout)
     assert main["count"] == 80  # not references
     review = json.loads(run_cli(["info", "--uri", uri, "--collection", main["collection"] + "_review", "--json"], check=True).stdout)
-    assert review["precision"] == main["precision"] == "int8"  # made for the encoder the kept vectors came from
+    assert review["precision"] == main["precision"] == auto_cpu_precision()  # made for the encoder the kept vectors came from
 
     enrolled = json.loads(run_cli(["enroll", "cat", "--from-review", groups[0]["key"], "--uri", uri, "--json"], check=True).stdout)
     assert enrolled["enrolled"] == 2 and enrolled["calibration"]["labels"] == 5 and enrolled["check"]["references"] == 2

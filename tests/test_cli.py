@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import FASHION_DIR, copy_fashion_catalog, run_cli, searching_through
+from helpers import FASHION_DIR, auto_cpu_precision, copy_fashion_catalog, run_cli, searching_through
 
 pytestmark = pytest.mark.slow  # the imgsearch command in subprocesses
 
@@ -93,7 +93,7 @@ def test_info_and_settings_precedence(ingested, tmp_path):
         "model": "efficientnet_lite0",
         "dim": 1280,
         "preprocess": from_env["preprocess"],
-        "precision": "int8",  # made by the CPU default
+        "precision": auto_cpu_precision(),  # made by the CPU default
         "weights": "",  # the model's own (not adapted)
         "recognition": None,  # no eval yet
         "self_calibration": from_env["self_calibration"],

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import copy_fashion_catalog, fashion_images, free_port, healthy_client, run_cli
+from helpers import auto_cpu_precision, copy_fashion_catalog, fashion_images, free_port, healthy_client, run_cli
 from imgsearch.encoders import load_encoder
 from imgsearch.encoders.onnx_runtime import OnnxEncoder
 from imgsearch.encoders.preprocessing import ResizeCrop
@@ -66,11 +66,12 @@ def test_another_weights_file_is_another_export(tmp_path):
     assert len(stems) == 3
 
 
-def test_runtime_auto_picks_int8_for_lite0_and_fp32_for_other_weights_on_cpu(tmp_path):
+def test_runtime_auto_picks_int8_for_lite0_on_a_cpu_with_int8_dot_products_and_fp32_otherwise(tmp_path):
     from imgsearch.encoders.lite import packaged_weights_path
 
     encoder = load_encoder("efficientnet_lite0", device="cpu", runtime="auto", onnx_cache=tmp_path)
-    assert isinstance(encoder, OnnxEncoder) and encoder.model_path.name.endswith(".int8.onnx")
+    assert isinstance(encoder, OnnxEncoder) and encoder.precision == auto_cpu_precision()
+    assert encoder.model_path.name.endswith(".int8.onnx") == (auto_cpu_precision() == "int8")
     assert encoder.built_torch_encoder is None  # exported in a child process: torch's memory went with it
     copy = tmp_path / "lite0.pth"  # weights of the user's own: not measured in int8, so fp32
     copy.write_bytes(packaged_weights_path().read_bytes())
@@ -113,7 +114,7 @@ def _imported(stderr: str) -> set[str]:
 
 
 def test_with_a_cached_export_no_command_imports_torch(tmp_path, int8_encoder):
-    """The CPU default (runtime auto -> int8): once the export is cached, search, recognize, info, ingest and serve
+    """The CPU default (runtime auto: onnxruntime, int8 where the CPU has VNNI): once the export is cached, search, recognize, info, ingest and serve
     run on onnxruntime, Pillow and numpy alone."""
     import shutil
 

@@ -35,12 +35,13 @@ def load_encoder(
     onnx_cache: Path | None = None,
     cuda_graphs: bool = True,
     gpu_decode: bool = False,
-    auto_int8: bool = True,
+    auto_int8: bool | None = None,
 ) -> Encoder:
     """The encoder `name`, run by `runtime`: torch, onnx (onnxruntime on the CPU), onnx-int8 (the ONNX export quantised
-    to int8, on the CPU), or auto (on a CPU onnx-int8 for the INT8_BY_DEFAULT models and onnx for the others, torch
-    on CUDA: the fastest as measured by benchmarks/ingest.py and benchmarks/int8.py). The ONNX runtimes with a cached
-    export import no torch. `auto_int8=False` keeps auto at fp32 (for a collection filled by an fp32 encoder)."""
+    to int8, on the CPU), or auto (torch on CUDA; on a CPU onnx-int8 for the INT8_BY_DEFAULT models where the CPU has
+    int8 dot-product instructions, onnx otherwise: the fastest as measured by benchmarks/ingest.py and
+    benchmarks/int8.py). The ONNX runtimes with a cached export import no torch. `auto_int8` is the precision a
+    collection was filled with: False keeps auto at fp32, True at int8, None (a new collection) lets the CPU decide."""
     if runtime not in RUNTIMES:
         raise UnsupportedRuntimeError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     weights = Path(weights) if weights else None
@@ -59,12 +60,12 @@ def weights_id(weights: Path | None) -> str:
 
 def _load_encoder(
     name: str, weights: Path | None, device: str, runtime: str, onnx_cache: Path | None, cuda_graphs: bool, gpu_decode: bool,
-    auto_int8: bool,
+    auto_int8: bool | None,
 ) -> Encoder:
     if runtime in ("onnx", "onnx-int8") or (runtime == "auto" and not _on_cuda(device)):
         if runtime != "auto" and _on_cuda(device):
             raise UnsupportedRuntimeError(f"--runtime {runtime} runs on the CPU; use --device cpu, or --runtime torch on CUDA")
-        int8 = runtime == "onnx-int8" or (runtime == "auto" and auto_int8 and name in INT8_BY_DEFAULT and weights is None)
+        int8 = runtime == "onnx-int8" or (runtime == "auto" and name in INT8_BY_DEFAULT and weights is None and _int8_for(auto_int8))
         load_torch = partial(load_torch_encoder, name, weights=weights, device="cpu")
         if int8:
             from imgsearch.encoders.int8 import int8_encoder
@@ -91,6 +92,14 @@ def device_jpeg_decoder(encoder: TorchEncoder):
     return DeviceJpegDecoder(encoder.spec, encoder.device, encoder.input_size)
 
 
+def _int8_for(collection_int8: bool | None) -> bool:
+    if collection_int8 is not None:
+        return collection_int8
+    from imgsearch.encoders.int8 import cpu_has_int8_dot_product
+
+    return cpu_has_int8_dot_product()
+
+
 def _on_cuda(device: str) -> bool:
     """Whether `device` means a GPU. For "auto", torch is asked only where an NVIDIA driver could be present."""
     if device != "auto":
@@ -108,7 +117,7 @@ def _on_cuda(device: str) -> bool:
     return torch.cuda.is_available()
 
 
-def encoder_from_settings(settings, *, auto_int8: bool = True) -> Encoder:
+def encoder_from_settings(settings, *, auto_int8: bool | None = None) -> Encoder:
     """The encoder the settings name: the one way the CLI and the API load it."""
     return load_encoder(
         settings.model, weights=settings.weights, device=settings.device, runtime=settings.runtime,
