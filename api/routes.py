@@ -175,7 +175,9 @@ async def enroll_from_review(service: ServiceDep, body: ReviewEnroll):
 
     label = validate_label(body.label, required=True)
     async with service.writing():
-        enrolled = await asyncio.to_thread(enroll, service.store, label, body.select, service.review(create=False), recalibrate=False)
+        enrolled = await asyncio.to_thread(  # opening the review collection may wait for Milvus: not on the loop
+            lambda: enroll(service.store, label, body.select, service.review(create=False), recalibrate=False)
+        )
     enrolled["calibration"], enrolled["calibration_pending"] = await service.recalibrate()
     return enrolled
 

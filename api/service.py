@@ -177,6 +177,7 @@ class Service:
     """Settings, encoder and store, loaded once; the batcher, write lock and decode budget start with the loop."""
 
     def __init__(self, settings: Settings) -> None:
+        from imgsearch.recognition.review import OpenedReview
         from imgsearch.session import open_session
 
         self.settings = settings
@@ -188,7 +189,7 @@ class Service:
         self.scans: SharedScans | None = None
         self.budget: PixelBudget | None = None
         self.recalibration: Recalibration | None = None
-        self._review = None  # the review collection, opened on first use
+        self._review = OpenedReview(self.store)  # the review collection, opened on first use
         self._health_checked = -HEALTH_CACHE_SECONDS
         self._health_error: StoreUnavailableError | None = None
         self._startup_check: asyncio.Task | None = None
@@ -251,11 +252,7 @@ class Service:
 
     def review(self, *, create: bool = True):
         """The review collection (recognition/review.py), opened once it exists."""
-        from imgsearch.recognition.review import review_store
-
-        if self._review is None:
-            self._review = review_store(self.store, create=create)
-        return self._review
+        return self._review.get(create=create)
 
     async def stop(self) -> None:
         if self._startup_check is not None:
@@ -264,8 +261,7 @@ class Service:
         await self.recalibration.finish()  # its threshold is written before the store closes
         await self.scans.finish()
         await self.batcher.stop()
-        if self._review is not None:
-            self._review.close()
+        self._review.close()
         self.store.close()
 
     async def read_images(self, uploads: list[UploadFile]) -> list[Upload]:

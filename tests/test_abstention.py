@@ -148,6 +148,38 @@ def test_review_keeps_unknown_queries_lists_them_in_groups_and_enrols_a_group(tm
     assert sorted(Path(m["path"]).name for g in listed for m in g["members"]) == ["a_astronaut.jpg", "c_rocket.jpg"]  # the same bytes: one row, its newest file
 
 
+@pytest.mark.parametrize("backend", ["lite"])
+def test_concurrent_first_requests_open_the_review_collection_once(make_store, monkeypatch):
+    """The service's requests run in threads; two first ones that both opened the review collection left one client
+    open, and one could read it while the other was still creating it."""
+    import threading
+    import time
+
+    from imgsearch.recognition import review
+
+    store = make_store(collection="reviewed")
+    real, opened = review.review_store, []
+
+    def slow(store, *, create=True):
+        time.sleep(0.3)  # as a server creating, indexing and loading it: the window the first requests met in
+        made = real(store, create=create)
+        opened.append(made)
+        return made
+
+    monkeypatch.setattr(review, "review_store", slow)
+    shared = review.OpenedReview(store)
+    assert shared.get(create=False) is None and opened == [None]  # not made by a reader; asked again next time
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(shared.get())) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(opened) == 2 and len(got) == 6 and all(each is opened[1] for each in got), opened
+    assert opened[1].collection == store.collection + review.REVIEW_SUFFIX and shared.get(create=False) is opened[1]
+    shared.close()
+
+
 def test_review_selections_are_stable_and_enrolling_stored_content_keeps_its_row(tmp_path):
     """A group is selected by its key, which names its members: a query kept after the listing that joins the group
     makes the old key refused instead of enrolling images nobody looked at. Numbers and malformed selections are

@@ -9,6 +9,7 @@ references, never recognised against. Their vector is kept, so enrolling them en
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +45,30 @@ def review_store(store: MilvusStore, *, create: bool = True) -> MilvusStore | No
         )
     except CollectionNotFoundError:
         return None
+
+
+class OpenedReview:
+    """The review collection of a long-lived process (the service), opened once by the first request that needs it.
+    Requests run in threads: two first ones would each open it, and one could read the collection while the other is
+    still creating and loading it, so the first opens it under a lock and the others wait."""
+
+    def __init__(self, store: MilvusStore) -> None:
+        self.store = store
+        self._review: MilvusStore | None = None
+        self._lock = threading.Lock()
+
+    def get(self, *, create: bool = True) -> MilvusStore | None:
+        """The review collection; None while it does not exist and `create` is False."""
+        with self._lock:
+            if self._review is None:
+                self._review = review_store(self.store, create=create)
+            return self._review
+
+    def close(self) -> None:
+        with self._lock:
+            if self._review is not None:
+                self._review.close()
+                self._review = None
 
 
 @dataclass
