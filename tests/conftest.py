@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast instead of retrying an unreachable hub
+# The tests start hundreds of `imgsearch` processes; where PYTHONDONTWRITEBYTECODE is set (as in CI's container) each
+# one compiled the package from source again, about 0.3 s of CPU apiece on a 2-core machine.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 # The service answers an enrolment before its "unknown" threshold is recomputed when that takes over 5 s, which a
 # busy 2-core CI machine can reach even for small collections; tests that enrol and then recognise wait for it, so
 # their answers do not depend on the machine's speed. The pending path has its own test (calibration wait 0).
