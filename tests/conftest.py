@@ -177,7 +177,8 @@ def ray_cluster(tmp_path_factory):
         environment.setenv("RAY_AUTH_TOKEN", secrets.token_hex(16))
         import ray  # after the variables: Ray reads its authentication mode once, when imported
 
-        folder = tmp_path_factory.getbasetemp() / "ray"  # short: Ray's socket paths must fit in 107 bytes
+        base = tmp_path_factory.getbasetemp()  # under pytest-xdist, a worker's (popen-gwN) inside the session's
+        folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "ray"  # Ray's socket paths: 107 bytes at most
         ray.init(
             num_cpus=2, object_store_memory=256 << 20, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=str(folder),
             logging_level="WARNING",
