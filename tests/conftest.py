@@ -45,6 +45,9 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.ray)
         if fixtures & HEAVY_FIXTURES:
             item.add_marker(pytest.mark.slow)
+    # The soak's one test runs about four minutes: first, so that under the README's `-n 2 --dist loadfile
+    # --no-loadscope-reorder` the other worker is not left idle at the end.
+    items.sort(key=lambda item: item.path.name != "test_soak.py")
 
 
 @pytest.fixture(autouse=True)
@@ -100,45 +103,73 @@ def photos() -> dict[str, Image.Image]:
     return {name: Image.fromarray(getattr(data, name)()).convert("RGB") for name in PHOTO_NAMES}
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (the README's `-n 2`) the controlling process starts the session's Milvus server, without
+    waiting for it, and the workers share it: its embedded etcd listens on a fixed port (2380), so a second server
+    on the machine fails to start."""
+    if getattr(config.option, "numprocesses", None) and "PYTEST_XDIST_WORKER" not in os.environ:
+        if not os.environ.get("IMGSEARCH_TEST_MILVUS_URI") and SERVER_BINARY.exists():
+            import tempfile
+
+            config.shared_milvus_server = _start_milvus_server(Path(tempfile.mkdtemp(prefix="imgsearch-test-milvus-")))
+            os.environ["IMGSEARCH_TEST_MILVUS_URI"] = config.shared_milvus_server[0]
+
+
+def pytest_unconfigure(config):
+    if server := getattr(config, "shared_milvus_server", None):
+        import shutil
+
+        _stop_milvus_server(*server[1:3])
+        shutil.rmtree(server[3], ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def milvus_server_uri(tmp_path_factory):
     """A real Milvus server (the PyPI `milvus` 2.3.5 standalone, no Docker) on loopback for the whole session.
-    IMGSEARCH_TEST_MILVUS_URI points at one already running instead."""
-    if os.environ.get("IMGSEARCH_TEST_MILVUS_URI"):
-        yield os.environ["IMGSEARCH_TEST_MILVUS_URI"]
+    IMGSEARCH_TEST_MILVUS_URI points at one already running (or starting: see pytest_configure) instead."""
+    if uri := os.environ.get("IMGSEARCH_TEST_MILVUS_URI"):
+        _wait_until_serving(uri)
+        yield uri
         return
     if not SERVER_BINARY.exists():
         pytest.fail(
             f"{SERVER_BINARY} not found: `python3 -m venv .mv && .mv/bin/pip install milvus==2.3.5 pymilvus==3.0.2` "
             "(the README's test command does this)"
         )
-    data = tmp_path_factory.mktemp("milvus-server")
+    uri, process, log, data = _start_milvus_server(tmp_path_factory.mktemp("milvus-server"))
+    try:
+        _wait_until_serving(uri, process, data / "server.log")
+        yield uri
+    finally:
+        _stop_milvus_server(process, log)
+
+
+def _start_milvus_server(data: Path) -> tuple[str, subprocess.Popen, object, Path]:
     port = free_port()
     log = open(data / "server.log", "wb")
     process = subprocess.Popen(
         [str(SERVER_BINARY), "--data", str(data), "--proxy-port", str(port)], stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    uri = f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{port}", process, log, data
+
+
+def _stop_milvus_server(process: subprocess.Popen, log) -> None:
+    os.killpg(process.pid, signal.SIGINT)
     try:
-        _wait_until_serving(uri, process, data / "server.log")
-        yield uri
-    finally:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    log.close()
 
 
-def _wait_until_serving(uri: str, process: subprocess.Popen, log_path: Path, timeout: float = 120) -> None:
+def _wait_until_serving(uri: str, process: subprocess.Popen | None = None, log_path: Path | None = None, timeout: float = 120) -> None:
     from pymilvus import MilvusClient
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process.poll() is not None:
+        if process is not None and process.poll() is not None:
             pytest.fail(f"milvus-server exited with {process.returncode}: {log_path.read_text()[-2000:]}")
         try:
             client = MilvusClient(uri=uri, timeout=2)
@@ -147,7 +178,7 @@ def _wait_until_serving(uri: str, process: subprocess.Popen, log_path: Path, tim
             return
         except Exception:
             time.sleep(0.5)
-    pytest.fail(f"milvus-server did not answer at {uri} within {timeout:.0f} s: {log_path.read_text()[-2000:]}")
+    pytest.fail(f"milvus-server did not answer at {uri} within {timeout:.0f} s" + (f": {log_path.read_text()[-2000:]}" if log_path else ""))
 
 
 @pytest.fixture(scope="session")
