@@ -165,7 +165,8 @@ MIXED = INTEL_VNNI + "processor\t: 2\nflags\t\t: fpu sse2 avx2\n"  # one core wi
     (INTEL_VNNI, True), (ALDER_LAKE, True), (GRAVITON, True),
     (AMD_EPYC_AVX2, False), (SKYLAKE_AVX512, False), (CORTEX_A72, False), (MIXED, False), ("", False),
     ("flags\t\t: avx512_vnni_not_really\n", False),
-])
+], ids=["intel-vnni", "alder-lake", "graviton", "amd-epyc-avx2", "skylake-avx512", "cortex-a72", "one-core-without", "empty",
+        "look-alike-flag"])
 def test_int8_is_picked_only_where_every_core_has_int8_dot_product_instructions(cpuinfo, has):
     assert int8_dot_product_in(cpuinfo) is has
 
