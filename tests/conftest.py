@@ -209,15 +209,59 @@ def ray_cluster(tmp_path_factory):
         import ray  # after the variables: Ray reads its authentication mode once, when imported
 
         base = tmp_path_factory.getbasetemp()  # under pytest-xdist, a worker's (popen-gwN) inside the session's
-        folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "ray"  # Ray's socket paths: 107 bytes at most
-        ray.init(
-            num_cpus=2, object_store_memory=256 << 20, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=str(folder),
-            logging_level="WARNING",
-        )
+        base = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # Ray's socket paths: 107 bytes at most
+        _start_ray(ray, base)
         try:
             yield ray.get_runtime_context().gcs_address
         finally:
             ray.shutdown()
+
+
+RAY_START_ATTEMPTS = 3
+
+
+def _start_ray(ray, base: Path) -> None:
+    """ray.init gives the node 30 s (fixed in Ray's node.py) to register once its processes are launched, and the
+    node waits for its Python agents to import. On a 2-core CI machine with the other xdist worker encoding, that
+    once ran out. A node that timed out is killed and started again in a fresh folder; the last failure carries the
+    tail of Ray's own logs."""
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        folder = base / f"ray{attempt}"
+        try:
+            ray.init(
+                num_cpus=2, object_store_memory=256 << 20, include_dashboard=False, _node_ip_address="127.0.0.1",
+                _temp_dir=str(folder), logging_level="WARNING",
+            )
+            return
+        except Exception as error:
+            if "timed out during startup" not in str(error):
+                raise
+            _kill_processes_mentioning(str(folder))
+            if attempt == RAY_START_ATTEMPTS:
+                raise RuntimeError(f"Ray did not start in {attempt} attempts:\n{_ray_log_tails(folder)}") from error
+            print(f"Ray's node timed out during start-up (attempt {attempt}); starting it again", file=sys.stderr)
+
+
+def _kill_processes_mentioning(text: str) -> None:
+    """The processes a failed ray.init launched (their command lines name its folder) would otherwise run on,
+    competing for the cores, until the worker exits."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if text.encode() in (entry / "cmdline").read_bytes():
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
+
+
+def _ray_log_tails(folder: Path, lines: int = 15) -> str:
+    tails = []
+    for name in ("raylet.out", "raylet.err", "gcs_server.out", "dashboard_agent.log", "runtime_env_agent.log"):
+        for log in sorted(folder.glob(f"session_[0-9]*/logs/{name}")):  # not through the session_latest link
+            text = log.read_text(errors="replace").splitlines()[-lines:]
+            tails.append(f"--- {log.name}\n" + "\n".join(text))
+    return "\n".join(tails) or f"no Ray logs under {folder}"
 
 
 @pytest.fixture(params=["lite", "server"])
