@@ -120,6 +120,13 @@ def start_ray(address: str) -> bool:
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as error:
         where = f"at {address}" if address else "on this machine"
         raise RayUnavailableError(f"cannot reach a Ray cluster {where}: {first_line(error)}") from None
+    except Exception as error:  # Ray raises a bare Exception when a node misses its fixed 30 s to register
+        if address or "timed out during startup" not in str(error):
+            raise
+        raise RayUnavailableError(
+            "a local Ray node did not start within Ray's 30 s (a busy machine?): start one with `ray start --head` "
+            "and pass its address with --ray-address"
+        ) from None
     return True
 
 
