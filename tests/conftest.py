@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast instead of retrying an unreachable hub
 # The tests start hundreds of `imgsearch` processes; where PYTHONDONTWRITEBYTECODE is set (as in CI's container) each
@@ -12,6 +13,12 @@ os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 # busy 2-core CI machine can reach even for small collections; tests that enrol and then recognise wait for it, so
 # their answers do not depend on the machine's speed. The pending path has its own test (calibration wait 0).
 os.environ.setdefault("IMGSEARCH_CALIBRATION_WAIT_SECONDS", "600")
+# Ray reads its authentication mode once, when a process first imports it, whichever test that is: token mode, with
+# the session's token in the environment, so nothing is written to ~/.ray and the processes the tests start can join
+# the session's cluster (conftest.ray_cluster). Set before any import: a test importing Ray without it made the
+# cluster's own client fail authentication.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
 
 import signal
 import subprocess
@@ -199,22 +206,17 @@ def object_store(tmp_path_factory):
 def ray_cluster(tmp_path_factory):
     """One local Ray cluster for the session, as `imgsearch ingest --ray` starts one: 2 CPUs, a small object store,
     no dashboard, loopback, its files under pytest's temporary folder. Token authentication stays on, with a token
-    in the environment, so nothing is written to ~/.ray and the `imgsearch` processes the tests start can join.
-    Yields the address to join."""
-    import secrets
+    in the environment (set at the top of this file), so nothing is written to ~/.ray and the `imgsearch` processes
+    the tests start can join. Yields the address to join."""
+    import ray
 
-    with pytest.MonkeyPatch.context() as environment:
-        environment.setenv("RAY_AUTH_MODE", "token")
-        environment.setenv("RAY_AUTH_TOKEN", secrets.token_hex(16))
-        import ray  # after the variables: Ray reads its authentication mode once, when imported
-
-        base = tmp_path_factory.getbasetemp()  # under pytest-xdist, a worker's (popen-gwN) inside the session's
-        base = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # Ray's socket paths: 107 bytes at most
-        _start_ray(ray, base)
-        try:
-            yield ray.get_runtime_context().gcs_address
-        finally:
-            ray.shutdown()
+    base = tmp_path_factory.getbasetemp()  # under pytest-xdist, a worker's (popen-gwN) inside the session's
+    base = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # Ray's socket paths: 107 bytes at most
+    _start_ray(ray, base)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
 
 
 RAY_START_ATTEMPTS = 3
