@@ -269,6 +269,8 @@ def main() -> None:
     catalog = make_catalog(args.work / f"catalog-{args.images}", args.images)
 
     encoder = load_encoder("efficientnet_lite0", runtime=args.runtime)
+    precision = encoder.precision  # runtime auto: int8 only on CPUs with int8 dot-product instructions
+    print(f"encoder: {type(encoder).__name__}, {precision}")
     floor = floor_images_per_second(encoder, catalog, args.batch_size, min(args.floor_images, args.images))
     del encoder
 
@@ -321,7 +323,7 @@ def main() -> None:
         rate = product_report["indexed"] / product_seconds
         print(f"{args.products} product PNGs: {rate:.1f} images/s whole process "
               f"({product_report['images_per_second']:.1f} pipeline-only), peak PSS {product_peak / 2**20:.0f} MiB; "
-              f"the int8 encoder's floor on one core is {1000 / costs['encode']:.1f} images/s, on {os.cpu_count()} cores "
+              f"the {precision} encoder's floor on one core is {1000 / costs['encode']:.1f} images/s, on {os.cpu_count()} cores "
               f"{1000 * (os.cpu_count() or 1) / costs['encode']:.1f}: whole process = "
               f"{rate / (1000 * (os.cpu_count() or 1) / costs['encode']):.2f} of that")
         print_bound(f"{args.products} product PNGs", costs, rate)
