@@ -411,7 +411,7 @@ def test_a_delete_interrupted_while_recomputing_unknown_says_so_and_the_rerun_re
     from imgsearch.session import open_existing_store
 
     source = tmp_path / "export.parquet"
-    exported_rows(source, 1000, labels=10)
+    exported_rows(source, 3000, labels=10)  # calibrating 2,700 references in memory: seconds to interrupt it in
     database = str(tmp_path / "references.db")
     env = {key: value for key, value in os.environ.items() if not key.startswith("IMGSEARCH_")}
     env.update(COLUMNS="400")
@@ -424,7 +424,7 @@ def test_a_delete_interrupted_while_recomputing_unknown_says_so_and_the_rerun_re
     assert rerun.returncode == 0 and json.loads(rerun.stdout)["deleted"] == [], rerun.stderr
     with open_existing_store(load_settings(milvus_uri=database)) as store:
         counts = json.loads(store.properties()[REFERENCE_COUNTS_PROPERTY])
-        assert store.count() == 900 and sum(counts.values()) == 900 and "label 0" not in counts, counts
+        assert store.count() == 2700 and sum(counts.values()) == 2700 and "label 0" not in counts, counts
         assert not calibration_is_stale(store)
 
 
