@@ -253,7 +253,7 @@ def _kill_processes_mentioning(text: str) -> None:
         try:
             if text.encode() in (entry / "cmdline").read_bytes():
                 os.kill(int(entry.name), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
+        except OSError:  # gone already, or not ours to read
             continue
 
 

@@ -223,12 +223,11 @@ class ReferenceVectors:
         self.labels = np.array([row["label"] for row in rows], dtype=object)
         self.vectors = np.stack([np.asarray(row["vector"], dtype=np.float32) for row in rows]) if rows else np.zeros((0, 0))
         self.row_of = {row_id: row for row, row_id in enumerate(self.ids)}
-        norms = np.linalg.norm(self.vectors, axis=1, keepdims=True)
-        self.unit = self.vectors / np.maximum(norms, 1e-12)  # Milvus's COSINE
+        self.norms = np.maximum(np.linalg.norm(self.vectors, axis=1), 1e-12)  # Milvus's COSINE, without a second copy
 
     def nearest(self, queries: np.ndarray, k: int, except_label: str | None = None) -> list[list[Hit]]:
         """Each query's k nearest labeled rows, best first, with their vectors; `except_label`'s rows left out."""
-        scores = (queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)) @ self.unit.T
+        scores = (queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)) @ self.vectors.T / self.norms
         if except_label is not None:
             scores[:, self.labels == except_label] = -np.inf
         k = min(k, scores.shape[1])
