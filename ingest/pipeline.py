@@ -7,7 +7,9 @@ always maps to the same row and an upsert of it is idempotent; a rerun skips wha
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
 import tempfile
 import threading
 import time
@@ -22,7 +24,7 @@ from imgsearch.encoders import Encoder
 from imgsearch.ingest.catalog import CatalogEntry, Location, Shard, absolute, catalog_folder, check_catalog, scan_catalog
 from imgsearch.ingest.hashes import HashCache, default_hash_cache
 from imgsearch.ingest.plan import Settler, drop_replaced, new_content, new_row_metadata, plan_entries, prune_missing, record_copies
-from imgsearch.ingest.reader import MAX_AUTO_WORKERS, PREFETCH_BATCHES, PlannedImages, batches, collate, split_cores
+from imgsearch.ingest.reader import MAX_AUTO_WORKERS, MAX_LANES, PREFETCH_BATCHES, PlannedImages, batches, chunked, collate, split_cores
 from imgsearch.ingest.report import IngestReport, ProgressCallback
 from imgsearch.ingest.writer import WRITE_QUEUE_CHUNKS, InFlight, WriterProcess, start_writer
 from imgsearch.storage import FileStamp
@@ -175,10 +177,15 @@ def _warm_up_in_background(encoder: Encoder, batch_size: int) -> threading.Threa
     return thread
 
 
-def in_flight_bound(batch_size: int, workers: int, upsert_chunk: int) -> int:
+def in_flight_bound(batch_size: int, prefetched_batches: int, upsert_chunk: int) -> int:
     """Most images alive at once: prefetched batches, the batch being encoded, the buffer, queued and writing chunks."""
-    prefetched = workers * PREFETCH_BATCHES * batch_size
-    return prefetched + batch_size + (upsert_chunk + batch_size) * (WRITE_QUEUE_CHUNKS + 2)
+    return (prefetched_batches + 1) * batch_size + (upsert_chunk + batch_size) * (WRITE_QUEUE_CHUNKS + 2)
+
+
+def prefetched_batches(workers: int, lanes: int) -> int:
+    """Batches decoded ahead of the one being encoded: each worker's queue share, or each lane's batch in hand and
+    its place in the queue of encoded batches."""
+    return max(workers * PREFETCH_BATCHES, 2 * lanes if lanes > 1 else 0)
 
 
 def encode_and_store(
@@ -206,17 +213,20 @@ def encode_and_store(
         report.workers = workers
     elif not balanced:  # an encoder whose threads are not ours to set (torch's, a GPU's): every core but one decodes
         report.workers = split_cores(cores, decode_ms=1.0, encode_ms=0.0, pending=pending, batch_size=batch_size).decode_workers
-    most_workers = min(cores - 1, MAX_AUTO_WORKERS) if balanced else report.workers
-    report.in_flight_bound = in_flight_bound(batch_size, most_workers, upsert_chunk)
+    if balanced:  # the most that balanced_batches can choose
+        prefetched = max(prefetched_batches(min(cores - 1, MAX_AUTO_WORKERS), 1), prefetched_batches(0, min(cores, MAX_LANES)))
+    else:
+        prefetched = prefetched_batches(report.workers, 1)
+    report.in_flight_bound = in_flight_bound(batch_size, prefetched, upsert_chunk)
+    in_flight = InFlight()
     if encoder.tensor_batches:
         from imgsearch.ingest.torch_reader import batch_loader  # torch: only torch encoders need it
 
         loader = batch_loader(dataset, batch_size, report.workers, encoder.pin_memory)
     elif balanced:
-        loader = balanced_batches(dataset, encoder, batch_size, pending, report)
+        loader = balanced_batches(dataset, encoder, settler, in_flight, batch_size, pending, report)
     else:
         loader = batches(dataset, batch_size, report.workers)
-    in_flight = InFlight()
     writer = start_writer(store, in_flight, writer_kind)
     report.writer = "process" if isinstance(writer, WriterProcess) else "thread"
     buffer: list[ImageRecord] = []
@@ -240,6 +250,8 @@ def encode_and_store(
             waited = time.perf_counter()
         writer.put(buffer)
     finally:
+        if hasattr(loader, "close"):  # a generator's own clean-up (lanes stop, workers end) now, not when collected
+            loader.close()
         writer.close()
         report.insert_seconds = writer.seconds
         report.max_in_flight = in_flight.peak
@@ -250,13 +262,26 @@ def encode_and_store(
 
 
 def balanced_batches(
-    dataset: PlannedImages, encoder: Encoder, batch_size: int, pending: int, report: IngestReport
+    dataset: PlannedImages, encoder: Encoder, settler: Settler, in_flight: InFlight, batch_size: int, pending: int,
+    report: IngestReport,
 ) -> Iterator[dict[str, Any]]:
-    """The plan's batches, with the cores shared by measurement: the first batch is decoded in this process and
-    encoded on one thread (its per-image costs, in core-ms), then reader.split_cores decides how many workers
-    decode the rest and how many threads the encoder runs on. Small jobs stay in this process, on every core."""
+    """The plan's batches, with the cores shared as reader.split_cores says: small jobs stay in this process on
+    every core; up to MAX_LANES cores, each core is a lane that decodes and encodes its own batches; on more, the
+    first batch is decoded in this process and encoded on one thread (its per-image costs, in core-ms), then
+    workers decode the rest and the encoder runs on the other cores."""
     cores = os.cpu_count() or 1
-    first = split_cores(cores, 1.0, 1.0, pending, batch_size)
+    first = split_cores(cores, 1.0, 1.0, pending, batch_size)  # neither of the first two needs the costs
+    if first.lanes > 1:
+        report.workers, report.encoder_threads, report.lanes = 0, 1, first.lanes
+        encoder.set_threads(1)
+        read = decode_seconds = encoded = encode_seconds = 0
+        for batch in lane_batches(dataset, encoder, settler, in_flight, batch_size, first.lanes):
+            read, decode_seconds = read + len(batch["items"]) + len(batch["failed"]), decode_seconds + batch["decode_seconds"]
+            encoded, encode_seconds = encoded + len(batch["encoded"]), encode_seconds + batch["encode_seconds"]
+            yield batch
+        # what each lane's core spent per image: the stage costs, for the report
+        report.measured_ms = {"decode": round(1000 * decode_seconds / max(read, 1), 3), "encode": round(1000 * encode_seconds / max(encoded, 1), 3)}
+        return
     if first.decode_workers == 0:
         report.workers, report.encoder_threads = 0, first.encoder_threads
         yield from batches(dataset, batch_size, 0)
@@ -276,28 +301,98 @@ def balanced_batches(
     yield from batches(dataset, batch_size, split.decode_workers, start=len(items))
 
 
-def encode_batch(
-    batch: dict[str, Any], encoder: Encoder, dataset: PlannedImages, settler: Settler, report: IngestReport, in_flight: InFlight
-) -> list[ImageRecord]:
-    """The rows of a decoded batch's new content (JPEGs left to the device decoded there first), counted in flight
-    from before they are encoded."""
+LANE_DONE = object()
+LANE_POLL_SECONDS = 0.2
+
+
+def lane_batches(
+    dataset: PlannedImages, encoder: Encoder, settler: Settler, in_flight: InFlight, batch_size: int, lanes: int
+) -> Iterator[dict[str, Any]]:
+    """Batches already encoded by `lanes` threads, each reading, decoding and encoding every lanes-th file of the
+    plan on one core (the encoder's session runs on one intra-op thread and takes concurrent calls). Settling new
+    content asks Milvus, so lanes take turns at it. Stopped early (Ctrl-C, an error), each lane ends after the
+    batch it is on; a lane's error is raised here."""
+    encoded: queue.Queue = queue.Queue(maxsize=lanes)
+    stop = threading.Event()
+    settling = threading.Lock()
+
+    def hand_over(thing: Any) -> None:
+        while not stop.is_set():
+            try:
+                encoded.put(thing, timeout=LANE_POLL_SECONDS)
+                return
+            except queue.Full:
+                pass
+
+    def lane(index: int) -> None:
+        try:
+            for chunk in chunked(dataset.items(index, lanes), batch_size):
+                if stop.is_set():
+                    return
+                batch = collate(chunk)
+                encode_new_content(batch, encoder, dataset, settler, in_flight, settling)
+                hand_over(batch)
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread, which raises it
+            hand_over(error)
+        finally:
+            hand_over(LANE_DONE)
+
+    threads = [threading.Thread(target=lane, args=(index,), name=f"imgsearch-lane-{index}", daemon=True) for index in range(lanes)]
+    for thread in threads:
+        thread.start()
+    finished = 0
+    try:
+        while finished < lanes:
+            batch = encoded.get()
+            if batch is LANE_DONE:
+                finished += 1
+            elif isinstance(batch, BaseException):
+                raise batch
+            else:
+                yield batch
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+
+
+def encode_new_content(
+    batch: dict[str, Any], encoder: Encoder, dataset: PlannedImages, settler: Settler, in_flight: InFlight,
+    settling: Any = None,
+) -> None:
+    """Encode a decoded batch's new content (JPEGs left to the device decoded there first) into the batch:
+    `encoded` items, their `vectors`, the `encode_seconds`; counted in flight from before they are encoded.
+    `settling`: a lock when lanes settle content side by side."""
     items, inputs = batch["items"], batch["batch"]
     started = time.perf_counter()
     if batch["jpegs"]:  # the encode stage's time includes decoding them on the device
         from imgsearch.ingest.torch_reader import decode_on_device  # torch: only CUDA encoders get JPEGs
 
-        items, inputs, failed, device_decoded = decode_on_device(batch, encoder, dataset)
-        report.failed.extend(failed)
-        report.gpu_decoded += device_decoded
-    items, inputs = new_content(items, inputs, settler)
+        items, inputs, batch["device_failed"], batch["device_decoded"] = decode_on_device(batch, encoder, dataset)
+    with settling or contextlib.nullcontext():
+        items, inputs = new_content(items, inputs, settler)
+    batch["encoded"], batch["vectors"] = items, None
+    if items:
+        in_flight.add(len(items))
+        batch["vectors"] = encoder.encode(inputs)
+    batch["encode_seconds"] = time.perf_counter() - started
+
+
+def encode_batch(
+    batch: dict[str, Any], encoder: Encoder, dataset: PlannedImages, settler: Settler, report: IngestReport, in_flight: InFlight
+) -> list[ImageRecord]:
+    """The rows of a decoded batch's new content, encoded here unless a lane did."""
+    if "encoded" not in batch:
+        encode_new_content(batch, encoder, dataset, settler, in_flight)
+    report.failed.extend(batch.get("device_failed", ()))
+    report.gpu_decoded += batch.get("device_decoded", 0)
+    items = batch["encoded"]
     if not items:
         return []
-    in_flight.add(len(items))
-    vectors = encoder.encode(inputs)
-    report.add_encoded(items, time.perf_counter() - started)
+    report.add_encoded(items, batch["encode_seconds"])
     return [
         ImageRecord(id=item["id"], vector=vector, path=item["path"], label=item["label"], metadata=new_row_metadata(item))
-        for item, vector in zip(items, vectors)
+        for item, vector in zip(items, batch["vectors"])
     ]
 
 

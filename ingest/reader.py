@@ -33,6 +33,7 @@ PREFETCH_BATCHES = 4  # per worker
 # fallback.
 WORKER_START_METHOD = os.environ.get("IMGSEARCH_WORKER_START", "fork")
 MAX_AUTO_WORKERS = 8
+MAX_LANES = 8
 WORKER_POLL_SECONDS = 1.0
 
 
@@ -42,19 +43,27 @@ class DecodeWorkerError(ImgsearchError):
 
 @dataclass(frozen=True)
 class CoreSplit:
-    decode_workers: int  # processes reading, hashing, decoding and preprocessing (0: the main process does it)
-    encoder_threads: int  # the encoder's intra-op threads
+    decode_workers: int  # processes reading, hashing, decoding and preprocessing (0: this process does it)
+    encoder_threads: int  # the encoder's intra-op threads per forward pass
+    lanes: int = 1  # threads of this process that each decode and encode their own batches
 
 
 def split_cores(cores: int, decode_ms: float, encode_ms: float, pending: int, batch_size: int) -> CoreSplit:
-    """How many decode workers and encoder threads, from each stage's cost per image in core-ms: one busy thread per
-    core in all (more made the encoder's spinning threads and the workers take turns). Either the main process
-    decodes between forward passes on every core (cheap decoding: a worker would idle beside an encoder on one
-    core fewer), or workers and threads split the cores where the slower side is fastest; ties give the encoder
-    the core. Tiny jobs decode in the main process: starting workers costs more."""
+    """How the cores share decoding and encoding, from each stage's cost per image in core-ms: one busy thread per
+    core in all (more made the encoder's spinning threads and the workers take turns). Tiny jobs decode in this
+    process between forward passes on every core: starting anything costs more.
+
+    Up to MAX_LANES cores, one lane per core: a thread that decodes its own batches and encodes them on one intra-op
+    thread, beside the others (onnxruntime and Pillow release the GIL). That reaches the machine bound,
+    cores / (decode_ms + encode_ms), which no whole-thread split can: on 2 cores, camera JPEGs decoding at 9 ms and
+    encoding at 31 (fp32) allow the best split 0.81 of it (docs/benchmarks.md). On more cores a split loses less
+    and one process's GIL would serve many lanes (unmeasured), so workers and threads split the cores where the
+    slower side is fastest; ties give the encoder the core."""
     cores = max(1, cores)
     if pending < 2 * batch_size or cores == 1:
         return CoreSplit(0, cores)
+    if cores <= MAX_LANES:
+        return CoreSplit(0, 1, lanes=cores)
     decode_ms, encode_ms = max(decode_ms, 1e-6), max(encode_ms, 1e-6)
 
     def rate(workers: int) -> float:
@@ -143,13 +152,13 @@ def batches(dataset: PlannedImages, batch_size: int, workers: int, start: int = 
         yield from _from_worker_processes(dataset, batch_size, workers, start)
 
 
-def _chunks(items: Iterator[dict[str, Any]], batch_size: int) -> Iterator[list[dict[str, Any]]]:
+def chunked(items: Iterator[dict[str, Any]], batch_size: int) -> Iterator[list[dict[str, Any]]]:
     while chunk := list(islice(items, batch_size)):
         yield chunk
 
 
 def _batched(items: Iterator[dict[str, Any]], batch_size: int) -> Iterator[dict[str, Any]]:
-    for chunk in _chunks(items, batch_size):
+    for chunk in chunked(items, batch_size):
         yield collate(chunk)
 
 
@@ -207,7 +216,7 @@ def _decode_worker(
 ) -> None:
     die_with_parent(parent)
     taken = 0
-    for chunk in _chunks(dataset.items(worker_id, workers, start), batch_size):
+    for chunk in chunked(dataset.items(worker_id, workers, start), batch_size):
         tensors = [item["tensor"] for item in chunk if "tensor" in item]
         if slots is None or not tensors or not slots.fits(tensors):
             put_while_parent_lives(out, collate(chunk), parent)

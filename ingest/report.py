@@ -27,8 +27,8 @@ class IngestReport:
     other_shards: int = 0  # with --shard: images left to the other shards
     failed: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
-    # Stage split. decode_seconds is summed over worker processes (read + hash + decode + preprocess);
-    # wait_seconds is how long the encoder sat idle waiting for decoded batches.
+    # Stage split. decode_seconds (read + hash + decode + preprocess) and, with lanes, encode_seconds are summed
+    # over the workers or lanes; wait_seconds is how long this process's main thread sat waiting for batches.
     decode_seconds: float = 0.0
     wait_seconds: float = 0.0
     encode_seconds: float = 0.0
@@ -38,6 +38,7 @@ class IngestReport:
     started: float = field(default_factory=time.perf_counter, repr=False, compare=False)
     workers: int = 0
     encoder_threads: int = 0  # the encoder's threads when ingest chose them (0: the runtime's default)
+    lanes: int = 1  # threads that each decoded and encoded their own batches (reader.split_cores)
     measured_ms: dict[str, float] | None = None  # per-image core-ms of decode and encode that chose the split
     writer: str = ""  # "process" or "thread": where the upserts ran (writer.py)
     gpu_decoded: int = 0  # JPEGs decoded on the encoder's GPU rather than by the CPU workers
@@ -122,6 +123,7 @@ class IngestReport:
             **({"check": self.enrolment_check} if self.enrolment_check is not None else {}),
             "workers": self.workers,
             "encoder_threads": self.encoder_threads,
+            "lanes": self.lanes,
             "measured_ms": self.measured_ms,
             "writer": self.writer,
             "gpu_decoded": self.gpu_decoded,

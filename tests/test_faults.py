@@ -18,6 +18,7 @@ from PIL import Image
 
 from helpers import ROOT, RestartableMilvus, fashion_images, serve
 from imgsearch.config import load_settings
+from imgsearch.ingest.reader import MAX_LANES
 
 SERVER_BINARY = ROOT / ".mv" / "bin" / "milvus-server"
 
@@ -328,22 +329,22 @@ def interrupt_when(command: list[str], env: dict, logged: str, stop: str, said: 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("stop", "what"), [("SIGINT", "enroll"), ("SIGTERM", "ingest")])
-def test_an_interrupted_ingest_stops_within_5_s_says_what_it_did_and_the_rerun_finishes(tmp_path, stop, what):
-    """Ctrl-C during an `enroll`, SIGTERM during an `ingest`, once rows are being written: within 5 s the command
-    prints one summary line and exits 130 or 143, and its decode workers and writer process are gone; the same
-    command again stores every image once."""
+@pytest.mark.parametrize(("stop", "what", "workers"), [("SIGINT", "enroll", []), ("SIGTERM", "ingest", ["--workers", "1"])])
+def test_an_interrupted_ingest_stops_within_5_s_says_what_it_did_and_the_rerun_finishes(tmp_path, stop, what, workers):
+    """Ctrl-C during an `enroll` (its cores shared as ingest decides: lanes on a small machine), SIGTERM during an
+    `ingest` with a decode worker, once rows are being written: within 5 s the command prints one summary line and
+    exits 130 or 143, and its decode workers and writer process are gone; the same command again stores every image
+    once."""
     import os
 
     expected = fashion_catalog(tmp_path / "catalog", 500)
     database = tmp_path / "interrupted.db"
     arguments = [str(tmp_path / "catalog")] if what == "ingest" else ["late arrivals", str(tmp_path / "catalog")]
-    command = [sys.executable, "-m", "imgsearch.cli", "-v", what, *arguments, "--uri", str(database),
-               "--batch-size", "16", "--workers", "1"]
+    command = [sys.executable, "-m", "imgsearch.cli", "-v", what, *arguments, "--uri", str(database), "--batch-size", "16", *workers]
     env = {key: value for key, value in os.environ.items() if not key.startswith("IMGSEARCH_")}
     env.update(COLUMNS="400", IMGSEARCH_UPSERT_CHUNK="32", IMGSEARCH_DEVICE="cpu", IMGSEARCH_WRITER="process")  # the child to reap
     signalled, children = interrupt_when(command, env, "upserted", stop, "images encoded")
-    assert len(children) >= 2  # a decode worker and the writer process
+    assert len(children) >= 1 + len(workers) // 2  # the writer process, and the decode worker asked for
     while any(Path(f"/proc/{child}").exists() and b"Z" not in Path(f"/proc/{child}/stat").read_bytes().split(b")")[-1][:3]
               for child in children):
         assert time.monotonic() - signalled <= 5, "a child outlived the interrupted ingest by more than 5 s"
@@ -352,6 +353,8 @@ def test_an_interrupted_ingest_stops_within_5_s_says_what_it_did_and_the_rerun_f
     assert rerun.returncode == 0, rerun.stderr
     report = json.loads(rerun.stdout)
     assert report["skipped"] > 0 and report["indexed"] + report["skipped"] == len(expected)
+    if not workers and 2 <= (os.cpu_count() or 1) <= MAX_LANES:  # the cores were lanes, as in the interrupted run
+        assert report["lanes"] == os.cpu_count() and report["workers"] == 0, report
     info = subprocess.run([sys.executable, "-m", "imgsearch.cli", "info", "--uri", str(database), "--json"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert json.loads(info.stdout)["count"] == len(expected), info.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from PIL import Image
 from helpers import bad_catalog, copy_fashion_catalog, cosine, run_cli
 from imgsearch.ingest.catalog import file_sha256
 from imgsearch.ingest.pipeline import ingest_catalog
+from imgsearch.ingest.reader import MAX_LANES
 
 pytestmark = pytest.mark.slow  # real weights and Milvus Lite
 
@@ -25,17 +27,21 @@ def _catalog(root: Path, per_class: int = 1) -> list[Path]:
 
 
 class EncodeSpy:
-    """Counts images that really went through the encoder (the real encode still runs)."""
+    """Counts images that really went through the encoder (the real encode still runs), from any thread."""
 
     def __init__(self, encoder, monkeypatch):
-        self.images = 0
+        self.batches: list[int] = []
         original = encoder.encode
 
         def counting(batch):
-            self.images += len(batch)
+            self.batches.append(len(batch))  # atomic: lanes encode side by side
             return original(batch)
 
         monkeypatch.setattr(encoder, "encode", counting)
+
+    @property
+    def images(self) -> int:
+        return sum(self.batches)
 
 
 def _rows(store) -> dict[str, dict]:
@@ -179,6 +185,47 @@ def test_duplicate_content_is_stored_once(tmp_path, encoder, make_store):
     assert hit.id == digest and hit.metadata == {}  # the bookkeeping is not the user's metadata
 
 
+@pytest.mark.skipif(not 2 <= (os.cpu_count() or 1) <= MAX_LANES, reason="lanes run on 2 to MAX_LANES cores")
+def test_lanes_encode_each_content_once_and_store_what_one_thread_stores(tmp_path, onnx_encoder, make_store, monkeypatch):
+    files = _catalog(tmp_path / "catalog", per_class=3)
+    for path in files[:20]:  # copies in the same folders: lanes meet both copies of a content, settled under one lock
+        shutil.copy(path, path.with_name(f"copy-{path.name}"))
+    single, laned = make_store(collection="single"), make_store(collection="laned")
+    ingest_catalog(tmp_path / "catalog", onnx_encoder, single, workers=0, batch_size=4, hash_cache=tmp_path / "single.sqlite")
+    threads, spy = onnx_encoder.threads, EncodeSpy(onnx_encoder, monkeypatch)
+    report = ingest_catalog(tmp_path / "catalog", onnx_encoder, laned, batch_size=4, hash_cache=tmp_path / "laned.sqlite")
+    assert (report.lanes, report.encoder_threads, report.workers) == (os.cpu_count(), 1, 0)
+    assert onnx_encoder.threads == threads  # given back
+    assert spy.images == report.indexed == 30 and report.skipped == 20 and report.copies == 20
+    assert report.measured_ms["decode"] > 0 and report.measured_ms["encode"] > 0
+    rows_single, rows_laned = _rows(single), _rows(laned)
+    assert rows_single.keys() == rows_laned.keys()
+    for key, row in rows_single.items():
+        other = rows_laned[key]
+        # which copy a run meets first decides the row's path; the paths a content is known by are the same
+        assert {row["path"], *row["metadata"].get("imgsearch.copies", [])} == {other["path"], *other["metadata"].get("imgsearch.copies", [])}
+        assert row["label"] == other["label"] and np.allclose(row["vector"], other["vector"], atol=1e-5)
+
+
+@pytest.mark.skipif(not 2 <= (os.cpu_count() or 1) <= MAX_LANES, reason="lanes run on 2 to MAX_LANES cores")
+def test_a_lanes_error_reaches_the_caller_and_every_lane_ends(tmp_path, onnx_encoder, make_store, monkeypatch):
+    _catalog(tmp_path / "catalog", per_class=3)
+    store, threads = make_store(), onnx_encoder.threads
+    original, calls = onnx_encoder.encode, []
+
+    def failing(batch):
+        calls.append(len(batch))
+        if len(calls) == 3:
+            raise MemoryError("the third batch")
+        return original(batch)
+
+    monkeypatch.setattr(onnx_encoder, "encode", failing)
+    with pytest.raises(MemoryError, match="the third batch"):
+        ingest_catalog(tmp_path / "catalog", onnx_encoder, store, batch_size=4, hash_cache=tmp_path / "hashes.sqlite")
+    assert not [thread for thread in threading.enumerate() if thread.name.startswith("imgsearch-lane")]
+    assert onnx_encoder.threads == threads  # given back even so
+
+
 def row_vector(store, digest: str) -> np.ndarray:
     return np.asarray(store.get([digest], fields=("id", "vector"))[digest]["vector"], dtype=np.float32)
 
@@ -249,7 +296,9 @@ def test_worker_processes_store_exactly_the_rows_of_a_single_process_run(tmp_pat
         report = ingest_catalog(tmp_path / "catalog", encoder, balanced, batch_size=4)
         assert report.indexed == 30 and report.failed == report_single.failed
         assert report.measured_ms["decode"] > 0 and report.measured_ms["encode"] > 0
-        assert report.workers + report.encoder_threads == os.cpu_count()  # one busy thread per core
+        assert report.workers + report.lanes * report.encoder_threads == os.cpu_count()  # one busy thread per core
+        if os.cpu_count() <= MAX_LANES:  # each core a lane: reading, decoding and encoding its own batches
+            assert (report.lanes, report.encoder_threads, report.workers) == (os.cpu_count(), 1, 0)
         assert encoder.threads == threads  # given back: a service's encoder answers queries on its own threads
         others.append(balanced)
     rows_single = _rows(single)
