@@ -206,6 +206,14 @@ def run_ingest(
     return seconds, json.loads(stdout), peak
 
 
+def cores_used(report: dict) -> str:
+    """How the ingest shared the cores (ingest/reader.py's split_cores)."""
+    if report.get("lanes", 1) > 1:
+        return f"{report['lanes']} lanes, each decoding and encoding on one core"
+    threads = report.get("encoder_threads") or "the runtime's default"
+    return f"{report['workers']} decode workers, the encoder on {threads} threads"
+
+
 def naive_peer_images_per_second(catalog: Path, db: Path, count: int) -> float:
     """The bootcamp quickstart loop: one image at a time, end to end, one insert per image."""
     from pymilvus import MilvusClient
@@ -294,15 +302,15 @@ def main() -> None:
     stages = report["stages"]
     print(f"(a) floor, encoder alone on ready tensors : {floor:8.1f} images/s")
     print(f"(b) imgsearch ingest, whole process       : {real:8.1f} images/s  ({report['indexed']} images in {seconds:.1f} s, "
-          f"{report['workers']} decode workers)")
+          f"{cores_used(report)})")
     print(f"    of which the pipeline itself (plan + decode + encode + insert, no imports or model load): "
           f"{report['images_per_second']:.1f} images/s")
     print(f"(c) naive per-image peer                   : {peer:8.1f} images/s  (first {min(args.peer_images, args.images)} images)")
     print(f"(b)/(a) = {real / floor:.2f}   (b)/(c) = {real / peer:.1f}   "
           f"pipeline-only: {report['images_per_second'] / floor:.2f} and {report['images_per_second'] / peer:.1f}")
     print(f"peak memory (PSS) of (b), process tree: {peak / 2**20:.0f} MiB at {args.images} images")
-    print(f"(b) stage split: read+decode {stages['decode_seconds']:.1f} s (summed over workers), "
-          f"encoder waiting for decode {stages['wait_seconds']:.1f} s, encode {stages['encode_seconds']:.1f} s, "
+    print(f"(b) stage split: read+decode {stages['decode_seconds']:.1f} s (summed over workers or lanes), "
+          f"main thread waiting for batches {stages['wait_seconds']:.1f} s, encode {stages['encode_seconds']:.1f} s, "
           f"insert {stages['insert_seconds']:.1f} s (background thread), rest of {seconds:.1f} s wall is start-up and planning")
     print_bound(f"{args.images} camera JPEGs", stage_costs(catalog, args.runtime, args.stage_images, args.batch_size), real)
     outside = seconds - report["seconds"]  # imports, settings, model load, and the exit after the report
@@ -315,7 +323,7 @@ def main() -> None:
         big_seconds, big_report, big_peak = run_ingest(big, db, args.batch_size, args.runtime)
         print(f"peak memory (PSS) of (b), process tree: {big_peak / 2**20:.0f} MiB at {args.also} images "
               f"({big_report['indexed'] / big_seconds:.1f} images/s whole process, "
-              f"{big_report['images_per_second']:.1f} pipeline-only); ratio {big_peak / peak:.2f}")
+              f"{big_report['images_per_second']:.1f} pipeline-only; {cores_used(big_report)}); ratio {big_peak / peak:.2f}")
         print_bound(f"{args.also} camera JPEGs", stage_costs(big, args.runtime, args.stage_images, args.batch_size),
                     big_report["indexed"] / big_seconds)
         reingest(big, db, args)
@@ -328,7 +336,7 @@ def main() -> None:
         costs = stage_costs(products, args.runtime, args.stage_images, args.batch_size)
         rate = product_report["indexed"] / product_seconds
         print(f"{args.products} product PNGs: {rate:.1f} images/s whole process "
-              f"({product_report['images_per_second']:.1f} pipeline-only), peak PSS {product_peak / 2**20:.0f} MiB; "
+              f"({product_report['images_per_second']:.1f} pipeline-only; {cores_used(product_report)}), peak PSS {product_peak / 2**20:.0f} MiB; "
               f"the {precision} encoder's floor on one core is {1000 / costs['encode']:.1f} images/s, on {os.cpu_count()} cores "
               f"{1000 * (os.cpu_count() or 1) / costs['encode']:.1f}: whole process = "
               f"{rate / (1000 * (os.cpu_count() or 1) / costs['encode']):.2f} of that")
