@@ -80,7 +80,7 @@ class Settings(BaseSettings):
         "default ~/.cache/imgsearch/file-hashes.sqlite",
     )
     batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1, le=4096, description="Images per forward pass")
-    workers: int | None = Field(None, ge=0, description="Decode worker processes; default: automatic")
+    workers: int | None = Field(None, ge=0, description="Decode worker processes; default: automatic (lanes, or workers, from the cores)")
     max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Refuse images larger than this (decompression bombs)")
     upsert_chunk: int = Field(DEFAULT_UPSERT_CHUNK, ge=1, description="Rows per Milvus upsert call")
     writer: WriterPlace = Field(

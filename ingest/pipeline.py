@@ -1,5 +1,6 @@
-"""Ingest a catalog into Milvus: plan (plan.py: hash and diff), read (reader.py: decode in workers), encode in
-batches here, write (writer.py: upsert chunks from a thread, or from a child process when asked).
+"""Ingest a catalog into Milvus: plan (plan.py: hash and diff), read (reader.py: decode in workers) and encode in
+batches here, or both in lanes, a thread per core (reader.split_cores decides), write (writer.py: upsert chunks
+from a thread, or from a child process when asked).
 
 Why this is safe to interrupt and rerun: ids are SHA-256 hashes of file bytes, so an image
 always maps to the same row and an upsert of it is idempotent; a rerun skips what is stored.
