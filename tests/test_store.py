@@ -165,3 +165,18 @@ def test_an_ivf_sq8_collection_on_the_server_finds_each_stored_vector(milvus_ser
     finally:
         store.client.drop_collection(store.collection)
         store.close()
+
+
+def test_opening_a_store_settles_pymilvus_lazy_scipy_check_before_any_request_thread(tmp_path):
+    """pymilvus checks for scipy.sparse on the first call carrying vectors, unguarded: concurrent first searches of the
+    service failed (two 400s in a CI soak). Opening a store makes that check once, so no request thread makes it."""
+    script = f"""
+import sys
+from pymilvus.client.utils import SciPyHelper
+from imgsearch.store import MilvusStore
+assert not SciPyHelper._checked and "scipy.sparse" not in sys.modules
+MilvusStore({str(tmp_path / "lazy.db")!r}, "lazy", model="m", dim=4, precision="fp32")
+assert SciPyHelper._checked and "scipy.sparse" in sys.modules, (SciPyHelper._checked, "scipy.sparse" in sys.modules)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

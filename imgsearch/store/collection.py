@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -93,6 +94,24 @@ def collection_not_found(collection: str, uri: str) -> CollectionNotFoundError:
     return CollectionNotFoundError(f"collection {collection} does not exist at {shown_uri(uri)}; run `imgsearch ingest` first")
 
 
+_LAZY_IMPORTS = threading.Lock()
+
+
+def settle_pymilvus_lazy_imports() -> None:
+    """Run pymilvus's one-time check for scipy.sparse now, in one thread. pymilvus makes it on the first call that
+    carries vectors, executing scipy.sparse's module outside the import lock and unguarded: the service's first
+    concurrent searches failed one with "Unexpected error, message=<'scipy.sparse'>" or "partially initialized
+    module … (most likely due to a circular import)" (two 400s in a CI soak). Harmless without scipy, or if pymilvus
+    moves the check (then there is nothing to settle)."""
+    with _LAZY_IMPORTS:
+        try:
+            from pymilvus.client.utils import SciPyHelper
+
+            SciPyHelper.is_scipy_sparse(None)
+        except (ImportError, AttributeError):
+            pass
+
+
 class MilvusStore:
     def __init__(
         self,
@@ -121,6 +140,7 @@ class MilvusStore:
         self.weights = weights
         self.token = token
         self.index = index  # the vector index a new collection is built with (search_params.index_for)
+        settle_pymilvus_lazy_imports()  # before any thread of ours sends vectors
         self.client = connect(uri, token, create)
         with milvus_errors(f"opening collection {collection}"):
             exists = self.client.has_collection(collection)
