@@ -10,7 +10,7 @@ from helpers import FASHION_DIR
 from imgsearch.evaluation import EvalOptions, auroc, load_splits, load_validation, threshold_at_false_accept_rate
 from imgsearch.evaluation.metrics import best_threshold_and_margin
 from imgsearch.recognition.knn import NoReferencesError, recognize_vectors
-from imgsearch.recognition.scoring import score_labels
+from imgsearch.recognition.scoring import ADAPTED_POWER, DEFAULT_POWER, score_labels, scoring_power
 from imgsearch.store import Hit
 
 
@@ -19,7 +19,8 @@ class InMemoryNeighbours:
 
     collection = "in-memory"
 
-    def __init__(self, vectors: np.ndarray, labels: list[str]) -> None:
+    def __init__(self, vectors: np.ndarray, labels: list[str], weights: str = "") -> None:
+        self.weights = weights  # the embedding the collection records: "" the model's own
         self.vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
         self.labels = labels
         self.filters: list[str] = []
@@ -132,3 +133,20 @@ def test_recognize_vectors_without_labeled_rows_says_what_to_do():
     store = InMemoryNeighbours(np.eye(4, dtype=np.float32), ["", "", "", ""])
     with pytest.raises(NoReferencesError, match="imgsearch enroll"):
         recognize_vectors(store, np.eye(4, dtype=np.float32)[:1])
+
+
+def test_an_adapted_collection_is_scored_without_the_power_transform_and_the_model_own_with_it():
+    assert scoring_power("") == scoring_power(None) == DEFAULT_POWER != ADAPTED_POWER == scoring_power("adapted:0123456789abcdef")
+    rng = np.random.default_rng(3)
+    centres = {name: rng.normal(size=16) for name in ("boot", "bag")}
+    vectors, labels = clusters(rng, centres, 8, spread=0.5)  # signed components: the transform changes the cosines
+    query = (centres["bag"] + 0.5 * rng.normal(size=16)).astype(np.float32)
+    for weights, power in (("", DEFAULT_POWER), ("adapted:0123456789abcdef", ADAPTED_POWER)):
+        store = InMemoryNeighbours(vectors, labels, weights)
+        (label, confidence, neighbours), = recognize_vectors(store, query[None], k=16, threshold=None)
+        expected = score_labels(query, np.stack([store.vectors[int(n.id)] for n in neighbours]), [n.label for n in neighbours],
+                                store.label_counts({"boot", "bag"}), power=power)
+        assert label == max(expected, key=expected.get) and confidence == pytest.approx(max(expected.values()), abs=1e-6)
+    frozen = recognize_vectors(InMemoryNeighbours(vectors, labels), query[None], k=16)[0][1]
+    adapted = recognize_vectors(InMemoryNeighbours(vectors, labels, "adapted:0123456789abcdef"), query[None], k=16)[0][1]
+    assert abs(frozen - adapted) > 1e-3  # the two scorings differ on these vectors, so the check above can fail

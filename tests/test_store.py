@@ -180,3 +180,17 @@ assert SciPyHelper._checked and "scipy.sparse" in sys.modules, (SciPyHelper._che
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_collection_opened_without_comparing_weights_knows_the_embedding_it_holds(tmp_path):
+    """Commands that encode nothing open a collection with weights=None; recognition still has to score an adapted
+    collection as adapted (recognition/scoring.py scoring_power)."""
+    uri, adapted = str(tmp_path / "adapted.db"), "adapted:0123456789abcdef"
+    with MilvusStore(uri, "shop", model="efficientnet_lite0", dim=8, precision=PRECISIONS[0], weights=adapted) as store:
+        assert store.weights == adapted
+    with MilvusStore(uri, "shop", model="efficientnet_lite0", dim=8, weights=None, create=False) as store:
+        assert store.weights == adapted
+    with MilvusStore(uri, "own", model="efficientnet_lite0", dim=8, precision=PRECISIONS[0]) as store:
+        pass
+    with MilvusStore(uri, "own", model="efficientnet_lite0", dim=8, create=False) as store:
+        assert store.weights == ""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from imgsearch.encoders import Encoder
 from imgsearch.errors import CatalogError
 from imgsearch.evaluation.metrics import auroc, confusion_matrix, predict, threshold_at_false_accept_rate
 from imgsearch.recognition.head import linear_probabilities, stratified_split, train_linear
-from imgsearch.recognition.scoring import DEFAULT_DENSITY, DEFAULT_K, DEFAULT_PER_CLASS, DEFAULT_POWER
+from imgsearch.recognition.scoring import DEFAULT_DENSITY, DEFAULT_K, DEFAULT_PER_CLASS, DEFAULT_POWER, scoring_power
 
 Progress = Callable[[str], None]
 ENCODE_BATCH = 64
@@ -110,8 +110,9 @@ def evaluate(
     progress: Progress | None = None,
     weights: Path | None = None,
 ) -> dict[str, Any]:
-    """Encode `spec`'s references and queries, then measure everything `imgsearch eval` reports."""
-    options = options or EvalOptions()
+    """Encode `spec`'s references and queries, then measure everything `imgsearch eval` reports, scored as
+    `recognize` scores the encoder's collections (an adapted embedding without the power transform)."""
+    options = replace(options or EvalOptions(), power=scoring_power(encoder.weights_id))
     started = time.perf_counter()
     reference_set, query_set = load_splits(spec, options, encoder.input_size)
     references = encode_set(encoder, reference_set, progress, "references")

@@ -36,6 +36,7 @@ from imgsearch.recognition.scoring import (
     score_label_left_out,
     score_left_out,
     scored_neighbours,
+    scoring_power,
     without_labels,
     without_own_rows,
 )
@@ -196,9 +197,9 @@ def self_calibrate(store: MilvusStore, *, k: int = DEFAULT_K) -> SelfCalibration
         return None
     sample = _sample(ids_by_label)
     if sum(counts.values()) <= IN_MEMORY_REFERENCES:
-        known, unknown = _left_out_in_memory(ReferenceVectors(store), sample, counts, k)
+        known, unknown = _left_out_in_memory(ReferenceVectors(store), sample, counts, k, scoring_power(store.weights))
     else:
-        known, unknown = _left_out_by_search(store, sample, counts, k)
+        known, unknown = _left_out_by_search(store, sample, counts, k, scoring_power(store.weights))
     if not known or not unknown:  # e.g. one reference per label: nothing to learn a known answer's score from
         _store_calibration(store, None, counts)
         return None
@@ -242,7 +243,7 @@ class ReferenceVectors:
         return results
 
 
-def _left_out_in_memory(references: ReferenceVectors, sample: dict[str, list[str]], counts: dict[str, int], k: int):
+def _left_out_in_memory(references: ReferenceVectors, sample: dict[str, list[str]], counts: dict[str, int], k: int, power: float):
     """The same scorings as _left_out_by_search, from exact neighbours in memory."""
     known: list[tuple[bool, float, float]] = []
     unknown: list[float] = []
@@ -255,12 +256,12 @@ def _left_out_in_memory(references: ReferenceVectors, sample: dict[str, list[str
         label_left_out = references.nearest(queries, k, except_label=label)
         for query, hits, other_hits in zip(queries, own_left_out, label_left_out):
             if counts[label] > 1:  # a reference alone in its label cannot be left out of it and still be known
-                known += score_left_out(query, scored_neighbours(hits), label, counts)
-            unknown += score_label_left_out(query, scored_neighbours(other_hits), counts)
+                known += score_left_out(query, scored_neighbours(hits), label, counts, power)
+            unknown += score_label_left_out(query, scored_neighbours(other_hits), counts, power)
     return known, unknown
 
 
-def _left_out_by_search(store: MilvusStore, sample: dict[str, list[str]], counts: dict[str, int], k: int):
+def _left_out_by_search(store: MilvusStore, sample: dict[str, list[str]], counts: dict[str, int], k: int, power: float):
     """Each sampled reference recognised with its own row left out (known) and with its whole label left out
     (unknown), from Milvus searches: for collections too large to hold in memory."""
     vectors: dict[str, np.ndarray] = {}  # every vector read, by id: neighbours of one label's references overlap
@@ -283,8 +284,8 @@ def _left_out_by_search(store: MilvusStore, sample: dict[str, list[str]], counts
         label_left_out = with_vectors(store, without_labels(results, labels, k), vectors)
         for label, query, hits, other_hits in zip(labels, queries, own_left_out, label_left_out):
             if counts[label] > 1:  # a reference alone in its label cannot be left out of it and still be known
-                known += score_left_out(query, hits, label, counts)
-            unknown += score_label_left_out(query, other_hits, counts)
+                known += score_left_out(query, hits, label, counts, power)
+            unknown += score_label_left_out(query, other_hits, counts, power)
     for label, ids in sample.items():
         if counts[label] <= WIDE_SEARCH:
             continue
@@ -295,8 +296,8 @@ def _left_out_by_search(store: MilvusStore, sample: dict[str, list[str]], counts
             excluded = store.search(queries, k=k, filter=labeled_except(label), search_params=filtered(k), fields=("label",))
             own_left_out = with_vectors(store, without_own_rows(results, chunk, k), vectors)
             for query, hits, other_hits in zip(queries, own_left_out, with_vectors(store, excluded, vectors)):
-                known += score_left_out(query, hits, label, counts)
-                unknown += score_label_left_out(query, other_hits, counts)
+                known += score_left_out(query, hits, label, counts, power)
+                unknown += score_label_left_out(query, other_hits, counts, power)
     return known, unknown
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from imgsearch.recognition.abstention import fetch_vectors, with_vectors
-from imgsearch.recognition.scoring import DEFAULT_K, score_left_out, without_own_rows
+from imgsearch.recognition.scoring import DEFAULT_K, score_left_out, scoring_power, without_own_rows
 from imgsearch.store import LABELED, MilvusStore, label_is, labeled_except
 from imgsearch.store.search_params import filtered
 from imgsearch.terminal import visible
@@ -103,6 +103,6 @@ def _effect(store: MilvusStore, affected: str, new_label: str, k: int) -> dict[s
         neighbours = without_own_rows(results, ids, k)
         counts = store.label_counts({hit.label for hits in neighbours for hit in hits} | {affected})
         neighbours = with_vectors(store, neighbours, vectors)
-        answers = [answer for query, hits in zip(queries, neighbours) for answer in score_left_out(query, hits, affected, counts)]
+        answers = [answer for query, hits in zip(queries, neighbours) for answer in score_left_out(query, hits, affected, counts, scoring_power(store.weights))]
         effect[f"accuracy_{when}"] = round(float(np.mean([right for right, _, _ in answers])), 4) if answers else None
     return effect

@@ -16,7 +16,7 @@ from imgsearch.images import decode_in_batches
 from imgsearch.ingest.catalog import absolute, file_sha256
 from imgsearch.recognition.abstention import Abstention
 from imgsearch.recognition.review import Kept, keep_unknown
-from imgsearch.recognition.scoring import DEFAULT_DENSITY, DEFAULT_K, DEFAULT_PER_CLASS, DEFAULT_POWER, decide, score_labels
+from imgsearch.recognition.scoring import DEFAULT_DENSITY, DEFAULT_K, DEFAULT_PER_CLASS, decide, score_labels, scoring_power
 from imgsearch.store import LABELED, MilvusStore
 from imgsearch.store.search_params import filtered
 
@@ -67,12 +67,14 @@ def recognize_vectors(
     threshold: float | None = None,
     margin: float | None = None,
     per_class: int = DEFAULT_PER_CLASS,
-    power: float = DEFAULT_POWER,
+    power: float | None = None,
     density: float = DEFAULT_DENSITY,
     reference_counts: dict[str, int] | None = None,
 ) -> list[tuple[str | None, float, list[Neighbour]]]:
     """Each query's label (None: unknown), confidence and neighbours. `reference_counts`: labels' reference counts
-    already known (stored with the self-calibration); the others are counted in Milvus."""
+    already known (stored with the self-calibration); the others are counted in Milvus. `power`: the collection's
+    own (scoring_power) unless given."""
+    power = scoring_power(store.weights) if power is None else power
     results = store.search(vectors, k=k, filter=LABELED, search_params=filtered(k), with_vectors=True)
     if results and not any(results):
         raise NoReferencesError(

@@ -30,11 +30,19 @@ from imgsearch.config import RECOGNITION_K
 DEFAULT_K = RECOGNITION_K
 DEFAULT_PER_CLASS = 10
 DEFAULT_POWER = 0.5  # sign(x)|x|^0.5 then unit length: evens out a few dominant feature channels
+# An adapted embedding (`imgsearch adapt`) is trained on plain cosines and has signed components: the transform,
+# chosen for the frozen features, cost it k-NN and 5-shot accuracy (docs/recognition.md), so it is scored without.
+ADAPTED_POWER = 1.0
 DEFAULT_DENSITY = 0.0275
 # The accuracy the accepted answers should reach, when a margin or a head's threshold is chosen for it; neither turns
 # more than a quarter of the answers into "unknown".
 ACCEPTED_ACCURACY = 0.93
 MARGIN_KEEPS = 0.75
+
+
+def scoring_power(weights_id: str | None) -> float:
+    """The power transform for a collection's vectors, from the embedding it records ("" or None: the model's own)."""
+    return ADAPTED_POWER if weights_id else DEFAULT_POWER
 
 
 def power_normalize(vectors: np.ndarray, power: float = DEFAULT_POWER) -> np.ndarray:
@@ -125,22 +133,22 @@ def scored_neighbours(hits: Sequence, per_class: int = DEFAULT_PER_CLASS) -> lis
     return kept
 
 
-def score_left_out(query, hits, label, counts) -> list[tuple[bool, float, float]]:
+def score_left_out(query, hits, label, counts, power: float = DEFAULT_POWER) -> list[tuple[bool, float, float]]:
     """A reference of `label` recognised from `hits` (with vectors), its own row already left out, so its label
     counts one less: [(right, confidence, margin)], or [] with no neighbour."""
     if not hits:
         return []
-    best, confidence, margin = _best(_scores(query, hits, {**counts, label: counts[label] - 1}))
+    best, confidence, margin = _best(_scores(query, hits, {**counts, label: counts[label] - 1}, power))
     return [(best == label, confidence, margin)]
 
 
-def score_label_left_out(query, hits, counts) -> list[float]:
+def score_label_left_out(query, hits, counts, power: float = DEFAULT_POWER) -> list[float]:
     """A reference recognised with its whole label left out, as a never-enrolled class would be: [confidence]."""
-    return [_best(_scores(query, hits, counts))[1]] if hits else []
+    return [_best(_scores(query, hits, counts, power))[1]] if hits else []
 
 
-def _scores(query: np.ndarray, hits, counts: dict[str, int]) -> dict[str, float]:
-    return score_labels(query, np.stack([hit.vector for hit in hits]), [hit.label for hit in hits], counts)
+def _scores(query: np.ndarray, hits, counts: dict[str, int], power: float) -> dict[str, float]:
+    return score_labels(query, np.stack([hit.vector for hit in hits]), [hit.label for hit in hits], counts, power=power)
 
 
 def _best(scores: dict[str, float]) -> tuple[str, float, float]:

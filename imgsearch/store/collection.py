@@ -145,10 +145,12 @@ class MilvusStore:
         with milvus_errors(f"opening collection {collection}"):
             exists = self.client.has_collection(collection)
             if exists:
+                properties = self.client.describe_collection(collection).get("properties") or {}
                 check_identity(
-                    self.client.describe_collection(collection).get("properties") or {}, collection, uri,
+                    properties, collection, uri,
                     model=model, dim=dim, preprocess_version=preprocess_version, precision=precision, weights=weights,
                 )
+                self.weights = properties.get(WEIGHTS_PROPERTY, "")  # what it holds, also when opened without comparing
                 self.client.load_collection(collection)
             elif create:
                 self._create()
