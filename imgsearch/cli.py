@@ -18,6 +18,7 @@ from imgsearch.config import (
     ADAPT_DISTILL,
     ADAPT_DISTILL_MAX,
     ADAPT_EPOCHS,
+    ADAPT_PAIR_DISTILL,
     ADAPT_STAGES,
     DUPLICATES_THRESHOLD_HELP,
     HEAD_EPOCHS,
@@ -406,13 +407,20 @@ def adapt(
                       help="Pull towards each image's frozen embedding: higher keeps unseen labels and photo edits "
                       f"closer to the base model, 0 trains the margin loss alone [default: {ADAPT_DISTILL}]")
     ] = ADAPT_DISTILL,
+    pair_distill: Annotated[
+        float, option("--pair-distill", min=0.0, max=ADAPT_DISTILL_MAX,
+                      help="Pull of each pair of same-label images towards their frozen cosine: higher keeps different "
+                      f"products of one label apart (near-duplicate search), 0 turns it off [default: {ADAPT_PAIR_DISTILL}]")
+    ] = ADAPT_PAIR_DISTILL,
     out: Annotated[Optional[Path], option("--out", help="File stem, refused if it exists [default: adapted/<collection>, or -2, -3... when taken]")] = None,
     json_output: JsonOption = False,
 ) -> Output:
     """Adapt the embedding to the collection's labeled images (metric learning); reindex with --weights to use it."""
     from imgsearch.recognition.adaptation import adapt_collection
 
-    card, weights_path, card_path = adapt_collection(settings, epochs=epochs, stages=stages, distill=distill, out=out, progress=progress_lines(not json_output))
+    card, weights_path, card_path = adapt_collection(
+        settings, epochs=epochs, stages=stages, distill=distill, pair_distill=pair_distill, out=out, progress=progress_lines(not json_output)
+    )
     frozen, adapted = card.validation["frozen"], card.validation["adapted"]
     summary = {"weights": str(weights_path), "card": str(card_path), "weights_id": card.weights_id, "labels": len(card.labels),
                "validation": card.validation, "epochs_run": card.epochs_run, "seconds": card.training["seconds"]}

@@ -54,6 +54,9 @@ ADAPT_STAGES = 2  # its last backbone stages trained, with the projection (Lite0
 # knew about labels and photo edits it never trained on (docs/recognition.md)
 ADAPT_DISTILL = 4.0
 ADAPT_DISTILL_MAX = 100.0  # beyond this the margin loss no longer moves anything; infinity would train to NaN
+# its pull of each pair of same-label images towards their frozen cosine: the margin loss alone makes different
+# products of one type look like copies of each other (near-duplicate recall, 5-shot on unseen labels)
+ADAPT_PAIR_DISTILL = 20.0
 
 
 class Settings(BaseSettings):

@@ -4,10 +4,12 @@ docs/recognition.md).
 
 What trains: the last `stages` backbone stages and a projection after the pooled features (encoders/adapted_model.py),
 with CosFace (a cosine softmax against one learned proxy per label, with an additive margin, on the vectors after
-recognition's power transform): it needs no pair mining and works at the small batches a CPU affords. The proxies
+the power transform frozen features are scored with): it needs no pair mining and works at the small batches a CPU affords. The proxies
 start at the labels' mean frozen embeddings and the projection at the identity, so training starts from the base
-model's embedding. A distillation term pulls each image towards its own frozen embedding: without it the labels it
-never saw lost a third of their 5-shot accuracy and photo edits drifted apart (docs/recognition.md). The
+model's embedding. Two distillation terms hold on to what the base model knew: each image is pulled towards its own
+frozen embedding (without it the labels it never saw lost a third of their 5-shot accuracy), and each pair of
+same-label images towards the cosine the frozen embedding gave them (without it the margin loss makes different
+products of one type look like copies of each other: near-duplicate recall halved; docs/recognition.md). The
 augmentation is what catalog photos suffer: crops, flips, small rotations, light, JPEG re-encoding. A stratified
 part of the references is held out: each epoch is scored by the held-out images' nearest neighbour among themselves
 (the label of the most similar other held-out image), and the best epoch is kept. The card records that figure and
@@ -33,7 +35,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2 as T
 
-from imgsearch.config import ADAPT_DISTILL, ADAPT_DISTILL_MAX, ADAPT_EPOCHS, ADAPT_STAGES
+from imgsearch.config import ADAPT_DISTILL, ADAPT_DISTILL_MAX, ADAPT_EPOCHS, ADAPT_PAIR_DISTILL, ADAPT_STAGES
 from imgsearch.encoders import canonical_model_name, load_torch_encoder
 from imgsearch.encoders.adapted import AdaptedCard, adapted_paths, unused_stem
 from imgsearch.encoders.adapted_model import AdaptedEmbedding, save_adapted
@@ -84,7 +86,8 @@ def signed_power(vectors: torch.Tensor, power: float = DEFAULT_POWER) -> torch.T
 
 
 class CosFace(torch.nn.Module):
-    """The margin loss on the vectors as recognition compares them (after its power transform)."""
+    """The margin loss on the power-transformed vectors (as frozen features are scored; an adapted collection is then
+    scored without the transform, which did better on labels it never trained on: recognition/scoring.py)."""
 
     def __init__(self, proxies: torch.Tensor, margin: float = MARGIN, scale: float = SCALE, power: float = DEFAULT_POWER) -> None:
         super().__init__()
@@ -140,6 +143,7 @@ def adapt_embedding(
     margin: float = MARGIN,
     scale: float = SCALE,
     distill: float = ADAPT_DISTILL,
+    pair_distill: float = ADAPT_PAIR_DISTILL,
     power: float = DEFAULT_POWER,
     validation_fraction: float = 0.1,
     patience: int = 2,
@@ -152,8 +156,9 @@ def adapt_embedding(
     classes = sorted(set(labels))
     if len(classes) < 2:
         raise HeadError(f"adapting needs at least 2 labels, found {len(classes)}")
-    if not 0 <= distill <= ADAPT_DISTILL_MAX:  # NaN fails both comparisons
-        raise HeadError(f"the distillation weight must be between 0 and {ADAPT_DISTILL_MAX:g}, not {distill}")
+    for weight in (distill, pair_distill):
+        if not 0 <= weight <= ADAPT_DISTILL_MAX:  # NaN fails both comparisons
+            raise HeadError(f"a distillation weight must be between 0 and {ADAPT_DISTILL_MAX:g}, not {weight}")
     base = load_torch_encoder(encoder_name, weights=weights, device=device)
     targets = np.array([classes.index(label) for label in labels])
     train_index, validation_index = stratified_split(targets, validation_fraction, seed)
@@ -185,7 +190,7 @@ def adapt_embedding(
     train_vectors = power_normalize(train_vectors, power)
     means = torch.stack([torch.from_numpy(train_vectors[train_targets == target].mean(axis=0)) for target in range(len(classes))])
     loss_function = CosFace(means, margin, scale, power).to(base.device)
-    teacher = _frozen_copy(model) if distill > 0 else None
+    teacher = _frozen_copy(model) if distill > 0 or pair_distill > 0 else None
     trainable = unfreeze_last_stages(model.backbone, stages) + model.projection.weight.numel()
     optimizer = torch.optim.AdamW(
         [
@@ -199,7 +204,7 @@ def adapt_embedding(
     )
     best, best_state, stale, history = frozen, copy.deepcopy(model.state_dict()), 0, []
     for epoch in range(1, epochs + 1):
-        loss = _train_one_epoch(model, loss_function, train, optimizer, scheduler, base, epoch, epochs, progress, teacher, distill)
+        loss = _train_one_epoch(model, loss_function, train, optimizer, scheduler, base, epoch, epochs, progress, teacher, distill, pair_distill)
         figures = embedding_figures(*embed(model, validation, base))
         history.append({"epoch": epoch, "loss": round(loss, 4), **figures})
         if progress:
@@ -217,7 +222,7 @@ def adapt_embedding(
     model = model.cpu().eval()
     counts = Counter(labels[i] for i in train_index)
     card = AdaptedCard(
-        base_model=encoder_name, dim=base.dim, loss=loss_name(margin, scale, distill, power), labels={label: counts[label] for label in classes},
+        base_model=encoder_name, dim=base.dim, loss=loss_name(margin, scale, distill, power, pair_distill), labels={label: counts[label] for label in classes},
         epochs=epochs, epochs_run=len(history), stages=stages,
         validation={"images": len(validation_index), "frozen": frozen, "adapted": best, "best_epoch": _best_epoch(history, best)},
         history=history,
@@ -234,9 +239,13 @@ def _best_epoch(history: list[dict[str, Any]], best: dict[str, float]) -> int:
     return next((row["epoch"] for row in history if all(row[key] == value for key, value in best.items())), 0)
 
 
-def loss_name(margin: float, scale: float, distill: float, power: float) -> str:
+def loss_name(margin: float, scale: float, distill: float, power: float, pair_distill: float = 0.0) -> str:
     name = f"cosface(margin={margin}, scale={scale}, power={power})"
-    return f"{name} + {distill} * (1 - cosine to the frozen embedding)" if distill > 0 else name
+    if distill > 0:
+        name += f" + {distill} * (1 - cosine to the frozen embedding)"
+    if pair_distill > 0:
+        name += f" + {pair_distill} * (same-label pair cosine - its frozen cosine)^2"
+    return name
 
 
 def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -247,7 +256,17 @@ def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     return teacher
 
 
-def _train_one_epoch(model, loss_function, loader, optimizer, scheduler, encoder, epoch, epochs, progress, teacher=None, distill=0.0) -> float:
+def pair_drift(embeddings: torch.Tensor, anchors: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean squared change, adapted against frozen, of the cosine of each pair of same-label images in the batch."""
+    adapted, frozen = F.normalize(embeddings.float(), dim=1), F.normalize(anchors.float(), dim=1)
+    pairs = (targets[:, None] == targets[None, :]) & ~torch.eye(len(targets), dtype=torch.bool, device=targets.device)
+    if not pairs.any():
+        return adapted.new_zeros(())
+    return ((adapted @ adapted.T - frozen @ frozen.T)[pairs] ** 2).mean()
+
+
+def _train_one_epoch(model, loss_function, loader, optimizer, scheduler, encoder, epoch, epochs, progress, teacher=None, distill=0.0,
+                     pair_distill=0.0) -> float:
     model.train()
     _freeze_batchnorm_of_frozen(model.backbone)
     seen, loss_sum, said = 0, 0.0, time.monotonic()
@@ -261,6 +280,8 @@ def _train_one_epoch(model, loss_function, loader, optimizer, scheduler, encoder
                 with torch.no_grad():
                     anchors = teacher(images)
                 loss = loss + distill * (1 - F.cosine_similarity(embeddings.float(), anchors.float(), dim=1)).mean()
+                if pair_distill > 0:
+                    loss = loss + pair_distill * pair_drift(embeddings, anchors, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -278,8 +299,8 @@ def default_adapted_path(collection: str) -> Path:
 
 
 def adapt_collection(
-    settings, *, epochs: int = ADAPT_EPOCHS, stages: int = ADAPT_STAGES, distill: float = ADAPT_DISTILL, out: Path | None = None,
-    progress=None,
+    settings, *, epochs: int = ADAPT_EPOCHS, stages: int = ADAPT_STAGES, distill: float = ADAPT_DISTILL,
+    pair_distill: float = ADAPT_PAIR_DISTILL, out: Path | None = None, progress=None,
 ) -> tuple[AdaptedCard, Path, Path]:
     """Adapt the settings' model to the labeled references of the settings' collection and save it (default:
     adapted/<collection>, or -2, -3, ... when taken; an `out` that exists is refused). Returns the card and the files."""
@@ -292,7 +313,7 @@ def adapt_collection(
         model_name, collection = store.model, store.collection
     module, card = adapt_embedding(
         model_name, sources, labels, weights=settings.weights, device=settings.device,
-        epochs=epochs, stages=stages, distill=distill, workers=settings.workers or 0, progress=progress,
+        epochs=epochs, stages=stages, distill=distill, pair_distill=pair_distill, workers=settings.workers or 0, progress=progress,
     )
     card.collection = collection
     weights_path, card_path = save_adapted(out or unused_stem(default_adapted_path(collection)), module, card)
