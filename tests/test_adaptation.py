@@ -64,8 +64,13 @@ def adapted(tmp_path_factory, onnx_encoder):
                               env={**env, "IMGSEARCH_RUNTIME": "onnx", "IMGSEARCH_ONNX_CACHE": str(onnx_encoder.model_path.parent)})
     assert ingested.returncode == 0, ingested.stderr
     stem = folder / "adapted" / "fashion"
+    # --pair-distill 0: the pair term holds same-label cosines where the frozen embedding had them, so at this size
+    # (36 training images a label, 2 epochs) its separation gain is within noise (+0.004 and +0.011 in two runs, and two
+    # seeds of three kept the frozen embedding); the margin loss and the per-image pull are what this module trains,
+    # pair_drift is tested on its own and the default is measured by benchmarks/recognition.py --adapt
     result = subprocess.run(
-        [sys.executable, "-m", "imgsearch.cli", "adapt", "--uri", str(database), "--epochs", "2", "--out", str(stem), "--json"],
+        [sys.executable, "-m", "imgsearch.cli", "adapt", "--uri", str(database), "--epochs", "2", "--pair-distill", "0", "--out", str(stem),
+         "--json"],
         capture_output=True, text=True, env=env, timeout=900,
     )
     assert result.returncode == 0, result.stderr
