@@ -18,6 +18,7 @@ from imgsearch.config import (
     ADAPT_DISTILL,
     ADAPT_DISTILL_MAX,
     ADAPT_EPOCHS,
+    ADAPT_FROZEN_SHARE,
     ADAPT_PAIR_DISTILL,
     ADAPT_STAGES,
     DUPLICATES_THRESHOLD_HELP,
@@ -412,6 +413,11 @@ def adapt(
                       help="Pull of each pair of same-label images towards their frozen cosine: higher keeps different "
                       f"products of one label apart (near-duplicate search), 0 turns it off [default: {ADAPT_PAIR_DISTILL}]")
     ] = ADAPT_PAIR_DISTILL,
+    frozen_share: Annotated[
+        float, option("--frozen-share", min=0.0, max=0.95,
+                      help="Share of each vector that is the base model's own embedding, beside the adapted one: keeps "
+                      f"photo edits and unseen labels as the base model saw them; 0 saves the adapted alone [default: {ADAPT_FROZEN_SHARE}]")
+    ] = ADAPT_FROZEN_SHARE,
     out: Annotated[Optional[Path], option("--out", help="File stem, refused if it exists [default: adapted/<collection>, or -2, -3... when taken]")] = None,
     json_output: JsonOption = False,
 ) -> Output:
@@ -419,9 +425,10 @@ def adapt(
     from imgsearch.recognition.adaptation import adapt_collection
 
     card, weights_path, card_path = adapt_collection(
-        settings, epochs=epochs, stages=stages, distill=distill, pair_distill=pair_distill, out=out, progress=progress_lines(not json_output)
+        settings, epochs=epochs, stages=stages, distill=distill, pair_distill=pair_distill, frozen_share=frozen_share, out=out,
+        progress=progress_lines(not json_output),
     )
-    frozen, adapted = card.validation["frozen"], card.validation["adapted"]
+    frozen, adapted = card.validation["frozen"], card.validation.get("saved", card.validation["adapted"])
     summary = {"weights": str(weights_path), "card": str(card_path), "weights_id": card.weights_id, "labels": len(card.labels),
                "validation": card.validation, "epochs_run": card.epochs_run, "seconds": card.training["seconds"]}
     line = (f"adapted {card.base_model} on {sum(card.labels.values())} references of {len(card.labels)} labels in "

@@ -57,6 +57,9 @@ ADAPT_DISTILL_MAX = 100.0  # beyond this the margin loss no longer moves anythin
 # its pull of each pair of same-label images towards their frozen cosine: the margin loss alone makes different
 # products of one type look like copies of each other (near-duplicate recall, 5-shot on unseen labels)
 ADAPT_PAIR_DISTILL = 20.0
+# the share of an adapted vector that is the base model's own embedding (the rest is the trained one): what the base
+# model tells apart, photo edits above all, survives the margin loss (docs/recognition.md); 0 saves the adapted alone
+ADAPT_FROZEN_SHARE = 0.7
 
 
 class Settings(BaseSettings):

@@ -85,26 +85,33 @@ def test_adapt_writes_weights_and_a_complete_card(adapted):
     weights = Path(summary["weights"])
     card = read_card(weights)  # checks the digest against the file
     assert weights.is_file() and card.digest == file_digest(weights) and summary["weights_id"] == card.weights_id
-    assert card.base_model == "efficientnet_lite0" and card.dim == 1280 and card.loss.startswith("cosface") and "frozen embedding" in card.loss
+    assert card.base_model == "efficientnet_lite0" and card.loss.startswith("cosface") and "frozen embedding" in card.loss
+    # the default saves the base model's embedding beside the adapted one
+    assert (card.dim, card.frozen_share, card.frozen_power) == (2 * 1280, 0.7, 0.5)
     assert set(card.labels) == set(CLASSES) and sum(card.labels.values()) + card.validation["images"] == PER_CLASS * len(CLASSES)
     assert card.epochs == 2 and card.epochs_run == len(card.history) >= 1 and card.stages == 2
-    for figures in (card.validation["frozen"], card.validation["adapted"]):
+    for figures in (card.validation["frozen"], card.validation["adapted"], card.validation["saved"]):
         assert set(figures) == {"nearest_neighbour_accuracy", "separation"}
     assert card.training["seconds"] > 0 and card.training["device"] == "cpu" and card.collection == "imgsearch_efficientnet_lite0"
 
 
 @pytest.mark.slow
 def test_adapted_vectors_separate_the_trained_classes_better_on_images_it_never_saw(adapted, tmp_path):
-    """Held-out test-split images of the three classes: within-class minus between-class cosine rises."""
+    """Held-out test-split images of the three classes: within-class minus between-class cosine rises in the trained
+    half of the saved vector; its frozen half is the base model's vector, power-transformed."""
     from imgsearch.encoders import load_torch_encoder
+    from imgsearch.recognition.scoring import power_normalize
 
     folder, _, summary, _ = adapted
     held_out = fashion_folder(tmp_path / "held_out", "test", HELD_OUT_PER_CLASS)
     images = [Image.open(path).convert("RGB") for path, _ in held_out]
     labels = [label for _, label in held_out]
     frozen = load_torch_encoder("efficientnet_lite0", device="cpu").encode_images(images)
-    adapted_vectors = load_torch_encoder("efficientnet_lite0", weights=Path(summary["weights"]), device="cpu").encode_images(images)
-    before, after = separation(frozen, labels), separation(adapted_vectors, labels)
+    saved = load_torch_encoder("efficientnet_lite0", weights=Path(summary["weights"]), device="cpu").encode_images(images)
+    frozen_half, adapted_half = saved[:, :1280] / np.sqrt(0.7), saved[:, 1280:] / np.sqrt(0.3)
+    assert np.allclose(frozen_half, power_normalize(frozen), atol=1e-4)
+    assert np.allclose(np.linalg.norm(adapted_half, axis=1), 1.0, atol=1e-4)
+    before, after = separation(frozen, labels), separation(adapted_half, labels)
     assert after - before >= 0.02, (before, after)
 
 
@@ -147,6 +154,52 @@ def test_a_distillation_weight_out_of_range_is_refused_before_anything_loads(ter
 
     with pytest.raises(HeadError, match="distillation weight must be between 0 and"):
         adapt_embedding("no-such-model", [b"", b""], ["a", "b"], **{term: weight})
+
+
+def test_a_frozen_share_out_of_range_is_refused_before_anything_loads():
+    from imgsearch.recognition.adaptation import adapt_embedding
+    from imgsearch.recognition.head import HeadError
+
+    for share in (-0.1, 1.0, float("nan")):
+        with pytest.raises(HeadError, match="frozen share must be at least 0 and below 1"):
+            adapt_embedding("no-such-model", [b"", b""], ["a", "b"], frozen_share=share)
+
+
+def test_the_frozen_share_runs_the_base_model_s_last_stages_beside_the_trained_ones(tmp_path):
+    """AdaptedEmbedding with a frozen share, on the Lite0 architecture (untrained weights: this checks the plumbing,
+    not a model): the stages run once up to the trained ones, then the base model's own copy beside them; the vector
+    is [sqrt(w) * the base vector power-transformed, sqrt(1 - w) * the adapted vector], and training the adapted stages
+    leaves the frozen half alone. Saved and loaded with its card, it gives the same vectors."""
+    import timm
+    import torch
+
+    from imgsearch.encoders.adapted import AdaptedCard
+    from imgsearch.encoders.adapted_model import AdaptedEmbedding, load_adapted, save_adapted
+    from imgsearch.recognition.scoring import power_normalize
+
+    torch.manual_seed(0)
+    backbone = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0).eval()
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        base = torch.nn.functional.normalize(backbone(images), dim=1).numpy()
+        module = AdaptedEmbedding(backbone, 1280, 1280, frozen_share=0.7, stages=2, frozen_power=0.5).eval()
+        vectors = module(images).numpy()
+        assert vectors.shape == (3, 2560) and module.output_dim == 2560
+        assert np.allclose(vectors, np.concatenate([np.sqrt(0.7) * power_normalize(base), np.sqrt(0.3) * base], axis=1), atol=1e-5)
+        for parameter in backbone.blocks[-1].parameters():  # "train" the last block
+            parameter.add_(0.05 * torch.randn_like(parameter))
+        moved = module(images).numpy()
+    assert np.allclose(moved[:, :1280], vectors[:, :1280], atol=1e-5) and not np.allclose(moved[:, 1280:], vectors[:, 1280:], atol=1e-3)
+
+    card = AdaptedCard(base_model="efficientnet_lite0", dim=2560, loss="cosface", labels={"a": 1}, epochs=1, epochs_run=1, stages=2,
+                       validation={}, frozen_share=0.7, frozen_power=0.5)
+    weights, _ = save_adapted(tmp_path / "shop", module, card)
+    loaded, loaded_card = load_adapted(weights, timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0), 1280,
+                                       "efficientnet_lite0")
+    with torch.no_grad():
+        assert np.allclose(loaded(images).numpy(), moved, atol=1e-5) and loaded_card.frozen_share == 0.7
+        alone = loaded.without_frozen_tail()
+        assert alone(images).shape == (3, 1280) and not hasattr(alone, "frozen_tail")
 
 
 def test_the_pair_term_holds_same_label_cosines_and_leaves_other_pairs_free():

@@ -34,6 +34,10 @@ class AdaptedCard:
     digest: str = ""  # sha256 of the .safetensors file
     history: list[dict[str, Any]] = field(default_factory=list)
     training: dict[str, Any] = field(default_factory=dict)  # seconds, device, seed, batch size, images
+    # the share of the vector given to the base model's own embedding, and the power its half is raised to
+    # (adapted_model.AdaptedEmbedding); 0: the adapted embedding alone (cards written before it existed)
+    frozen_share: float = 0.0
+    frozen_power: float = 1.0
     kind: str = KIND
     format: str = ADAPTED_FORMAT
 

@@ -35,7 +35,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2 as T
 
-from imgsearch.config import ADAPT_DISTILL, ADAPT_DISTILL_MAX, ADAPT_EPOCHS, ADAPT_PAIR_DISTILL, ADAPT_STAGES
+from imgsearch.config import ADAPT_DISTILL, ADAPT_DISTILL_MAX, ADAPT_EPOCHS, ADAPT_FROZEN_SHARE, ADAPT_PAIR_DISTILL, ADAPT_STAGES
 from imgsearch.encoders import canonical_model_name, load_torch_encoder
 from imgsearch.encoders.adapted import AdaptedCard, adapted_paths, unused_stem
 from imgsearch.encoders.adapted_model import AdaptedEmbedding, save_adapted
@@ -102,13 +102,15 @@ class CosFace(torch.nn.Module):
 
 
 @torch.inference_mode()
-def embed(model: torch.nn.Module, loader: DataLoader, encoder: TorchEncoder) -> tuple[np.ndarray, np.ndarray]:
-    """Unit embeddings and targets of a loader's images (no augmentation: the loader's transform is the encoder's)."""
+def embed(model: AdaptedEmbedding, loader: DataLoader, encoder: TorchEncoder, whole: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Unit embeddings and targets of a loader's images (no augmentation: the loader's transform is the encoder's):
+    of the trained half, or with `whole` of the vector a collection stores."""
     model.eval()
+    forward = model if whole else model.adapted
     vectors, targets = [], []
     for images, batch_targets in loader:
         with encoder.autocast():
-            output = model(images.to(encoder.device, non_blocking=True))
+            output = forward(images.to(encoder.device, non_blocking=True))
         vectors.append(F.normalize(output.float().flatten(1), dim=1).cpu().numpy())
         targets.append(batch_targets.numpy())
     return np.concatenate(vectors), np.concatenate(targets)
@@ -144,6 +146,7 @@ def adapt_embedding(
     scale: float = SCALE,
     distill: float = ADAPT_DISTILL,
     pair_distill: float = ADAPT_PAIR_DISTILL,
+    frozen_share: float = ADAPT_FROZEN_SHARE,
     power: float = DEFAULT_POWER,
     validation_fraction: float = 0.1,
     patience: int = 2,
@@ -151,14 +154,17 @@ def adapt_embedding(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[AdaptedEmbedding, AdaptedCard]:
-    """Train the adapted embedding on labeled images; returns the module (its best epoch) and its card (no digest
-    until saved)."""
+    """Train the adapted embedding on labeled images; returns the module (its best epoch, with the base model's
+    embedding beside it when `frozen_share` > 0) and its card (no digest until saved). Adapting an adapted embedding
+    again trains it further; its frozen half stays the base model's."""
     classes = sorted(set(labels))
     if len(classes) < 2:
         raise HeadError(f"adapting needs at least 2 labels, found {len(classes)}")
     for weight in (distill, pair_distill):
         if not 0 <= weight <= ADAPT_DISTILL_MAX:  # NaN fails both comparisons
             raise HeadError(f"a distillation weight must be between 0 and {ADAPT_DISTILL_MAX:g}, not {weight}")
+    if not 0 <= frozen_share < 1:
+        raise HeadError(f"the frozen share must be at least 0 and below 1, not {frozen_share}")
     base = load_torch_encoder(encoder_name, weights=weights, device=device)
     targets = np.array([classes.index(label) for label in labels])
     train_index, validation_index = stratified_split(targets, validation_fraction, seed)
@@ -178,7 +184,7 @@ def adapt_embedding(
     validation = DataLoader(LabeledImages([sources[i] for i in validation_index], targets[validation_index], base.preprocess),
                             batch_size=batch_size, **loader_options)
 
-    model = base.module if isinstance(base.module, AdaptedEmbedding) else AdaptedEmbedding(base.module, base.dim, base.dim)
+    model, frozen_backbone = _starting_embedding(base, encoder_name, stages, frozen_share)
     model = model.to(base.device)
     started = time.perf_counter()
     frozen = embedding_figures(*embed(model, validation, base))
@@ -220,11 +226,21 @@ def adapt_embedding(
         log.warning("no epoch did better than the starting embedding on the held-out references: it is saved unchanged")
     model.load_state_dict(best_state)
     model = model.cpu().eval()
+    saved = None
+    if frozen_share > 0:
+        if frozen_backbone is not None:
+            model.with_frozen_tail(frozen_backbone.cpu(), frozen_share, stages, DEFAULT_POWER)  # scored as the model's own vectors are
+        model.frozen_share = frozen_share
+        saved = embedding_figures(*embed(model, validation, base, whole=True))
+    else:  # an embedding with a frozen half adapted again may be saved alone
+        model.without_frozen_tail()
     counts = Counter(labels[i] for i in train_index)
     card = AdaptedCard(
-        base_model=encoder_name, dim=base.dim, loss=loss_name(margin, scale, distill, power, pair_distill), labels={label: counts[label] for label in classes},
+        base_model=encoder_name, dim=model.output_dim, frozen_share=frozen_share, frozen_power=model.frozen_power,
+        loss=loss_name(margin, scale, distill, power, pair_distill), labels={label: counts[label] for label in classes},
         epochs=epochs, epochs_run=len(history), stages=stages,
-        validation={"images": len(validation_index), "frozen": frozen, "adapted": best, "best_epoch": _best_epoch(history, best)},
+        validation={"images": len(validation_index), "frozen": frozen, "adapted": best, "best_epoch": _best_epoch(history, best),
+                    **({"saved": saved} if saved else {})},
         history=history,
         training={
             "seconds": round(time.perf_counter() - started, 1), "device": str(base.device), "seed": seed, "batch_size": batch_size,
@@ -232,6 +248,20 @@ def adapt_embedding(
         },
     )
     return model, card
+
+
+def _starting_embedding(base: TorchEncoder, encoder_name: str, stages: int, frozen_share: float):
+    """(the module to train, the backbone whose last stages make the frozen half, or None when the module has them)."""
+    if not isinstance(base.module, AdaptedEmbedding):
+        return AdaptedEmbedding(base.module, base.dim, base.dim), copy.deepcopy(base.module) if frozen_share > 0 else None
+    model = base.module
+    if model.frozen_share:
+        if stages != model.stages:
+            raise HeadError(f"this adapted embedding trained its last {model.stages} stages: adapt it again with --stages "
+                            f"{model.stages}, or adapt the base model")
+        return model, None
+    # an adapted embedding saved alone: the frozen half comes from the model's own weights
+    return model, load_torch_encoder(encoder_name, device="cpu").module if frozen_share > 0 else None
 
 
 def _best_epoch(history: list[dict[str, Any]], best: dict[str, float]) -> int:
@@ -274,11 +304,11 @@ def _train_one_epoch(model, loss_function, loader, optimizer, scheduler, encoder
         images = images.to(encoder.device, non_blocking=True)
         targets = targets.to(encoder.device, non_blocking=True)
         with encoder.autocast():
-            embeddings = model(images)
+            embeddings = model.adapted(images)
             loss = loss_function(embeddings, targets)
             if teacher is not None:
                 with torch.no_grad():
-                    anchors = teacher(images)
+                    anchors = teacher.adapted(images)
                 loss = loss + distill * (1 - F.cosine_similarity(embeddings.float(), anchors.float(), dim=1)).mean()
                 if pair_distill > 0:
                     loss = loss + pair_distill * pair_drift(embeddings, anchors, targets)
@@ -300,7 +330,7 @@ def default_adapted_path(collection: str) -> Path:
 
 def adapt_collection(
     settings, *, epochs: int = ADAPT_EPOCHS, stages: int = ADAPT_STAGES, distill: float = ADAPT_DISTILL,
-    pair_distill: float = ADAPT_PAIR_DISTILL, out: Path | None = None, progress=None,
+    pair_distill: float = ADAPT_PAIR_DISTILL, frozen_share: float = ADAPT_FROZEN_SHARE, out: Path | None = None, progress=None,
 ) -> tuple[AdaptedCard, Path, Path]:
     """Adapt the settings' model to the labeled references of the settings' collection and save it (default:
     adapted/<collection>, or -2, -3, ... when taken; an `out` that exists is refused). Returns the card and the files."""
@@ -313,7 +343,8 @@ def adapt_collection(
         model_name, collection = store.model, store.collection
     module, card = adapt_embedding(
         model_name, sources, labels, weights=settings.weights, device=settings.device,
-        epochs=epochs, stages=stages, distill=distill, pair_distill=pair_distill, workers=settings.workers or 0, progress=progress,
+        epochs=epochs, stages=stages, distill=distill, pair_distill=pair_distill, frozen_share=frozen_share,
+        workers=settings.workers or 0, progress=progress,
     )
     card.collection = collection
     weights_path, card_path = save_adapted(out or unused_stem(default_adapted_path(collection)), module, card)
