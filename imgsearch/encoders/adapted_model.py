@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from imgsearch.encoders.adapted import KIND, AdaptedCard, adapted_paths, file_digest, read_card
+from imgsearch.encoders.torch_encoder import backbone_stages
 from imgsearch.errors import InvalidWeightsError
 
 
@@ -75,9 +76,7 @@ class AdaptedEmbedding(torch.nn.Module):
 
 
 def split_stages(backbone: torch.nn.Module, stages: int) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
-    """(the frozen stages, the last `stages` that have parameters and any after them): recognition/head.py's stages."""
-    from imgsearch.recognition.head import backbone_stages
-
+    """(the frozen stages, the last `stages` that have parameters and any after them): as backbone_stages counts them."""
     if not isinstance(getattr(backbone, "blocks", None), torch.nn.Sequential):
         raise InvalidWeightsError(f"a frozen share needs a backbone of stages in `blocks` (timm CNNs), not {type(backbone).__name__}")
     all_stages = backbone_stages(backbone)

@@ -200,3 +200,14 @@ def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: s
 def is_convnet(module: torch.nn.Module) -> bool:
     """channels_last helps networks made of convolutions, not transformers with one patch conv."""
     return sum(isinstance(layer, torch.nn.Conv2d) for layer in module.modules()) > 2
+
+
+def backbone_stages(backbone: torch.nn.Module) -> list[torch.nn.Module]:
+    """The backbone's stages in order. timm CNNs: the stem, each of `blocks`, then the layers after them
+    (conv_head, bn2) as one stage; other models: their children."""
+    children = list(backbone.children())
+    blocks = getattr(backbone, "blocks", None)
+    if isinstance(blocks, torch.nn.Sequential) and blocks in children:
+        index = children.index(blocks)
+        return [torch.nn.ModuleList(children[:index]), *blocks, torch.nn.ModuleList(children[index + 1 :])]
+    return children

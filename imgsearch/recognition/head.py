@@ -27,7 +27,7 @@ from imgsearch import storage
 from imgsearch.config import DEFAULT_MAX_PIXELS, HEAD_EPOCHS, HEAD_STAGES, HeadMode
 from imgsearch.datasets import FileImage
 from imgsearch.encoders import Encoder, canonical_model_name, load_torch_encoder
-from imgsearch.encoders.torch_encoder import TorchEncoder
+from imgsearch.encoders.torch_encoder import TorchEncoder, backbone_stages
 from imgsearch.errors import ImgsearchError, UsageError
 from imgsearch.images import decode_in_batches
 from imgsearch.ingest.catalog import as_location
@@ -179,17 +179,6 @@ class FinetuneModel(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.backbone(images).float().flatten(1))
-
-
-def backbone_stages(backbone: torch.nn.Module) -> list[torch.nn.Module]:
-    """The backbone's stages in order. timm CNNs: the stem, each of `blocks`, then the layers after them
-    (conv_head, bn2) as one stage; other models: their children."""
-    children = list(backbone.children())
-    blocks = getattr(backbone, "blocks", None)
-    if isinstance(blocks, torch.nn.Sequential) and blocks in children:
-        index = children.index(blocks)
-        return [torch.nn.ModuleList(children[:index]), *blocks, torch.nn.ModuleList(children[index + 1 :])]
-    return children
 
 
 def unfreeze_last_stages(backbone: torch.nn.Module, stages: int) -> int:
