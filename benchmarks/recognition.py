@@ -10,9 +10,11 @@
     python benchmarks/recognition.py --whitening --references-per-class 6000 --abstention-references 600,6000 --draws 3
         # investigation: the ceiling after a within-class whitening learned from the references
     python benchmarks/recognition.py --compare efficientnet_lite0 efficientnet_lite1 efficientnet_lite2 --queries-per-class 200
-    python benchmarks/recognition.py --adapt [--epochs 6] [--stages 2] [--distill 4] [--pair-distill 20]
-        # `imgsearch adapt` on the references of 8 classes (bag and ankle_boot held out of it), then frozen against
-        # adapted on the same queries: k-NN (all 10 classes), 5-shot on the held-out 2, open-set AUROC, the
+    python benchmarks/recognition.py --adapt [--epochs 6] [--stages 2] [--distill 4] [--pair-distill 20] [--frozen-share 0.7]
+        [--adapted EARLIER.safetensors]
+        # `imgsearch adapt` on the references of 8 classes (bag and ankle_boot held out of it), then frozen, adapted
+        # alone and adapted with the frozen share beside it (what adapt saves) on the same queries: k-NN (all 10
+        # classes), 5-shot on the held-out 2, open-set AUROC, the
         # self-calibrated abstention pair, near-duplicate recall of the photo edits at cosine 0.90
         # (with its precision) and at the frozen embedding's precision there
 
@@ -35,7 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-from imgsearch.config import ADAPT_DISTILL, ADAPT_EPOCHS, ADAPT_PAIR_DISTILL, ADAPT_STAGES  # noqa: E402
+from imgsearch.config import ADAPT_DISTILL, ADAPT_EPOCHS, ADAPT_FROZEN_SHARE, ADAPT_PAIR_DISTILL, ADAPT_STAGES  # noqa: E402
 from imgsearch.encoders import load_encoder  # noqa: E402
 from imgsearch.evaluation import (  # noqa: E402
     EvalOptions,
@@ -442,41 +444,77 @@ def scoring_ceiling(references, queries, held_out: set[int], options: EvalOption
     return best
 
 
+def adapted_embeddings(args, options: EvalOptions, reference_set, held_out: set[int], progress):
+    """The trained embedding alone and with the base model's beside it (--frozen-share; what `imgsearch adapt` saves by
+    default), both saved under --adapt-out; trained here, or with --adapted taken from an earlier run's file. Returns
+    ({column: weights path}, the trained card, the seconds training took)."""
+    import copy
+    from dataclasses import replace as replace_card
+
+    from imgsearch.encoders import load_torch_encoder
+    from imgsearch.encoders.adapted import read_card, unused_stem
+    from imgsearch.encoders.adapted_model import save_adapted
+    from imgsearch.recognition.adaptation import adapt_embedding
+
+    classes = reference_set.classes
+    if args.adapted:
+        card = read_card(args.adapted)
+        module = load_torch_encoder("efficientnet_lite0", weights=args.adapted, device="cpu").module
+        adapt_seconds = card.training["seconds"]
+        print(f"adapted embedding from an earlier run: {args.adapted} ({card.loss}; {card.epochs_run} epochs, best "
+              f"{card.validation['best_epoch']}, {adapt_seconds:.0f} s on {card.training['device']})", flush=True)
+    else:
+        trained = [i for i, target in enumerate(reference_set.targets) if target not in held_out]
+        print(f"adapting on {len(trained)} references of {len(classes) - len(held_out)} classes; held out of the adaptation: "
+              f"{', '.join(classes[c] for c in sorted(held_out))}; {args.epochs} epochs at most, {args.stages} stages, distill "
+              f"{args.distill}, pair distill {args.pair_distill}, frozen share {args.frozen_share}", flush=True)
+        started = time.perf_counter()
+        module, card = adapt_embedding(
+            "efficientnet_lite0", [reference_set.sources[i] for i in trained], [classes[reference_set.targets[i]] for i in trained],
+            device=args.device, epochs=args.epochs, stages=args.stages, distill=args.distill, pair_distill=args.pair_distill,
+            frozen_share=args.frozen_share, workers=args.workers, seed=options.seed, progress=progress,
+        )
+        adapt_seconds = time.perf_counter() - started
+        print(f"adapted in {adapt_seconds:.0f} s ({card.epochs_run} epochs, best {card.validation['best_epoch']}); held-out "
+              f"references: {card.validation['frozen']} -> {card.validation['adapted']} (saved vector: "
+              f"{card.validation.get('saved', '-')})", flush=True)
+    alone = copy.deepcopy(module).without_frozen_tail()
+    columns = {"adapted alone": (alone, replace_card(card, frozen_share=0.0, frozen_power=1.0, dim=alone.output_dim))}
+    if args.frozen_share > 0:
+        if module.frozen_share == args.frozen_share:
+            whole = module
+        else:
+            base = load_torch_encoder("efficientnet_lite0", device="cpu").module
+            whole = copy.deepcopy(alone).with_frozen_tail(base, args.frozen_share, card.stages, DEFAULT_POWER)
+        columns[f"with frozen share {args.frozen_share}"] = (
+            whole, replace_card(card, frozen_share=whole.frozen_share, frozen_power=whole.frozen_power, dim=whole.output_dim))
+    paths = {}
+    for column, (embedding, column_card) in columns.items():
+        stem = Path(args.adapt_out) if column != "adapted alone" or args.frozen_share == 0 else Path(args.adapt_out + "-alone")
+        paths[column], _ = save_adapted(unused_stem(stem), embedding, replace_card(column_card, digest=""))
+        print(f"{column}: {paths[column]}", flush=True)
+    return paths, card, adapt_seconds
+
+
 def adapt_benchmark(args, options: EvalOptions, progress) -> None:
     """`imgsearch adapt`'s training on the references of all but the last options.unknown_classes classes, then the
-    frozen and the adapted embedding measured the same way on the same images (both through the same runtime)."""
+    frozen embedding, the adapted one alone and the adapted one with the frozen beside it measured the same way on the
+    same images (all through the same runtime)."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
     from duplicates import build_set
 
-    from imgsearch.encoders.adapted import unused_stem
-    from imgsearch.encoders.adapted_model import save_adapted
-    from imgsearch.recognition.adaptation import adapt_embedding
-
     runtime = "onnx" if args.runtime == "auto" else args.runtime  # the adapted model runs fp32 by default: so does the frozen one here
     frozen = load_encoder("efficientnet_lite0", device=args.device, runtime=runtime)
     reference_set, query_set = load_splits(args.dataset, options, frozen.input_size)
-    classes = reference_set.classes
-    held_out = set(range(len(classes) - options.unknown_classes, len(classes)))
-    trained = [i for i, target in enumerate(reference_set.targets) if target not in held_out]
-    print(f"adapting on {len(trained)} references of {len(classes) - len(held_out)} classes; held out of the adaptation: "
-          f"{', '.join(classes[c] for c in sorted(held_out))}; {args.epochs} epochs at most, {args.stages} stages, distill {args.distill}, "
-          f"pair distill {args.pair_distill}", flush=True)
-    started = time.perf_counter()
-    module, card = adapt_embedding(
-        "efficientnet_lite0", [reference_set.sources[i] for i in trained], [classes[reference_set.targets[i]] for i in trained],
-        device=args.device, epochs=args.epochs, stages=args.stages, distill=args.distill, pair_distill=args.pair_distill, workers=args.workers,
-        seed=options.seed, progress=progress,
-    )
-    adapt_seconds = time.perf_counter() - started
-    weights, card_path = save_adapted(unused_stem(Path(args.adapt_out)), module, card)
-    print(f"adapted in {adapt_seconds:.0f} s ({card.epochs_run} epochs, best {card.validation['best_epoch']}); held-out references: "
-          f"{card.validation['frozen']} -> {card.validation['adapted']}; saved {weights}", flush=True)
-    adapted = load_encoder("efficientnet_lite0", weights=weights, device=args.device, runtime=runtime)
+    held_out = set(range(len(reference_set.classes) - options.unknown_classes, len(reference_set.classes)))
+    paths, card, adapt_seconds = adapted_embeddings(args, options, reference_set, held_out, progress)
+    encoders = {"frozen": frozen} | {
+        column: load_encoder("efficientnet_lite0", weights=path, device=args.device, runtime=runtime) for column, path in paths.items()}
     images, sources, _ = build_set()
     results = {}
-    for name, encoder in (("frozen", frozen), ("adapted", adapted)):
+    for name, encoder in encoders.items():
         started = time.perf_counter()
         references = encode_set(encoder, reference_set, progress, f"{name}: references")
         queries = encode_set(encoder, query_set, progress, f"{name}: queries")
@@ -487,53 +525,54 @@ def adapt_benchmark(args, options: EvalOptions, progress) -> None:
         abstention = self_calibrated(encoder, references, queries, options.unknown_classes, args.references_per_class)
         cosines, same = copy_pairs(encoder, images, np.array(sources))
         recall, precision = copy_recall(cosines, same)
-        # both at the precision the frozen embedding has at the threshold (measured first), by the same search
+        # all at the precision the frozen embedding has at the threshold (measured first), by the same search
         at_precision = recall_at_precision(cosines, same, results["frozen"]["precision"] if results else precision)
         results[name] = {"knn": report["accuracy"], "five": five, "five_std": five_std, "auroc": report["open_set"]["auroc"],
                          "abstention": abstention, "recall": recall, "precision": precision, "recall_at_frozen_precision": at_precision,
                          "rate": rate, "ceiling": scoring_ceiling(references, queries, held_out, options, args.episodes)}
         progress(f"{name}: {results[name]}")
+    names = list(results)
+    judged = results[names[-1]]  # what `imgsearch adapt` saves with these settings
     print(f"\n{args.references_per_class} references per class (all 10 classes: the held-out ones enrolled after adapting), "
-          f"{len(queries.targets)} test queries; runtime {runtime}; {platform.machine()}, {os.cpu_count()} CPUs\n"
-          "| measure | frozen | adapted | target (adapted) |\n|---|---|---|---|")
+          f"{len(queries.targets)} test queries; runtime {runtime}; {platform.machine()}, {os.cpu_count()} CPUs; targets judged on "
+          f"'{names[-1]}'\n| measure | " + " | ".join(names) + " | target |\n" + "|---" * (len(names) + 2) + "|")
 
-    def row(label: str, key: str, target: float | None, digits: int = 4) -> None:
-        before, after = results["frozen"][key], results["adapted"][key]
-        verdict = "-" if target is None else f"≥ {target} {'met' if after >= target else 'NOT met'}"
-        print(f"| {label} | {before:.{digits}f} | {after:.{digits}f} | {verdict} |")
+    def row(label: str, cells: list[str], verdict: str) -> None:
+        print(f"| {label} | " + " | ".join(cells) + f" | {verdict} |")
 
-    row("k-NN accuracy, 10 classes", "knn", ADAPT_TARGETS["knn"])
-    print(f"| 5-shot, queries of the 2 held-out classes ({args.episodes} episodes of 5 shots of all 10) "
-          f"| {results['frozen']['five']:.4f} ± {results['frozen']['five_std']:.4f} | {results['adapted']['five']:.4f} ± "
-          f"{results['adapted']['five_std']:.4f} | ≥ {ADAPT_TARGETS['held_out_five_shot']} "
-          f"{'met' if results['adapted']['five'] >= ADAPT_TARGETS['held_out_five_shot'] else 'NOT met'} |")
-    row("open-set AUROC, the 2 held-out classes never enrolled", "auroc", ADAPT_TARGETS["auroc"])
-    ceiling = {name: results[name]["ceiling"] for name in ("frozen", "adapted")}
-    print(f"| their ceilings: the best k-NN / 5-shot / AUROC any scoring reaches (power transform or none; k "
-          f"{', '.join(map(str, options.k_values))} for k-NN) | " + " | ".join(
-              f"{c['knn']:.4f} / {c['five']:.4f} / {c['auroc']:.4f}" for c in ceiling.values()) + " | - |")
-    pairs = {name: results[name]["abstention"] for name in ("frozen", "adapted")}
-    shown = {name: f"{a['ratio']:.2f} / {a['accuracy_of_accepted']:.4f}" for name, a in pairs.items()}
-    ceilings = {name: f"{a['ceiling']['accuracy']:.4f}" if a["ceiling"] else "no pair reaches ratio 4" for name, a in pairs.items()}
-    met = pairs["adapted"]["ratio"] >= TARGET_UNKNOWN_RATIO and pairs["adapted"]["accuracy_of_accepted"] >= ADAPT_TARGETS["accepted"]
-    print(f"| self-calibrated \"unknown\" ({args.references_per_class} per class enrolled, the held-out 2 never): ratio / accuracy "
-          f"among accepted | {shown['frozen']} | {shown['adapted']} | ratio ≥ {TARGET_UNKNOWN_RATIO:.0f} and ≥ "
-          f"{ADAPT_TARGETS['accepted']} {'met' if met else 'NOT met'} |")
-    print(f"| its ceiling: the best accuracy among accepted any threshold / margin reaches at ratio ≥ 4 | {ceilings['frozen']} "
-          f"| {ceilings['adapted']} | - |")
-    recall_drop = 100 * (results["frozen"]["recall"] - results["adapted"]["recall"])
-    precision_drop = 100 * (results["frozen"]["precision"] - results["adapted"]["precision"])
-    verdict = "met" if recall_drop <= 1 and precision_drop <= 1 else "NOT met"
-    print(f"| near-duplicate recall at cosine ≥ {COPY_THRESHOLD} (precision) | {results['frozen']['recall']:.4f} "
-          f"({results['frozen']['precision']:.4f}) | {results['adapted']['recall']:.4f} ({results['adapted']['precision']:.4f}) "
-          f"| within 1 point, precision kept: {verdict} (recall {-recall_drop:+.2f} points, precision {-precision_drop:+.2f}) |")
-    drop_at_precision = 100 * (results["frozen"]["recall_at_frozen_precision"] - results["adapted"]["recall_at_frozen_precision"])
-    print(f"| near-duplicate recall at the frozen embedding's precision at {COPY_THRESHOLD} (any threshold) "
-          f"| {results['frozen']['recall_at_frozen_precision']:.4f} | {results['adapted']['recall_at_frozen_precision']:.4f} "
-          f"| within 1 point: {'met' if drop_at_precision <= 1 else 'NOT met'} ({drop_at_precision:+.2f} points lost) |")
-    print(f"| images/s encoding references and queries ({runtime}) | {results['frozen']['rate']:.0f} | {results['adapted']['rate']:.0f} | - |")
+    def met(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    row("k-NN accuracy, 10 classes", [f"{results[n]['knn']:.4f}" for n in names],
+        f"≥ {ADAPT_TARGETS['knn']} {met(judged['knn'] >= ADAPT_TARGETS['knn'])}")
+    row(f"5-shot, queries of the 2 held-out classes ({args.episodes} episodes of 5 shots of all 10)",
+        [f"{results[n]['five']:.4f} ± {results[n]['five_std']:.4f}" for n in names],
+        f"≥ {ADAPT_TARGETS['held_out_five_shot']} {met(judged['five'] >= ADAPT_TARGETS['held_out_five_shot'])}")
+    row("open-set AUROC, the 2 held-out classes never enrolled", [f"{results[n]['auroc']:.4f}" for n in names],
+        f"≥ {ADAPT_TARGETS['auroc']} {met(judged['auroc'] >= ADAPT_TARGETS['auroc'])}")
+    row(f"their ceilings: the best k-NN / 5-shot / AUROC any scoring reaches (power transform or none; k "
+        f"{', '.join(map(str, options.k_values))} for k-NN)",
+        [f"{c['knn']:.4f} / {c['five']:.4f} / {c['auroc']:.4f}" for c in (results[n]["ceiling"] for n in names)], "-")
+    pairs = [results[n]["abstention"] for n in names]
+    accepted = pairs[-1]["ratio"] >= TARGET_UNKNOWN_RATIO and pairs[-1]["accuracy_of_accepted"] >= ADAPT_TARGETS["accepted"]
+    row(f"self-calibrated \"unknown\" ({args.references_per_class} per class enrolled, the held-out 2 never): ratio / accuracy among accepted",
+        [f"{a['ratio']:.2f} / {a['accuracy_of_accepted']:.4f}" for a in pairs],
+        f"ratio ≥ {TARGET_UNKNOWN_RATIO:.0f} and ≥ {ADAPT_TARGETS['accepted']} {met(accepted)}")
+    row("its ceiling: the best accuracy among accepted any threshold / margin reaches at ratio ≥ 4",
+        [f"{a['ceiling']['accuracy']:.4f}" if a["ceiling"] else "no pair reaches ratio 4" for a in pairs], "-")
+    recall_drop = 100 * (results["frozen"]["recall"] - judged["recall"])
+    precision_drop = 100 * (results["frozen"]["precision"] - judged["precision"])
+    row(f"near-duplicate recall at cosine ≥ {COPY_THRESHOLD} (precision)",
+        [f"{results[n]['recall']:.4f} ({results[n]['precision']:.4f})" for n in names],
+        f"within 1 point, precision kept: {met(recall_drop <= 1 and precision_drop <= 1)} (recall {-recall_drop:+.2f} points, "
+        f"precision {-precision_drop:+.2f})")
+    drop_at_precision = 100 * (results["frozen"]["recall_at_frozen_precision"] - judged["recall_at_frozen_precision"])
+    row(f"near-duplicate recall at the frozen embedding's precision at {COPY_THRESHOLD} (any threshold)",
+        [f"{results[n]['recall_at_frozen_precision']:.4f}" for n in names],
+        f"within 1 point: {met(drop_at_precision <= 1)} ({drop_at_precision:+.2f} points lost)")
+    row(f"images/s encoding references and queries ({runtime})", [f"{results[n]['rate']:.0f}" for n in names], "-")
     print(f"adaptation: {adapt_seconds:.0f} s on {card.training['device']} ({card.training['train_images']} training images, "
-          f"{card.epochs_run} epochs); card {card_path}")
+          f"{card.epochs_run} epochs){' in an earlier run' if args.adapted else ''}; weights {', '.join(map(str, paths.values()))}")
 
 
 def main() -> None:
@@ -568,7 +607,11 @@ def main() -> None:
     parser.add_argument("--distill", type=float, default=ADAPT_DISTILL, help="--adapt: weight of the pull towards the frozen embedding")
     parser.add_argument("--pair-distill", type=float, default=ADAPT_PAIR_DISTILL,
                         help="--adapt: weight of the pull of same-label pairs towards their frozen cosine")
+    parser.add_argument("--frozen-share", type=float, default=ADAPT_FROZEN_SHARE,
+                        help="--adapt: the share of the saved vector that is the base model's (0: the adapted alone only)")
     parser.add_argument("--adapt-out", default="adapted/fashion-mnist", help="--adapt: where the adapted weights are saved")
+    parser.add_argument("--adapted", type=Path, default=None,
+                        help="--adapt: measure this adapted embedding (an earlier run's .safetensors) instead of training one")
     args = parser.parse_args()
 
     options = EvalOptions(
