@@ -569,7 +569,7 @@ def adapt_benchmark(args, options: EvalOptions, progress) -> None:
     drop_at_precision = 100 * (results["frozen"]["recall_at_frozen_precision"] - judged["recall_at_frozen_precision"])
     row(f"near-duplicate recall at the frozen embedding's precision at {COPY_THRESHOLD} (any threshold)",
         [f"{results[n]['recall_at_frozen_precision']:.4f}" for n in names],
-        f"within 1 point: {met(drop_at_precision <= 1)} ({drop_at_precision:+.2f} points lost)")
+        f"within 1 point: {met(drop_at_precision <= 1)} ({-drop_at_precision:+.2f} points)")
     row(f"images/s encoding references and queries ({runtime})", [f"{results[n]['rate']:.0f}" for n in names], "-")
     print(f"adaptation: {adapt_seconds:.0f} s on {card.training['device']} ({card.training['train_images']} training images, "
           f"{card.epochs_run} epochs){' in an earlier run' if args.adapted else ''}; weights {', '.join(map(str, paths.values()))}")

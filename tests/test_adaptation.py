@@ -115,6 +115,38 @@ def test_adapted_vectors_separate_the_trained_classes_better_on_images_it_never_
     assert after - before >= 0.02, (before, after)
 
 
+@pytest.mark.slow
+def test_adapting_an_adapted_embedding_again_keeps_the_base_model_s_half(adapted, tmp_path):
+    """Adapting the saved (frozen share 0.7) embedding again: other --stages are refused before training (its frozen
+    half was cut at 2 stages); the same stages train its adapted half on from where it was, while the frozen half
+    stays the base model's vector, power-transformed."""
+    from imgsearch.datasets import FileImage
+    from imgsearch.encoders import load_torch_encoder
+    from imgsearch.encoders.adapted_model import save_adapted
+    from imgsearch.recognition.adaptation import adapt_embedding
+    from imgsearch.recognition.head import HeadError
+    from imgsearch.recognition.scoring import power_normalize
+
+    folder, _, summary, _ = adapted
+    weights = Path(summary["weights"])
+    references = sorted((folder / "references").glob("*/*.png"))
+    sources, labels = [FileImage(path) for path in references], [path.parent.name for path in references]
+    with pytest.raises(HeadError, match="--stages 2"):
+        adapt_embedding("efficientnet_lite0", sources, labels, weights=weights, device="cpu", epochs=1, stages=3)
+    module, card = adapt_embedding("efficientnet_lite0", sources, labels, weights=weights, device="cpu", epochs=1, stages=2,
+                                   pair_distill=0)
+    assert (card.dim, card.frozen_share, module.output_dim) == (2560, 0.7, 2560)
+    again, _ = save_adapted(tmp_path / "again", module, card)
+    images = [Image.open(path).convert("RGB") for path, _ in fashion_folder(tmp_path / "held_out", "test", 4)]
+    frozen = load_torch_encoder("efficientnet_lite0", device="cpu").encode_images(images)
+    before = load_torch_encoder("efficientnet_lite0", weights=weights, device="cpu").encode_images(images)
+    after = load_torch_encoder("efficientnet_lite0", weights=again, device="cpu").encode_images(images)
+    assert np.allclose(after[:, :1280] / np.sqrt(0.7), power_normalize(frozen), atol=1e-4)
+    # the adapted half starts from the saved one: kept as it was when no epoch beat it on the held-out references
+    unchanged = np.allclose(after[:, 1280:], before[:, 1280:], atol=1e-4)
+    assert unchanged == (card.validation["best_epoch"] == 0), card.validation
+
+
 def test_an_adapted_embedding_is_never_written_over(tmp_path):
     """adapted.unused_stem: the default stem, else -2, -3, ... (a collection made with the first keeps its file)."""
     from imgsearch.encoders.adapted import unused_stem
