@@ -32,18 +32,36 @@ ARTIFACTS = ROOT / "tests" / "artifacts"  # screenshots of the browser tests (ig
 @contextmanager
 def searching_through(uri: str, alias: str, probe):
     """A thread searching `alias` for `probe` every 50 ms while the block runs (what a reindex must not interrupt);
-    yields (answered: each search's hit count, errors: repr of each failure)."""
+    yields (answered: each search's hit count, errors: repr of each failure). When the alias moves to a collection of
+    another dimension (a model with a wider vector), the searcher does what a client of the new model would: it
+    searches with the probe repeated and cut to that width, once it sees the dimension change; a search refused for
+    any other reason is an error."""
     import threading
 
     from pymilvus import MilvusClient
 
     answered, errors, stop = [], [], threading.Event()
 
+    def vector_dim(client) -> int:
+        fields = client.describe_collection(alias)["fields"]
+        return next(int(field["params"]["dim"]) for field in fields if "dim" in field.get("params", {}))
+
+    def probe_of(dim: int) -> list[float]:
+        return (list(probe) * (dim // len(probe) + 1))[:dim]
+
     def search() -> None:
         searcher = MilvusClient(uri=uri)
+        dim = len(probe)
         while not stop.is_set():
             try:
-                answered.append(len(searcher.search(alias, data=[probe], limit=3)[0]))
+                try:
+                    hits = searcher.search(alias, data=[probe_of(dim)], limit=3)[0]
+                except Exception:
+                    if vector_dim(searcher) == dim:
+                        raise
+                    dim = vector_dim(searcher)  # the alias moved to a wider embedding between two searches
+                    hits = searcher.search(alias, data=[probe_of(dim)], limit=3)[0]
+                answered.append(len(hits))
             except Exception as error:  # counted: the tests need none
                 errors.append(repr(error))
             time.sleep(0.05)
