@@ -23,6 +23,7 @@ from imgsearch.api.service import Metrics, Service
 from imgsearch.config import Settings, load_settings
 from imgsearch.errors import (
     CollectionNotFoundError,
+    EmbeddingMovedError,
     ImageDecodeError,
     ImageNotFoundError,
     ImgsearchError,
@@ -46,7 +47,7 @@ def page_paths() -> tuple[str, ...]:
 
 def status_of(error: ImgsearchError) -> int:
     """The one mapping of core errors to HTTP: what the client sent is 4xx; a Milvus outage is 503."""
-    if isinstance(error, StoreUnavailableError):
+    if isinstance(error, (StoreUnavailableError, EmbeddingMovedError)):  # not the request's fault: another replica may serve it
         return 503
     if isinstance(error, StorageFullError):
         return 507

@@ -27,7 +27,7 @@ from imgsearch.api.models import (
     StoredImages,
     TextQuery,
 )
-from imgsearch.api.service import Service, refuse_when_stopping, service_of
+from imgsearch.api.service import Service, refuse_when_stopping, service_of, service_of_its_embedding
 from imgsearch.config import DUPLICATES_THRESHOLD_HELP, RECOGNITION_K, RECOGNITION_K_MAX
 from imgsearch.errors import ImageDecodeError, ObjectStoreUnavailableError, StorageFullError
 from imgsearch.validation import validate_label
@@ -35,6 +35,7 @@ from imgsearch.validation import validate_label
 log = logging.getLogger(__name__)
 
 ServiceDep = Annotated[Service, Depends(service_of)]
+EncodingServiceDep = Annotated[Service, Depends(service_of_its_embedding)]  # routes that encode or compare vectors
 ImagesField = Annotated[list[UploadFile], File(description="One or more images")]
 LabelField = Annotated[str, Form(max_length=2000, description="At most 512 bytes of UTF-8, no control characters")]
 
@@ -49,6 +50,7 @@ async def health(request: Request):
     if service is None:
         raise HTTPException(503, "loading")
     await service.check_store()  # Milvus down or restarting: 503 with Retry-After, like every other route
+    await service.check_embedding()  # the alias moved to another embedding: this replica must restart
     return Health(status="ok")
 
 
@@ -71,7 +73,7 @@ def hits_out(service: Service, hits) -> SearchResponse:
 
 @search.post("/search", response_model=SearchResponse)
 async def search_image(
-    service: ServiceDep,
+    service: EncodingServiceDep,
     image: Annotated[UploadFile, File(description="The query image")],
     k: Annotated[int, Form(ge=1, le=1000)] = 10,
     filter: Annotated[str, Form(max_length=2000)] = "",
@@ -86,7 +88,7 @@ async def search_image(
 
 
 @search.post("/search/text", response_model=SearchResponse)
-async def search_text(service: ServiceDep, query: TextQuery):
+async def search_text(service: EncodingServiceDep, query: TextQuery):
     from imgsearch.search import search_text as search_by_text
 
     [result] = await asyncio.to_thread(search_by_text, service.encoder, service.store, [query.text], k=query.k)
@@ -95,7 +97,7 @@ async def search_text(service: ServiceDep, query: TextQuery):
 
 @search.post("/recognize", response_model=list[RecognitionOut])
 async def recognize(
-    service: ServiceDep,
+    service: EncodingServiceDep,
     image: ImagesField,
     k: Annotated[int, Form(ge=1, le=RECOGNITION_K_MAX)] = RECOGNITION_K,
     threshold: Annotated[float | None, Form(allow_inf_nan=False)] = None,
@@ -169,7 +171,7 @@ async def review(service: ServiceDep):
 
 
 @images.post("/review/enroll", response_model=ReviewEnrolled)
-async def enroll_from_review(service: ServiceDep, body: ReviewEnroll):
+async def enroll_from_review(service: EncodingServiceDep, body: ReviewEnroll):
     """Kept queries (group keys from GET /review, or ids) become references of `label`; nothing is encoded again."""
     from imgsearch.recognition.review import enroll_from_review as enroll
 
@@ -184,7 +186,7 @@ async def enroll_from_review(service: ServiceDep, body: ReviewEnroll):
 
 @search.get("/duplicates", response_model=DuplicateGroups)
 async def duplicates(
-    service: ServiceDep,
+    service: EncodingServiceDep,
     threshold: Annotated[float | None, Query(ge=0, le=1, description=DUPLICATES_THRESHOLD_HELP)] = None,
     similar: Annotated[bool, Query(description="Also list unverified look-alikes (`similar`), apart from the groups")] = False,
     limit: Annotated[int, Query(ge=1, le=1000, description="At most this many groups (and look-alike groups), closest first")] = 100,
@@ -231,13 +233,13 @@ async def store_uploads(service: Service, files: list[UploadFile], label: str, *
 
 
 @images.post("/enroll", response_model=StoredImages)
-async def enroll(service: ServiceDep, label: Annotated[str, Form(min_length=1, max_length=2000)], image: ImagesField):
+async def enroll(service: EncodingServiceDep, label: Annotated[str, Form(min_length=1, max_length=2000)], image: ImagesField):
     """Reference images of a class; recognised from the next request on."""
     return await store_uploads(service, image, validate_label(label, required=True), relabel=True)
 
 
 @images.post("/images", response_model=StoredImages)
-async def add_images(service: ServiceDep, image: ImagesField, label: LabelField = ""):
+async def add_images(service: EncodingServiceDep, image: ImagesField, label: LabelField = ""):
     return await store_uploads(service, image, validate_label(label), relabel=False)
 
 

@@ -15,13 +15,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from imgsearch.api.batching import MicroBatcher, warm_up
 from imgsearch.api.files import ServedFiles
 from imgsearch.api.limits import PixelBudget, release_free_memory
-from imgsearch.config import Settings
-from imgsearch.errors import ImageDecodeError, StoreUnavailableError
+from imgsearch.config import Settings, is_lite_uri
+from imgsearch.errors import EmbeddingMovedError, ImageDecodeError, StoreUnavailableError
 from imgsearch.images import load_image, read_header
 
 log = logging.getLogger(__name__)
 
 HEALTH_CACHE_SECONDS = 1.0
+# How long a service may go on searching after `reindex` moved its alias to another embedding before it notices.
+EMBEDDING_CHECK_SECONDS = 5.0
 
 
 class Metrics:
@@ -192,6 +194,8 @@ class Service:
         self._review = OpenedReview(self.store)  # the review collection, opened on first use
         self._health_checked = -HEALTH_CACHE_SECONDS
         self._health_error: StoreUnavailableError | None = None
+        self._embedding_checked = -EMBEDDING_CHECK_SECONDS
+        self._embedding_error: EmbeddingMovedError | None = None
         self._startup_check: asyncio.Task | None = None
         self.stopping = False  # set when serve gets SIGTERM (app.py): queued writes and scans are refused
 
@@ -250,6 +254,23 @@ class Service:
         if self._health_error is not None:
             raise self._health_error
 
+    async def check_embedding(self) -> None:
+        """EmbeddingMovedError (503) once the alias this service searches names a collection of another embedding:
+        its encoder would compare its queries with vectors of another model, or be refused by Milvus for their width.
+        Asked at most every EMBEDDING_CHECK_SECONDS; a Lite file has no aliases."""
+        if is_lite_uri(self.store.uri):
+            return
+        now = time.monotonic()
+        if now - self._embedding_checked >= EMBEDDING_CHECK_SECONDS:
+            self._embedding_checked = now
+            try:
+                await asyncio.to_thread(self.store.check_embedding_unchanged)
+                self._embedding_error = None
+            except EmbeddingMovedError as error:
+                self._embedding_error = error
+        if self._embedding_error is not None:
+            raise self._embedding_error
+
     def review(self, *, create: bool = True):
         """The review collection (recognition/review.py), opened once it exists."""
         return self._review.get(create=create)
@@ -297,4 +318,11 @@ def service_of(request: Request) -> Service:
     service = getattr(request.app.state, "service", None)
     if service is None:
         raise HTTPException(503, "the service is still loading")
+    return service
+
+
+async def service_of_its_embedding(request: Request) -> Service:
+    """service_of for the routes that encode or compare vectors: 503 once the alias moved to another embedding."""
+    service = service_of(request)
+    await service.check_embedding()
     return service

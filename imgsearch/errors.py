@@ -32,6 +32,10 @@ class ModelMismatchError(ImgsearchError):
     """A collection was built with a different encoder than the one asked for."""
 
 
+class EmbeddingMovedError(ModelMismatchError):
+    """The alias a running process searches now names a collection of another embedding (`reindex` moved it)."""
+
+
 class StoreLockedError(ImgsearchError):
     """Another process holds the Milvus Lite data directory."""
 

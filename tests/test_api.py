@@ -428,6 +428,66 @@ def test_load_on_the_server_backend(milvus_server_uri, catalog, onnx_encoder, tm
     assert stopped["new connection"] == "refused" and stopped["last answer after the signal"] > 0, stopped
 
 
+def status_within(request, status: int, seconds: float) -> httpx.Response:
+    """`request()` again every 0.3 s until it answers `status` or `seconds` pass; the last answer."""
+    deadline = time.monotonic() + seconds
+    while True:
+        response = request()
+        if response.status_code == status or time.monotonic() > deadline:
+            return response
+        time.sleep(0.3)
+
+
+@pytest.mark.server
+def test_a_service_whose_alias_moves_to_another_embedding_answers_503_until_it_names_its_own_again(
+    milvus_server_uri, catalog, onnx_encoder, tmp_path
+):
+    """`reindex` moves an alias in one step. A replica still running the old encoder must not compare its queries with
+    vectors of another embedding (at the same width the answers would be silently wrong): within
+    EMBEDDING_CHECK_SECONDS its searches and /health answer 503 with a line naming the embedding the alias now holds,
+    and it answers again once the alias names its own embedding."""
+    from pymilvus import MilvusClient
+
+    from imgsearch.api.service import EMBEDDING_CHECK_SECONDS
+    from imgsearch.ingest.pipeline import ingest_catalog
+    from imgsearch.session import open_store
+    from imgsearch.store import MilvusStore
+
+    root, folder = catalog
+    suffix = f"{os.getpid()}_{tmp_path.name[-6:]}".replace("-", "_")
+    own, other, alias = f"moved_own_{suffix}", f"moved_other_{suffix}", f"moved_{suffix}"
+    with open_store(load_settings(milvus_uri=milvus_server_uri, collection=own, device="cpu"), onnx_encoder) as store:
+        ingest_catalog(folder, onnx_encoder, store, workers=0)
+        model, dim, precision = store.model, store.dim, store.precision
+    adapted = "adapted:0123456789abcdef"  # another embedding of the same model and width: nothing but the guard tells them apart
+    MilvusStore(milvus_server_uri, other, model=model, dim=dim, precision=precision, weights=adapted).close()
+    client = MilvusClient(uri=milvus_server_uri)
+    client.create_alias(own, alias)
+    query = sorted(folder.rglob("*.png"))[0].read_bytes()
+    settings = load_settings(milvus_uri=milvus_server_uri, collection=alias, device="cpu", upload_dir=tmp_path / "uploads")
+    try:
+        with serve(settings) as http:
+            def search() -> httpx.Response:
+                return http.post("/search", files={"image": ("q.png", query, "image/png")}, data={"k": "3"})
+
+            assert len(search().json()["results"]) == 3
+            client.alter_alias(other, alias)
+            refused = status_within(search, 503, EMBEDDING_CHECK_SECONDS + 10)
+            assert refused.status_code == 503 and adapted in refused.json()["detail"] and "restart" in refused.json()["detail"], refused.text
+            assert http.get("/health").status_code == 503
+            recognised = http.post("/recognize", files={"image": ("q.png", query, "image/png")})
+            assert recognised.status_code == 503, recognised.text
+            client.alter_alias(own, alias)
+            answered = status_within(search, 200, EMBEDDING_CHECK_SECONDS + 10)
+            assert answered.status_code == 200 and len(answered.json()["results"]) == 3, answered.text
+            assert http.get("/health").status_code == 200
+    finally:
+        client.drop_alias(alias)
+        for name in (own, other):
+            client.drop_collection(name)
+        client.close()
+
+
 def stop_with_requests_in_flight(server: subprocess.Popen, client, port: int, queries: list[bytes]) -> dict:
     """SIGTERM while four 16-image recognitions are being answered: they finish, a new connection is refused, the
     service exits 0 (a graceful stop)."""

@@ -19,7 +19,7 @@ from pymilvus.client.types import LoadState
 from pymilvus.client.utils import mkts_from_unixtime
 
 from imgsearch.config import check_lite_database_exists, is_lite_uri
-from imgsearch.errors import CollectionNotFoundError, StoreError, StoreUnavailableError
+from imgsearch.errors import CollectionNotFoundError, EmbeddingMovedError, ModelMismatchError, StoreError, StoreUnavailableError
 from imgsearch.storage import is_url, shown_uri
 from imgsearch.store import lite, retry
 from imgsearch.store import search_params as index_rules
@@ -348,6 +348,20 @@ class MilvusStore:
             state = self.client.get_load_state(self.collection, timeout=HEALTH_TIMEOUT_SECONDS)
         if state.get("state") != LoadState.Loaded:
             raise StoreUnavailableError(f"health check failed: Milvus has not loaded collection {self.collection} ({state.get('state')})")
+
+    def check_embedding_unchanged(self) -> None:
+        """EmbeddingMovedError when this store's name (an alias `reindex` moves) now names a collection of another
+        model, dim or weights than the one opened: this process's encoder no longer makes vectors comparable with it."""
+        with milvus_errors("describe collection"):
+            description = self.client.describe_collection(self.collection)
+        try:
+            check_identity(description.get("properties") or {}, description.get("collection_name", self.collection), self.uri,
+                           model=self.model, dim=self.dim, weights=self.weights)
+        except ModelMismatchError as error:
+            raise EmbeddingMovedError(
+                f"{self.collection} now names another embedding than this service was started with ({error}); restart it "
+                "with that collection's model and weights"
+            ) from None
 
     def resolved_name(self) -> str:
         """The collection behind this store's name (an alias resolves to its collection)."""
