@@ -112,6 +112,7 @@ def test_every_store_call_says_milvus_is_unreachable_when_it_is(tmp_path):
         "search": lambda: store.search(np.stack([_unit(1, 4)])),
         "resolved_name": store.resolved_name,
         "check_serving": store.check_serving,
+        "check_embedding_unchanged": store.check_embedding_unchanged,
         "point_alias": lambda: store.point_alias("cut_alias"),
         "properties": store.properties,
         "roots": store.roots,
